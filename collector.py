@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""Binance Spot + USD-M order-book recorder.
+
+    collector.py [--config FILE]            run in the foreground (also: `run`)
+    collector.py compact [--config FILE]    compact finished days now, then exit
+
+This module only wires: load config, set up logging and signals, start threads,
+wait, stop. See README.md for the thread diagram.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import requests
+import schedule
+
+import config as config_mod
+from handlers.exchange import ExchangeUnavailable, check_symbols, fetch_exchange_info, weight_limit
+from handlers.frames import FrameProcessor
+from handlers.snapshots import Snapshotter, WeightBudget
+from handlers.websocket import StreamBatch, combined_url
+from storage.compact import Compactor, compact_all
+from storage.files import clean_temp_files
+from storage.writer import STOP, PartWriter
+
+log = logging.getLogger("collector")
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.ini"
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class JournalFormatter(logging.Formatter):
+    """`<N>` syslog priority prefixes so that `journalctl -p err` filters; no timestamps
+    (journald adds them). In a terminal: a short local time instead."""
+
+    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+    def __init__(self, journald: bool):
+        fmt = "%(levelname)s %(threadName)s %(name)s: %(message)s"
+        super().__init__(fmt if journald else "%(asctime)s " + fmt, datefmt="%H:%M:%S")
+        self.journald = journald
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        if self.journald:
+            prefix = f"<{self.PRIORITY.get(record.levelno, 6)}>"
+            text = "\n".join(prefix + line for line in text.splitlines())
+        return text
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JournalFormatter(journald="JOURNAL_STREAM" in os.environ))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    logging.getLogger("websocket").setLevel(logging.CRITICAL)
+
+
+@dataclass
+class MarketPipeline:
+    """Every thread and queue of one market."""
+
+    cfg: config_mod.MarketConfig
+    inbox: queue.Queue
+    outbox: queue.Queue
+    batches: list[StreamBatch]
+    snapshotter: Snapshotter
+    processor: FrameProcessor
+    writer: PartWriter
+
+    def start(self) -> None:
+        self.writer.start()
+        self.processor.start()
+        for b in self.batches:
+            b.start()
+        self.snapshotter.start()
+
+    def status_line(self, elapsed: float, last: dict) -> str:
+        p, w = self.processor.stats, self.writer.stats
+        counts = {**p.frames, "snap": p.snapshots}
+        rates = " ".join(f"{k.split('_')[0]}={(v - last.get(k, 0)) / elapsed:.1f}/s" for k, v in counts.items())
+        last.update(counts)
+        live = sum(1 for b in self.batches if b.reader is not None and b.reader.is_alive())
+        return (f"status market={self.cfg.name} {rates} connections={live}/{len(self.batches)} "
+                f"snapshots_ok={self.snapshotter.stats.ok} snapshots_failed={self.snapshotter.stats.failed} "
+                f"gaps={p.gaps} duplicates={p.duplicates} malformed={p.malformed} "
+                f"queue={self.inbox.qsize()} rows_written={sum(w.rows.values())} "
+                f"files={w.files} write_errors={w.errors}")
+
+
+def build_market(cfg: config_mod.MarketConfig, c: config_mod.CollectorConfig, stop: threading.Event,
+                 session: requests.Session, weight_per_minute: int) -> MarketPipeline:
+    inbox: queue.Queue = queue.Queue(maxsize=c.queue_size)
+    outbox: queue.Queue = queue.Queue(maxsize=64)
+    m = cfg.market
+    batches = []
+    per = cfg.symbols_per_connection
+    for n, i in enumerate(range(0, len(cfg.symbols), per)):
+        streams = []
+        for sym in cfg.symbols[i:i + per]:
+            streams += [m.diff_stream(sym, cfg.diff_speed), m.partial_stream(sym, cfg.partial_levels, cfg.partial_speed)]
+        batches.append(StreamBatch(f"ws-{cfg.name}-{n}", combined_url(cfg.ws_url, streams), inbox, stop,
+                                   now_us, c.ws_dead_after, c.ws_rotate_after))
+    budget = WeightBudget(weight_per_minute, c.rest_weight_share)
+    snapshotter = Snapshotter(cfg, inbox, stop, budget, now_us, session=session)
+    processor = FrameProcessor(cfg, inbox, outbox, c.flush_interval, now_us, on_gap=snapshotter.request)
+    writer = PartWriter(cfg.name, c.data_dir, outbox, c.compression_level)
+    return MarketPipeline(cfg, inbox, outbox, batches, snapshotter, processor, writer)
+
+
+def resolve_symbols(cfg: config_mod.Config, session: requests.Session, stop: threading.Event):
+    """Drop symbols the exchange does not list as trading; (markets, weight limits)."""
+    markets, limits = [], {}
+    for m in cfg.markets:
+        info = fetch_exchange_info(session, m, stop)
+        symbols = check_symbols(m, info)
+        if not symbols:
+            raise config_mod.ConfigError(f"{cfg.path}: [{m.name}] symbols: none of them is trading on the exchange")
+        limits[m.name] = weight_limit(info, default=6000 if m.name == "spot" else 2400)
+        markets.append(replace(m, symbols=symbols))
+    return markets, limits
+
+
+def stop_all(pipelines: list[MarketPipeline], compactor: Compactor | None) -> bool:
+    """Producers stop, snapshot pools drain, processors and writers get sentinels."""
+    clean = True
+
+    def join(t: threading.Thread, timeout: float) -> None:
+        nonlocal clean
+        t.join(timeout)
+        if t.is_alive():
+            clean = False
+            log.error("thread did not stop in %.0fs: %s", timeout, t.name)
+
+    for p in pipelines:
+        for b in p.batches:
+            join(b, 5)
+    for p in pipelines:
+        p.snapshotter.shutdown()
+        join(p.snapshotter, 5)
+    for p in pipelines:
+        p.inbox.put(STOP)
+    for p in pipelines:
+        join(p.processor, 20)
+        join(p.writer, 30)
+    if compactor is not None:
+        join(compactor, 30)
+    return clean
+
+
+def run(cfg: config_mod.Config) -> int:
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        log.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    c = cfg.collector
+    c.data_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in clean_temp_files(c.data_dir):
+        log.info("removed unfinished temporary file %s", leftover)
+    session = requests.Session()
+    try:
+        markets, limits = resolve_symbols(cfg, session, stop)
+    except config_mod.ConfigError as e:
+        log.error("%s", e)
+        return EXIT_CONFIG
+    except ExchangeUnavailable as e:
+        log.error("%s", e)
+        return EXIT_FAIL
+    if stop.is_set():
+        return EXIT_OK
+    pipelines = [build_market(m, c, stop, session, limits[m.name]) for m in markets]
+    for p in pipelines:
+        log.info("recording market=%s symbols=%d connections=%d data_dir=%s",
+                 p.cfg.name, len(p.cfg.symbols), len(p.batches), c.data_dir)
+        p.start()
+    compactor = Compactor(c.data_dir, c.compression_level, stop, now_us, grace_s=c.flush_interval + 20)
+    compactor.start()
+    last: dict[str, dict] = {p.cfg.name: {} for p in pipelines}
+    jobs = schedule.Scheduler()
+    jobs.every(c.status_interval).seconds.do(
+        lambda: [log.info("%s", p.status_line(c.status_interval, last[p.cfg.name])) for p in pipelines])
+    while not stop.wait(0.5):
+        jobs.run_pending()
+        dead = [t.name for p in pipelines for t in (p.processor, p.writer) if not t.is_alive()]
+        if dead:
+            log.critical("pipeline thread died: %s; stopping so that systemd restarts us", ", ".join(dead))
+            stop.set()
+            stop_all(pipelines, compactor)
+            return EXIT_FAIL
+    clean = stop_all(pipelines, compactor)
+    for p in pipelines:
+        log.info("%s", p.status_line(max(1e-9, c.status_interval), last[p.cfg.name]))
+    log.info("stopped cleanly" if clean else "stopped; some threads did not finish")
+    return EXIT_OK if clean else EXIT_FAIL
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="collector.py", description=__doc__.splitlines()[0])
+    parser.add_argument("command", nargs="?", default="run", choices=["run", "compact", "check-config"])
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="config.ini (default: %(default)s)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except config_mod.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(cfg.collector.log_level)
+    if args.command == "check-config":
+        print(f"{cfg.path}: ok ({', '.join(f'{m.name}: {len(m.symbols)} symbols' for m in cfg.markets)})")
+        return EXIT_OK
+    if args.command == "compact":
+        done = compact_all(cfg.collector.data_dir, cfg.collector.compression_level, now_us())
+        log.info("compacted %d day folders", done)
+        return EXIT_OK
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

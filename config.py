@@ -1,0 +1,220 @@
+"""config.ini -> frozen dataclasses, validated once at start (STYLE rule 8).
+
+Every error names the file, the section and the key, in one line, and is raised as
+`ConfigError`; `collector.py` turns it into exit status 2.
+"""
+from __future__ import annotations
+
+import configparser
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from markets import MARKETS, PARTIAL_LEVELS, Market
+
+_SYMBOL = re.compile(r"^[A-Z0-9_]{2,32}$")
+
+
+class ConfigError(Exception):
+    """A config problem, phrased as one line for the operator."""
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    data_dir: Path
+    ws_rotate_after: float
+    ws_dead_after: float
+    flush_interval: float
+    status_interval: float
+    rest_weight_share: float
+    compression_level: int
+    queue_size: int
+    log_level: str
+
+
+@dataclass(frozen=True)
+class MarketConfig:
+    market: Market
+    symbols: tuple[str, ...]
+    ws_url: str
+    rest_url: str
+    diff_speed: str
+    partial_levels: int
+    partial_speed: str
+    snapshot_interval: float
+    snapshot_limit: int
+    symbols_per_connection: int
+
+    @property
+    def name(self) -> str:
+        return self.market.name
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    collector: CollectorConfig
+    markets: tuple[MarketConfig, ...]
+
+
+_COLLECTOR_DEFAULTS = {
+    "data_dir": "data",
+    "ws_rotate_after": "84600",
+    "ws_dead_after": "30",
+    "flush_interval": "5",
+    "status_interval": "60",
+    "rest_weight_share": "0.5",
+    "compression_level": "9",
+    "queue_size": "200000",
+    "log_level": "info",
+}
+_MARKET_KEYS = {
+    "enabled", "symbols", "ws_url", "rest_url", "diff_speed", "partial_levels",
+    "partial_speed", "snapshot_interval", "snapshot_limit", "symbols_per_connection",
+}
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _Section:
+    """Typed reads of one section; every failure names file, section and key."""
+
+    def __init__(self, path: Path, name: str, values: dict[str, str]):
+        self.path, self.name, self.values = path, name, values
+
+    def fail(self, key: str, why: str) -> ConfigError:
+        return ConfigError(f"{self.path}: [{self.name}] {key}: {why}")
+
+    def text(self, key: str, default: str | None = None) -> str:
+        value = self.values.get(key, default)
+        if value is None:
+            raise self.fail(key, "is required")
+        value = value.strip()
+        if not value:
+            raise self.fail(key, "is empty")
+        return value
+
+    def number(self, key: str, default: str | None, lo: float, hi: float, kind=float):
+        raw = self.text(key, default)
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise self.fail(key, f"{raw!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not lo <= value <= hi:
+            raise self.fail(key, f"{raw} is outside {lo:g}..{hi:g}")
+        return value
+
+    def choice(self, key: str, default: str | None, choices) -> str:
+        value = self.text(key, default)
+        if value not in choices:
+            raise self.fail(key, f"{value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+
+    def boolean(self, key: str, default: str) -> bool:
+        value = self.text(key, default).lower()
+        if value in ("true", "yes", "on", "1"):
+            return True
+        if value in ("false", "no", "off", "0"):
+            return False
+        raise self.fail(key, f"{value!r} is not true or false")
+
+    def url(self, key: str, default: str, schemes: tuple[str, ...]) -> str:
+        value = self.text(key, default).rstrip("/")
+        parts = urlsplit(value)
+        if parts.scheme not in schemes or not parts.hostname:
+            raise self.fail(key, f"{value!r} is not a {' or '.join(schemes)} URL")
+        if parts.query or parts.fragment:
+            raise self.fail(key, "must not carry a query or fragment")
+        return value
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path).resolve()
+    parser = configparser.ConfigParser(
+        inline_comment_prefixes=(";", "#"), interpolation=None, default_section="__none__"
+    )
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    except configparser.Error as e:
+        first = str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not a valid ini file: {first}") from None
+    for name in parser.sections():
+        if name != "collector" and name not in MARKETS:
+            raise ConfigError(f"{path}: [{name}]: unknown section (expected collector, spot, futures)")
+    collector = _collector(_Section(path, "collector", dict(parser["collector"]) if parser.has_section("collector") else {}))
+    collector = CollectorConfig(**{**collector.__dict__, "data_dir": (path.parent / collector.data_dir).resolve()})
+    markets = tuple(
+        m for m in (_market(_Section(path, name, dict(parser[name])), MARKETS[name])
+                    for name in MARKETS if parser.has_section(name)) if m is not None
+    )
+    if not markets:
+        raise ConfigError(f"{path}: no market enabled: add [spot] or [futures] with enabled = true")
+    return Config(path=path, collector=collector, markets=markets)
+
+
+def _check_keys(section: _Section, allowed) -> None:
+    for key in section.values:
+        if key not in allowed:
+            raise section.fail(key, f"unknown key (known: {', '.join(sorted(allowed))})")
+
+
+def _collector(s: _Section) -> CollectorConfig:
+    _check_keys(s, _COLLECTOR_DEFAULTS)
+    d = _COLLECTOR_DEFAULTS
+    return CollectorConfig(
+        data_dir=Path(s.text("data_dir", d["data_dir"])),
+        ws_rotate_after=s.number("ws_rotate_after", d["ws_rotate_after"], 10, 86000),
+        ws_dead_after=s.number("ws_dead_after", d["ws_dead_after"], 1, 600),
+        flush_interval=s.number("flush_interval", d["flush_interval"], 0.1, 300),
+        status_interval=s.number("status_interval", d["status_interval"], 1, 3600),
+        rest_weight_share=s.number("rest_weight_share", d["rest_weight_share"], 0.01, 0.9),
+        compression_level=s.number("compression_level", d["compression_level"], 1, 22, int),
+        queue_size=s.number("queue_size", d["queue_size"], 100, 10_000_000, int),
+        log_level=s.choice("log_level", d["log_level"], _LOG_LEVELS),
+    )
+
+
+def _symbols(s: _Section) -> tuple[str, ...]:
+    raw = s.values.get("symbols", "")
+    symbols = [x.strip().upper() for x in raw.replace("\n", ",").split(",") if x.strip()]
+    if not symbols:
+        raise s.fail("symbols", "no symbols listed")
+    for sym in symbols:
+        if not _SYMBOL.match(sym):
+            raise s.fail("symbols", f"{sym!r} is not a Binance symbol (letters and digits)")
+    seen: set[str] = set()
+    dupes = sorted({x for x in symbols if x in seen or seen.add(x)})
+    if dupes:
+        raise s.fail("symbols", f"listed twice: {', '.join(dupes)}")
+    return tuple(symbols)
+
+
+def _market(s: _Section, market: Market) -> MarketConfig | None:
+    _check_keys(s, _MARKET_KEYS)
+    if not s.boolean("enabled", "true"):
+        return None
+    limit = s.number("snapshot_limit", "1000", 1, 5000, int)
+    if limit not in market.snapshot_limits:
+        allowed = sorted(market.snapshot_limits)
+        shown = f"{allowed[0]}..{allowed[-1]}" if len(allowed) > 20 else ", ".join(map(str, allowed))
+        raise s.fail("snapshot_limit", f"{limit} is not one of {shown}")
+    levels = s.number("partial_levels", "20", 0, 10**6, int)
+    if levels not in PARTIAL_LEVELS:
+        raise s.fail("partial_levels", f"{levels} is not one of {', '.join(map(str, PARTIAL_LEVELS))}")
+    return MarketConfig(
+        market=market,
+        symbols=_symbols(s),
+        ws_url=s.url("ws_url", market.default_ws_url, ("ws", "wss")),
+        rest_url=s.url("rest_url", market.default_rest_url, ("http", "https")),
+        diff_speed=s.choice("diff_speed", "100ms", tuple(market.diff_speeds)),
+        partial_levels=levels,
+        partial_speed=s.choice("partial_speed", "100ms", tuple(market.partial_speeds)),
+        snapshot_interval=s.number("snapshot_interval", "60", 1, 86400),
+        snapshot_limit=limit,
+        symbols_per_connection=s.number(
+            "symbols_per_connection", "50", 1, market.max_streams_per_connection // 2, int
+        ),
+    )

@@ -1,0 +1,1 @@
+"""Exchange side of the collector: WebSocket readers, REST snapshots, frame processing."""

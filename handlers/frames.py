@@ -1,0 +1,239 @@
+"""The processor thread of one market: raw frames and snapshot responses in, Arrow
+tables out.
+
+    ws-<market>-N  --(WS, received_us, conn, bytes)------\
+                                                          >-- inbox --> processor --> writer
+    rest-<market>  --(REST, received_us, (sym, ...))-----/
+
+It decodes in batches with orjson, routes by stream name, checks continuity, drops
+duplicates, records gaps (and asks for a snapshot of the symbol at once), and every
+`flush_interval` hands one table per kind to the writer.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import orjson
+
+from config import MarketConfig
+from handlers import continuity as cont
+from handlers import parse
+from storage.columns import DepthColumns, GapColumns, SnapshotColumns
+from storage.writer import STOP
+
+log = logging.getLogger(__name__)
+
+WS, REST = 0, 1
+DIFF, PARTIAL = "diff_orderbooks", "partial_orderbooks"
+_BATCH = 2048
+
+
+@dataclass
+class ProcessStats:
+    frames: dict[str, int] = field(default_factory=lambda: {DIFF: 0, PARTIAL: 0})
+    snapshots: int = 0
+    duplicates: int = 0
+    stale: int = 0
+    gaps: int = 0
+    malformed: int = 0
+    control: int = 0
+    last_frame_us: int = 0
+
+
+class RateLimitedLog:
+    """At most one log line per `every` seconds per key; counts what it held back."""
+
+    def __init__(self, logger: logging.Logger, every: float = 10.0):
+        self.logger, self.every = logger, every
+        self.last: dict[str, float] = {}
+        self.held: dict[str, int] = {}
+
+    def __call__(self, level: int, key: str, msg: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.last.get(key, -1e9) < self.every:
+            self.held[key] = self.held.get(key, 0) + 1
+            return
+        held = self.held.pop(key, 0)
+        self.last[key] = now
+        self.logger.log(level, msg + (" (%d similar suppressed)" if held else ""), *args, *((held,) if held else ()))
+
+
+def routes_for(cfg: MarketConfig) -> dict[str, tuple[str, str]]:
+    """stream name -> (kind, SYMBOL)"""
+    m = cfg.market
+    routes = {}
+    for sym in cfg.symbols:
+        routes[m.diff_stream(sym, cfg.diff_speed)] = (DIFF, sym)
+        routes[m.partial_stream(sym, cfg.partial_levels, cfg.partial_speed)] = (PARTIAL, sym)
+    return routes
+
+
+class FrameProcessor(threading.Thread):
+    def __init__(self, cfg: MarketConfig, inbox: queue.Queue, outbox: queue.Queue,
+                 flush_interval: float, now_us: Callable[[], int],
+                 on_gap: Callable[[str], None] = lambda symbol: None):
+        super().__init__(name=f"processor-{cfg.name}", daemon=True)
+        self.cfg, self.inbox, self.outbox = cfg, inbox, outbox
+        self.flush_interval, self.now_us, self.on_gap = flush_interval, now_us, on_gap
+        self.routes = routes_for(cfg)
+        futures = cfg.market.continuity == "futures"
+        self._diff_parse = parse.futures_depth if futures else parse.spot_diff
+        self._futures = futures
+        self.continuity = cont.Continuity(cfg.market.continuity)
+        self.partial_dedup = cont.PartialDedup()
+        self.bufs = {DIFF: DepthColumns(DIFF), PARTIAL: DepthColumns(PARTIAL)}
+        self.snapshots = SnapshotColumns()
+        self.gaps = GapColumns()
+        self.stats = ProcessStats()
+        self.warn = RateLimitedLog(log)
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except Exception:
+            log.critical("processor crashed market=%s", self.cfg.name, exc_info=True)
+            raise
+
+    def _loop(self) -> None:
+        next_flush = time.monotonic() + self.flush_interval
+        while True:
+            batch = self._take_batch(max(0.0, next_flush - time.monotonic()))
+            stopping = self._handle(batch)
+            if stopping or time.monotonic() >= next_flush:
+                self.flush()
+                next_flush = time.monotonic() + self.flush_interval
+            if stopping:
+                self.outbox.put(STOP)
+                return
+
+    def _take_batch(self, timeout: float) -> list:
+        try:
+            batch = [self.inbox.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        get = self.inbox.get_nowait
+        try:
+            while len(batch) < _BATCH:
+                batch.append(get())
+        except queue.Empty:
+            pass
+        return batch
+
+    def _handle(self, batch: list) -> bool:
+        on_frame = self.on_frame
+        for item in batch:
+            if item is STOP:
+                return True
+            if item[0] == WS:
+                on_frame(item[1], item[2], item[3])
+            else:
+                self.on_snapshot(item[1], *item[2])
+        return False
+
+    def on_frame(self, received_us: int, conn: int, raw: bytes) -> None:
+        try:
+            msg = orjson.loads(raw)
+            route = self.routes.get(msg["stream"])
+            data = msg["data"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            self._not_data(raw)
+            return
+        if route is None:
+            self._not_data(raw)
+            return
+        kind, symbol = route
+        self.stats.last_frame_us = received_us
+        self.stats.frames[kind] += 1
+        if kind == DIFF:
+            row = self._diff_parse(data)
+            if row is None or row[1] != symbol:
+                self._malformed(kind, raw)
+                return
+            E, s, U, u, pu, T, b, a = row
+            status, last_u = self.continuity.check(symbol, U, u, pu, conn)
+            if status != cont.OK:
+                if status == cont.DUPLICATE:
+                    self.stats.duplicates += 1
+                    return
+                self._irregular(status, received_us, symbol, last_u, U, u)
+        else:
+            row = parse.futures_depth(data) if self._futures else parse.spot_partial(data, symbol)
+            if row is None or row[1] != symbol:
+                self._malformed(kind, raw)
+                return
+            E, s, U, u, pu, T, b, a = row
+            if self.partial_dedup.is_duplicate(symbol, u, conn):
+                self.stats.duplicates += 1
+                return
+        self.bufs[kind].append(received_us, E, symbol, U, u, pu, T, b, a)
+
+    def _irregular(self, status: str, received_us: int, symbol: str, last_u, U: int, u: int) -> None:
+        if status == cont.STALE:
+            self.stats.stale += 1
+            self.warn(logging.WARNING, "stale", "diff older than the stream head market=%s symbol=%s u=%d head=%d; recorded",
+                      self.cfg.name, symbol, u, last_u)
+            return
+        self.gaps.append(received_us, symbol, last_u, U, status)
+        self.stats.gaps += 1
+        if status != cont.START:
+            log.warning("gap market=%s symbol=%s reason=%s last_u=%s next_U=%d",
+                        self.cfg.name, symbol, status, last_u, U)
+        self.on_gap(symbol)
+
+    def on_snapshot(self, received_us: int, symbol: str, limit: int, request_us: int, raw: bytes) -> None:
+        try:
+            row = parse.snapshot(orjson.loads(raw), self._futures)
+        except orjson.JSONDecodeError:
+            row = None
+        if row is None:
+            self._malformed("orderbooks", raw)
+            return
+        last, b, a, E, T = row
+        self.snapshots.append(request_us, received_us, last, b, a, limit, symbol, E, T)
+        self.stats.snapshots += 1
+
+    def _not_data(self, raw: bytes) -> None:
+        """Control replies ({"result":null,"id":1}) are expected; anything else is malformed."""
+        try:
+            msg = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            msg = None
+        if isinstance(msg, dict) and "id" in msg and ("result" in msg or "error" in msg):
+            self.stats.control += 1
+            if "error" in msg:
+                log.error("exchange refused a request market=%s reply=%s", self.cfg.name, raw[:200])
+            return
+        if isinstance(msg, dict) and msg.get("stream") == "!serverShutdown":
+            self.stats.control += 1
+            return
+        self._malformed("frame", raw)
+
+    def _malformed(self, kind: str, raw: bytes) -> None:
+        self.stats.malformed += 1
+        self.warn(logging.WARNING, "malformed", "malformed %s skipped market=%s bytes=%d head=%r",
+                  kind, self.cfg.name, len(raw), bytes(raw[:120]))
+
+    def flush(self) -> None:
+        """Hand every buffered row to the writer, one table per kind."""
+        now = self.now_us()
+        for kind, buf in self.bufs.items():
+            if len(buf):
+                table, dropped = buf.take()
+                for values in dropped:
+                    self._malformed(kind, repr(values).encode())
+                    if kind == DIFF:
+                        # The row is lost to rule 3; users must see the hole it leaves:
+                        # the diff after last_final_update_id, starting at U, is missing.
+                        _, _, symbol, U, _, pu, _ = values
+                        self.gaps.append(now, symbol, pu if self._futures else U - 1, U, "malformed")
+                        self.on_gap(symbol)
+                self.outbox.put((kind, table))
+        if len(self.snapshots):
+            self.outbox.put(("orderbooks", self.snapshots.take()))
+        if len(self.gaps):
+            self.outbox.put(("gaps", self.gaps.take()))

@@ -1,0 +1,212 @@
+"""WebSocket readers: one supervisor thread per batch of symbols, one reader thread
+per open connection.
+
+A reader does the least work possible per frame (STYLE rule 5): `recv_data()`, stamp
+`received_time` in µs, put `(WS, received_us, conn_id, bytes)` on the market's queue.
+websocket-client answers server pings itself inside `recv_data()` with the ping's
+payload, as Binance requires; the socket timeout is the dead-connection detector (an
+active depth stream is never quiet for `ws_dead_after` seconds).
+
+The supervisor (`ws-spot-0`) keeps one reader alive: it reconnects with jittered
+backoff after a failure, and replaces a connection older than `ws_rotate_after`
+make-before-break: the new reader must deliver a first frame before the old one is
+closed; the processor drops the frames both delivered (by update id).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+import websocket
+
+from handlers.backoff import backoff_delay
+from handlers.frames import WS
+
+log = logging.getLogger(__name__)
+
+_conn_ids = itertools.count(1)
+_DATA = (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY)
+_CLOSE = websocket.ABNF.OPCODE_CLOSE
+
+
+def combined_url(ws_url: str, streams: list[str]) -> str:
+    return f"{ws_url}/stream?streams={'/'.join(streams)}"
+
+
+class Reader(threading.Thread):
+    """One connection: connect, read until it ends, exit."""
+
+    def __init__(self, name: str, url: str, out: queue.Queue, dead_after: float,
+                 now_us: Callable[[], int], stats: "ConnectionStats", put_timeout: float = 5.0):
+        self.conn_id = next(_conn_ids)
+        super().__init__(name=f"{name}-c{self.conn_id}", daemon=True)
+        self.url, self.out, self.dead_after, self.now_us = url, out, dead_after, now_us
+        self.stats, self.put_timeout = stats, put_timeout
+        self.delivering = threading.Event()
+        self.started_at = time.monotonic()
+        self.error: str | None = None
+        self._ws: websocket.WebSocket | None = None
+        self._closing = False
+
+    def run(self) -> None:
+        try:
+            self._ws = websocket.create_connection(
+                self.url, timeout=self.dead_after, skip_utf8_validation=True, enable_multithread=True)
+            if self._closing:
+                return
+            log.info("connected conn=%d streams_url_bytes=%d", self.conn_id, len(self.url))
+            self._read(self._ws)
+        except (websocket.WebSocketException, OSError) as e:
+            if not self._closing:
+                self.error = f"{type(e).__name__}: {e}"
+        except Exception as e:
+            self.error = f"{type(e).__name__}: {e}"
+            log.critical("reader crashed conn=%d", self.conn_id, exc_info=True)
+        finally:
+            self._abort()
+
+    def _read(self, ws: websocket.WebSocket) -> None:
+        recv, now_us, put, out = ws.recv_data, self.now_us, self._put, self.out
+        first = True
+        while True:
+            opcode, data = recv()
+            received = now_us()
+            if opcode in _DATA:
+                try:
+                    out.put_nowait((WS, received, self.conn_id, data))
+                except queue.Full:
+                    put((WS, received, self.conn_id, data))
+                self.stats.last_frame_us = received
+                if first:
+                    first = False
+                    self.delivering.set()
+            elif opcode == _CLOSE:
+                if not self._closing:
+                    self.error = f"closed by server: {bytes(data[2:])[:100]!r}"
+                return
+
+    def _put(self, item) -> None:
+        """A full queue blocks the reader (TCP back-pressure), loudly; it never drops."""
+        self.stats.queue_full += 1
+        log.error("queue full conn=%d size=%d: the processor is behind; reader waits", self.conn_id, self.out.maxsize)
+        self.out.put(item)
+
+    def close(self) -> None:
+        """Ask the connection to end (from another thread); recv_data() then returns or raises."""
+        self._closing = True
+        ws = self._ws
+        if ws is not None:
+            try:
+                ws.send_close(timeout=1)
+            except Exception:
+                pass
+        self._abort()
+
+    def _abort(self) -> None:
+        ws = self._ws
+        if ws is not None:
+            try:
+                ws.abort()
+                ws.close(timeout=0)
+            except Exception:
+                pass
+
+
+class ConnectionStats:
+    def __init__(self):
+        self.connects = 0
+        self.failures = 0
+        self.rotations = 0
+        self.queue_full = 0
+        self.last_frame_us = 0
+
+
+class StreamBatch(threading.Thread):
+    """Supervisor of one batch of streams."""
+
+    def __init__(self, name: str, url: str, out: queue.Queue, stop: threading.Event,
+                 now_us: Callable[[], int], dead_after: float, rotate_after: float,
+                 stable_after: float = 60.0):
+        super().__init__(name=name, daemon=True)
+        self.url, self.out, self.stop, self.now_us = url, out, stop, now_us
+        self.dead_after, self.rotate_after, self.stable_after = dead_after, rotate_after, stable_after
+        self.stats = ConnectionStats()
+        self.reader: Reader | None = None
+
+    def run(self) -> None:
+        try:
+            self._loop()
+        except Exception:
+            log.critical("supervisor crashed", exc_info=True)
+            raise
+        finally:
+            if self.reader is not None:
+                self.reader.close()
+                self.reader.join(timeout=5)
+
+    def _loop(self) -> None:
+        attempt = 0
+        while not self.stop.is_set():
+            reader = self._open()
+            if reader is None:
+                failed_after = 0.0
+            else:
+                failed_after = self._watch(reader)
+            if self.stop.is_set():
+                return
+            attempt = 0 if failed_after >= self.stable_after else attempt + 1
+            delay = backoff_delay(attempt - 1) if attempt else 0.0
+            if delay:
+                log.info("reconnecting in %.1fs attempt=%d", delay, attempt)
+                self.stop.wait(delay)
+
+    def _open(self, replacing: Reader | None = None) -> Reader | None:
+        reader = Reader(self.name, self.url, self.out, self.dead_after, self.now_us, self.stats)
+        self.stats.connects += 1
+        reader.start()
+        # wait until it delivers, fails, or we are told to stop
+        while not reader.delivering.wait(0.2):
+            if not reader.is_alive() or self.stop.is_set():
+                if reader.error:
+                    self.stats.failures += 1
+                    log.warning("connection failed conn=%d error=%s", reader.conn_id, reader.error)
+                reader.close()
+                return None
+            if time.monotonic() - reader.started_at > self.dead_after:
+                self.stats.failures += 1
+                log.warning("connection delivered nothing for %.0fs conn=%d; replacing it",
+                            self.dead_after, reader.conn_id)
+                reader.close()
+                return None
+        self.reader = reader
+        if replacing is not None:
+            replacing.close()
+            replacing.join(timeout=5)
+        return reader
+
+    def _watch(self, reader: Reader) -> float:
+        """Wait while the reader lives; rotate it when old. Returns its lifetime."""
+        rotate_at = reader.started_at + self.rotate_after
+        while not self.stop.wait(0.5):
+            if not reader.is_alive():
+                age = time.monotonic() - reader.started_at
+                self.stats.failures += 1
+                log.warning("connection lost conn=%d after %.0fs error=%s", reader.conn_id, age, reader.error)
+                self.reader = None
+                return age
+            if time.monotonic() >= rotate_at:
+                log.info("rotating conn=%d after %.0fs (make-before-break)",
+                         reader.conn_id, time.monotonic() - reader.started_at)
+                new = self._open(replacing=reader)
+                if new is not None:
+                    self.stats.rotations += 1
+                    reader = new
+                    rotate_at = reader.started_at + self.rotate_after
+                else:
+                    # keep the old connection; try again later
+                    rotate_at = time.monotonic() + min(60.0, self.rotate_after / 10)
+        return time.monotonic() - reader.started_at

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install (into .venv/) and run the lint and the whole test suite.
+# Usage: scripts/test.sh [pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/venv.sh requirements-dev.txt
+.venv/bin/ruff check .
+exec .venv/bin/python -m pytest "$@"

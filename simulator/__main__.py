@@ -1,0 +1,54 @@
+"""python -m simulator: run the loopback Binance until Ctrl-C.
+
+    python -m simulator [--symbols BTCUSDT,ETHUSDT] [--rate 20] [--spot-port 0] [--futures-port 0]
+    python -m simulator --replay ../shared/data        # replay the real captures
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from simulator.server import MarketSim, load_capture
+
+
+async def serve(args: argparse.Namespace) -> None:
+    sims = []
+    for market, port in (("spot", args.spot_port), ("futures", args.futures_port)):
+        kw = dict(updates_per_s=args.rate, seed=args.seed)
+        if args.replay:
+            kw.update(capture=load_capture(Path(args.replay), market), replay_speed=args.replay_speed)
+        else:
+            kw.update(symbols=[s.strip().upper() for s in args.symbols.split(",") if s.strip()])
+        sim = MarketSim(market, **kw)
+        await sim.start(args.host, port)
+        sims.append(sim)
+        print(f"{market}: ws_url = {sim.ws_url}   rest_url = {sim.rest_url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for sim in sims:
+        await sim.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m simulator", description=__doc__.splitlines()[0])
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--spot-port", type=int, default=0)
+    p.add_argument("--futures-port", type=int, default=0)
+    p.add_argument("--symbols", default="BTCUSDT,ETHUSDT,BNBUSDT,SOLUSDT,XRPUSDT")
+    p.add_argument("--rate", type=float, default=20.0, help="engine updates per second per symbol")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--replay", metavar="DIR", help="replay the captures in DIR instead of simulating")
+    p.add_argument("--replay-speed", type=float, default=1.0)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    main()

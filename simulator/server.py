@@ -1,0 +1,469 @@
+"""The simulated exchange: one aiohttp server per market (WebSocket + REST on one port).
+
+WebSocket (paths as on Binance; futures also under /public):
+  /stream?streams=a/b   combined, frames wrapped as {"stream":..,"data":..}
+  /ws, /ws/a/b          raw; SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS, SET_PROPERTY,
+                        GET_PROPERTY; control messages limited to 5/s (spot) or 10/s (futures)
+  server pings every `ping_interval` s; a connection without a pong for `pong_timeout` s is closed
+REST:
+  /api/v3/depth, /api/v3/exchangeInfo, /api/v3/ticker/24hr, /api/v3/time     (spot)
+  /fapi/v1/depth, /fapi/v1/exchangeInfo, /fapi/v1/ticker/24hr, /fapi/v1/time (futures)
+  request weights as documented, `X-MBX-USED-WEIGHT-1M`, 429 + Retry-After past the limit
+
+`Faults` holds the switches tests flip to make it misbehave; `record=True` keeps every
+frame and REST body it delivered, so tests can compare them with the collector's files.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import random
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+from aiohttp import WSMsgType, web
+
+from markets import FUTURES, MARKETS, Market
+from simulator.book import Book, IdSource
+from simulator.replay import Capture
+
+log = logging.getLogger(__name__)
+
+TICK_S = 0.01
+_conn_ids = itertools.count(1)
+
+
+@dataclass
+class Faults:
+    """Misbehaviour switches; read by the engine and the handlers on every use."""
+
+    paused: bool = False            # no engine updates and no frames at all
+    drop_diffs: int = 0             # the next N diff events are not sent (a gap)
+    rest_statuses: list = field(default_factory=list)  # next REST depth replies: (status, retry_after|None)
+    rest_delay: float = 0.0         # seconds added to every REST depth reply
+
+
+@dataclass
+class Sent:
+    conn: int
+    stream: str
+    data: bytes  # the payload, without the combined-stream wrapper
+
+
+class Stream:
+    """One stream of one symbol (e.g. btcusdt@depth@100ms); lives once subscribed."""
+
+    def __init__(self, name: str, symbol: str, kind: str, speed_ms: int, levels: int, book: Book | None):
+        self.name, self.symbol, self.kind, self.speed_ms, self.levels = name, symbol, kind, speed_ms, levels
+        self.book = book
+        self.subscribers: set["Conn"] = set()
+        self.bids: dict[int, int] = {}
+        self.asks: dict[int, int] = {}
+        self.first_id: int | None = None
+        self.prev_u = book.last_id if book else 0
+        self.next_emit_ms = 0
+
+
+class Conn:
+    def __init__(self, ws: web.WebSocketResponse, combined: bool):
+        self.id = next(_conn_ids)
+        self.ws, self.combined = ws, combined
+        self.streams: set[str] = set()
+        self.control_times: list[float] = []
+        self.last_pong = time.monotonic()
+
+
+class MarketSim:
+    def __init__(self, market: str, symbols: list[str] | None = None, updates_per_s: float = 20.0,
+                 seed: int = 1, record: bool = False, ping_interval: float | None = None,
+                 pong_timeout: float | None = None, not_trading: tuple[str, ...] = (),
+                 capture: Capture | None = None, replay_speed: float = 1.0, weight_limit: int | None = None):
+        self.market: Market = MARKETS[market]
+        self.futures = self.market is FUTURES
+        self.rng = random.Random(seed)
+        self.capture = capture
+        if capture is not None:
+            symbols = capture.symbols
+        self.symbols = [s.upper() for s in (symbols or ["BTCUSDT", "ETHUSDT"])]
+        self.not_trading = set(not_trading)
+        ids = IdSource(self.futures, self.rng)
+        self.books = {} if capture else {s: Book.create(s, ids, self.rng, self.futures) for s in self.symbols}
+        self.updates_per_s = updates_per_s
+        self.replay_speed = replay_speed
+        self.record = record
+        self.sent: list[Sent] = []
+        self.rest_sent: list[tuple[str, int, bytes]] = []
+        self.faults = Faults()
+        self.ping_interval = ping_interval or (20.0 if not self.futures else 180.0)
+        self.pong_timeout = pong_timeout or (60.0 if not self.futures else 600.0)
+        self.weight_limit = weight_limit or (6000 if not self.futures else 2400)
+        self.weight_minute, self.weight_used = -1, 0
+        self.streams: dict[str, Stream] = {}
+        self.conns: set[Conn] = set()
+        self.connections_opened = 0
+        self.frames_sent = 0
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task] = []
+        self.port = 0
+        self._stream_re = re.compile(r"^([a-z0-9_]+)@depth(5|10|20)?(?:@(\d+ms))?$")
+
+    # ---- life cycle -------------------------------------------------------------------
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        app = web.Application()
+        prefixes = ["", "/public"] if self.futures else [""]
+        for p in prefixes:
+            app.router.add_get(p + "/stream", self.ws_handler)
+            app.router.add_get(p + "/ws", self.ws_handler)
+            app.router.add_get(p + "/ws/{streams:.*}", self.ws_handler)
+        api = "/fapi/v1" if self.futures else "/api/v3"
+        app.router.add_get(api + "/depth", self.depth)
+        app.router.add_get(api + "/exchangeInfo", self.exchange_info)
+        app.router.add_get(api + "/ticker/24hr", self.ticker)
+        app.router.add_get(api + "/time", self.server_time)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]
+        self.host = host
+        self._tasks.append(asyncio.create_task(self._replay() if self.capture else self._engine()))
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for c in list(self.conns):
+            await c.ws.close()
+        if self._runner:
+            await self._runner.cleanup()
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}:{self.port}" + ("/public" if self.futures else "")
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # ---- the matching engine ------------------------------------------------------------
+    async def _engine(self) -> None:
+        carry = {s: 0.0 for s in self.books}
+        next_tick = time.monotonic()
+        while True:
+            next_tick += TICK_S
+            await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+            if self.faults.paused:
+                continue
+            for sym, book in self.books.items():
+                carry[sym] += self.updates_per_s * TICK_S
+                n = int(carry[sym])
+                carry[sym] -= n
+                streams = [s for s in self.streams.values() if s.symbol == sym and s.kind == "diff"]
+                for _ in range(n):
+                    uid, bids, asks = book.update()
+                    for s in streams:
+                        if s.first_id is None:
+                            s.first_id = uid
+                        s.bids.update(bids)
+                        s.asks.update(asks)
+            now_ms = int(time.time() * 1000)
+            for s in list(self.streams.values()):
+                if now_ms >= s.next_emit_ms:
+                    s.next_emit_ms = (now_ms // s.speed_ms + 1) * s.speed_ms
+                    await self._emit(s, now_ms)
+
+    async def _emit(self, s: Stream, now_ms: int) -> None:
+        book = s.book
+        if s.kind == "diff":
+            if s.first_id is None:
+                return  # "pushed ... (if existing)": nothing changed in the window
+            payload = {"e": "depthUpdate", "E": now_ms}
+            if self.futures:
+                payload["T"] = now_ms - 3
+            payload.update(s=s.symbol, U=s.first_id, u=book.last_id)
+            if self.futures:
+                payload["pu"] = s.prev_u
+            payload.update(b=book.render(s.bids, True), a=book.render(s.asks, False))
+            s.bids, s.asks, s.first_id, s.prev_u = {}, {}, None, book.last_id
+            if self.faults.drop_diffs > 0:
+                self.faults.drop_diffs -= 1
+                return
+        elif self.futures:
+            payload = {"e": "depthUpdate", "E": now_ms, "T": now_ms - 3, "s": s.symbol,
+                       "U": s.prev_u + 1, "u": book.last_id, "pu": s.prev_u,
+                       "b": book.levels("bids", s.levels), "a": book.levels("asks", s.levels)}
+            s.prev_u = book.last_id
+        else:
+            payload = {"lastUpdateId": book.last_id, "bids": book.levels("bids", s.levels),
+                       "asks": book.levels("asks", s.levels)}
+        await self.broadcast(s, orjson.dumps(payload))
+
+    async def broadcast(self, s: Stream, data: bytes) -> None:
+        if not s.subscribers:
+            return
+        wrapped = b'{"stream":"' + s.name.encode() + b'","data":' + data + b"}"
+        for conn in list(s.subscribers):
+            if conn.ws.closed:
+                continue
+            try:
+                await conn.ws.send_frame(wrapped if conn.combined else data, WSMsgType.TEXT)
+            except (ConnectionError, RuntimeError):
+                continue
+            self.frames_sent += 1
+            if self.record:
+                self.sent.append(Sent(conn.id, s.name, data))
+
+    async def _replay(self) -> None:
+        """Send the captured frames of subscribed streams, paced as captured."""
+        cap = self.capture
+        while not any(self.streams.get(name) and self.streams[name].subscribers for name in cap.depth_streams):
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # let the collector's first snapshots go out
+        t0, start = cap.frames[0][0], time.monotonic()
+        for t, name, data in cap.frames:
+            await asyncio.sleep(max(0.0, (t - t0) / self.replay_speed - (time.monotonic() - start)))
+            while self.faults.paused:
+                await asyncio.sleep(0.05)
+            s = self.streams.get(name)
+            if s is not None:
+                await self.broadcast(s, data)
+
+    # ---- WebSocket ---------------------------------------------------------------------
+    def parse_stream(self, name: str) -> Stream | None:
+        m = self._stream_re.match(name)
+        if not m:
+            return None
+        sym, levels, speed = m.group(1).upper(), m.group(2), m.group(3)
+        if sym not in self.symbols:
+            return None
+        speeds = self.market.partial_speeds if levels else self.market.diff_speeds
+        default_ms = 250 if self.futures else 1000
+        if speed is None:
+            speed_ms = default_ms
+        elif speed in speeds and speeds[speed]:
+            speed_ms = int(speed[:-2])
+        else:
+            return None
+        s = self.streams.get(name)
+        if s is None:
+            s = Stream(name, sym, "partial" if levels else "diff", speed_ms, int(levels or 0), self.books.get(sym))
+            self.streams[name] = s
+        return s
+
+    async def ws_handler(self, request: web.Request) -> web.StreamResponse:
+        path = request.path.removeprefix("/public")
+        if path.startswith("/stream"):
+            names, combined = [n for n in request.query.get("streams", "").split("/") if n], True
+        else:
+            names, combined = [n for n in request.match_info.get("streams", "").split("/") if n], False
+        if len(names) > self.market.max_streams_per_connection:
+            return web.json_response({"code": -1, "msg": "too many streams"}, status=400)
+        streams = [self.parse_stream(n) for n in names]
+        if any(s is None for s in streams):
+            return web.json_response({"code": -1121, "msg": "Invalid stream name."}, status=400)
+        ws = web.WebSocketResponse(autoping=False, max_msg_size=1 << 20)
+        await ws.prepare(request)
+        conn = Conn(ws, combined)
+        self.conns.add(conn)
+        self.connections_opened += 1
+        for s in streams:
+            s.subscribers.add(conn)
+            conn.streams.add(s.name)
+        pinger = asyncio.create_task(self._ping(conn))
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.PING:
+                    await ws.pong(msg.data)
+                elif msg.type == WSMsgType.PONG:
+                    conn.last_pong = time.monotonic()
+                elif msg.type == WSMsgType.TEXT:
+                    if not await self._control(conn, msg.data):
+                        break
+        finally:
+            pinger.cancel()
+            self._drop(conn)
+            await ws.close()
+        return ws
+
+    def _drop(self, conn: Conn) -> None:
+        self.conns.discard(conn)
+        for name in conn.streams:
+            self.streams[name].subscribers.discard(conn)
+
+    async def _ping(self, conn: Conn) -> None:
+        while not conn.ws.closed:
+            await asyncio.sleep(self.ping_interval)
+            if time.monotonic() - conn.last_pong > self.pong_timeout:
+                log.info("closing conn=%d: no pong for %.0fs", conn.id, self.pong_timeout)
+                await conn.ws.close(code=1008, message=b"pong timeout")
+                return
+            try:
+                await conn.ws.ping(str(int(time.time() * 1000)).encode())
+            except (ConnectionError, RuntimeError):
+                return
+
+    async def _control(self, conn: Conn, text: str) -> bool:
+        """One JSON control message; False closes the connection."""
+        now = time.monotonic()
+        conn.control_times = [t for t in conn.control_times if now - t < 1.0] + [now]
+        if len(conn.control_times) > self.market.max_control_per_second:
+            await conn.ws.close(code=1008, message=b"too many requests")
+            return False
+        try:
+            req = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            await self._reply(conn, None, error=(3, "Invalid JSON"))
+            return not self.futures  # futures closes the connection on invalid JSON
+        if not isinstance(req, dict):
+            await self._reply(conn, None, error=(3, "Invalid JSON"))
+            return True
+        rid, method, params = req.get("id"), req.get("method"), req.get("params", [])
+        if method in ("SUBSCRIBE", "UNSUBSCRIBE") and isinstance(params, list):
+            streams = [self.parse_stream(p) if isinstance(p, str) else None for p in params]
+            if any(s is None for s in streams):
+                return await self._reply(conn, rid, error=(2, "Invalid request: unknown stream"))
+            if method == "SUBSCRIBE" and len(conn.streams | {s.name for s in streams}) > self.market.max_streams_per_connection:
+                return await self._reply(conn, rid, error=(2, "Invalid request: too many streams"))
+            for s in streams:
+                if method == "SUBSCRIBE":
+                    s.subscribers.add(conn)
+                    conn.streams.add(s.name)
+                else:
+                    s.subscribers.discard(conn)
+                    conn.streams.discard(s.name)
+            return await self._reply(conn, rid, result=None)
+        if method == "LIST_SUBSCRIPTIONS":
+            return await self._reply(conn, rid, result=sorted(conn.streams))
+        if method == "SET_PROPERTY" and isinstance(params, list) and len(params) == 2 and params[0] == "combined":
+            if not isinstance(params[1], bool):
+                return await self._reply(conn, rid, error=(1, "Invalid value type: expected Boolean"))
+            conn.combined = params[1]
+            return await self._reply(conn, rid, result=None)
+        if method == "GET_PROPERTY" and params == ["combined"]:
+            return await self._reply(conn, rid, result=conn.combined)
+        if method in ("SET_PROPERTY", "GET_PROPERTY"):
+            return await self._reply(conn, rid, error=(0, "Unknown property"))
+        return await self._reply(conn, rid, error=(2, "Invalid request: unknown method"))
+
+    async def _reply(self, conn: Conn, rid, result=None, error: tuple[int, str] | None = None) -> bool:
+        body = {"error": {"code": error[0], "msg": error[1]}, "id": rid} if error else {"result": result, "id": rid}
+        await conn.ws.send_str(orjson.dumps(body).decode())
+        return True
+
+    # ---- REST ----------------------------------------------------------------------------
+    def _charge(self, weight: int) -> tuple[bool, dict]:
+        minute = int(time.time() // 60)
+        if minute != self.weight_minute:
+            self.weight_minute, self.weight_used = minute, 0
+        self.weight_used += weight
+        headers = {"X-MBX-USED-WEIGHT-1M": str(self.weight_used)}
+        if self.weight_used > self.weight_limit:
+            headers["Retry-After"] = str(60 - int(time.time()) % 60)
+            return False, headers
+        return True, headers
+
+    async def depth(self, request: web.Request) -> web.Response:
+        symbol = request.query.get("symbol", "").upper()
+        try:
+            limit = int(request.query.get("limit", "500" if self.futures else "100"))
+        except ValueError:
+            return web.json_response({"code": -1100, "msg": "Illegal characters found in parameter 'limit'."}, status=400)
+        if self.futures and limit not in self.market.snapshot_limits:
+            return web.json_response({"code": -1130, "msg": "Data sent for parameter 'limit' is not valid."}, status=400)
+        limit = max(1, min(limit, 5000))
+        ok, headers = self._charge(self.market.depth_weight(limit if self.futures else limit))
+        if self.faults.rest_delay:
+            await asyncio.sleep(self.faults.rest_delay)
+        if self.faults.rest_statuses:
+            status, retry_after = self.faults.rest_statuses.pop(0)
+            if retry_after is not None:
+                headers["Retry-After"] = str(retry_after)
+            return web.json_response({"code": -1003, "msg": "Too many requests."}, status=status, headers=headers)
+        if not ok:
+            return web.json_response({"code": -1003, "msg": "Too much request weight used."}, status=429, headers=headers)
+        if symbol not in self.symbols:
+            return web.json_response({"code": -1121, "msg": "Invalid symbol."}, status=400, headers=headers)
+        if self.capture is not None:
+            body = self.capture.snapshots[symbol]
+        else:
+            book = self.books[symbol]
+            snap = {"lastUpdateId": book.last_id}
+            if self.futures:
+                now_ms = int(time.time() * 1000)
+                snap.update(E=now_ms, T=now_ms - 2)
+            snap.update(bids=book.levels("bids", limit), asks=book.levels("asks", limit))
+            body = orjson.dumps(snap)
+        if self.record:
+            self.rest_sent.append((symbol, limit, body))
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+    async def exchange_info(self, request: web.Request) -> web.Response:
+        ok, headers = self._charge(self.market.exchange_info_weight)
+        info = {
+            "timezone": "UTC", "serverTime": int(time.time() * 1000),
+            "rateLimits": [
+                {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": self.weight_limit},
+                {"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE", "intervalNum": 5, "limit": 300000},
+            ],
+            "symbols": [{"symbol": s, "status": "BREAK" if s in self.not_trading else "TRADING",
+                         "baseAsset": s[:-4], "quoteAsset": s[-4:]} for s in self.symbols],
+        }
+        return web.json_response(info, headers=headers)
+
+    async def ticker(self, request: web.Request) -> web.Response:
+        symbol = request.query.get("symbol")
+        ok, headers = self._charge(2 if symbol else (40 if self.futures else 80))
+        rows = []
+        for s in ([symbol.upper()] if symbol else self.symbols):
+            if s not in self.symbols:
+                return web.json_response({"code": -1121, "msg": "Invalid symbol."}, status=400, headers=headers)
+            rows.append({"symbol": s, "volume": "1000.0", "quoteVolume": str(1e6 * (1 + self.symbols.index(s))),
+                         "count": 1000, "lastPrice": "1.0"})
+        return web.json_response(rows[0] if symbol else rows, headers=headers)
+
+    async def server_time(self, request: web.Request) -> web.Response:
+        ok, headers = self._charge(1)
+        return web.json_response({"serverTime": int(time.time() * 1000)}, headers=headers)
+
+
+class Simulator:
+    """Spot and futures simulators on an event loop in a background thread (for tests).
+
+    with Simulator(spot=dict(symbols=[...]), futures=dict(...)) as sim:
+        sim.spot.ws_url, sim.futures.rest_url, sim.spot.faults.paused = True, ...
+    """
+
+    def __init__(self, spot: dict | None = None, futures: dict | None = None):
+        self.loop = asyncio.new_event_loop()
+        self.spot = MarketSim("spot", **spot) if spot is not None else None
+        self.futures = MarketSim("futures", **futures) if futures is not None else None
+        self.thread = threading.Thread(target=self.loop.run_forever, name="simulator", daemon=True)
+
+    def call(self, coro, timeout: float = 10):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def __enter__(self) -> "Simulator":
+        self.thread.start()
+        for m in (self.spot, self.futures):
+            if m is not None:
+                self.call(m.start())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in (self.spot, self.futures):
+            if m is not None:
+                self.call(m.stop())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+    def markets(self) -> list[MarketSim]:
+        return [m for m in (self.spot, self.futures) if m is not None]
+
+
+def load_capture(data_dir: Path, market: str) -> Capture:
+    prefix = "BINANCE" if market == "spot" else "BINANCE_FUTURES"
+    return Capture.load(data_dir / f"{prefix}.ws.1.0", data_dir / f"{prefix}.http.0.0")

@@ -1,0 +1,1 @@
+"""Parquet side of the collector: schemas, column buffers, part files, compaction."""

@@ -1,0 +1,196 @@
+"""Compaction: a finished day's part files -> one `YYYY-MM-DD.parquet`, rows ordered by
+symbol then time, in bounded memory.
+
+A day small enough (uncompressed size below `memory_budget`) is read, sorted and
+written at once. A bigger day is done in two passes: rows are first split into K
+buckets of whole symbols in symbol order (temporary files), then each bucket is
+sorted and appended to the day file. Memory is then about one bucket, i.e. the day
+divided by K, or one symbol's day if a single symbol is bigger than that.
+
+Crash safety: the day file is written under a temporary name and published by rename;
+it lists the parts it contains in its metadata (`compacted_parts`). Parts are deleted
+only after the rename; if a crash comes between the two, the next run sees those parts
+named in the day file and deletes them instead of counting their rows twice. Parts
+that arrive later for a compacted day (a late flush) are merged into it next time.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import threading
+from pathlib import Path
+from typing import Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from markets import KINDS
+from storage.files import US_PER_DAY, day_of, day_start_us, fsync_dir, parquet_options, publish, temp_name
+from storage.schemas import SORT_KEYS
+
+log = logging.getLogger(__name__)
+
+_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+META_KEY = b"compacted_parts"
+ROW_GROUP = 131_072
+
+
+def parts_of(kind_dir: Path, day: str) -> list[Path]:
+    return sorted((kind_dir / day).glob("part-*.parquet"))
+
+
+def _already_in(day_file: Path) -> set[str]:
+    if not day_file.exists():
+        return set()
+    meta = pq.read_schema(day_file).metadata or {}
+    return set(json.loads(meta.get(META_KEY, b"[]")))
+
+
+def _sorted(table: pa.Table, kind: str) -> pa.Table:
+    return table.sort_by([(k, "ascending") for k in SORT_KEYS[kind]])
+
+
+def compact_day(kind_dir: Path, day: str, kind: str, compression_level: int,
+                memory_budget: int = 512 << 20) -> Path | None:
+    """Merge the parts of `day` (and an earlier day file, if any) into the day file."""
+    day_file = kind_dir / f"{day}.parquet"
+    leftovers = _already_in(day_file)
+    for part in parts_of(kind_dir, day):
+        if part.name in leftovers:  # a crash came after the rename, before the deletes
+            part.unlink()
+    parts = parts_of(kind_dir, day)
+    if not parts:
+        _remove_empty(kind_dir / day)
+        return day_file if day_file.exists() else None
+    inputs = ([day_file] if day_file.exists() else []) + parts
+    files = [pq.ParquetFile(p) for p in inputs]
+    size = sum(f.metadata.row_group(i).total_byte_size for f in files for i in range(f.metadata.num_row_groups))
+    rows = sum(f.metadata.num_rows for f in files)
+    metadata = {META_KEY: json.dumps([p.name for p in parts]).encode()}
+    tmp = temp_name(day_file)
+    try:
+        if size <= memory_budget:
+            table = _sorted(pa.concat_tables([f.read() for f in files]), kind)
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP, **parquet_options(compression_level))
+        else:
+            _compact_in_buckets(files, tmp, kind, compression_level, buckets=-(-size // memory_budget),
+                                metadata=metadata, scratch=kind_dir / f".{day}.compact")
+        written = pq.ParquetFile(tmp).metadata.num_rows
+        if written != rows:
+            raise RuntimeError(f"compaction of {kind_dir}/{day} wrote {written} rows, expected {rows}")
+        publish(tmp, day_file)
+    finally:
+        tmp.unlink(missing_ok=True)
+    for part in parts:
+        part.unlink()
+    _remove_empty(kind_dir / day)
+    fsync_dir(kind_dir)
+    log.info("compacted %s/%s parts=%d rows=%d bytes=%d", kind_dir, day, len(parts), rows, day_file.stat().st_size)
+    return day_file
+
+
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+def _symbol_buckets(files: list[pq.ParquetFile], buckets: int) -> tuple[pa.Array, pa.Array]:
+    """(sorted symbols, bucket of each) with about equal rows per bucket."""
+    counts: dict[str, int] = {}
+    for f in files:
+        vc = pc.value_counts(f.read(columns=["symbol"]).column("symbol").combine_chunks())
+        for item in vc.to_pylist():
+            counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    symbols = sorted(counts)
+    per = max(1, -(-sum(counts.values()) // buckets))
+    assignment, acc = [], 0
+    for s in symbols:
+        assignment.append(min(acc // per, buckets - 1))
+        acc += counts[s]
+    return pa.array(symbols, pa.string()), pa.array(assignment, pa.int32())
+
+
+def _compact_in_buckets(files, tmp: Path, kind: str, level: int, buckets: int,
+                        metadata: dict, scratch: Path) -> None:
+    symbols, bucket_of = _symbol_buckets(files, buckets)
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    schema = files[0].schema_arrow
+    writers: dict[int, pq.ParquetWriter] = {}
+    try:
+        for f in files:
+            for batch in f.iter_batches(batch_size=65_536):
+                idx = pc.index_in(batch.column("symbol"), value_set=symbols)
+                which = pc.take(bucket_of, idx)
+                for b in pc.unique(which).to_pylist():
+                    if b not in writers:
+                        writers[b] = pq.ParquetWriter(scratch / f"bucket-{b}.tmp", schema, compression="lz4")
+                    writers[b].write_batch(batch.filter(pc.equal(which, b)))
+        for w in writers.values():
+            w.close()
+        out_schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
+        with pq.ParquetWriter(tmp, out_schema, **parquet_options(level)) as out:
+            for b in sorted(writers):
+                table = _sorted(pq.read_table(scratch / f"bucket-{b}.tmp"), kind)
+                out.write_table(table.cast(out_schema), row_group_size=ROW_GROUP)
+    finally:
+        for w in writers.values():
+            try:
+                w.close()
+            except Exception:
+                pass
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def finished_days(kind_dir: Path, today: str) -> list[str]:
+    if not kind_dir.exists():
+        return []
+    return sorted(p.name for p in kind_dir.iterdir() if p.is_dir() and _DAY.match(p.name) and p.name < today)
+
+
+def compact_all(root: Path, compression_level: int, now_us: int, grace_us: int = 0,
+                stop: threading.Event | None = None) -> int:
+    """Compact every finished day under data_dir (every market and kind); returns days done.
+
+    A day counts as finished `grace_us` after its UTC midnight, so late flushes land first.
+    """
+    done = 0
+    today = day_of(now_us - grace_us)
+    for market_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []:
+        for kind in KINDS:
+            for day in finished_days(market_dir / kind, today):
+                if stop is not None and stop.is_set():
+                    return done
+                if now_us < day_start_us(day) + US_PER_DAY + grace_us:
+                    continue
+                compact_day(market_dir / kind, day, kind, compression_level)
+                done += 1
+    return done
+
+
+class Compactor(threading.Thread):
+    """Compacts finished days at start-up and within a minute after each UTC midnight."""
+
+    def __init__(self, root: Path, compression_level: int, stop: threading.Event,
+                 now_us: Callable[[], int], grace_s: float, every_s: float = 10.0):
+        super().__init__(name="compactor", daemon=True)
+        self.root, self.level, self.stop, self.now_us = root, compression_level, stop, now_us
+        self.grace_us, self.every_s = int(grace_s * 1e6), every_s
+        self.failures = 0
+
+    def run(self) -> None:
+        while True:
+            try:
+                compact_all(self.root, self.level, self.now_us(), self.grace_us, self.stop)
+                self.failures = 0
+            except Exception:
+                self.failures += 1
+                log.error("compaction failed (will retry); the parts stay readable", exc_info=True)
+            if self.stop.wait(self.every_s * min(30, 1 + self.failures)):
+                return

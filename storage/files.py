@@ -1,0 +1,86 @@
+"""Atomic Parquet files and the output tree of SPEC.md.
+
+    data_dir/<market>/<kind>/YYYY-MM-DD.parquet          a finished (compacted) day
+    data_dir/<market>/<kind>/YYYY-MM-DD/part-*.parquet   the current day, in parts
+
+A file appears under its final name only once it is complete: it is written to a
+hidden temporary name (`.name.tmp`, which no `*.parquet` glob matches), fsynced,
+renamed, and the folder is fsynced.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+US_PER_DAY = 86_400_000_000
+
+
+def day_of(us: int) -> str:
+    """UTC day of a microsecond timestamp, as YYYY-MM-DD."""
+    return dt.datetime.fromtimestamp(us / 1e6, tz=dt.timezone.utc).strftime("%Y-%m-%d")
+
+
+def day_start_us(day: str) -> int:
+    d = dt.datetime.strptime(day, "%Y-%m-%d").replace(tzinfo=dt.timezone.utc)
+    return int(d.timestamp()) * 1_000_000
+
+
+def parquet_options(compression_level: int) -> dict:
+    """Writer settings shared by part files and day files."""
+    return dict(
+        compression="zstd",
+        compression_level=compression_level,
+        use_dictionary=["symbol", "reason"],
+        write_statistics=True,
+    )
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_name(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp")
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """fsync tmp, rename it to final, fsync the folder."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def write_table_atomic(final: Path, table: pa.Table, compression_level: int,
+                       metadata: dict[bytes, bytes] | None = None) -> None:
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(final)
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    try:
+        pq.write_table(table, tmp, **parquet_options(compression_level))
+        publish(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def clean_temp_files(root: Path) -> list[Path]:
+    """Remove temporaries that a crash left behind; they were never published."""
+    removed = []
+    if root.exists():
+        for p in root.rglob(".*.tmp"):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
