@@ -138,6 +138,10 @@ def load(path: str | Path) -> Config:
             parser.read_file(f)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(f"{path}: [{e.section}] {e.option}: set twice (line {e.lineno})") from None
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(f"{path}: [{e.section}]: section appears twice (line {e.lineno})") from None
     except configparser.Error as e:
         first = str(e).splitlines()[0]
         raise ConfigError(f"{path}: not a valid ini file: {first}") from None

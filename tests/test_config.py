@@ -1,0 +1,102 @@
+"""config.ini validation: every bad value is one line naming file, section and key; exit 2."""
+from __future__ import annotations
+
+import pytest
+
+import config
+from tests.helpers import ROOT, run_to_exit
+
+GOOD = """
+[collector]
+data_dir = data
+[spot]
+symbols = BTCUSDT, ethusdt
+ws_url = ws://127.0.0.1:1
+rest_url = http://127.0.0.1:1
+[futures]
+symbols = BTCUSDT
+"""
+
+
+def write(tmp_path, text):
+    p = tmp_path / "config.ini"
+    p.write_text(text)
+    return p
+
+
+def test_good_config_parses_with_defaults(tmp_path):
+    cfg = config.load(write(tmp_path, GOOD))
+    assert cfg.collector.data_dir == (tmp_path / "data").resolve()
+    spot, futures = cfg.markets
+    assert spot.symbols == ("BTCUSDT", "ETHUSDT")
+    assert futures.ws_url == "wss://fstream.binance.com/public"
+    assert futures.rest_url == "https://fapi.binance.com"
+    assert (spot.diff_speed, spot.partial_levels, spot.snapshot_limit) == ("100ms", 20, 1000)
+
+
+def test_shipped_config_is_valid():
+    cfg = config.load(ROOT / "config.ini")
+    assert [m.name for m in cfg.markets] == ["spot", "futures"]
+    assert all(len(m.symbols) == 50 for m in cfg.markets)
+
+
+@pytest.mark.parametrize("section,line,key,why", [
+    ("collector", "colour = blue", "colour", "unknown key"),
+    ("spot", "diff_speed = 250ms", "diff_speed", "is not one of 100ms, 1000ms"),
+    ("futures", "diff_speed = 1000ms", "diff_speed", "is not one of 100ms, 250ms, 500ms"),
+    ("spot", "partial_levels = 15", "partial_levels", "is not one of 5, 10, 20"),
+    ("spot", "partial_speed = fast", "partial_speed", "is not one of"),
+    ("futures", "snapshot_limit = 200", "snapshot_limit", "is not one of 5, 10, 20, 50, 100, 500, 1000"),
+    ("spot", "snapshot_limit = 6000", "snapshot_limit", "outside"),
+    ("spot", "snapshot_interval = soon", "snapshot_interval", "not a number"),
+    ("futures", "ws_url = http://x", "ws_url", "is not a ws or wss URL"),
+    ("spot", "enabled = maybe", "enabled", "is not true or false"),
+    ("spot", "symbols = BTC-USDT", "symbols", "is not a Binance symbol"),
+    ("spot", "symbols = BTCUSDT, BTCUSDT", "symbols", "listed twice"),
+    ("collector", "ws_rotate_after = 90000", "ws_rotate_after", "outside"),
+])
+def test_bad_value_names_section_and_key(tmp_path, section, line, key, why):
+    text = GOOD.replace(f"[{section}]\n", f"[{section}]\n{line}\n", 1)
+    if key == "symbols":
+        text = text.replace("symbols = BTCUSDT, ethusdt\n", "")
+    path = write(tmp_path, text)
+    with pytest.raises(config.ConfigError) as e:
+        config.load(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: [{section}] {key}: ") and why in msg, msg
+    # and the command line refuses it with exactly that one line and exit status 2
+    result = run_to_exit(path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {msg}"
+
+
+def test_empty_symbol_list(tmp_path):
+    path = write(tmp_path, GOOD.replace("symbols = BTCUSDT, ethusdt", "symbols = ,"))
+    result = run_to_exit(path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {path}: [spot] symbols: no symbols listed"
+
+
+def test_missing_file_and_unknown_section(tmp_path):
+    result = run_to_exit(tmp_path / "nope.ini")
+    assert result.returncode == 2
+    assert "nope.ini: cannot read config file" in result.stderr and "Traceback" not in result.stderr
+    result = run_to_exit(write(tmp_path, GOOD + "[margin]\nsymbols = X\n"))
+    assert result.returncode == 2 and "[margin]: unknown section" in result.stderr
+
+
+def test_no_market_enabled(tmp_path):
+    text = GOOD.replace("[spot]\n", "[spot]\nenabled = false\n").replace("[futures]\n", "[futures]\nenabled = no\n")
+    result = run_to_exit(write(tmp_path, text))
+    assert result.returncode == 2 and "no market enabled" in result.stderr
+
+
+def test_check_config_command(tmp_path):
+    result = run_to_exit(write(tmp_path, GOOD), "check-config")
+    assert result.returncode == 0 and "spot: 2 symbols" in result.stdout
+
+
+def test_key_set_twice(tmp_path):
+    path = write(tmp_path, GOOD.replace("[futures]\n", "[futures]\ndiff_speed = 100ms\ndiff_speed = 500ms\n"))
+    with pytest.raises(config.ConfigError, match=r"\[futures\] diff_speed: set twice"):
+        config.load(path)

@@ -1,0 +1,94 @@
+"""Continuity and duplicates, as properties over random event streams."""
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from handlers.continuity import DUPLICATE, OK, RECONNECT, SEQUENCE, STALE, START, Continuity, PartialDedup
+
+
+def spot_events(spans):
+    """Consecutive spot events: U = previous u + 1."""
+    events, u = [], 1000
+    for n in spans:
+        events.append((u + 1, u + n, None))
+        u += n
+    return events
+
+
+def futures_events(spans, skips):
+    """Futures events: ids skip, pu = previous u."""
+    events, u = [], 10**9
+    for n, skip in zip(spans, skips, strict=False):
+        U = u + skip
+        events.append((U, U + n, u))
+        u = U + n
+    return events
+
+
+@given(st.lists(st.integers(1, 50), min_size=2, max_size=60), st.data())
+def test_spot_drops_are_gaps_and_repeats_are_duplicates(spans, data):
+    events = spot_events(spans)
+    dropped = data.draw(st.sets(st.integers(1, len(events) - 1)))
+    repeated = data.draw(st.sets(st.integers(0, len(events) - 1)))
+    c = Continuity("spot")
+    statuses = []
+    for i, (U, u, pu) in enumerate(events):
+        if i in dropped:
+            continue
+        statuses.append((i, c.check("X", U, u, pu, conn=1)[0]))
+        if i in repeated:
+            statuses.append((i, c.check("X", U, u, pu, conn=2)[0]))
+    seen = set()
+    prev_kept = None
+    for i, status in statuses:
+        if i in seen:
+            assert status == DUPLICATE
+            continue
+        seen.add(i)
+        if prev_kept is None:
+            assert status == START
+        elif any(j in dropped for j in range(prev_kept + 1, i)):
+            assert status == SEQUENCE
+        else:
+            assert status == OK
+        prev_kept = i
+
+
+@given(st.lists(st.integers(0, 30), min_size=2, max_size=60), st.lists(st.integers(1, 40), min_size=60, max_size=60),
+       st.data())
+def test_futures_uses_pu_never_U(spans, skips, data):
+    events = futures_events(spans, skips)
+    dropped = data.draw(st.sets(st.integers(1, len(events) - 1)))
+    c = Continuity("futures")
+    prev = None
+    for i, (U, u, pu) in enumerate(events):
+        if i in dropped:
+            continue
+        status, _ = c.check("X", U, u, pu, conn=1)
+        expected = START if prev is None else (SEQUENCE if any(j in dropped for j in range(prev + 1, i)) else OK)
+        assert status == expected, (i, status, expected)
+        prev = i
+
+
+def test_reconnect_is_named_and_stale_is_kept():
+    c = Continuity("spot")
+    assert c.check("X", 1, 5, None, conn=1)[0] == START
+    assert c.check("X", 6, 9, None, conn=1)[0] == OK
+    assert c.check("X", 20, 25, None, conn=2) == (RECONNECT, 9)
+    assert c.check("X", 26, 30, None, conn=2)[0] == OK
+    assert c.check("X", 10, 12, None, conn=2) == (STALE, 30)  # never seen: recorded, head stays
+    assert c.check("X", 10, 12, None, conn=2) == (DUPLICATE, 30)
+    assert c.check("X", 31, 31, None, conn=2)[0] == OK
+    # overlapping window after a reconnect (U <= last u + 1 <= u) loses nothing
+    assert c.check("X", 29, 35, None, conn=3)[0] == OK
+    assert c.check("Y", 100, 100, None, conn=3)[0] == START
+
+
+def test_partial_dedup_across_connections_only():
+    d = PartialDedup()
+    assert not d.is_duplicate("X", 5, conn=1)
+    assert not d.is_duplicate("X", 5, conn=1)   # unchanged book, same connection: a new frame
+    assert d.is_duplicate("X", 5, conn=2)       # the same frame from the overlapping connection
+    assert not d.is_duplicate("X", 6, conn=2)
+    assert d.is_duplicate("X", 6, conn=1)

@@ -1,0 +1,90 @@
+"""Parsing of every payload kind of both markets, real frames first."""
+from __future__ import annotations
+
+import orjson
+from hypothesis import given
+from hypothesis import strategies as st
+
+from handlers import parse
+from simulator.server import load_capture
+from tests.helpers import SHARED_DATA
+
+SPOT_PARTIAL = b'{"lastUpdateId":160,"bids":[["0.0024","10"]],"asks":[["0.0026","100"]]}'
+FUTURES_PARTIAL = (b'{"e":"depthUpdate","E":1571889248277,"T":1571889248276,"s":"BTCUSDT","U":390497796,'
+                   b'"u":390497878,"pu":390497794,"b":[["7403.89","0.002"]],"a":[["7405.96","3.340"]],"st":1,"ps":"BTCUSDT"}')
+
+
+def test_every_real_spot_diff_frame_parses():
+    cap = load_capture(SHARED_DATA, "spot")
+    frames = [orjson.loads(d) for _, name, d in cap.frames if "@depth" in name]
+    assert len(frames) == 177
+    for d in frames:
+        E, s, U, u, pu, T, b, a = parse.spot_diff(d)
+        assert (E, s, U, u, b, a) == (d["E"], d["s"], d["U"], d["u"], d["b"], d["a"])
+        assert pu is None and T is None and U <= u
+
+
+def test_every_real_futures_diff_frame_parses():
+    cap = load_capture(SHARED_DATA, "futures")
+    frames = [orjson.loads(d) for _, name, d in cap.frames if "@depth" in name]
+    assert len(frames) > 500
+    for d in frames:
+        E, s, U, u, pu, T, b, a = parse.futures_depth(d)
+        assert (E, T, s, U, u, pu) == (d["E"], d["T"], d["s"], d["U"], d["u"], d["pu"])
+
+
+def test_real_snapshots_parse():
+    for market in ("spot", "futures"):
+        cap = load_capture(SHARED_DATA, market)
+        for body in cap.snapshots.values():
+            d = orjson.loads(body)
+            last, b, a, E, T = parse.snapshot(d, futures=market == "futures")
+            assert last == d["lastUpdateId"] and len(b) == len(d["bids"]) > 0
+            assert (E, T) == ((d["E"], d["T"]) if market == "futures" else (None, None))
+
+
+def test_partial_payloads_of_both_markets():
+    assert parse.spot_partial(orjson.loads(SPOT_PARTIAL), "BNBBTC") == (
+        None, "BNBBTC", None, 160, None, None, [["0.0024", "10"]], [["0.0026", "100"]])
+    # unknown fields (st, ps: added in 2026) are ignored
+    row = parse.futures_depth(orjson.loads(FUTURES_PARTIAL))
+    assert row[:6] == (1571889248277, "BTCUSDT", 390497796, 390497878, 390497794, 1571889248276)
+
+
+def test_spot_diff_is_not_a_futures_diff():
+    spot = {"e": "depthUpdate", "E": 1, "s": "X", "U": 1, "u": 2, "b": [], "a": []}
+    assert parse.spot_diff(spot) is not None
+    assert parse.futures_depth(spot) is None  # no pu, no T
+
+
+MALFORMED = [
+    None, 1, "x", [], {}, {"e": "depthUpdate"},
+    {"e": "trade", "E": 1, "s": "X", "U": 1, "u": 2, "b": [], "a": []},
+    {"e": "depthUpdate", "E": "1", "s": "X", "U": 1, "u": 2, "b": [], "a": []},
+    {"e": "depthUpdate", "E": 1, "s": "X", "U": 1.0, "u": 2, "b": [], "a": []},
+    {"e": "depthUpdate", "E": 1, "s": "X", "U": True, "u": 2, "b": [], "a": []},
+    {"e": "depthUpdate", "E": 1, "s": 5, "U": 1, "u": 2, "b": [], "a": []},
+    {"e": "depthUpdate", "E": 1, "s": "X", "U": 1, "u": 2, "b": {}, "a": []},
+    {"e": "depthUpdate", "E": 1, "s": "X", "U": 1, "u": 2, "b": [], "a": None},
+]
+
+
+def test_malformed_payloads_are_refused():
+    for d in MALFORMED:
+        assert parse.spot_diff(d) is None, d
+        assert parse.futures_depth(d) is None, d
+        assert parse.spot_partial(d, "X") is None, d
+        assert parse.snapshot(d, futures=True) is None, d
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(list("EsUuTbae") + ["pu"]), inner, max_size=9),
+    max_leaves=20)
+
+
+@given(json_values)
+def test_parsers_never_raise(value):
+    for result in (parse.spot_diff(value), parse.futures_depth(value), parse.spot_partial(value, "X"),
+                   parse.snapshot(value, True), parse.snapshot(value, False)):
+        assert result is None or isinstance(result, tuple)

@@ -1,0 +1,126 @@
+"""Part files, day split at UTC midnight, and compaction in bounded memory."""
+from __future__ import annotations
+
+import json
+import queue
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from storage.compact import META_KEY, compact_all, compact_day
+from storage.files import US_PER_DAY, clean_temp_files, day_start_us, write_table_atomic
+from storage.schemas import SCHEMAS
+from storage.writer import STOP, PartWriter, split_by_day
+
+MIDNIGHT = day_start_us("2026-11-25")
+
+
+def depth_table(rows: list[tuple[str, int, int]]) -> pa.Table:
+    """rows of (symbol, received_time, final_update_id)"""
+    n = len(rows)
+    return pa.table({
+        "received_time": [r[1] for r in rows], "event_time": [r[1] // 1000 for r in rows],
+        "symbol": [r[0] for r in rows], "first_update_id": [r[2] for r in rows],
+        "final_update_id": [r[2] for r in rows], "prev_final_update_id": [None] * n,
+        "transaction_time": [None] * n, "bid_prices": [[1.0, 0.5]] * n, "bid_sizes": [[2.0, 3.0]] * n,
+        "ask_prices": [[1.5]] * n, "ask_sizes": [[4.0]] * n,
+    }, schema=SCHEMAS["diff_orderbooks"])
+
+
+def test_split_by_day_at_midnight():
+    t = depth_table([("A", MIDNIGHT - 2, 1), ("A", MIDNIGHT - 1, 2), ("A", MIDNIGHT, 3), ("B", MIDNIGHT + 5, 4)])
+    parts = split_by_day(t, "received_time")
+    assert {d: p.column("final_update_id").to_pylist() for d, p in parts.items()} == {
+        "2026-11-24": [1, 2], "2026-11-25": [3, 4]}
+
+
+def test_writer_puts_rows_in_the_day_of_their_receive_time(tmp_path):
+    q: queue.Queue = queue.Queue()
+    w = PartWriter("spot", tmp_path, q, compression_level=9)
+    w.start()
+    q.put(("diff_orderbooks", depth_table([("A", MIDNIGHT - 1, 1), ("A", MIDNIGHT + 1, 2)])))
+    q.put(STOP)
+    w.join(10)
+    kind_dir = tmp_path / "spot" / "diff_orderbooks"
+    before, after = (list((kind_dir / d).glob("part-*.parquet")) for d in ("2026-11-24", "2026-11-25"))
+    assert len(before) == len(after) == 1
+    assert pq.read_table(before[0]).column("final_update_id").to_pylist() == [1]
+    meta = pq.ParquetFile(after[0]).metadata
+    assert meta.row_group(0).column(0).compression == "ZSTD"
+    assert w.stats.rows == {"diff_orderbooks": 2}
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def make_parts(kind_dir, day, n_parts, rows_per_part, symbols, seed=1):
+    rng = random.Random(seed)
+    start = day_start_us(day)
+    t, uid, expected = start + 1000, 0, []
+    for i in range(n_parts):
+        rows = []
+        for _ in range(rows_per_part):
+            t += rng.randrange(1, 1000)
+            uid += 1
+            rows.append((rng.choice(symbols), t, uid))
+        rows.sort()
+        expected += rows
+        write_table_atomic(kind_dir / day / f"part-{t:016d}-{i:06d}.parquet", depth_table(rows), 3)
+    return expected
+
+
+@pytest.mark.parametrize("budget", [512 << 20, 20_000])  # in one go; in buckets
+def test_compaction_merges_sorts_and_keeps_every_row(tmp_path, budget):
+    kind_dir = tmp_path / "spot" / "diff_orderbooks"
+    symbols = [f"S{i:02d}USDT" for i in range(12)]
+    expected = make_parts(kind_dir, "2026-11-24", 7, 300, symbols)
+    out = compact_day(kind_dir, "2026-11-24", "diff_orderbooks", 9, memory_budget=budget)
+    assert out == kind_dir / "2026-11-24.parquet"
+    table = pq.read_table(out)
+    assert table.schema.remove_metadata() == SCHEMAS["diff_orderbooks"]
+    got = list(zip(table.column("symbol").to_pylist(), table.column("received_time").to_pylist(),
+                   table.column("final_update_id").to_pylist(), strict=True))
+    assert got == sorted(expected)
+    assert not (kind_dir / "2026-11-24").exists()
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".*compact*"))
+
+
+def test_late_parts_are_merged_and_crash_leftovers_not_counted_twice(tmp_path):
+    kind_dir = tmp_path / "futures" / "diff_orderbooks"
+    day = "2026-11-24"
+    first = make_parts(kind_dir, day, 3, 50, ["A", "B"], seed=1)
+    names = [p.name for p in sorted((kind_dir / day).iterdir())]
+    compact_day(kind_dir, day, "diff_orderbooks", 9)
+    assert json.loads(pq.read_schema(kind_dir / f"{day}.parquet").metadata[META_KEY]) == names
+    # simulate a crash after the rename and before the deletes: the parts come back
+    leftover = make_parts(tmp_path / "copy", day, 3, 50, ["A", "B"], seed=1)
+    assert leftover == first
+    (kind_dir / day).mkdir()
+    for p in (tmp_path / "copy" / day).iterdir():
+        p.rename(kind_dir / day / p.name)
+    # and a genuinely late part arrives too
+    late = [("A", day_start_us(day) + US_PER_DAY - 5, 10_000)]
+    write_table_atomic(kind_dir / day / "part-9999999999999999-000009.parquet", depth_table(late), 3)
+    compact_day(kind_dir, day, "diff_orderbooks", 9)
+    table = pq.read_table(kind_dir / f"{day}.parquet")
+    assert table.num_rows == len(first) + 1
+    assert sorted(table.column("final_update_id").to_pylist()) == sorted([r[2] for r in first] + [10_000])
+
+
+def test_compact_all_leaves_today_and_the_grace_period_alone(tmp_path):
+    for day in ("2026-11-23", "2026-11-24"):
+        make_parts(tmp_path / "spot" / "diff_orderbooks", day, 2, 10, ["A"])
+    now = day_start_us("2026-11-25") + 10_000_000  # 00:00:10
+    assert compact_all(tmp_path, 9, now, grace_us=30_000_000) == 1  # 24th waits for the grace
+    assert (tmp_path / "spot" / "diff_orderbooks" / "2026-11-23.parquet").exists()
+    assert (tmp_path / "spot" / "diff_orderbooks" / "2026-11-24").is_dir()
+    assert compact_all(tmp_path, 9, now + 30_000_000, grace_us=30_000_000) == 1
+    assert (tmp_path / "spot" / "diff_orderbooks" / "2026-11-24.parquet").exists()
+
+
+def test_temporaries_left_by_a_crash_are_removed(tmp_path):
+    tmp = tmp_path / "spot" / "gaps" / "2026-11-24" / ".part-1.parquet.tmp"
+    tmp.parent.mkdir(parents=True)
+    tmp.write_bytes(b"half a file")
+    assert clean_temp_files(tmp_path) == [tmp]
+    assert not tmp.exists()
