@@ -90,11 +90,14 @@ class MarketPipeline:
             b.start()
         self.snapshotter.start()
 
-    def status_line(self, elapsed: float, last: dict) -> str:
+    def status_line(self, last: dict) -> str:
+        """One line: rates since the previous call (state kept in `last`), then totals."""
         p, w = self.processor.stats, self.writer.stats
         counts = {**p.frames, "snap": p.snapshots}
+        now = time.monotonic()
+        elapsed = max(1e-3, now - last.get("_t", now - 1e-3))
         rates = " ".join(f"{k.split('_')[0]}={(v - last.get(k, 0)) / elapsed:.1f}/s" for k, v in counts.items())
-        last.update(counts)
+        last.update(counts, _t=now)
         live = sum(1 for b in self.batches if b.reader is not None and b.reader.is_alive())
         return (f"status market={self.cfg.name} {rates} connections={live}/{len(self.batches)} "
                 f"snapshots_ok={self.snapshotter.stats.ok} snapshots_failed={self.snapshotter.stats.failed} "
@@ -194,10 +197,10 @@ def run(cfg: config_mod.Config) -> int:
         p.start()
     compactor = Compactor(c.data_dir, c.compression_level, stop, now_us, grace_s=c.flush_interval + 20)
     compactor.start()
-    last: dict[str, dict] = {p.cfg.name: {} for p in pipelines}
+    last: dict[str, dict] = {p.cfg.name: {"_t": time.monotonic()} for p in pipelines}
     jobs = schedule.Scheduler()
     jobs.every(c.status_interval).seconds.do(
-        lambda: [log.info("%s", p.status_line(c.status_interval, last[p.cfg.name])) for p in pipelines])
+        lambda: [log.info("%s", p.status_line(last[p.cfg.name])) for p in pipelines])
     while not stop.wait(0.5):
         jobs.run_pending()
         dead = [t.name for p in pipelines for t in (p.processor, p.writer) if not t.is_alive()]
@@ -208,7 +211,7 @@ def run(cfg: config_mod.Config) -> int:
             return EXIT_FAIL
     clean = stop_all(pipelines, compactor)
     for p in pipelines:
-        log.info("%s", p.status_line(max(1e-9, c.status_interval), last[p.cfg.name]))
+        log.info("%s", p.status_line(last[p.cfg.name]))
     log.info("stopped cleanly" if clean else "stopped; some threads did not finish")
     return EXIT_OK if clean else EXIT_FAIL
 
