@@ -1,7 +1,7 @@
 """python -m simulator: run the loopback Binance until Ctrl-C.
 
     python -m simulator [--symbols BTCUSDT,ETHUSDT] [--rate 20] [--spot-port 0] [--futures-port 0]
-    python -m simulator --replay ../shared/data        # replay the real captures
+    python -m simulator --replay tests/data           # replay the real captures
 """
 from __future__ import annotations
 

@@ -12,7 +12,9 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# A copy of ../shared/data (real Binance captures from cryptofeed's sample data), kept in the repo so
+# that CI on a fresh machine has them.
+SHARED_DATA = ROOT / "tests" / "data"
 
 
 def data_dir_for(tmp_path: Path) -> Path:
