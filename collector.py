@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import requests
 import schedule
@@ -27,9 +28,11 @@ import config as config_mod
 from handlers.exchange import ExchangeUnavailable, check_symbols, fetch_exchange_info, weight_limit
 from handlers.frames import FrameProcessor
 from handlers.snapshots import Snapshotter, WeightBudget
-from handlers.websocket import StreamBatch, combined_url
+from handlers.websocket import AttemptLimiter, StreamBatch, combined_url
 from storage.compact import Compactor, compact_all
 from storage.files import clean_temp_files
+from storage.journal import Journal, journal_dir
+from storage.recovery import recover
 from storage.writer import STOP, PartWriter
 
 log = logging.getLogger("collector")
@@ -107,23 +110,36 @@ class MarketPipeline:
 
 
 def build_market(cfg: config_mod.MarketConfig, c: config_mod.CollectorConfig, stop: threading.Event,
-                 session: requests.Session, weight_per_minute: int) -> MarketPipeline:
+                 session: requests.Session, weight_per_minute: int, run_id: int,
+                 now_us: Callable[[], int] = now_us) -> MarketPipeline:
     inbox: queue.Queue = queue.Queue(maxsize=c.queue_size)
     outbox: queue.Queue = queue.Queue(maxsize=64)
     m = cfg.market
     batches = []
+    attempts = AttemptLimiter()
     per = cfg.symbols_per_connection
     for n, i in enumerate(range(0, len(cfg.symbols), per)):
         streams = []
         for sym in cfg.symbols[i:i + per]:
             streams += [m.diff_stream(sym, cfg.diff_speed), m.partial_stream(sym, cfg.partial_levels, cfg.partial_speed)]
         batches.append(StreamBatch(f"ws-{cfg.name}-{n}", combined_url(cfg.ws_url, streams), inbox, stop,
-                                   now_us, c.ws_dead_after, c.ws_rotate_after))
+                                   now_us, c.ws_dead_after, c.ws_rotate_after, attempts=attempts))
     budget = WeightBudget(weight_per_minute, c.rest_weight_share)
     snapshotter = Snapshotter(cfg, inbox, stop, budget, now_us, session=session)
-    processor = FrameProcessor(cfg, inbox, outbox, c.flush_interval, now_us, on_gap=snapshotter.request)
-    writer = PartWriter(cfg.name, c.data_dir, outbox, c.compression_level)
+    journal = Journal(journal_dir(c.data_dir, cfg.name), run_id)
+    processor = FrameProcessor(cfg, inbox, outbox, c.flush_interval, now_us, request_snapshot=snapshotter.request,
+                               on_server_shutdown=lambda conn: _rotate(batches, conn), journal=journal)
+    writer = PartWriter(cfg.name, c.data_dir, outbox, c.compression_level, on_segment_written=journal.delete,
+                        now_us=now_us)
     return MarketPipeline(cfg, inbox, outbox, batches, snapshotter, processor, writer)
+
+
+def _rotate(batches: list[StreamBatch], conn: int) -> None:
+    """serverShutdown on connection `conn`: its supervisor replaces it now."""
+    for b in batches:
+        if b.reader is not None and b.reader.conn_id == conn:
+            b.rotate_now.set()
+            return
 
 
 def resolve_symbols(cfg: config_mod.Config, session: requests.Session, stop: threading.Event):
@@ -190,7 +206,13 @@ def run(cfg: config_mod.Config) -> int:
         return EXIT_FAIL
     if stop.is_set():
         return EXIT_OK
-    pipelines = [build_market(m, c, stop, session, limits[m.name]) for m in markets]
+    for m in markets:
+        # before anything new is written: the journal a crash left behind becomes part files
+        recovered = recover(m, c.data_dir, c.compression_level, now_us)
+        if recovered:
+            log.warning("recovered rows from the journal after an unclean stop market=%s rows=%s", m.name, recovered)
+    run_id = now_us()
+    pipelines = [build_market(m, c, stop, session, limits[m.name], run_id) for m in markets]
     for p in pipelines:
         log.info("recording market=%s symbols=%d connections=%d data_dir=%s",
                  p.cfg.name, len(p.cfg.symbols), len(p.batches), c.data_dir)

@@ -3,16 +3,21 @@ tables out.
 
     ws-<market>-N  --(WS, received_us, conn, bytes)------\
                                                           >-- inbox --> processor --> writer
-    rest-<market>  --(REST, received_us, (sym, ...))-----/
+    rest-<market>  --(REST, received_us, (sym, ...))-----/        |
+                                                                  +--> journal (crash safety)
 
-It decodes in batches with orjson, routes by stream name, checks continuity, drops
-duplicates, records gaps (and asks for a snapshot of the symbol at once), and every
-`flush_interval` hands one table per kind to the writer.
+It appends every item to the write-ahead journal, decodes in batches with orjson,
+routes by stream name, checks continuity, drops duplicates, records gaps (and asks for
+a snapshot of the symbol at once). Every `build_interval` it turns its buffers into
+Arrow tables for the writer (Arrow is ~10x smaller than the parsed Python lists); every
+`flush_interval` it closes the journal segment and tells the writer to publish the
+part files of that segment.
 """
 from __future__ import annotations
 
 import logging
 import queue
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,14 +28,17 @@ import orjson
 from config import MarketConfig
 from handlers import continuity as cont
 from handlers import parse
-from storage.columns import DepthColumns, GapColumns, SnapshotColumns
+from storage.columns import DepthColumns, GapColumns, SnapshotColumns, levels_ok
+from storage.journal import WS, Journal
 from storage.writer import STOP
 
 log = logging.getLogger(__name__)
 
-WS, REST = 0, 1
 DIFF, PARTIAL = "diff_orderbooks", "partial_orderbooks"
+SEGMENT = "segment"
 _BATCH = 2048
+MAX_FRAME_BYTES = 4 << 20
+_STREAM = re.compile(r"^([a-z0-9_]+)@depth(\d*)(?:@\d+ms)?$")
 
 
 @dataclass
@@ -42,6 +50,7 @@ class ProcessStats:
     gaps: int = 0
     malformed: int = 0
     control: int = 0
+    server_shutdowns: int = 0
     last_frame_us: int = 0
 
 
@@ -73,13 +82,27 @@ def routes_for(cfg: MarketConfig) -> dict[str, tuple[str, str]]:
     return routes
 
 
+def route_by_name(stream: str) -> tuple[str, str] | None:
+    """Route any depth stream by its name alone (journal recovery: the symbol list may
+    have changed since the frame was journaled, and a journaled frame is never dropped)."""
+    m = _STREAM.match(stream)
+    if m is None:
+        return None
+    return (PARTIAL if m.group(2) else DIFF), m.group(1).upper()
+
+
 class FrameProcessor(threading.Thread):
-    def __init__(self, cfg: MarketConfig, inbox: queue.Queue, outbox: queue.Queue,
+    def __init__(self, cfg: MarketConfig, inbox: queue.Queue | None, outbox,
                  flush_interval: float, now_us: Callable[[], int],
-                 on_gap: Callable[[str], None] = lambda symbol: None):
+                 request_snapshot: Callable[[str], None] = lambda symbol: None,
+                 on_server_shutdown: Callable[[int], None] = lambda conn: None,
+                 journal: Journal | None = None, build_interval: float = 1.0, recovering: bool = False):
         super().__init__(name=f"processor-{cfg.name}", daemon=True)
         self.cfg, self.inbox, self.outbox = cfg, inbox, outbox
-        self.flush_interval, self.now_us, self.on_gap = flush_interval, now_us, on_gap
+        self.flush_interval, self.now_us, self.request_snapshot = flush_interval, now_us, request_snapshot
+        self.on_server_shutdown = on_server_shutdown
+        self.journal, self.recovering = journal, recovering
+        self.build_interval = min(build_interval, flush_interval)
         self.routes = routes_for(cfg)
         futures = cfg.market.continuity == "futures"
         self._diff_parse = parse.futures_depth if futures else parse.spot_diff
@@ -100,14 +123,25 @@ class FrameProcessor(threading.Thread):
             raise
 
     def _loop(self) -> None:
-        next_flush = time.monotonic() + self.flush_interval
+        now = time.monotonic()
+        next_build, next_flush = now + self.build_interval, now + self.flush_interval
+        sync_every = self.journal.sync_every if self.journal else 1.0
         while True:
-            batch = self._take_batch(max(0.0, next_flush - time.monotonic()))
+            now = time.monotonic()
+            batch = self._take_batch(max(0.0, min(next_build, next_flush, now + sync_every) - now))
             stopping = self._handle(batch)
-            if stopping or time.monotonic() >= next_flush:
-                self.flush()
-                next_flush = time.monotonic() + self.flush_interval
+            if self.journal is not None:
+                self.journal.sync()
+            now = time.monotonic()
+            if stopping or now >= next_flush:
+                self.end_segment()
+                next_build, next_flush = now + self.build_interval, now + self.flush_interval
+            elif now >= next_build:
+                self.build()
+                next_build = now + self.build_interval
             if stopping:
+                if self.journal is not None:
+                    self.journal.close()
                 self.outbox.put(STOP)
                 return
 
@@ -125,27 +159,37 @@ class FrameProcessor(threading.Thread):
         return batch
 
     def _handle(self, batch: list) -> bool:
-        on_frame = self.on_frame
+        on_frame, journal = self.on_frame, self.journal
         for item in batch:
             if item is STOP:
                 return True
             if item[0] == WS:
+                if journal is not None:
+                    journal.add_ws(item[1], item[2], item[3])
                 on_frame(item[1], item[2], item[3])
             else:
+                if journal is not None:
+                    journal.add_rest(item[1], *item[2])
                 self.on_snapshot(item[1], *item[2])
         return False
 
     def on_frame(self, received_us: int, conn: int, raw: bytes) -> None:
+        if len(raw) > MAX_FRAME_BYTES:
+            self._malformed("oversized frame", raw)
+            return
         try:
             msg = orjson.loads(raw)
-            route = self.routes.get(msg["stream"])
+            stream = msg["stream"]
+            route = self.routes.get(stream)
             data = msg["data"]
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            self._not_data(raw)
+            self._not_data(raw, conn)
             return
         if route is None:
-            self._not_data(raw)
-            return
+            route = route_by_name(stream) if self.recovering and isinstance(stream, str) else None
+            if route is None:
+                self._not_data(raw, conn)
+                return
         kind, symbol = route
         self.stats.last_frame_us = received_us
         self.stats.frames[kind] += 1
@@ -178,26 +222,30 @@ class FrameProcessor(threading.Thread):
             self.warn(logging.WARNING, "stale", "diff older than the stream head market=%s symbol=%s u=%d head=%d; recorded",
                       self.cfg.name, symbol, u, last_u)
             return
+        if status == cont.START and self.recovering:
+            return  # replaying a journal: the stream continued from rows already on disk
         self.gaps.append(received_us, symbol, last_u, U, status)
         self.stats.gaps += 1
         if status != cont.START:
             log.warning("gap market=%s symbol=%s reason=%s last_u=%s next_U=%d",
                         self.cfg.name, symbol, status, last_u, U)
-        self.on_gap(symbol)
+        self.request_snapshot(symbol)
 
     def on_snapshot(self, received_us: int, symbol: str, limit: int, request_us: int, raw: bytes) -> None:
         try:
             row = parse.snapshot(orjson.loads(raw), self._futures)
         except orjson.JSONDecodeError:
             row = None
-        if row is None:
+        if row is None or not (levels_ok(row[1]) and levels_ok(row[2])):
             self._malformed("orderbooks", raw)
+            if not self.recovering:
+                self.request_snapshot(symbol)  # a failed snapshot is retried, never lost
             return
         last, b, a, E, T = row
         self.snapshots.append(request_us, received_us, last, b, a, limit, symbol, E, T)
         self.stats.snapshots += 1
 
-    def _not_data(self, raw: bytes) -> None:
+    def _not_data(self, raw: bytes, conn: int) -> None:
         """Control replies ({"result":null,"id":1}) are expected; anything else is malformed."""
         try:
             msg = orjson.loads(raw)
@@ -208,8 +256,14 @@ class FrameProcessor(threading.Thread):
             if "error" in msg:
                 log.error("exchange refused a request market=%s reply=%s", self.cfg.name, raw[:200])
             return
-        if isinstance(msg, dict) and msg.get("stream") == "!serverShutdown":
+        if isinstance(msg, dict) and (msg.get("stream") == "!serverShutdown" or msg.get("e") == "serverShutdown"):
+            # {"stream":"!serverShutdown","data":{"e":"serverShutdown","E":..}}: replace the
+            # connection now, make-before-break (no lead time is guaranteed).
             self.stats.control += 1
+            self.stats.server_shutdowns += 1
+            log.warning("serverShutdown received market=%s conn=%d; replacing the connection", self.cfg.name, conn)
+            if not self.recovering:
+                self.on_server_shutdown(conn)
             return
         self._malformed("frame", raw)
 
@@ -218,7 +272,15 @@ class FrameProcessor(threading.Thread):
         self.warn(logging.WARNING, "malformed", "malformed %s skipped market=%s bytes=%d head=%r",
                   kind, self.cfg.name, len(raw), bytes(raw[:120]))
 
-    def flush(self) -> None:
+    def end_segment(self) -> None:
+        """Build, close the journal segment, and tell the writer to publish its parts."""
+        self.build()
+        if self.journal is not None:
+            self.outbox.put((SEGMENT, self.journal.close_segment()))
+        else:
+            self.outbox.put((SEGMENT, None))
+
+    def build(self) -> None:
         """Hand every buffered row to the writer, one table per kind."""
         now = self.now_us()
         for kind, buf in self.bufs.items():
@@ -231,7 +293,7 @@ class FrameProcessor(threading.Thread):
                         # the diff after last_final_update_id, starting at U, is missing.
                         _, _, symbol, U, _, pu, _ = values
                         self.gaps.append(now, symbol, pu if self._futures else U - 1, U, "malformed")
-                        self.on_gap(symbol)
+                        self.request_snapshot(symbol)
                 self.outbox.put((kind, table))
         if len(self.snapshots):
             self.outbox.put(("orderbooks", self.snapshots.take()))

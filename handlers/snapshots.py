@@ -26,7 +26,7 @@ import requests
 
 from config import MarketConfig
 from handlers.backoff import backoff_delay
-from handlers.frames import REST
+from storage.journal import REST
 
 log = logging.getLogger(__name__)
 

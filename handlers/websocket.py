@@ -24,7 +24,7 @@ from typing import Callable
 import websocket
 
 from handlers.backoff import backoff_delay
-from handlers.frames import WS
+from storage.journal import WS
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +125,40 @@ class ConnectionStats:
         self.last_frame_us = 0
 
 
+class AttemptLimiter:
+    """Connection attempts per IP: spot allows 300 per 5 minutes; stay well below, shared
+    by every supervisor of a market."""
+
+    def __init__(self, limit: int = 250, window: float = 300.0, clock: Callable[[], float] = time.monotonic):
+        self.limit, self.window, self.clock = limit, window, clock
+        self.times: list[float] = []
+        self.lock = threading.Lock()
+
+    def acquire(self, stop: threading.Event) -> bool:
+        while True:
+            with self.lock:
+                now = self.clock()
+                self.times = [t for t in self.times if now - t < self.window]
+                if len(self.times) < self.limit:
+                    self.times.append(now)
+                    return True
+                wait = self.window - (now - self.times[0])
+            log.warning("connection attempts at the limit (%d per %.0fs); waiting %.1fs", self.limit, self.window, wait)
+            if stop.wait(max(0.05, wait)):
+                return False
+
+
 class StreamBatch(threading.Thread):
     """Supervisor of one batch of streams."""
 
     def __init__(self, name: str, url: str, out: queue.Queue, stop: threading.Event,
                  now_us: Callable[[], int], dead_after: float, rotate_after: float,
-                 stable_after: float = 60.0):
+                 stable_after: float = 60.0, attempts: AttemptLimiter | None = None):
         super().__init__(name=name, daemon=True)
         self.url, self.out, self.stop, self.now_us = url, out, stop, now_us
         self.dead_after, self.rotate_after, self.stable_after = dead_after, rotate_after, stable_after
+        self.attempts = attempts or AttemptLimiter()
+        self.rotate_now = threading.Event()  # set on serverShutdown
         self.stats = ConnectionStats()
         self.reader: Reader | None = None
 
@@ -165,6 +190,8 @@ class StreamBatch(threading.Thread):
                 self.stop.wait(delay)
 
     def _open(self, replacing: Reader | None = None) -> Reader | None:
+        if not self.attempts.acquire(self.stop):
+            return None
         reader = Reader(self.name, self.url, self.out, self.dead_after, self.now_us, self.stats)
         self.stats.connects += 1
         reader.start()
@@ -198,9 +225,11 @@ class StreamBatch(threading.Thread):
                 log.warning("connection lost conn=%d after %.0fs error=%s", reader.conn_id, age, reader.error)
                 self.reader = None
                 return age
-            if time.monotonic() >= rotate_at:
-                log.info("rotating conn=%d after %.0fs (make-before-break)",
-                         reader.conn_id, time.monotonic() - reader.started_at)
+            if time.monotonic() >= rotate_at or self.rotate_now.is_set():
+                why = "serverShutdown" if self.rotate_now.is_set() else "age"
+                self.rotate_now.clear()
+                log.info("rotating conn=%d after %.0fs reason=%s (make-before-break)",
+                         reader.conn_id, time.monotonic() - reader.started_at, why)
                 new = self._open(replacing=reader)
                 if new is not None:
                     self.stats.rotations += 1

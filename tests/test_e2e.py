@@ -102,6 +102,8 @@ def test_both_markets_every_message_on_disk_exactly_once(tmp_path):
     assert rc == 0, proc.log
     assert "stopped cleanly" in proc.log
     assert "Traceback" not in proc.log
+    # a clean stop leaves no journal behind: every segment became part files
+    assert not list((tmp_path / "data" / ".journal").rglob("seg-*"))
     for m in sim.markets():
         assert_delivered_on_disk(m, tmp_path / "data", started, ended)
         # two connections per market (2 symbols per connection), both used
