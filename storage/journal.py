@@ -57,6 +57,7 @@ class Journal:
         """Start a new segment; returns its name."""
         self.counter += 1
         self.segment = f"{self.run_id}-{self.counter:06d}"
+        self._written = 0
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             self._file = open(self.folder / f"seg-{self.segment}.zst", "wb")
@@ -92,6 +93,7 @@ class Journal:
         pending, self._pending = self._pending, []
         if self._writer is None or not pending:
             return
+        self._written += len(pending)
         try:
             self._writer.write(b"".join(pending))
             self._writer.flush(zstandard.FLUSH_BLOCK)
@@ -117,11 +119,19 @@ class Journal:
         return ended
 
     def close(self) -> None:
-        ended = self.close_segment()
-        self.delete(self.segment)  # the empty one just opened
+        """At a clean stop, after the last close_segment(): the open segment is empty
+        and is removed; one with records in it (not expected) is kept for recovery."""
+        empty = not self._pending and self._written == 0
+        self.sync(force=True)
         if self._file is not None:
-            self._file.close()
-        del ended
+            try:
+                if self._writer is not None:
+                    self._writer.flush(zstandard.FLUSH_FRAME)
+                self._file.close()
+            except OSError:
+                pass
+        if empty:
+            self.delete(self.segment)
 
     def delete(self, segment: str) -> None:
         try:
