@@ -170,7 +170,8 @@ class Snapshotter(threading.Thread):
         self.stats.failed += 1
         if resp.status_code in (418, 429):
             self.stats.rate_limited += 1
-            wait = _retry_after(resp.headers.get("Retry-After"), default=60.0)
+            # No Retry-After (futures does not promise one): wait for the next weight window.
+            wait = _retry_after(resp.headers.get("Retry-After"), default=61.0 - time.time() % 60)
             self.budget.pause(wait)
             log.error("rate limited market=%s status=%d: pausing all snapshots for %.0fs",
                       self.cfg.name, resp.status_code, wait)

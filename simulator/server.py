@@ -20,6 +20,8 @@ import itertools
 import logging
 import random
 import re
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,10 +42,19 @@ _conn_ids = itertools.count(1)
 
 @dataclass
 class Faults:
-    """Misbehaviour switches; read by the engine and the handlers on every use."""
+    """Misbehaviour switches; read by the engine and the handlers on every use.
+    Connection cuts and serverShutdown are actions: MarketSim.cut_connections(),
+    MarketSim.server_shutdown()."""
 
     paused: bool = False            # no engine updates and no frames at all
-    drop_diffs: int = 0             # the next N diff events are not sent (a gap)
+    drop_diffs: int = 0             # the next N diff events are not sent to anyone (a gap)
+    drop_symbol: str | None = None  # ... only of this symbol
+    duplicate_frames: int = 0       # the next N frames are sent twice
+    stall: bool = False             # stop sending while TCP stays open (the book moves on)
+    answer_pings: bool = True       # False: client pings get no pong
+    count_pongs: bool = True        # False: client pongs are ignored (the server drops it after pong_timeout)
+    max_age: float | None = None    # close connections older than this many seconds
+    garbage_frames: int = 0         # the next N frames are preceded by a garbage frame
     rest_statuses: list = field(default_factory=list)  # next REST depth replies: (status, retry_after|None)
     rest_delay: float = 0.0         # seconds added to every REST depth reply
 
@@ -53,6 +64,17 @@ class Sent:
     conn: int
     stream: str
     data: bytes  # the payload, without the combined-stream wrapper
+    t: float = 0.0  # wall clock when it was handed to the socket
+
+
+GARBAGE = [
+    b"this is not json",
+    b'{"stream":"%s","data":{"e":"depthUpdate","E":1}}',        # a real stream, fields missing
+    b'{"stream":"nosuch@trade","data":{"e":"trade"}}',          # a stream nobody asked for
+    b'{"stream":"%s","data":[1,2,3]}',
+    b"\xff\xfe\x00 binary junk",
+    b'{"stream":"%s","data":{"e":"depthUpdate","pad":"' + b"x" * (5 << 20) + b'"}}',  # oversized (5 MiB)
+]
 
 
 class Stream:
@@ -70,9 +92,10 @@ class Stream:
 
 
 class Conn:
-    def __init__(self, ws: web.WebSocketResponse, combined: bool):
+    def __init__(self, ws: web.WebSocketResponse, combined: bool, transport=None):
         self.id = next(_conn_ids)
-        self.ws, self.combined = ws, combined
+        self.ws, self.combined, self.transport = ws, combined, transport
+        self.opened = time.monotonic()
         self.streams: set[str] = set()
         self.control_times: list[float] = []
         self.last_pong = time.monotonic()
@@ -97,7 +120,11 @@ class MarketSim:
         self.replay_speed = replay_speed
         self.record = record
         self.sent: list[Sent] = []
+        self.emitted: list[tuple[str, int, int, float]] = []  # every diff event: (symbol, U, u, t)
+        self.dropped: list[tuple[str, int, int]] = []          # diff events dropped by a fault
+        self.garbage_sent = 0
         self.rest_sent: list[tuple[str, int, bytes]] = []
+        self.rest_log: list[tuple[float, str, int]] = []        # every depth request: (t, symbol, status)
         self.faults = Faults()
         self.ping_interval = ping_interval or (20.0 if not self.futures else 180.0)
         self.pong_timeout = pong_timeout or (60.0 if not self.futures else 600.0)
@@ -188,9 +215,13 @@ class MarketSim:
             if self.futures:
                 payload["pu"] = s.prev_u
             payload.update(b=book.render(s.bids, True), a=book.render(s.asks, False))
+            if self.record:
+                self.emitted.append((s.symbol, s.first_id, book.last_id, time.time()))
             s.bids, s.asks, s.first_id, s.prev_u = {}, {}, None, book.last_id
-            if self.faults.drop_diffs > 0:
-                self.faults.drop_diffs -= 1
+            f = self.faults
+            if f.drop_diffs > 0 and f.drop_symbol in (None, s.symbol) and s.subscribers:
+                f.drop_diffs -= 1
+                self.dropped.append((s.symbol, payload["U"], payload["u"]))
                 return
         elif self.futures:
             payload = {"e": "depthUpdate", "E": now_ms, "T": now_ms - 3, "s": s.symbol,
@@ -203,19 +234,57 @@ class MarketSim:
         await self.broadcast(s, orjson.dumps(payload))
 
     async def broadcast(self, s: Stream, data: bytes) -> None:
-        if not s.subscribers:
+        f = self.faults
+        if not s.subscribers or f.stall:
             return
         wrapped = b'{"stream":"' + s.name.encode() + b'","data":' + data + b"}"
+        copies = 1
+        if f.duplicate_frames > 0:
+            f.duplicate_frames -= 1
+            copies = 2
         for conn in list(s.subscribers):
             if conn.ws.closed:
                 continue
             try:
-                await conn.ws.send_frame(wrapped if conn.combined else data, WSMsgType.TEXT)
+                if f.garbage_frames > 0:
+                    f.garbage_frames -= 1
+                    junk = GARBAGE[self.garbage_sent % len(GARBAGE)]
+                    self.garbage_sent += 1
+                    await conn.ws.send_frame(junk.replace(b"%s", s.name.encode()), WSMsgType.TEXT)
+                for _ in range(copies):
+                    await conn.ws.send_frame(wrapped if conn.combined else data, WSMsgType.TEXT)
             except (ConnectionError, RuntimeError):
                 continue
-            self.frames_sent += 1
+            self.frames_sent += copies
             if self.record:
-                self.sent.append(Sent(conn.id, s.name, data))
+                t = time.time()
+                for _ in range(copies):
+                    self.sent.append(Sent(conn.id, s.name, data, t))
+
+    # ---- actions (call through Simulator.do from other threads) ---------------------------
+    async def cut_connections(self, abrupt: bool = False) -> int:
+        """End every connection: a clean close frame, or a TCP reset with no close at all."""
+        conns = list(self.conns)
+        for conn in conns:
+            if abrupt and conn.transport is not None:
+                sock = conn.transport.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                conn.transport.abort()
+            else:
+                await conn.ws.close(code=1001, message=b"going away")
+        return len(conns)
+
+    async def server_shutdown(self) -> int:
+        """Spot's serverShutdown event, on every connection (combined or raw form)."""
+        event = orjson.dumps({"e": "serverShutdown", "E": int(time.time() * 1000)})
+        for conn in list(self.conns):
+            frame = b'{"stream":"!serverShutdown","data":' + event + b"}" if conn.combined else event
+            try:
+                await conn.ws.send_frame(frame, WSMsgType.TEXT)
+            except (ConnectionError, RuntimeError):
+                pass
+        return len(self.conns)
 
     async def _replay(self) -> None:
         """Send the captured frames of subscribed streams, paced as captured."""
@@ -267,7 +336,7 @@ class MarketSim:
             return web.json_response({"code": -1121, "msg": "Invalid stream name."}, status=400)
         ws = web.WebSocketResponse(autoping=False, max_msg_size=1 << 20)
         await ws.prepare(request)
-        conn = Conn(ws, combined)
+        conn = Conn(ws, combined, request.transport)
         self.conns.add(conn)
         self.connections_opened += 1
         for s in streams:
@@ -277,9 +346,11 @@ class MarketSim:
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.PING:
-                    await ws.pong(msg.data)
+                    if self.faults.answer_pings:
+                        await ws.pong(msg.data)
                 elif msg.type == WSMsgType.PONG:
-                    conn.last_pong = time.monotonic()
+                    if self.faults.count_pongs:
+                        conn.last_pong = time.monotonic()
                 elif msg.type == WSMsgType.TEXT:
                     if not await self._control(conn, msg.data):
                         break
@@ -295,9 +366,18 @@ class MarketSim:
             self.streams[name].subscribers.discard(conn)
 
     async def _ping(self, conn: Conn) -> None:
+        """Server pings every ping_interval; also ends connections past the max_age fault."""
+        next_ping = time.monotonic() + self.ping_interval
         while not conn.ws.closed:
-            await asyncio.sleep(self.ping_interval)
-            if time.monotonic() - conn.last_pong > self.pong_timeout:
+            await asyncio.sleep(min(0.2, self.ping_interval))
+            now = time.monotonic()
+            if self.faults.max_age is not None and now - conn.opened > self.faults.max_age:
+                await conn.ws.close(code=1000, message=b"max age")
+                return
+            if now < next_ping:
+                continue
+            next_ping = now + self.ping_interval
+            if now - conn.last_pong > self.pong_timeout:
                 log.info("closing conn=%d: no pong for %.0fs", conn.id, self.pong_timeout)
                 await conn.ws.close(code=1008, message=b"pong timeout")
                 return
@@ -375,14 +455,16 @@ class MarketSim:
         if self.futures and limit not in self.market.snapshot_limits:
             return web.json_response({"code": -1130, "msg": "Data sent for parameter 'limit' is not valid."}, status=400)
         limit = max(1, min(limit, 5000))
-        ok, headers = self._charge(self.market.depth_weight(limit if self.futures else limit))
+        ok, headers = self._charge(self.market.depth_weight(limit))
         if self.faults.rest_delay:
             await asyncio.sleep(self.faults.rest_delay)
         if self.faults.rest_statuses:
             status, retry_after = self.faults.rest_statuses.pop(0)
+            self.rest_log.append((time.time(), symbol, status))
             if retry_after is not None:
                 headers["Retry-After"] = str(retry_after)
             return web.json_response({"code": -1003, "msg": "Too many requests."}, status=status, headers=headers)
+        self.rest_log.append((time.time(), symbol, 200 if ok else 429))
         if not ok:
             return web.json_response({"code": -1003, "msg": "Too much request weight used."}, status=429, headers=headers)
         if symbol not in self.symbols:
@@ -444,6 +526,7 @@ class Simulator:
         self.thread = threading.Thread(target=self.loop.run_forever, name="simulator", daemon=True)
 
     def call(self, coro, timeout: float = 10):
+        """Run a coroutine on the simulator's loop (e.g. sim.call(sim.spot.cut_connections()))."""
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def __enter__(self) -> "Simulator":

@@ -1,0 +1,68 @@
+"""Invariants checked from the files on disk after a run against the (faulty) simulator."""
+from __future__ import annotations
+
+from collections import Counter
+
+import orjson
+
+from tests.helpers import read_kind
+
+US = 1_000_000
+
+
+def diff_rows(data_dir, market):
+    t = read_kind(data_dir, market, "diff_orderbooks")
+    return list(zip(t.column("symbol").to_pylist(), t.column("first_update_id").to_pylist(),
+                    t.column("final_update_id").to_pylist(), strict=True)) if t.num_rows else []
+
+
+def check_run(sim_market, data_dir, snapshot_within_s: float = 5.0, allow_gaps: bool = True) -> dict:
+    """Every delivered diff recorded once; every diff not recorded covered by a gap row;
+    a snapshot of the symbol within `snapshot_within_s` of each gap. Returns counts."""
+    market = sim_market.market.name
+    rows = diff_rows(data_dir, market)
+    ids = [(s, u) for s, _, u in rows]
+    dupes = [k for k, n in Counter(ids).items() if n > 1]
+    assert not dupes, f"{market}: diffs written twice: {dupes[:5]}"
+    on_disk = set(ids)
+    delivered = set()
+    for s in sim_market.sent:
+        if sim_market.streams[s.stream].kind == "diff":
+            d = orjson.loads(s.data)
+            delivered.add((d["s"], d["u"]))
+    missing = delivered - on_disk
+    assert not missing, f"{market}: delivered but not on disk: {sorted(missing)[:5]}"
+    emitted = {(s, u): U for s, U, u, _ in sim_market.emitted}
+    assert on_disk <= set(emitted), f"{market}: rows the exchange never sent"
+    gaps = read_kind(data_dir, market, "gaps").to_pylist()
+    by_symbol: dict[str, list] = {}
+    for g in gaps:
+        by_symbol.setdefault(g["symbol"], []).append(g)
+    first_u = {}
+    last_u = {}
+    for s, _, u in rows:
+        first_u[s] = min(first_u.get(s, u), u)
+        last_u[s] = max(last_u.get(s, u), u)
+    uncovered = []
+    not_recorded = 0
+    for (s, u), U in emitted.items():
+        if (s, u) in on_disk or s not in first_u or not first_u[s] < u < last_u[s]:
+            continue
+        not_recorded += 1
+        if not any((g["last_final_update_id"] or -1) < U and u < g["next_first_update_id"]
+                   for g in by_symbol.get(s, [])):
+            uncovered.append((s, U, u))
+    assert not uncovered, f"{market}: diffs missing with no gap row: {uncovered[:5]}"
+    snaps = read_kind(data_dir, market, "orderbooks").to_pylist()
+    late = []
+    for g in gaps:
+        t0 = g["detected_time"]
+        if not any(sn["symbol"] == g["symbol"] and t0 <= sn["request_time"] <= t0 + snapshot_within_s * US
+                   for sn in snaps):
+            late.append(g)
+    assert not late, f"{market}: gaps without a snapshot within {snapshot_within_s}s: {late[:3]}"
+    reasons = Counter(g["reason"] for g in gaps)
+    if not allow_gaps:
+        assert set(reasons) == {"start"}, f"{market}: unexpected gaps {reasons}"
+    return {"diffs_on_disk": len(on_disk), "delivered": len(delivered), "not_recorded": not_recorded,
+            "gaps": dict(reasons), "snapshots": len(snaps)}
