@@ -153,10 +153,10 @@ class StreamBatch(threading.Thread):
 
     def __init__(self, name: str, url: str, out: queue.Queue, stop: threading.Event,
                  now_us: Callable[[], int], dead_after: float, rotate_after: float,
-                 stable_after: float = 60.0, attempts: AttemptLimiter | None = None):
+                 healthy_after: float = 5.0, attempts: AttemptLimiter | None = None):
         super().__init__(name=name, daemon=True)
         self.url, self.out, self.stop, self.now_us = url, out, stop, now_us
-        self.dead_after, self.rotate_after, self.stable_after = dead_after, rotate_after, stable_after
+        self.dead_after, self.rotate_after, self.healthy_after = dead_after, rotate_after, healthy_after
         self.attempts = attempts or AttemptLimiter()
         self.rotate_now = threading.Event()  # set on serverShutdown
         self.stats = ConnectionStats()
@@ -174,16 +174,15 @@ class StreamBatch(threading.Thread):
                 self.reader.join(timeout=5)
 
     def _loop(self) -> None:
+        # A connection that worked for `healthy_after` seconds and then ended is replaced at
+        # once (every second offline is data lost); failed attempts back off exponentially.
         attempt = 0
         while not self.stop.is_set():
             reader = self._open()
-            if reader is None:
-                failed_after = 0.0
-            else:
-                failed_after = self._watch(reader)
+            lifetime = 0.0 if reader is None else self._watch(reader)
             if self.stop.is_set():
                 return
-            attempt = 0 if failed_after >= self.stable_after else attempt + 1
+            attempt = 0 if lifetime >= self.healthy_after else attempt + 1
             delay = backoff_delay(attempt - 1) if attempt else 0.0
             if delay:
                 log.info("reconnecting in %.1fs attempt=%d", delay, attempt)
