@@ -65,7 +65,13 @@ class Continuity:
         linked = (pu == last_u) if self.futures else (U <= last_u + 1)
         if linked:
             return OK, last_u
-        return (RECONNECT if conn != last_conn else SEQUENCE), last_u
+        return (RECONNECT if last_conn is not None and conn != last_conn else SEQUENCE), last_u
+
+    def seed(self, symbol: str, u: int) -> None:
+        """Continue from a stream head known from disk (journal recovery); connection unknown."""
+        self.last[symbol] = (u, None)
+        recent = self.recent[symbol] = _Recent(self.memory)
+        recent.add(u)
 
 
 class PartialDedup:

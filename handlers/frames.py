@@ -102,6 +102,7 @@ class FrameProcessor(threading.Thread):
         self.flush_interval, self.now_us, self.request_snapshot = flush_interval, now_us, request_snapshot
         self.on_server_shutdown = on_server_shutdown
         self.journal, self.recovering = journal, recovering
+        self.record_start = True
         self.build_interval = min(build_interval, flush_interval)
         self.routes = routes_for(cfg)
         futures = cfg.market.continuity == "futures"
@@ -222,8 +223,8 @@ class FrameProcessor(threading.Thread):
             self.warn(logging.WARNING, "stale", "diff older than the stream head market=%s symbol=%s u=%d head=%d; recorded",
                       self.cfg.name, symbol, u, last_u)
             return
-        if status == cont.START and self.recovering:
-            return  # replaying a journal: the stream continued from rows already on disk
+        if status == cont.START and not self.record_start:
+            return  # replaying a later journal segment: the stream began in rows already on disk
         self.gaps.append(received_us, symbol, last_u, U, status)
         self.stats.gaps += 1
         if status != cont.START:

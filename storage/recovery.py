@@ -1,15 +1,22 @@
 """Start-up recovery: replay the journal segments a crash left behind into part files.
 
 Each segment is run through a FrameProcessor in recovery mode (no snapshots requested,
-no "start" gaps, any depth stream routed by its name), and each (kind, day) part file of
-that segment that is not on disk yet is written. Then the segment is deleted. Running it
-twice writes nothing twice.
+any depth stream routed by its name), and each (kind, day) part file of that segment
+that is not on disk yet is written. Then the segment is deleted. Running it twice writes
+nothing twice.
+
+Continuity is judged exactly as it was live: segments of one run are replayed through
+one processor, in order; a run's first segment records its "start" gaps; a later one
+continues from the stream heads of the previous segment's part files, so that a break
+right at the boundary is still a gap row.
 """
 from __future__ import annotations
 
 import logging
 import queue
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 from config import MarketConfig
 from handlers.frames import FrameProcessor
@@ -27,9 +34,17 @@ def recover(cfg: MarketConfig, data_dir: Path, compression_level: int, now_us) -
     written: dict[str, int] = {}
     if not found:
         return written
+
     out: queue.SimpleQueue = queue.SimpleQueue()
-    proc = FrameProcessor(cfg, None, out, flush_interval=1.0, now_us=now_us, recovering=True)
+    proc, run = None, None
     for name, path in found:
+        seg_run, counter = name.split("-")
+        if seg_run != run:
+            run = seg_run
+            proc = FrameProcessor(cfg, None, out, flush_interval=1.0, now_us=now_us, recovering=True)
+            if int(counter) > 1:
+                _seed(proc, data_dir / cfg.name / "diff_orderbooks", f"{run}-{int(counter) - 1:06d}")
+        proc.record_start = int(counter) == 1
         items, complete = read_segment(path)
         proc._handle(items)
         proc.build()
@@ -47,3 +62,13 @@ def recover(cfg: MarketConfig, data_dir: Path, compression_level: int, now_us) -
                  len(items), rows, "" if complete else " (cut short by the crash; complete records kept)")
         path.unlink()
     return written
+
+
+def _seed(proc: FrameProcessor, kind_dir: Path, previous: str) -> None:
+    """Stream heads (last u per symbol) from the part files of the previous segment."""
+    for part in kind_dir.glob(f"*/part-{previous}.parquet"):
+        t = pq.read_table(part, columns=["symbol", "final_update_id"])
+        for symbol, u in zip(t.column("symbol").to_pylist(), t.column("final_update_id").to_pylist(), strict=True):
+            head = proc.continuity.last.get(symbol)
+            if head is None or u > head[0]:
+                proc.continuity.seed(symbol, u)
