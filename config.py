@@ -30,6 +30,7 @@ class CollectorConfig:
     rest_weight_share: float
     compression_level: int
     queue_size: int
+    max_pending_mb: int
     log_level: str
 
 
@@ -67,6 +68,7 @@ _COLLECTOR_DEFAULTS = {
     "rest_weight_share": "0.5",
     "compression_level": "9",
     "queue_size": "200000",
+    "max_pending_mb": "1024",
     "log_level": "info",
 }
 _MARKET_KEYS = {
@@ -177,6 +179,7 @@ def _collector(s: _Section) -> CollectorConfig:
         rest_weight_share=s.number("rest_weight_share", d["rest_weight_share"], 0.01, 0.9),
         compression_level=s.number("compression_level", d["compression_level"], 1, 22, int),
         queue_size=s.number("queue_size", d["queue_size"], 100, 10_000_000, int),
+        max_pending_mb=s.number("max_pending_mb", d["max_pending_mb"], 1, 1 << 20, int),
         log_level=s.choice("log_level", d["log_level"], _LOG_LEVELS),
     )
 
