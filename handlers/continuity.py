@@ -95,3 +95,56 @@ class PartialDedup:
         if len(seen) > self.memory:
             del seen[next(iter(seen))]
         return False
+
+
+class Hole:
+    """A break seen across connections, not yet confirmed as a gap."""
+
+    __slots__ = ("detected_us", "last_u", "start", "end_U", "end_pu", "deadline")
+
+    def __init__(self, detected_us: int, last_u: int, U: int, pu: int | None, deadline: float):
+        self.detected_us, self.last_u, self.start = detected_us, last_u, last_u
+        self.end_U, self.end_pu, self.deadline = U, pu, deadline
+
+
+class PendingHoles:
+    """Two connections deliver the same events with their own delays, so while they
+    overlap (rotation, serverShutdown) the new one's event k+1 can be processed before the
+    old one's event k. A break whose next event came on another connection is therefore
+    held for `wait` seconds: if the missing events arrive (as stale ones) in that time, it
+    was a reordering and no gap is written; otherwise it becomes a gap row, stamped with
+    the time it was first seen."""
+
+    def __init__(self, futures: bool, wait: float = 1.0):
+        self.futures, self.wait = futures, wait
+        self.holes: dict[str, Hole] = {}
+
+    def open(self, symbol: str, detected_us: int, last_u: int, U: int, pu: int | None, now: float) -> Hole | None:
+        """Hold a new hole; returns an older hole of the symbol, which must be confirmed now."""
+        older = self.holes.get(symbol)
+        self.holes[symbol] = Hole(detected_us, last_u, U, pu, now + self.wait)
+        return older
+
+    def fill(self, symbol: str, U: int, u: int, pu: int | None) -> bool:
+        """A stale event arrived; True when it closed the symbol's hole (no gap after all)."""
+        hole = self.holes.get(symbol)
+        if hole is None:
+            return False
+        if self.futures:
+            if pu == hole.start:
+                hole.start = u
+            closed = hole.start == hole.end_pu
+        else:
+            if U <= hole.start + 1:
+                hole.start = max(hole.start, u)
+            closed = hole.start + 1 >= hole.end_U
+        if closed:
+            del self.holes[symbol]
+        return closed
+
+    def due(self, now: float | None = None) -> list[tuple[str, Hole]]:
+        """Holes to confirm as gaps: those past their deadline (or all, if now is None)."""
+        out = [(s, h) for s, h in self.holes.items() if now is None or h.deadline <= now]
+        for s, _ in out:
+            del self.holes[s]
+        return out

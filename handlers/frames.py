@@ -51,6 +51,7 @@ class ProcessStats:
     malformed: int = 0
     control: int = 0
     server_shutdowns: int = 0
+    reordered: int = 0
     last_frame_us: int = 0
 
 
@@ -110,6 +111,7 @@ class FrameProcessor(threading.Thread):
         self._futures = futures
         self.continuity = cont.Continuity(cfg.market.continuity)
         self.partial_dedup = cont.PartialDedup()
+        self.holes = cont.PendingHoles(futures)
         self.bufs = {DIFF: DepthColumns(DIFF), PARTIAL: DepthColumns(PARTIAL)}
         self.snapshots = SnapshotColumns()
         self.gaps = GapColumns()
@@ -131,6 +133,7 @@ class FrameProcessor(threading.Thread):
             now = time.monotonic()
             batch = self._take_batch(max(0.0, min(next_build, next_flush, now + sync_every) - now))
             stopping = self._handle(batch)
+            self.confirm_holes(all_now=stopping)
             if self.journal is not None:
                 self.journal.sync()
             now = time.monotonic()
@@ -205,7 +208,7 @@ class FrameProcessor(threading.Thread):
                 if status == cont.DUPLICATE:
                     self.stats.duplicates += 1
                     return
-                self._irregular(status, received_us, symbol, last_u, U, u)
+                self._irregular(status, received_us, symbol, last_u, U, u, pu)
         else:
             row = parse.futures_depth(data) if self._futures else parse.spot_partial(data, symbol)
             if row is None or row[1] != symbol:
@@ -217,15 +220,32 @@ class FrameProcessor(threading.Thread):
                 return
         self.bufs[kind].append(received_us, E, symbol, U, u, pu, T, b, a)
 
-    def _irregular(self, status: str, received_us: int, symbol: str, last_u, U: int, u: int) -> None:
+    def _irregular(self, status: str, received_us: int, symbol: str, last_u, U: int, u: int, pu) -> None:
         if status == cont.STALE:
+            if self.holes.fill(symbol, U, u, pu):
+                self.stats.reordered += 1
+                log.info("events reordered across connections market=%s symbol=%s; no gap", self.cfg.name, symbol)
+                return
             self.stats.stale += 1
             self.warn(logging.WARNING, "stale", "diff older than the stream head market=%s symbol=%s u=%d head=%d; recorded",
                       self.cfg.name, symbol, u, last_u)
             return
         if status == cont.START and not self.record_start:
             return  # replaying a later journal segment: the stream began in rows already on disk
-        self.gaps.append(received_us, symbol, last_u, U, status)
+        if status == cont.RECONNECT:
+            older = self.holes.open(symbol, received_us, last_u, U, pu, time.monotonic())
+            if older is not None:
+                self._gap(symbol, older.detected_us, older.last_u, older.end_U, cont.RECONNECT)
+            return
+        self._gap(symbol, received_us, last_u, U, status)
+
+    def confirm_holes(self, all_now: bool = False) -> None:
+        """Holes whose missing events did not turn up in time become gap rows."""
+        for symbol, hole in self.holes.due(None if all_now else time.monotonic()):
+            self._gap(symbol, hole.detected_us, hole.last_u, hole.end_U, cont.RECONNECT)
+
+    def _gap(self, symbol: str, detected_us: int, last_u, U: int, status: str) -> None:
+        self.gaps.append(detected_us, symbol, last_u, U, status)
         self.stats.gaps += 1
         if status != cont.START:
             log.warning("gap market=%s symbol=%s reason=%s last_u=%s next_U=%d",

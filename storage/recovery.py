@@ -37,8 +37,9 @@ def recover(cfg: MarketConfig, data_dir: Path, compression_level: int, now_us) -
 
     out: queue.SimpleQueue = queue.SimpleQueue()
     proc, run = None, None
-    for name, path in found:
+    for i, (name, path) in enumerate(found):
         seg_run, counter = name.split("-")
+        last_of_run = i + 1 == len(found) or found[i + 1][0].split("-")[0] != seg_run
         if seg_run != run:
             run = seg_run
             proc = FrameProcessor(cfg, None, out, flush_interval=1.0, now_us=now_us, recovering=True)
@@ -47,6 +48,8 @@ def recover(cfg: MarketConfig, data_dir: Path, compression_level: int, now_us) -
         proc.record_start = int(counter) == 1
         items, complete = read_segment(path)
         proc._handle(items)
+        if last_of_run:
+            proc.confirm_holes(all_now=True)  # the run ended here: what is still missing is a gap
         proc.build()
         rows = 0
         while not out.empty():

@@ -92,3 +92,22 @@ def test_partial_dedup_across_connections_only():
     assert d.is_duplicate("X", 5, conn=2)       # the same frame from the overlapping connection
     assert not d.is_duplicate("X", 6, conn=2)
     assert d.is_duplicate("X", 6, conn=1)
+
+
+def test_reordering_across_connections_is_not_a_gap():
+    from handlers.continuity import PendingHoles
+    spot = PendingHoles(futures=False, wait=1.0)
+    # head u=10 on the old connection; the new one delivers U=16..20 first
+    assert spot.open("X", detected_us=5, last_u=10, U=16, pu=None, now=0.0) is None
+    assert not spot.fill("X", 11, 13, None)   # the old connection catches up ...
+    assert spot.fill("X", 14, 15, None)       # ... and closes the hole: no gap
+    assert spot.due(now=None) == []
+    futures = PendingHoles(futures=True, wait=1.0)
+    futures.open("X", detected_us=5, last_u=100, U=130, pu=120, now=0.0)
+    assert not futures.fill("X", 101, 110, 100)
+    assert futures.fill("X", 115, 120, 110)
+    # a hole that is not filled in time is due as a gap, with its first detection time
+    futures.open("Y", detected_us=7, last_u=100, U=130, pu=120, now=0.0)
+    assert futures.due(now=0.5) == []
+    [(symbol, hole)] = futures.due(now=1.0)
+    assert (symbol, hole.detected_us, hole.last_u, hole.end_U) == ("Y", 7, 100, 130)
