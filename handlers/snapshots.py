@@ -94,6 +94,7 @@ class Snapshotter(threading.Thread):
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"rest-{cfg.name}")
         self.urgent: queue.Queue = queue.Queue()
         self.in_flight: set[str] = set()
+        self.again: set[str] = set()
         self.lock = threading.Lock()
         self.stats = SnapshotStats()
 
@@ -126,6 +127,8 @@ class Snapshotter(threading.Thread):
     def _submit(self, symbol: str) -> None:
         with self.lock:
             if symbol in self.in_flight:
+                # A snapshot sent before a gap may predate it: fetch again once it is back.
+                self.again.add(symbol)
                 return
             self.in_flight.add(symbol)
         if not self.budget.acquire(self.weight, self.stop):
@@ -144,6 +147,10 @@ class Snapshotter(threading.Thread):
         finally:
             with self.lock:
                 self.in_flight.discard(symbol)
+                again = symbol in self.again
+                self.again.discard(symbol)
+        if again and not retry:
+            self.request(symbol)
         if retry and not self.stop.is_set():
             # A failed snapshot is never dropped: it goes back to the front of the line
             # after a backoff (the budget decides when it may actually run).
