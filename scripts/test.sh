@@ -5,4 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/venv.sh requirements-dev.txt
 .venv/bin/ruff check .
-exec .venv/bin/python -m pytest "$@"
+# the end-to-end tests mostly wait on sockets and clocks: run four at a time
+exec .venv/bin/python -m pytest -n 4 "$@"
