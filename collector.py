@@ -235,6 +235,12 @@ def run(cfg: config_mod.Config) -> int:
     jobs = schedule.Scheduler()
     jobs.every(c.status_interval).seconds.do(
         lambda: [log.info("%s", p.status_line(last[p.cfg.name])) for p in pipelines])
+    uploader = None
+    if cfg.upload.enabled:
+        uploader = UploadJob(cfg, stop)
+        uploader.start()
+        jobs.every(cfg.upload.every_minutes).minutes.do(uploader.kick.set)
+        uploader.kick.set()
     while not stop.wait(0.5):
         jobs.run_pending()
         dead = [t.name for p in pipelines for t in (p.processor, p.writer) if not t.is_alive()]
@@ -250,10 +256,59 @@ def run(cfg: config_mod.Config) -> int:
     return EXIT_OK if clean else EXIT_FAIL
 
 
+def make_uploader(cfg: config_mod.Config, progress: bool = False):
+    from storage import upload  # boto3 is only imported when uploads are used
+
+    creds = upload.Credentials.from_env()
+    client = upload.make_client(creds, cfg.upload)
+    return upload.Uploader(client, creds, cfg.upload, cfg.collector.data_dir, upload.config_hash(cfg.path),
+                           progress=progress)
+
+
+def upload_now(cfg: config_mod.Config, day: str | None, progress: bool) -> int:
+    """`collector.py upload`: compact what is finished, then upload it; exit 0 only if all went up."""
+    from storage.upload import UploadError
+
+    compact_all(cfg.collector.data_dir, cfg.collector.compression_level, now_us())
+    try:
+        results = make_uploader(cfg, progress).run(only_day=day)
+    except UploadError as e:
+        log.error("%s", e)
+        return EXIT_CONFIG if "missing environment" in str(e) else EXIT_FAIL
+    log.info("upload done uploaded=%d skipped=%d deleted=%d failed_days=%s", results["uploaded"],
+             results["skipped"], results["deleted"], ",".join(results["days_failed"]) or "none")
+    return EXIT_FAIL if results["days_failed"] else EXIT_OK
+
+
+class UploadJob(threading.Thread):
+    """The service's periodic upload run (every `every_minutes`), off the main thread."""
+
+    def __init__(self, cfg: config_mod.Config, stop: threading.Event):
+        super().__init__(name="uploader", daemon=True)
+        self.cfg, self.stop, self.kick = cfg, stop, threading.Event()
+        self.last: dict = {}
+
+    def run(self) -> None:
+        from storage.upload import UploadError
+
+        while not self.stop.is_set():
+            if self.kick.wait(1.0):
+                self.kick.clear()
+                try:
+                    self.last = make_uploader(self.cfg).run()
+                    if self.last["days_failed"]:
+                        log.error("upload: days still not uploaded: %s", ", ".join(self.last["days_failed"]))
+                except UploadError as e:
+                    log.error("%s", e)
+                except Exception:
+                    log.error("upload run failed; retried at the next run", exc_info=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="collector.py", description=__doc__.splitlines()[0])
-    parser.add_argument("command", nargs="?", default="run", choices=["run", "compact", "check-config"])
+    parser.add_argument("command", nargs="?", default="run", choices=["run", "compact", "check-config", "upload"])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="config.ini (default: %(default)s)")
+    parser.add_argument("--day", help="upload: only this day (YYYY-MM-DD)")
     args = parser.parse_args(argv)
     try:
         cfg = config_mod.load(args.config)
@@ -264,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{cfg.path}: ok ({', '.join(f'{m.name}: {len(m.symbols)} symbols' for m in cfg.markets)})")
         return EXIT_OK
+    if args.command == "upload":
+        return upload_now(cfg, args.day, progress=sys.stderr.isatty())
     if args.command == "compact":
         done = compact_all(cfg.collector.data_dir, cfg.collector.compression_level, now_us())
         log.info("compacted %d day folders", done)

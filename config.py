@@ -53,10 +53,24 @@ class MarketConfig:
 
 
 @dataclass(frozen=True)
+class UploadSettings:
+    enabled: bool
+    prefix: str
+    include_hostname: bool
+    retention_days: int
+    concurrency: int
+    part_size_mb: int
+    checksums: str          # "sha256" (server-verified) or "none" (for servers that reject them)
+    r2_compat: bool         # botocore checksum defaults "when_required" (R2 rejected the CRC32 ones)
+    every_minutes: int
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     collector: CollectorConfig
     markets: tuple[MarketConfig, ...]
+    upload: UploadSettings
 
 
 _COLLECTOR_DEFAULTS = {
@@ -148,8 +162,8 @@ def load(path: str | Path) -> Config:
         first = str(e).splitlines()[0]
         raise ConfigError(f"{path}: not a valid ini file: {first}") from None
     for name in parser.sections():
-        if name != "collector" and name not in MARKETS:
-            raise ConfigError(f"{path}: [{name}]: unknown section (expected collector, spot, futures)")
+        if name not in ("collector", "upload") and name not in MARKETS:
+            raise ConfigError(f"{path}: [{name}]: unknown section (expected collector, spot, futures, upload)")
     collector = _collector(_Section(path, "collector", dict(parser["collector"]) if parser.has_section("collector") else {}))
     collector = CollectorConfig(**{**collector.__dict__, "data_dir": (path.parent / collector.data_dir).resolve()})
     markets = tuple(
@@ -158,7 +172,33 @@ def load(path: str | Path) -> Config:
     )
     if not markets:
         raise ConfigError(f"{path}: no market enabled: add [spot] or [futures] with enabled = true")
-    return Config(path=path, collector=collector, markets=markets)
+    upload = _upload(_Section(path, "upload", dict(parser["upload"]) if parser.has_section("upload") else {}))
+    return Config(path=path, collector=collector, markets=markets, upload=upload)
+
+
+_UPLOAD_DEFAULTS = {
+    "enabled": "false", "prefix": "binance-orderbooks", "include_hostname": "false", "retention_days": "7",
+    "concurrency": "4", "part_size_mb": "64", "checksums": "sha256", "r2_compat": "true", "every_minutes": "10",
+}
+
+
+def _upload(s: _Section) -> UploadSettings:
+    _check_keys(s, _UPLOAD_DEFAULTS)
+    d = _UPLOAD_DEFAULTS
+    prefix = s.text("prefix", d["prefix"]).strip("/")
+    if not re.match(r"^[A-Za-z0-9._/-]+$", prefix):
+        raise s.fail("prefix", f"{prefix!r} may hold only letters, digits, '.', '_', '-' and '/'")
+    return UploadSettings(
+        enabled=s.boolean("enabled", d["enabled"]),
+        prefix=prefix,
+        include_hostname=s.boolean("include_hostname", d["include_hostname"]),
+        retention_days=s.number("retention_days", d["retention_days"], 0, 36500, int),
+        concurrency=s.number("concurrency", d["concurrency"], 1, 64, int),
+        part_size_mb=s.number("part_size_mb", d["part_size_mb"], 5, 5000, int),
+        checksums=s.choice("checksums", d["checksums"], ("sha256", "none")),
+        r2_compat=s.boolean("r2_compat", d["r2_compat"]),
+        every_minutes=s.number("every_minutes", d["every_minutes"], 1, 1440, int),
+    )
 
 
 def _check_keys(section: _Section, allowed) -> None:

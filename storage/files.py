@@ -36,6 +36,9 @@ def parquet_options(compression_level: int) -> dict:
         compression_level=compression_level,
         use_dictionary=["symbol", "reason"],
         write_statistics=True,
+        # a CRC per page: corruption on disk (bit rot, a bad copy) is detected on read,
+        # e.g. before an upload (pq.ParquetFile(..., page_checksum_verification=True))
+        write_page_checksum=True,
     )
 
 

@@ -1,0 +1,205 @@
+"""Uploads against a real S3-compatible server (moto's, on 127.0.0.1), read back."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+
+import boto3
+import pyarrow as pa
+import pytest
+import requests
+from moto.server import ThreadedMotoServer
+
+import config
+from storage import upload
+from storage.files import write_table_atomic
+from storage.schemas import SCHEMAS
+from tests.helpers import ROOT
+
+BUCKET = "test-orderbooks"
+SECRET = "s3cr3t-VALUE-never-logged"
+KEY_ID = "AKIDTESTKEYID0001"
+
+
+@pytest.fixture
+def s3():
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    requests.post(f"{endpoint}/moto-api/reset", timeout=10)  # its storage is per process: start empty
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET,
+                          region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    yield {"server": server, "endpoint": endpoint, "client": client, "port": port}
+    server.stop()
+
+
+def env_for(s3, **over):
+    env = {**os.environ, "R2_ENDPOINT_URL": s3["endpoint"], "R2_ACCESS_KEY_ID": KEY_ID,
+           "R2_SECRET_ACCESS_KEY": SECRET, "R2_BUCKET_NAME": BUCKET, **over}
+    env.pop("JOURNAL_STREAM", None)
+    return env
+
+
+def day_table(rows: int, seed: int) -> pa.Table:
+    rng = random.Random(seed)
+    n = rows
+    return pa.table({
+        "received_time": list(range(n)), "event_time": [1] * n, "symbol": [rng.choice("AB") + "USDT" for _ in range(n)],
+        "first_update_id": list(range(n)), "final_update_id": list(range(n)), "prev_final_update_id": [None] * n,
+        "transaction_time": [None] * n,
+        "bid_prices": [[rng.random() for _ in range(8)] for _ in range(n)], "bid_sizes": [[1.0]] * n,
+        "ask_prices": [[rng.random()] for _ in range(n)], "ask_sizes": [[2.0]] * n,
+    }, schema=SCHEMAS["diff_orderbooks"])
+
+
+def make_data(tmp_path, days=("2026-11-20", "2026-11-21"), rows=2000, retention_days=0):
+    data = tmp_path / "data"
+    files = []
+    for i, day in enumerate(days):
+        for market in ("spot", "futures"):
+            f = data / market / "diff_orderbooks" / f"{day}.parquet"
+            write_table_atomic(f, day_table(rows, seed=i), 3)
+            files.append(f)
+    # the current day's parts are never uploaded
+    write_table_atomic(data / "spot" / "diff_orderbooks" / "2099-01-01" / "part-1.parquet", day_table(5, 9), 3)
+    cfg = tmp_path / "config.ini"
+    cfg.write_text("[collector]\ndata_dir = data\n[upload]\nenabled = true\nprefix = ob\npart_size_mb = 5\n"
+                   f"retention_days = {retention_days}\n[futures]\nsymbols = BTCUSDT\n")
+    return cfg, files
+
+
+def run_upload(cfg, env, *args):
+    return subprocess.run([sys.executable, str(ROOT / "collector.py"), "upload", "--config", str(cfg), *args],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_objects_land_under_the_right_keys_with_the_right_bytes_and_rerun_uploads_nothing(tmp_path, s3):
+    cfg, files = make_data(tmp_path)
+    first = run_upload(cfg, env_for(s3))
+    assert first.returncode == 0, first.stderr
+    c = s3["client"]
+    for f in files:
+        market, day = f.parts[-3], f.stem
+        body = c.get_object(Bucket=BUCKET, Key=f"ob/{market}/diff_orderbooks/{day}.parquet")["Body"].read()
+        assert body == f.read_bytes()
+    keys = sorted(o["Key"] for o in c.list_objects_v2(Bucket=BUCKET)["Contents"])
+    assert not any("2099-01-01" in k for k in keys)
+    manifest = json.loads(c.get_object(Bucket=BUCKET, Key="ob/manifests/2026-11-20.json")["Body"].read())
+    entry = next(e for e in manifest["files"] if e["key"] == "ob/spot/diff_orderbooks/2026-11-20.parquet")
+    spot = tmp_path / "data/spot/diff_orderbooks/2026-11-20.parquet"
+    assert entry["sha256"] == hashlib.sha256(spot.read_bytes()).hexdigest()
+    assert entry["bytes"] == spot.stat().st_size and entry["rows"] == 2000
+    assert set(entry["update_ids"]) == {"AUSDT", "BUSDT"}
+    assert manifest["config_sha256"] == hashlib.sha256(cfg.read_bytes()).hexdigest()
+    assert "uploaded=4 skipped=0" in first.stderr
+    second = run_upload(cfg, env_for(s3))
+    assert second.returncode == 0 and "uploaded=0 skipped=4" in second.stderr
+    assert SECRET not in first.stderr + second.stderr and KEY_ID not in first.stderr + second.stderr
+
+
+def test_multipart_upload_interrupted_by_the_server_stopping_completes_next_run(tmp_path, s3):
+    cfg_path, _ = make_data(tmp_path, days=("2026-11-20",))
+    big = tmp_path / "data/spot/diff_orderbooks/2026-11-20.parquet"
+    write_table_atomic(big, day_table(200_000, seed=3), 1)  # random doubles: 3+ parts of 5 MiB
+    assert big.stat().st_size > 10 << 20
+    cfg = config.load(cfg_path)
+    creds = upload.Credentials(s3["endpoint"], KEY_ID, SECRET, BUCKET)
+    settings = config.UploadSettings(**{**cfg.upload.__dict__, "concurrency": 1})
+    stopped = threading.Event()
+
+    class StopMidway(upload.Uploader):
+        def upload_file(self, day, market, kind, path):
+            if path == big and not stopped.is_set():
+                original = self.s3.upload_part
+
+                def upload_part(**kw):
+                    if kw["PartNumber"] >= 2 and not stopped.is_set():
+                        stopped.set()
+                        s3["server"].stop()  # the server goes away mid-upload
+                    return original(**kw)
+                self.s3.upload_part = upload_part
+            return super().upload_file(day, market, kind, path)
+
+    client = boto3.client("s3", endpoint_url=s3["endpoint"], aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET,
+                          region_name="us-east-1", config=boto3.session.Config(retries={"max_attempts": 1}))
+    first = StopMidway(client, creds, settings, cfg.collector.data_dir, "x").run()
+    assert stopped.is_set() and first["days_failed"] == ["2026-11-20"]
+    # same port, same (in-process) storage: the server is back
+    s3["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=s3["port"], verbose=False)
+    s3["server"].start()
+    c = s3["client"]
+    assert c.list_objects_v2(Bucket=BUCKET, Prefix="ob/manifests/").get("KeyCount", 0) == 0  # day not committed
+    second = run_upload(cfg_path, env_for(s3))
+    assert second.returncode == 0, second.stderr
+    body = c.get_object(Bucket=BUCKET, Key="ob/spot/diff_orderbooks/2026-11-20.parquet")["Body"].read()
+    assert body == big.read_bytes()
+    assert c.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
+    assert c.get_object(Bucket=BUCKET, Key="ob/manifests/2026-11-20.json")["ContentLength"] > 0
+
+
+def test_mismatched_remote_is_detected_and_replaced_corrupt_local_is_kept(tmp_path, s3):
+    cfg, files = make_data(tmp_path, days=("2026-11-01",))
+    assert run_upload(cfg, env_for(s3)).returncode == 0
+    cfg.write_text(cfg.read_text().replace("retention_days = 0", "retention_days = 3"))
+    c = s3["client"]
+    # someone overwrote the remote object: detected, uploaded again, and then verified
+    c.put_object(Bucket=BUCKET, Key="ob/futures/diff_orderbooks/2026-11-01.parquet", Body=b"not it")
+    # the local spot file rots on disk: detected, not uploaded, not deleted (retention would allow it)
+    spot = tmp_path / "data/spot/diff_orderbooks/2026-11-01.parquet"
+    good = spot.read_bytes()
+    raw = bytearray(good)
+    raw[len(raw) // 2] ^= 0xFF
+    spot.write_bytes(bytes(raw))
+    futures = tmp_path / "data/futures/diff_orderbooks/2026-11-01.parquet"
+    futures_bytes = futures.read_bytes()
+    result = run_upload(cfg, env_for(s3))
+    assert result.returncode == 1
+    assert "is corrupt" in result.stderr and "not uploaded, not deleted" in result.stderr
+    assert spot.exists()
+    body = c.get_object(Bucket=BUCKET, Key="ob/futures/diff_orderbooks/2026-11-01.parquet")["Body"].read()
+    assert body == futures_bytes
+    # the good spot object stayed as it was: the rotten local file did not replace it
+    assert c.get_object(Bucket=BUCKET, Key="ob/spot/diff_orderbooks/2026-11-01.parquet")["Body"].read() == good
+    # and the futures file, once its new upload verified, fell to retention (24 days > 3)
+    assert not futures.exists()
+
+
+def test_retention_deletes_only_verified_files_past_the_period(tmp_path, s3):
+    cfg, files = make_data(tmp_path, days=("2026-11-01", "2026-11-24"), retention_days=3)
+    result = run_upload(cfg, env_for(s3))
+    assert result.returncode == 0, result.stderr
+    old = [f for f in files if "2026-11-01" in f.name]
+    recent = [f for f in files if "2026-11-24" in f.name]
+    assert all(not f.exists() for f in old)  # 24 days old, verified remote: deleted
+    assert all(f.exists() for f in recent)   # within retention_days = 3: kept
+    assert "deleted local" in result.stderr
+
+
+def test_wrong_credentials_one_clear_line_and_no_secret(tmp_path, s3):
+    cfg, _ = make_data(tmp_path, days=("2026-11-20",))
+    from moto import settings as moto_settings
+    moto_settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # the server now checks credentials
+    try:
+        result = run_upload(cfg, env_for(s3, R2_SECRET_ACCESS_KEY="wrong-" + SECRET))
+    finally:
+        moto_settings.INITIAL_NO_AUTH_ACTION_COUNT = float("inf")
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and f"cannot reach bucket '{BUCKET}'" in errors[0], result.stderr
+    assert SECRET not in result.stderr and KEY_ID not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_environment_is_a_config_error(tmp_path, s3):
+    cfg, _ = make_data(tmp_path, days=("2026-11-20",))
+    env = env_for(s3)
+    del env["R2_BUCKET_NAME"]
+    result = run_upload(cfg, env)
+    assert result.returncode == 2 and "missing environment variable(s) R2_BUCKET_NAME" in result.stderr
