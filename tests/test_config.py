@@ -15,6 +15,7 @@ ws_url = ws://127.0.0.1:1
 rest_url = http://127.0.0.1:1
 [futures]
 symbols = BTCUSDT
+[upload]
 """
 
 
@@ -54,6 +55,9 @@ def test_shipped_config_is_valid():
     ("spot", "symbols = BTC-USDT", "symbols", "is not a Binance symbol"),
     ("spot", "symbols = BTCUSDT, BTCUSDT", "symbols", "listed twice"),
     ("collector", "ws_rotate_after = 90000", "ws_rotate_after", "outside"),
+    ("upload", "checksums = md5", "checksums", "is not one of sha256, none"),
+    ("upload", "part_size_mb = 2", "part_size_mb", "outside"),
+    ("upload", "bucket = x", "bucket", "unknown key"),
 ])
 def test_bad_value_names_section_and_key(tmp_path, section, line, key, why):
     text = GOOD.replace(f"[{section}]\n", f"[{section}]\n{line}\n", 1)
