@@ -15,3 +15,13 @@ bench:
 
 lint:
 	scripts/venv.sh requirements-dev.txt && .venv/bin/ruff check .
+
+.PHONY: install uninstall check-units
+install:
+	scripts/install.sh
+
+uninstall:
+	scripts/uninstall.sh
+
+check-units:
+	scripts/check-units.sh

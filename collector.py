@@ -3,6 +3,9 @@
 
     collector.py [--config FILE]            run in the foreground (also: `run`)
     collector.py compact [--config FILE]    compact finished days now, then exit
+    collector.py upload [--day D]           compact, then upload finished days
+    collector.py status                     what the running collector is doing
+    collector.py check-config [--config F]  validate a config without starting
 
 This module only wires: load config, set up logging and signals, start threads,
 wait, stop. See README.md for the thread diagram.
@@ -23,13 +26,15 @@ from pathlib import Path
 from typing import Callable
 
 import requests
-import schedule
 
 import config as config_mod
 from handlers.exchange import ExchangeUnavailable, check_symbols, fetch_exchange_info, weight_limit
 from handlers.frames import FrameProcessor
 from handlers.snapshots import Snapshotter, WeightBudget
 from handlers.websocket import AttemptLimiter, StreamBatch, combined_url
+from service import metrics
+from service import status as state_file
+from service.loop import MainLoop
 from storage.compact import Compactor, compact_all
 from storage.files import clean_temp_files
 from storage.journal import Journal, journal_dir
@@ -231,27 +236,27 @@ def run(cfg: config_mod.Config) -> int:
         p.start()
     compactor = Compactor(c.data_dir, c.compression_level, stop, now_us, grace_s=c.flush_interval + 20)
     compactor.start()
-    last: dict[str, dict] = {p.cfg.name: {"_t": time.monotonic()} for p in pipelines}
-    jobs = schedule.Scheduler()
-    jobs.every(c.status_interval).seconds.do(
-        lambda: [log.info("%s", p.status_line(last[p.cfg.name])) for p in pipelines])
-    uploader = None
-    if cfg.upload.enabled:
-        uploader = UploadJob(cfg, stop)
+    uploader = UploadJob(cfg, stop) if cfg.upload.enabled else None
+    if uploader is not None:
         uploader.start()
-        jobs.every(cfg.upload.every_minutes).minutes.do(uploader.kick.set)
         uploader.kick.set()
+    if c.metrics_listen:
+        try:
+            metrics.serve(c.metrics_listen, pipelines, uploader)
+        except OSError as e:  # recording matters more than its metrics
+            log.error("metrics endpoint %s not started: %s", c.metrics_listen, e)
+    loop = MainLoop(pipelines, cfg, now_us, uploader)
     while not stop.wait(0.5):
-        jobs.run_pending()
-        dead = [t.name for p in pipelines for t in (p.processor, p.writer) if not t.is_alive()]
+        dead = loop.tick()
         if dead:
-            log.critical("pipeline thread died: %s; stopping so that systemd restarts us", ", ".join(dead))
+            log.critical("pipeline thread died: %s; stopping so that systemd restarts us", dead)
             stop.set()
+            loop.stopping()
             stop_all(pipelines, compactor)
             return EXIT_FAIL
+    loop.stopping()
     clean = stop_all(pipelines, compactor)
-    for p in pipelines:
-        log.info("%s", p.status_line(last[p.cfg.name]))
+    loop.final_status()
     log.info("stopped cleanly" if clean else "stopped; some threads did not finish")
     return EXIT_OK if clean else EXIT_FAIL
 
@@ -287,6 +292,7 @@ class UploadJob(threading.Thread):
         super().__init__(name="uploader", daemon=True)
         self.cfg, self.stop, self.kick = cfg, stop, threading.Event()
         self.last: dict = {}
+        self.totals: dict[str, int] = {}
 
     def run(self) -> None:
         from storage.upload import UploadError
@@ -296,6 +302,8 @@ class UploadJob(threading.Thread):
                 self.kick.clear()
                 try:
                     self.last = make_uploader(self.cfg).run()
+                    for k in ("uploaded", "skipped", "deleted"):
+                        self.totals[k] = self.totals.get(k, 0) + self.last[k]
                     if self.last["days_failed"]:
                         log.error("upload: days still not uploaded: %s", ", ".join(self.last["days_failed"]))
                 except UploadError as e:
@@ -306,7 +314,8 @@ class UploadJob(threading.Thread):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="collector.py", description=__doc__.splitlines()[0])
-    parser.add_argument("command", nargs="?", default="run", choices=["run", "compact", "check-config", "upload"])
+    parser.add_argument("command", nargs="?", default="run",
+                        choices=["run", "compact", "check-config", "upload", "status"])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="config.ini (default: %(default)s)")
     parser.add_argument("--day", help="upload: only this day (YYYY-MM-DD)")
     args = parser.parse_args(argv)
@@ -319,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{cfg.path}: ok ({', '.join(f'{m.name}: {len(m.symbols)} symbols' for m in cfg.markets)})")
         return EXIT_OK
+    if args.command == "status":
+        text, running = state_file.render(cfg.collector.data_dir)
+        print(text)
+        return EXIT_OK if running else EXIT_FAIL
     if args.command == "upload":
         return upload_now(cfg, args.day, progress=sys.stderr.isatty())
     if args.command == "compact":

@@ -31,6 +31,7 @@ class CollectorConfig:
     compression_level: int
     queue_size: int
     max_pending_mb: int
+    metrics_listen: str
     log_level: str
 
 
@@ -83,6 +84,7 @@ _COLLECTOR_DEFAULTS = {
     "compression_level": "9",
     "queue_size": "200000",
     "max_pending_mb": "1024",
+    "metrics_listen": "127.0.0.1:9108",
     "log_level": "info",
 }
 _MARKET_KEYS = {
@@ -220,8 +222,20 @@ def _collector(s: _Section) -> CollectorConfig:
         compression_level=s.number("compression_level", d["compression_level"], 1, 22, int),
         queue_size=s.number("queue_size", d["queue_size"], 100, 10_000_000, int),
         max_pending_mb=s.number("max_pending_mb", d["max_pending_mb"], 1, 1 << 20, int),
+        metrics_listen=_listen(s, "metrics_listen", d["metrics_listen"]),
         log_level=s.choice("log_level", d["log_level"], _LOG_LEVELS),
     )
+
+
+def _listen(s: _Section, key: str, default: str) -> str:
+    """host:port, or "off"."""
+    value = s.values.get(key, default).strip()
+    if value.lower() == "off":
+        return ""
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise s.fail(key, f"{value!r} is not host:port (or off)")
+    return value
 
 
 def _symbols(s: _Section) -> tuple[str, ...]:

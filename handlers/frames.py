@@ -52,6 +52,8 @@ class ProcessStats:
     control: int = 0
     server_shutdowns: int = 0
     reordered: int = 0
+    gaps_by_reason: dict[str, int] = field(default_factory=dict)
+    heartbeat: float = 0.0  # monotonic time of the loop's last turn (watchdog)
     last_frame_us: int = 0
 
 
@@ -130,7 +132,7 @@ class FrameProcessor(threading.Thread):
         next_build, next_flush = now + self.build_interval, now + self.flush_interval
         sync_every = self.journal.sync_every if self.journal else 1.0
         while True:
-            now = time.monotonic()
+            now = self.stats.heartbeat = time.monotonic()
             batch = self._take_batch(max(0.0, min(next_build, next_flush, now + sync_every) - now))
             stopping = self._handle(batch)
             self.confirm_holes(all_now=stopping)
@@ -247,6 +249,7 @@ class FrameProcessor(threading.Thread):
     def _gap(self, symbol: str, detected_us: int, last_u, U: int, status: str) -> None:
         self.gaps.append(detected_us, symbol, last_u, U, status)
         self.stats.gaps += 1
+        self.stats.gaps_by_reason[status] = self.stats.gaps_by_reason.get(status, 0) + 1
         if status != cont.START:
             log.warning("gap market=%s symbol=%s reason=%s last_u=%s next_U=%d",
                         self.cfg.name, symbol, status, last_u, U)

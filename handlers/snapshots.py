@@ -80,6 +80,8 @@ class SnapshotStats:
     failed: int = 0
     rate_limited: int = 0
     last_ok_us: int = 0
+    latency_sum: float = 0.0  # seconds, over `ok` snapshots
+
 
 
 class Snapshotter(threading.Thread):
@@ -173,6 +175,7 @@ class Snapshotter(threading.Thread):
             self.out.put((REST, received_us, (symbol, self.cfg.snapshot_limit, request_us, resp.content)))
             self.stats.ok += 1
             self.stats.last_ok_us = received_us
+            self.stats.latency_sum += (received_us - request_us) / 1e6
             return False
         self.stats.failed += 1
         if resp.status_code in (418, 429):

@@ -123,6 +123,7 @@ class ConnectionStats:
         self.rotations = 0
         self.queue_full = 0
         self.last_frame_us = 0
+        self.last_attempt = 0.0  # monotonic
 
 
 class AttemptLimiter:
@@ -193,6 +194,7 @@ class StreamBatch(threading.Thread):
             return None
         reader = Reader(self.name, self.url, self.out, self.dead_after, self.now_us, self.stats)
         self.stats.connects += 1
+        self.stats.last_attempt = time.monotonic()
         reader.start()
         # wait until it delivers, fails, or we are told to stop
         while not reader.delivering.wait(0.2):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,7 @@ class WriteStats:
     lost_rows: int = 0
     pending_bytes: int = 0
     last_write_us: int = 0
+    heartbeat: float = 0.0  # monotonic time of the loop's last turn (watchdog)
 
 
 def split_by_day(table: pa.Table, column: str) -> dict[str, pa.Table]:
@@ -101,10 +103,12 @@ class PartWriter(threading.Thread):
 
     def _loop(self) -> None:
         while True:
+            self.stats.heartbeat = time.monotonic()
             try:
-                item = self.inbox.get(timeout=self.retry_wait if self._ready else None)
+                item = self.inbox.get(timeout=self.retry_wait if self._ready else 1.0)
             except queue.Empty:
-                self.write_ready()
+                if self._ready:
+                    self.write_ready()
                 continue
             if item is STOP:
                 if any(self._open.values()):

@@ -27,7 +27,8 @@ def market_section(name: str, sim, symbols, **extra) -> str:
 
 
 def write_config(tmp_path: Path, sections: list[str], **collector) -> Path:
-    keys = {"data_dir": "data", "flush_interval": "0.5", "status_interval": "2", **collector}
+    keys = {"data_dir": "data", "flush_interval": "0.5", "status_interval": "2", "metrics_listen": "127.0.0.1:0",
+            **collector}
     text = "[collector]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) + "\n".join(sections)
     path = tmp_path / "config.ini"
     path.write_text(text)

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Check the systemd unit: `systemd-analyze verify` clean, and `systemd-analyze security`
+# exposure 2.0 or lower ("OK"). Needs systemd-analyze (Debian/Ubuntu package: systemd).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+unit=systemd/orderbook-collector.service
+if ! command -v systemd-analyze >/dev/null; then
+  echo "error: systemd-analyze not found (apt install systemd)" >&2
+  exit 1
+fi
+# verify needs ExecStart to exist: check a copy that points at this machine's python
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+sed "s|/opt/orderbook-collector/.venv/bin/python|$(command -v python3)|" "$unit" > "$tmp/orderbook-collector.service"
+out=$(SYSTEMD_LOG_LEVEL=warning systemd-analyze verify "$tmp/orderbook-collector.service" 2>&1 | grep -v "Failed to connect\|Transport endpoint\|Cannot find unit for notify" || true)
+if [ -n "$out" ]; then
+  echo "systemd-analyze verify:" >&2
+  echo "$out" >&2
+  exit 1
+fi
+score=$(systemd-analyze security --offline=true "$unit" 2>/dev/null | sed -n 's/.*Overall exposure level[^:]*: *\([0-9.]*\).*/\1/p')
+echo "systemd-analyze verify: clean; security exposure: $score"
+awk -v s="$score" 'BEGIN { exit !(s <= 2.0) }' || { echo "error: exposure $score is above 2.0" >&2; exit 1; }

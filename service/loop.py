@@ -1,0 +1,114 @@
+"""The main thread's loop while recording: periodic jobs (status lines, state file, uploads),
+systemd readiness, watchdog and status, and the check that no pipeline thread died."""
+from __future__ import annotations
+
+import logging
+import time
+
+import schedule
+
+from service import status as state_file
+from service.notify import Notifier
+
+log = logging.getLogger("collector")
+
+READY_AFTER_S = 60.0  # READY=1 even if some stream is not live yet (systemd must not kill a waiting start)
+
+
+class MainLoop:
+    def __init__(self, pipelines, cfg, now_us, upload_job=None, notifier: Notifier | None = None):
+        self.pipelines, self.cfg, self.now_us, self.upload_job = pipelines, cfg, now_us, upload_job
+        self.notifier = notifier or Notifier()
+        self.started = time.monotonic()
+        self.ready = False
+        self.last_watchdog = 0.0
+        self.rate_state: dict[str, dict] = {p.cfg.name: {"_t": time.monotonic()} for p in pipelines}
+        self.rates: dict[str, float] = {}
+        self.last_counts: dict[str, tuple[float, int]] = {}
+        self.jobs = schedule.Scheduler()
+        c = cfg.collector
+        self.jobs.every(c.status_interval).seconds.do(self.log_status)
+        self.jobs.every(5).seconds.do(self.publish_state)
+        if upload_job is not None:
+            self.jobs.every(cfg.upload.every_minutes).minutes.do(upload_job.kick.set)
+
+    def tick(self) -> str | None:
+        """One turn (every 0.5 s); returns the name of a dead thread, if any."""
+        dead = [t.name for p in self.pipelines for t in (p.processor, p.writer) if not t.is_alive()]
+        if dead:
+            return ", ".join(dead)
+        self.jobs.run_pending()
+        if not self.ready and (self.live() or time.monotonic() - self.started > READY_AFTER_S):
+            self.ready = True
+            self.update_rates()
+            self.notifier.ready(self.summary())
+            log.info("ready: %s", self.summary())
+        self.feed_watchdog()
+        return None
+
+    def live(self) -> bool:
+        return all(b.reader is not None and b.reader.delivering.is_set() for p in self.pipelines for b in p.batches)
+
+    def healthy(self) -> tuple[bool, str]:
+        """Really moving, not just alive: processor and writer loops turn, and frames arrive
+        (or, during an outage, the supervisors are still trying to reconnect)."""
+        now = time.monotonic()
+        window = max(60.0, 4 * self.cfg.collector.ws_dead_after)
+        for p in self.pipelines:
+            if now - p.processor.stats.heartbeat > 15:
+                return False, f"processor-{p.cfg.name} has not turned for {now - p.processor.stats.heartbeat:.0f}s"
+            if now - p.writer.stats.heartbeat > 15:
+                return False, f"writer-{p.cfg.name} has not turned for {now - p.writer.stats.heartbeat:.0f}s"
+            last_frame = max(b.stats.last_frame_us for b in p.batches)
+            frame_age = (self.now_us() - last_frame) / 1e6 if last_frame else now - self.started
+            attempt_age = now - max(b.stats.last_attempt for b in p.batches)
+            if frame_age > window and attempt_age > window:
+                return False, f"{p.cfg.name}: no frame for {frame_age:.0f}s and no reconnect attempt"
+        return True, ""
+
+    def feed_watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval
+        if interval is None or time.monotonic() - self.last_watchdog < interval:
+            return
+        ok, why = self.healthy()
+        if ok:
+            self.notifier.watchdog()
+            self.last_watchdog = time.monotonic()
+        else:
+            log.error("watchdog withheld: %s", why)
+
+    def update_rates(self) -> None:
+        now = time.monotonic()
+        for p in self.pipelines:
+            count = sum(p.processor.stats.frames.values())
+            t0, c0 = self.last_counts.get(p.cfg.name, (self.started, 0))
+            if now > t0:
+                self.rates[p.cfg.name] = (count - c0) / (now - t0)
+            self.last_counts[p.cfg.name] = (now, count)
+
+    def summary(self) -> str:
+        parts = []
+        for p in self.pipelines:
+            live = sum(1 for b in p.batches if b.reader is not None and b.reader.is_alive())
+            parts.append(f"{p.cfg.name}: {live}/{len(p.batches)} connections, {self.rates.get(p.cfg.name, 0):.0f} msgs/s, "
+                         f"gaps {p.processor.stats.gaps}, queue {p.inbox.qsize()}")
+        return "; ".join(parts)
+
+    def log_status(self) -> None:
+        for p in self.pipelines:
+            log.info("%s", p.status_line(self.rate_state[p.cfg.name]))
+
+    def publish_state(self) -> None:
+        self.update_rates()
+        self.notifier.status(self.summary())
+        try:
+            state_file.write(self.cfg.collector.data_dir,
+                             state_file.snapshot(self.pipelines, self.upload_job, self.rates, self.now_us()))
+        except OSError as e:
+            log.warning("cannot write the status file: %s", e)
+
+    def stopping(self) -> None:
+        self.notifier.stopping()
+
+    def final_status(self) -> None:
+        self.log_status()

@@ -1,0 +1,84 @@
+"""Prometheus metrics, read from the pipeline's own counters at scrape time (nothing is
+added to the per-message path). Served on 127.0.0.1 by default (`metrics_listen`)."""
+from __future__ import annotations
+
+import logging
+import time
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+
+log = logging.getLogger(__name__)
+
+
+class PipelineMetrics:
+    """A prometheus_client collector over MarketPipeline objects (and the upload job)."""
+
+    def __init__(self, pipelines, upload_job=None, now_us=lambda: time.time_ns() // 1000):
+        self.pipelines, self.upload_job, self.now_us = pipelines, upload_job, now_us
+
+    def collect(self):
+        c = lambda name, doc, labels: CounterMetricFamily(f"obc_{name}", doc, labels=labels)  # noqa: E731
+        g = lambda name, doc, labels: GaugeMetricFamily(f"obc_{name}", doc, labels=labels)  # noqa: E731
+        frames = c("frames", "WebSocket data frames processed", ["market", "kind"])
+        rows = c("rows_written", "rows published in part files", ["market", "kind"])
+        gaps = c("gaps", "breaks in a symbol's diff stream", ["market", "reason"])
+        dupes = c("duplicates", "frames dropped as already written", ["market"])
+        malformed = c("malformed", "frames or snapshots refused as malformed", ["market"])
+        connects = c("connections", "WebSocket connections opened (reconnects and rotations included)", ["market"])
+        rotations = c("rotations", "make-before-break replacements", ["market"])
+        snaps = c("snapshots", "REST snapshot requests by result", ["market", "result"])
+        latency = SummaryMetricFamily("obc_snapshot_latency_seconds", "REST snapshot round trip", labels=["market"])
+        weight = g("rest_weight_used", "request weight used this minute (ours or the server's count)", ["market"])
+        weight_cap = g("rest_weight_cap", "request weight this collector allows itself per minute", ["market"])
+        depth = g("queue_depth", "frames waiting for the processor", ["market"])
+        written = c("bytes_written", "bytes of part files published", ["market"])
+        errors = c("write_errors", "failed part-file writes (retried)", ["market"])
+        lost = c("rows_lost", "rows dropped from memory past max_pending_mb", ["market"])
+        age = g("last_frame_age_seconds", "seconds since the connection's last frame", ["market", "connection"])
+        now = self.now_us()
+        for p in self.pipelines:
+            m, ps, ws, ss = p.cfg.name, p.processor.stats, p.writer.stats, p.snapshotter.stats
+            for kind, n in ps.frames.items():
+                frames.add_metric([m, kind], n)
+            for kind, n in ws.rows.items():
+                rows.add_metric([m, kind], n)
+            for reason, n in ps.gaps_by_reason.items():
+                gaps.add_metric([m, reason], n)
+            dupes.add_metric([m], ps.duplicates)
+            malformed.add_metric([m], ps.malformed)
+            connects.add_metric([m], sum(b.stats.connects for b in p.batches))
+            rotations.add_metric([m], sum(b.stats.rotations for b in p.batches))
+            for result, n in (("ok", ss.ok), ("failed", ss.failed), ("rate_limited", ss.rate_limited)):
+                snaps.add_metric([m, result], n)
+            latency.add_metric([m], ss.ok, ss.latency_sum)
+            weight.add_metric([m], p.snapshotter.budget.used)
+            weight_cap.add_metric([m], p.snapshotter.budget.cap)
+            depth.add_metric([m], p.inbox.qsize())
+            written.add_metric([m], ws.bytes)
+            errors.add_metric([m], ws.errors)
+            lost.add_metric([m], ws.lost_rows)
+            for b in p.batches:
+                if b.stats.last_frame_us:
+                    age.add_metric([m, b.name], max(0.0, (now - b.stats.last_frame_us) / 1e6))
+        yield from (frames, rows, gaps, dupes, malformed, connects, rotations, snaps, latency, weight, weight_cap,
+                    depth, written, errors, lost, age)
+        if self.upload_job is not None:
+            up = c("upload_files", "day files handled by upload runs, by result", ["result"])
+            for result in ("uploaded", "skipped", "deleted"):
+                up.add_metric([result], self.upload_job.totals.get(result, 0))
+            failing = g("upload_days_failing", "days the last upload run could not upload", [])
+            failing.add_metric([], len(self.upload_job.last.get("days_failed", [])))
+            yield up
+            yield failing
+
+
+def serve(listen: str, pipelines, upload_job=None) -> int:
+    """Start the HTTP endpoint on host:port; returns the port (0 picks a free one)."""
+    host, _, port = listen.rpartition(":")
+    registry = CollectorRegistry()
+    registry.register(PipelineMetrics(pipelines, upload_job))
+    server, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
+    bound = server.server_address[1]
+    log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", bound)
+    return bound

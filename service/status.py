@@ -1,0 +1,76 @@
+"""A state file the running collector rewrites every few seconds (data_dir/.status.json),
+and `collector.py status`, which prints it for a human."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+STATE_FILE = ".status.json"
+
+
+def snapshot(pipelines, upload_job, rates: dict, now_us: int) -> dict:
+    markets = {}
+    for p in pipelines:
+        ps, ss = p.processor.stats, p.snapshotter.stats
+        markets[p.cfg.name] = {
+            "symbols": len(p.cfg.symbols),
+            "streams_live": sum(2 * len(p.cfg.symbols[i * p.cfg.symbols_per_connection:(i + 1) * p.cfg.symbols_per_connection])
+                                for i, b in enumerate(p.batches) if b.reader is not None and b.reader.is_alive()),
+            "streams": 2 * len(p.cfg.symbols),
+            "msgs_per_s": rates.get(p.cfg.name, 0.0),
+            "gaps": dict(ps.gaps_by_reason),
+            "last_snapshot_age_s": round((now_us - ss.last_ok_us) / 1e6, 1) if ss.last_ok_us else None,
+            "queue": p.inbox.qsize(),
+            "rows_written": sum(p.writer.stats.rows.values()),
+            "write_errors": p.writer.stats.errors,
+        }
+    return {"pid": os.getpid(), "time": time.time(), "markets": markets,
+            "last_upload": upload_job.last if upload_job is not None else None}
+
+
+def write(data_dir: Path, state: dict) -> None:
+    tmp = data_dir / f".{STATE_FILE}.tmp"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, data_dir / STATE_FILE)
+
+
+def disk_used(root: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            try:
+                total += os.stat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def render(data_dir: Path, now: float | None = None) -> tuple[str, bool]:
+    """(text, running) from the state file."""
+    path = data_dir / STATE_FILE
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return f"no status at {path}: the collector has not run with this data_dir", False
+    now = time.time() if now is None else now
+    age = now - state["time"]
+    running = age < 30
+    lines = [f"collector pid {state['pid']}: " + ("running" if running else f"NOT RUNNING (last seen {age:.0f}s ago)"),
+             f"data_dir {data_dir}: {disk_used(data_dir) / 2**30:.2f} GiB"]
+    for name, m in state["markets"].items():
+        snap = "never" if m["last_snapshot_age_s"] is None else f"{m['last_snapshot_age_s']:.0f}s ago"
+        gaps = ", ".join(f"{k}={v}" for k, v in sorted(m["gaps"].items())) or "none"
+        lines.append(f"{name:8} streams {m['streams_live']}/{m['streams']}  {m['msgs_per_s']:.1f} msgs/s  "
+                     f"gaps since start: {gaps}  last snapshot {snap}  queue {m['queue']}  "
+                     f"rows written {m['rows_written']}  write errors {m['write_errors']}")
+    up = state.get("last_upload")
+    if up is None:
+        lines.append("upload: disabled")
+    elif not up:
+        lines.append("upload: no run yet")
+    else:
+        lines.append(f"upload: last run uploaded {up['uploaded']}, skipped {up['skipped']}, deleted {up['deleted']}, "
+                     f"failing days: {', '.join(up['days_failed']) or 'none'}")
+    return "\n".join(lines), running
