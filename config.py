@@ -78,7 +78,7 @@ _COLLECTOR_DEFAULTS = {
     "data_dir": "data",
     "ws_rotate_after": "84600",
     "ws_dead_after": "30",
-    "flush_interval": "5",
+    "flush_interval": "30",
     "status_interval": "60",
     "rest_weight_share": "0.5",
     "compression_level": "9",

@@ -114,7 +114,8 @@ def one_run(args, symbols: list[str]) -> dict:
     recorded = rows1 - rows0  # rows that reached disk in the window (flush lag evens out)
     queues = [int(q) for q in re.findall(r"queue=(\d+)", (work / "collector.log").read_text())]
     disk, raw = bytes_per_message(work / "data")
-    col_us = 1e6 * (cpu1 - cpu0) / max(1, recorded)
+    # per message delivered in the window (the floor counts the same streams over the same window)
+    col_us = 1e6 * (cpu1 - cpu0) / max(1, floor_frames * elapsed / args.seconds)
     floor_us = 1e6 * floor_cpu / max(1, floor_frames)
     return {"delivered/s": floor_frames / args.seconds, "recorded/s": recorded / elapsed, "collector_us": col_us,
             "floor_us": floor_us, "ratio": col_us / floor_us if floor_us else float("nan"),

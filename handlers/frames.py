@@ -38,6 +38,7 @@ DIFF, PARTIAL = "diff_orderbooks", "partial_orderbooks"
 SEGMENT = "segment"
 _BATCH = 2048
 MAX_FRAME_BYTES = 4 << 20
+MAX_ROWS_HELD = 200_000  # a segment ends early past this many rows (bounds memory at high rates)
 _STREAM = re.compile(r"^([a-z0-9_]+)@depth(\d*)(?:@\d+ms)?$")
 
 
@@ -106,7 +107,10 @@ class FrameProcessor(threading.Thread):
         self.on_server_shutdown = on_server_shutdown
         self.journal, self.recovering = journal, recovering
         self.record_start = True
+        self.rows_in_segment = 0
         self.build_interval = min(build_interval, flush_interval)
+        self.poll = 0.02
+        self._idle = threading.Event()  # never set: an interruptible sleep (STOP arrives on the queue)
         self.routes = routes_for(cfg)
         futures = cfg.market.continuity == "futures"
         self._diff_parse = parse.futures_depth if futures else parse.spot_diff
@@ -139,7 +143,7 @@ class FrameProcessor(threading.Thread):
             if self.journal is not None:
                 self.journal.sync()
             now = time.monotonic()
-            if stopping or now >= next_flush:
+            if stopping or now >= next_flush or self._rows_held() > MAX_ROWS_HELD:
                 self.end_segment()
                 next_build, next_flush = now + self.build_interval, now + self.flush_interval
             elif now >= next_build:
@@ -152,17 +156,22 @@ class FrameProcessor(threading.Thread):
                 return
 
     def _take_batch(self, timeout: float) -> list:
-        try:
-            batch = [self.inbox.get(timeout=timeout)]
-        except queue.Empty:
-            return []
+        """What the queue holds (up to _BATCH items). When it is empty, wait `poll` seconds
+        once and look again, rather than block in get(): a blocked get() is woken by every
+        single frame, and those wake-ups (GIL hand-overs) cost more than decoding the frame.
+        Frames are stamped by the readers, so this adds nothing to received_time."""
         get = self.inbox.get_nowait
+        batch: list = []
         try:
             while len(batch) < _BATCH:
                 batch.append(get())
         except queue.Empty:
-            pass
+            if not batch:
+                self._idle.wait(min(timeout, self.poll))
         return batch
+
+    def _rows_held(self) -> int:
+        return self.rows_in_segment + sum(len(b) for b in self.bufs.values())
 
     def _handle(self, batch: list) -> bool:
         on_frame, journal = self.on_frame, self.journal
@@ -299,6 +308,7 @@ class FrameProcessor(threading.Thread):
     def end_segment(self) -> None:
         """Build, close the journal segment, and tell the writer to publish its parts."""
         self.build()
+        self.rows_in_segment = 0
         if self.journal is not None:
             self.outbox.put((SEGMENT, self.journal.close_segment()))
         else:
@@ -307,6 +317,7 @@ class FrameProcessor(threading.Thread):
     def build(self) -> None:
         """Hand every buffered row to the writer, one table per kind."""
         now = self.now_us()
+        self.rows_in_segment += sum(len(b) for b in self.bufs.values())
         for kind, buf in self.bufs.items():
             if len(buf):
                 table, dropped = buf.take()
