@@ -5,6 +5,7 @@
     collector.py compact [--config FILE]    compact finished days now, then exit
     collector.py upload [--day D]           compact, then upload finished days
     collector.py status                     what the running collector is doing
+    collector.py verify [--market M] [--day D] [--json]   prove what can be proven about recorded data
     collector.py check-config [--config F]  validate a config without starting
 
 This module only wires: load config, set up logging and signals, start threads,
@@ -315,9 +316,11 @@ class UploadJob(threading.Thread):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="collector.py", description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", default="run",
-                        choices=["run", "compact", "check-config", "upload", "status"])
+                        choices=["run", "compact", "check-config", "upload", "status", "verify"])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="config.ini (default: %(default)s)")
-    parser.add_argument("--day", help="upload: only this day (YYYY-MM-DD)")
+    parser.add_argument("--day", help="upload, verify: only this day (YYYY-MM-DD)")
+    parser.add_argument("--market", choices=["spot", "futures"], help="verify: only this market")
+    parser.add_argument("--json", action="store_true", help="verify: the report as JSON")
     args = parser.parse_args(argv)
     try:
         cfg = config_mod.load(args.config)
@@ -328,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{cfg.path}: ok ({', '.join(f'{m.name}: {len(m.symbols)} symbols' for m in cfg.markets)})")
         return EXIT_OK
+    if args.command == "verify":
+        from tools import verify
+
+        markets = [args.market] if args.market else [m.name for m in cfg.markets]
+        return verify.main(cfg.collector.data_dir, markets, args.day, args.json)
     if args.command == "status":
         text, running = state_file.render(cfg.collector.data_dir)
         print(text)

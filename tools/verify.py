@@ -1,0 +1,144 @@
+"""`collector.py verify`: what can be proven about recorded days.
+
+Per symbol: rows; the diff chain rebuilt from the data (spot U <= u_prev + 1, futures
+pu == u_prev) with every break matched against the `gaps` rows recorded; duplicates; rows
+out of order; holes in time coverage; and the strongest check: the book rebuilt from each
+REST snapshot plus the diffs after it, compared with the next snapshot (levels both cover)
+and with every partial-depth frame of the same update id (Binance's free checksum).
+Crossed books and negative sizes are errors. Problems make the exit status 1.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from tools.book import Book, agreement
+from tools.data import load
+
+HOLE_US = 60_000_000  # a minute without a diff of a symbol is reported as a coverage hole
+
+
+def _day_range(day: str | None):
+    if day is None:
+        return None, None
+    from storage.files import US_PER_DAY, day_start_us
+    start = day_start_us(day)
+    return start, start + US_PER_DAY
+
+
+def verify_symbol(diffs: list, snaps: list, partials: list, gaps: list, futures: bool) -> dict:
+    r = {"diffs": len(diffs), "snapshots": len(snaps), "partials": len(partials), "problems": []}
+    ids = Counter(d["final_update_id"] for d in diffs)
+    r["duplicates"] = sum(n - 1 for n in ids.values() if n > 1)
+    by_time = sorted(diffs, key=lambda d: (d["received_time"], d["final_update_id"]))
+    r["out_of_order"] = sum(1 for a, b in zip(by_time, by_time[1:], strict=False) if b["final_update_id"] < a["final_update_id"])
+    times = [d["received_time"] for d in by_time]
+    r["coverage_holes"] = [[a, b] for a, b in zip(times, times[1:], strict=False) if b - a > HOLE_US]
+    chain = sorted({d["final_update_id"]: d for d in diffs}.values(), key=lambda d: d["final_update_id"])
+    breaks = []
+    for a, b in zip(chain, chain[1:], strict=False):
+        linked = (b["prev_final_update_id"] == a["final_update_id"]) if futures else \
+            (b["first_update_id"] <= a["final_update_id"] + 1)
+        if not linked:
+            breaks.append((a["final_update_id"], b["first_update_id"]))
+    recorded = [(g["last_final_update_id"], g["next_first_update_id"]) for g in gaps]
+    unexplained = [br for br in breaks if not any((lf is None or lf <= br[0]) and nf >= br[1] for lf, nf in recorded)]
+    r["breaks_in_data"], r["gap_rows"], r["unexplained_breaks"] = len(breaks), len(gaps), unexplained[:10]
+    if unexplained:
+        r["problems"].append(f"{len(unexplained)} breaks in the diff chain with no gap row")
+    if r["duplicates"]:
+        r["problems"].append(f"{r['duplicates']} diffs written more than once")
+    r.update(_rebuild(chain, snaps, partials, futures))
+    return r
+
+
+def _rebuild(chain: list, snaps: list, partials: list, futures: bool) -> dict:
+    events = [(s["lastUpdateId"], 0, "snapshot", s) for s in snaps]
+    events += [(d["final_update_id"], 1, "diff", d) for d in chain]
+    events += [(p["final_update_id"], 2, "partial", p) for p in partials]
+    events.sort(key=lambda e: (e[0], e[1]))
+    book = Book(futures)
+    out = {"snapshot_levels_same": 0, "snapshot_levels_compared": 0, "snapshots_compared": 0,
+           "partial_frames_compared": 0, "partial_frames_identical": 0, "crossed": 0, "negative": 0,
+           "resyncs": 0}
+    for _, _, what, row in events:
+        levels = (row["bid_prices"], row["bid_sizes"], row["ask_prices"], row["ask_sizes"])
+        if what == "snapshot":
+            if book.synced:
+                same, total = agreement(book, *levels)
+                out["snapshot_levels_same"] += same
+                out["snapshot_levels_compared"] += total
+                out["snapshots_compared"] += 1
+            else:
+                book.reset(row["lastUpdateId"], *levels)
+            continue
+        if what == "partial":
+            if book.synced and book.last_u == row["final_update_id"]:
+                n = max(len(row["bid_prices"]), len(row["ask_prices"]))
+                bids, asks = book.top(n)
+                out["partial_frames_compared"] += 1
+                mine = ([p for p, _ in bids], [q for _, q in bids], [p for p, _ in asks], [q for _, q in asks])
+                out["partial_frames_identical"] += mine == tuple(list(x) for x in levels)
+            continue
+        verdict = book.offer(row["first_update_id"], row["final_update_id"], row["prev_final_update_id"])
+        if verdict == "gap":
+            if book.synced:
+                out["resyncs"] += 1
+            book = Book(futures)
+            continue
+        if verdict == "apply":
+            book.apply(row["final_update_id"], *levels)
+            out["crossed"] += book.crossed()
+            out["negative"] += book.negative()
+    return out
+
+
+def verify(data_dir: Path, market: str, day: str | None = None) -> dict:
+    start, end = _day_range(day)
+    report = {"market": market, "day": day, "symbols": {}, "problems": []}
+    try:
+        diffs = load(data_dir, market, "diff_orderbooks", start=start, end=end).to_pylist()
+    except FileNotFoundError as e:
+        report["problems"].append(str(e))
+        return report
+    optional = {}
+    for kind in ("orderbooks", "partial_orderbooks", "gaps"):
+        try:
+            optional[kind] = load(data_dir, market, kind, start=start, end=end).to_pylist()
+        except FileNotFoundError:
+            optional[kind] = []
+    group = lambda rows: {s: [r for r in rows if r["symbol"] == s] for s in {r["symbol"] for r in rows}}  # noqa: E731
+    d, s, p, g = group(diffs), group(optional["orderbooks"]), group(optional["partial_orderbooks"]), group(optional["gaps"])
+    for symbol in sorted(d):
+        r = verify_symbol(d[symbol], s.get(symbol, []), p.get(symbol, []), g.get(symbol, []), market == "futures")
+        if r["crossed"]:
+            r["problems"].append(f"{r['crossed']} crossed books after a diff")
+        if r["negative"]:
+            r["problems"].append(f"{r['negative']} books with a negative size")
+        report["symbols"][symbol] = r
+        report["problems"] += [f"{symbol}: {x}" for x in r["problems"]]
+    return report
+
+
+def render(report: dict) -> str:
+    lines = [f"{report['market']} {report['day'] or 'all days'}"]
+    for sym, r in report["symbols"].items():
+        snap = (f"{100 * r['snapshot_levels_same'] / r['snapshot_levels_compared']:.2f}% of "
+                f"{r['snapshot_levels_compared']} levels over {r['snapshots_compared']} snapshots"
+                if r["snapshot_levels_compared"] else "no snapshot pair")
+        part = (f"{r['partial_frames_identical']}/{r['partial_frames_compared']} identical"
+                if r["partial_frames_compared"] else "none compared")
+        lines.append(f"  {sym:14} diffs={r['diffs']} snapshots={r['snapshots']} partials={r['partials']} "
+                     f"breaks={r['breaks_in_data']} gap_rows={r['gap_rows']} unexplained={len(r['unexplained_breaks'])} "
+                     f"duplicates={r['duplicates']} out_of_order={r['out_of_order']} holes={len(r['coverage_holes'])} "
+                     f"rebuilt-vs-snapshot: {snap}; partial frames: {part}; crossed={r['crossed']} "
+                     f"negative={r['negative']}")
+    lines += [f"  PROBLEM {x}" for x in report["problems"]] or ["  no problems found"]
+    return "\n".join(lines)
+
+
+def main(data_dir: Path, markets: list[str], day: str | None, as_json: bool) -> int:
+    reports = [verify(data_dir, m, day) for m in markets]
+    print(json.dumps(reports, indent=1) if as_json else "\n".join(render(r) for r in reports))
+    return 1 if any(r["problems"] for r in reports) else 0
