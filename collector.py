@@ -6,6 +6,8 @@
     collector.py upload [--day D]           compact, then upload finished days
     collector.py status                     what the running collector is doing
     collector.py verify [--market M] [--day D] [--json]   prove what can be proven about recorded data
+    collector.py report --day D [--market M] [--out DIR]  PNG per market and a text summary
+    collector.py export --market M --symbol S --format tardis-l2|tardis-snap25|hftbacktest [--out DIR]
     collector.py check-config [--config F]  validate a config without starting
 
 This module only wires: load config, set up logging and signals, start threads,
@@ -313,14 +315,44 @@ class UploadJob(threading.Thread):
                     log.error("upload run failed; retried at the next run", exc_info=True)
 
 
+def report_now(cfg: config_mod.Config, args) -> int:
+    from tools.report import report
+
+    if not args.day:
+        log.error("report needs --day YYYY-MM-DD")
+        return EXIT_CONFIG
+    for m in [args.market] if args.market else [m.name for m in cfg.markets]:
+        png, summary, _ = report(cfg.collector.data_dir, m, args.day, Path(args.out))
+        print(summary)
+        print(f"plot: {png}")
+    return EXIT_OK
+
+
+def export_now(cfg: config_mod.Config, args) -> int:
+    from tools.export import EXPORTS
+
+    if not (args.market and args.symbol and args.format):
+        log.error("export needs --market, --symbol and --format")
+        return EXIT_CONFIG
+    fn, suffix = EXPORTS[args.format]
+    out = Path(args.out) / f"{args.market}-{args.symbol}-{args.format}{suffix}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = fn(cfg.collector.data_dir, args.market, args.symbol.upper(), out)
+    print(f"{out}: {n} rows")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="collector.py", description=__doc__.splitlines()[0])
     parser.add_argument("command", nargs="?", default="run",
-                        choices=["run", "compact", "check-config", "upload", "status", "verify"])
+                        choices=["run", "compact", "check-config", "upload", "status", "verify", "report", "export"])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="config.ini (default: %(default)s)")
     parser.add_argument("--day", help="upload, verify: only this day (YYYY-MM-DD)")
     parser.add_argument("--market", choices=["spot", "futures"], help="verify: only this market")
     parser.add_argument("--json", action="store_true", help="verify: the report as JSON")
+    parser.add_argument("--symbol", help="export: the symbol")
+    parser.add_argument("--format", choices=["tardis-l2", "tardis-snap25", "hftbacktest"], help="export: the format")
+    parser.add_argument("--out", default=".", help="report, export: output folder (default: current folder)")
     args = parser.parse_args(argv)
     try:
         cfg = config_mod.load(args.config)
@@ -331,6 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{cfg.path}: ok ({', '.join(f'{m.name}: {len(m.symbols)} symbols' for m in cfg.markets)})")
         return EXIT_OK
+    if args.command == "report":
+        return report_now(cfg, args)
+    if args.command == "export":
+        return export_now(cfg, args)
     if args.command == "verify":
         from tools import verify
 

@@ -117,3 +117,89 @@ def test_real_capture_snapshot_joins_and_rebuilds(tmp_path):
     when, u, bids, asks = rebuilt[-1]
     assert bids[0][0] < asks[0][0] and u == max(load(tmp_path / "data", "spot", "diff_orderbooks",
                                                      symbol="NKNUSDT").column("final_update_id").to_pylist())
+
+
+def _final_book(data, market, symbol, depth):
+    return list(books(data, market, symbol, depth=depth))
+
+
+def test_tardis_incremental_l2_round_trip(recorded, tmp_path):
+    import csv
+    import gzip
+
+    from tools.export import incremental_book_l2
+    out = tmp_path / "l2.csv.gz"
+    n = incremental_book_l2(recorded, "futures", "ETHUSDT", out)  # ETHUSDT has gaps: resyncs are exported
+    with gzip.open(out, "rt") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == n > 0
+    assert list(rows[0]) == ["exchange", "symbol", "timestamp", "local_timestamp", "is_snapshot", "side",
+                             "price", "amount"]
+    bids, asks, in_snapshot = {}, {}, False
+    for r in rows:
+        snap = r["is_snapshot"] == "true"
+        if snap and not in_snapshot:
+            bids, asks = {}, {}
+        in_snapshot = snap
+        side = bids if r["side"] == "bid" else asks
+        p, q = float(r["price"]), float(r["amount"])
+        if q == 0:
+            side.pop(p, None)
+        else:
+            side[p] = q
+    last = _final_book(recorded, "futures", "ETHUSDT", 10)[-1]
+    assert sorted(bids.items(), reverse=True)[:10] == [tuple(x) for x in last[2]]
+    assert sorted(asks.items())[:10] == [tuple(x) for x in last[3]]
+
+
+def test_tardis_book_snapshot_25_round_trip(recorded, tmp_path):
+    import csv
+    import gzip
+
+    from tools.export import book_snapshot_25
+    out = tmp_path / "s25.csv.gz"
+    n = book_snapshot_25(recorded, "spot", "BTCUSDT", out)
+    expected = _final_book(recorded, "spot", "BTCUSDT", 25)
+    with gzip.open(out, "rt") as f:
+        rows = list(csv.DictReader(f))
+    assert n == len(rows) == len(expected)
+    for row, (when, _, bids, asks) in zip(rows, expected, strict=True):
+        assert int(row["local_timestamp"]) == when
+        assert [(float(row[f"bids[{i}].price"]), float(row[f"bids[{i}].amount"])) for i in range(len(bids))] == bids
+        assert float(row["asks[0].price"]) == asks[0][0]
+
+
+def test_hftbacktest_round_trip(recorded, tmp_path):
+    import numpy as np
+
+    from tools.export import BUY_EVENT, DEPTH_CLEAR_EVENT, HFT_DTYPE, hftbacktest
+    out = tmp_path / "h.npz"
+    n = hftbacktest(recorded, "futures", "BTCUSDT", out)
+    data = np.load(out)["data"]
+    assert data.dtype == HFT_DTYPE and len(data) == n
+    assert (np.diff(data["local_ts"]) >= 0).sum() > 0.9 * n
+    bids, asks = {}, {}
+    for ev, px, qty in zip(data["ev"], data["px"], data["qty"], strict=True):
+        side = bids if ev & BUY_EVENT else asks
+        if ev & 0xFF == DEPTH_CLEAR_EVENT:
+            side.clear()
+        elif qty == 0:
+            side.pop(px, None)
+        else:
+            side[px] = qty
+    last = _final_book(recorded, "futures", "BTCUSDT", 10)[-1]
+    assert sorted(bids.items(), reverse=True)[:10] == [tuple(x) for x in last[2]]
+    assert sorted(asks.items())[:10] == [tuple(x) for x in last[3]]
+
+
+def test_report_png_has_its_panels(recorded, tmp_path):
+    from PIL import Image
+
+    from storage.files import day_of
+    from tools.report import PANELS, report
+    day = day_of(read_kind(recorded, "spot", "diff_orderbooks").column("received_time")[0].as_py())
+    png, summary, titles = report(recorded, "spot", day, tmp_path)
+    assert titles == PANELS
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] >= 800 and im.size[1] >= 1000
+    assert "diffs:" in summary and "receive latency p50" in summary and "gaps: " in summary
