@@ -65,27 +65,41 @@ def _events(data_dir, market: str, symbol: str, end_us: int | None):
     return events
 
 
-def books(data_dir, market: str, symbol: str, start=None, end=None, depth: int = 10,
-          every_us: int | None = None) -> Iterator[tuple[int, int, list, list]]:
-    """Rebuilt books: (received_time, update id, bids, asks), top `depth` levels, at every
-    update, or at most once per `every_us`. Only synced books are yielded: after a gap
-    nothing is yielded until the next snapshot joins the stream again."""
-    start_us, end_us = to_us(start), to_us(end)
+def synced_updates(data_dir, market: str, symbol: str, end_us: int | None = None):
+    """Binance's rebuild procedure as a stream, in update-id order: ("snapshot", row, book)
+    when a snapshot (re)syncs the book (yielded just before the first diff that joins it),
+    then ("diff", row, book) per applied diff. After a gap nothing is yielded until the
+    next snapshot joins the stream again."""
     book = Book(futures=market == "futures")
-    next_at = None
-    for _, _, when, what, row in _events(data_dir, market, symbol, end_us):
+    pending = None
+    for _, _, _, what, row in _events(data_dir, market, symbol, end_us):
         if what == "snapshot":
             if not book.synced:
                 book.reset(row["lastUpdateId"], row["bid_prices"], row["bid_sizes"], row["ask_prices"], row["ask_sizes"])
+                pending = row
             continue
         verdict = book.offer(row["first_update_id"], row["final_update_id"], row["prev_final_update_id"])
         if verdict == "gap":
-            book = Book(futures=book.futures)
+            book, pending = Book(futures=book.futures), None
             continue
         if verdict == "stale":
             continue
+        if pending is not None:
+            yield "snapshot", pending, book
+            pending = None
         book.apply(row["final_update_id"], row["bid_prices"], row["bid_sizes"], row["ask_prices"], row["ask_sizes"])
-        if start_us is not None and when < start_us:
+        yield "diff", row, book
+
+
+def books(data_dir, market: str, symbol: str, start=None, end=None, depth: int = 10,
+          every_us: int | None = None) -> Iterator[tuple[int, int, list, list]]:
+    """Rebuilt books: (received_time, update id, bids, asks), top `depth` levels, at every
+    update, or at most once per `every_us`; only synced books (see synced_updates)."""
+    start_us, end_us = to_us(start), to_us(end)
+    next_at = None
+    for what, row, book in synced_updates(data_dir, market, symbol, end_us):
+        when = row["received_time"]
+        if what != "diff" or (start_us is not None and when < start_us):
             continue
         if every_us is None or next_at is None or when >= next_at:
             next_at = when + (every_us or 0)

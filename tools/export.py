@@ -26,38 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.book import Book
-from tools.data import _events
+from tools.data import synced_updates
 
 EXCH_EVENT, LOCAL_EVENT, BUY_EVENT, SELL_EVENT = 1 << 31, 1 << 30, 1 << 29, 1 << 28
 DEPTH_EVENT, DEPTH_CLEAR_EVENT, DEPTH_SNAPSHOT_EVENT = 1, 3, 4
 HFT_DTYPE = np.dtype([("ev", "u8"), ("exch_ts", "i8"), ("local_ts", "i8"), ("px", "f8"), ("qty", "f8"),
                       ("order_id", "u8"), ("ival", "i8"), ("fval", "f8")])
 EXCHANGE = {"spot": "binance", "futures": "binance-futures"}
-
-
-def synced_updates(data_dir, market: str, symbol: str):
-    """('snapshot', row) when a snapshot (re)syncs the book, then ('diff', row, book) per
-    applied diff; in update-id order."""
-    book = Book(futures=market == "futures")
-    pending = None
-    for _, _, _, what, row in _events(data_dir, market, symbol, None):
-        if what == "snapshot":
-            if not book.synced:
-                book.reset(row["lastUpdateId"], row["bid_prices"], row["bid_sizes"], row["ask_prices"], row["ask_sizes"])
-                pending = row
-            continue
-        verdict = book.offer(row["first_update_id"], row["final_update_id"], row["prev_final_update_id"])
-        if verdict == "gap":
-            book, pending = Book(futures=book.futures), None
-            continue
-        if verdict == "stale":
-            continue
-        if pending is not None:
-            yield "snapshot", pending, book
-            pending = None
-        book.apply(row["final_update_id"], row["bid_prices"], row["bid_sizes"], row["ask_prices"], row["ask_sizes"])
-        yield "diff", row, book
 
 
 def _exch_us(row, what: str) -> int:
