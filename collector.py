@@ -38,6 +38,7 @@ from handlers.websocket import AttemptLimiter, StreamBatch, combined_url
 from service import metrics
 from service import status as state_file
 from service.loop import MainLoop
+from service.threads import name_os_thread
 from storage.compact import Compactor, compact_all
 from storage.files import clean_temp_files
 from storage.journal import Journal, journal_dir
@@ -298,6 +299,7 @@ class UploadJob(threading.Thread):
         self.totals: dict[str, int] = {}
 
     def run(self) -> None:
+        name_os_thread()
         from storage.upload import UploadError
 
         while not self.stop.is_set():

@@ -28,6 +28,7 @@ import orjson
 from config import MarketConfig
 from handlers import continuity as cont
 from handlers import parse
+from service.threads import name_os_thread
 from storage.columns import DepthColumns, GapColumns, SnapshotColumns, levels_ok
 from storage.journal import WS, Journal
 from storage.writer import STOP
@@ -125,6 +126,7 @@ class FrameProcessor(threading.Thread):
         self.warn = RateLimitedLog(log)
 
     def run(self) -> None:
+        name_os_thread()
         try:
             self._loop()
         except Exception:

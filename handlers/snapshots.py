@@ -26,6 +26,7 @@ import requests
 
 from config import MarketConfig
 from handlers.backoff import backoff_delay
+from service.threads import name_os_thread
 from storage.journal import REST
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,8 @@ class Snapshotter(threading.Thread):
         self.session = session or requests.Session()
         self.url = cfg.rest_url + cfg.market.depth_path
         self.weight = cfg.market.depth_weight(cfg.snapshot_limit)
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"rest-{cfg.name}")
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"rest-{cfg.name}",
+                                       initializer=name_os_thread)
         self.urgent: queue.Queue = queue.Queue()
         self.in_flight: set[str] = set()
         self.again: set[str] = set()
@@ -105,6 +107,7 @@ class Snapshotter(threading.Thread):
         self.urgent.put(symbol)
 
     def run(self) -> None:
+        name_os_thread()
         try:
             self._loop()
         except Exception:

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from markets import KINDS
+from service.threads import name_os_thread
 from storage.files import US_PER_DAY, day_of, day_start_us, fsync_dir, parquet_options, publish, temp_name
 from storage.schemas import SORT_KEYS
 
@@ -185,6 +186,7 @@ class Compactor(threading.Thread):
         self.failures = 0
 
     def run(self) -> None:
+        name_os_thread()
         while True:
             try:
                 compact_all(self.root, self.level, self.now_us(), self.grace_us, self.stop)

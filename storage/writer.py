@@ -29,6 +29,7 @@ from typing import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from service.threads import name_os_thread
 from storage.files import US_PER_DAY, day_of, write_table_atomic
 from storage.schemas import DAY_COLUMN
 
@@ -95,6 +96,7 @@ class PartWriter(threading.Thread):
         self._anonymous = 0
 
     def run(self) -> None:
+        name_os_thread()
         try:
             self._loop()
         except Exception:
