@@ -29,8 +29,8 @@ from config import MarketConfig  # noqa: E402
 from handlers.frames import DIFF, PARTIAL, FrameProcessor  # noqa: E402
 from markets import MARKETS  # noqa: E402
 from simulator.book import Book, IdSource  # noqa: E402
-from storage.journal import WS, Journal  # noqa: E402
 from storage.files import parquet_options  # noqa: E402
+from storage.journal import WS, Journal  # noqa: E402
 
 
 def make_frames(market: str, symbols: list[str], seconds: float, updates_per_s: float = 20) -> list[bytes]:

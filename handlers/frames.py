@@ -27,7 +27,7 @@ import orjson
 
 from config import MarketConfig
 from handlers import continuity as cont
-from handlers import parse
+from handlers import parse, wire
 from service.threads import name_os_thread
 from storage.columns import DepthColumns, GapColumns, SnapshotColumns, levels_ok
 from storage.journal import WS, Journal
@@ -191,9 +191,33 @@ class FrameProcessor(threading.Thread):
         return False
 
     def on_frame(self, received_us: int, conn: int, raw: bytes) -> None:
+        """The fast path: a well-formed depth frame of a configured stream, typed by
+        msgspec; anything else goes to `_on_other_frame`."""
         if len(raw) > MAX_FRAME_BYTES:
             self._malformed("oversized frame", raw)
             return
+        try:
+            msg = wire.decode_frame(raw)
+        except wire.DecodeError:
+            self._on_other_frame(received_us, conn, raw)
+            return
+        route = self.routes.get(msg.stream)
+        if route is None:
+            self._on_other_frame(received_us, conn, raw)
+            return
+        kind, symbol = route
+        row = wire.depth_row(msg.data, symbol, self._futures, kind == PARTIAL and not self._futures)
+        if row is None:
+            self._on_other_frame(received_us, conn, raw)
+            return
+        self.stats.last_frame_us = received_us
+        self.stats.frames[kind] += 1
+        if self._accept(kind, received_us, symbol, row, conn):
+            self.bufs[kind].append_pairs(received_us, *row)
+
+    def _on_other_frame(self, received_us: int, conn: int, raw: bytes) -> None:
+        """Control replies, serverShutdown, streams known only by name (recovery) and
+        malformed frames: decoded with orjson and judged field by field."""
         try:
             msg = orjson.loads(raw)
             stream = msg["stream"]
@@ -212,26 +236,30 @@ class FrameProcessor(threading.Thread):
         self.stats.frames[kind] += 1
         if kind == DIFF:
             row = self._diff_parse(data)
-            if row is None or row[1] != symbol:
-                self._malformed(kind, raw)
-                return
-            E, s, U, u, pu, T, b, a = row
-            status, last_u = self.continuity.check(symbol, U, u, pu, conn)
-            if status != cont.OK:
-                if status == cont.DUPLICATE:
-                    self.stats.duplicates += 1
-                    return
-                self._irregular(status, received_us, symbol, last_u, U, u, pu)
         else:
             row = parse.futures_depth(data) if self._futures else parse.spot_partial(data, symbol)
-            if row is None or row[1] != symbol:
-                self._malformed(kind, raw)
-                return
-            E, s, U, u, pu, T, b, a = row
-            if self.partial_dedup.is_duplicate(symbol, u, conn):
+        if row is None or row[1] != symbol:
+            self._malformed(kind, raw)
+            return
+        if self._accept(kind, received_us, symbol, row, conn):
+            self.bufs[kind].append(received_us, *row)
+
+    def _accept(self, kind: str, received_us: int, symbol: str, row: tuple, conn: int) -> bool:
+        """Continuity and duplicates; False for a duplicate (written once, SPEC rule 2)."""
+        _, _, U, u, pu, _, _, _ = row
+        if kind == DIFF:
+            status, last_u = self.continuity.check(symbol, U, u, pu, conn)
+            if status == cont.OK:
+                return True
+            if status == cont.DUPLICATE:
                 self.stats.duplicates += 1
-                return
-        self.bufs[kind].append(received_us, E, symbol, U, u, pu, T, b, a)
+                return False
+            self._irregular(status, received_us, symbol, last_u, U, u, pu)
+            return True
+        if self.partial_dedup.is_duplicate(symbol, u, conn):
+            self.stats.duplicates += 1
+            return False
+        return True
 
     def _irregular(self, status: str, received_us: int, symbol: str, last_u, U: int, u: int, pu) -> None:
         if status == cont.STALE:

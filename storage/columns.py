@@ -1,15 +1,17 @@
 """Column buffers: rows are appended as plain Python values on the hot path and turned
-into an Arrow table in bulk, once per flush (STYLE rule 5: batch everything else).
+into Arrow columns in bulk (STYLE rule 5: batch everything else).
 
 Levels arrive as Binance sends them, `[["price", "qty"], ...]` with decimal strings.
-They are converted for a whole batch at once: one `pa.array` of the nested lists, one
-string->double cast per side. A batch that fails the bulk conversion is checked row by
-row so that only the malformed rows are dropped (SPEC rule 3), and reported.
+They are converted for many rows at once, one string->double cast per side. A batch that
+fails the bulk conversion is checked row by row so that only the malformed rows are
+dropped (SPEC rule 3), and reported.
 """
 from __future__ import annotations
 
 import logging
+from itertools import chain
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -17,6 +19,7 @@ from storage.schemas import SCHEMAS
 
 log = logging.getLogger(__name__)
 
+_chain = chain.from_iterable
 _PAIRS = pa.list_(pa.list_(pa.string()))
 _PAIR_LENGTHS = {"min": 2, "max": 2}
 
@@ -54,23 +57,47 @@ def levels_ok(levels) -> bool:
 
 
 class DepthColumns:
-    """Rows of diff_orderbooks or partial_orderbooks (schema DEPTH)."""
+    """Rows of diff_orderbooks or partial_orderbooks (schema DEPTH).
 
-    _SCALARS = ("received_time", "event_time", "symbol", "first_update_id",
-                "final_update_id", "prev_final_update_id", "transaction_time")
+    Two ways in, one table out, rows kept in arrival order:
+    - `append_pairs`: the fast path. Levels are lists of (price, qty) string pairs whose
+      types msgspec already checked; they are flattened at once (the pairs are freed)
+      and turned into columns in bulk: one string array, one cast to double, prices and
+      sizes as the even and odd elements.
+    - `append`: levels as orjson made them, checked row by row only if the bulk
+      conversion fails (the general path: recovery, frames msgspec refused).
+    Whichever buffer is open is turned into an Arrow chunk when the other one is used,
+    and when it holds `FLAT_LIMIT` strings (Arrow holds a level in 16 bytes, a Python
+    string in about 60): memory stays bounded at any message rate.
+    """
+
+    FLAT_LIMIT = 400_000
 
     def __init__(self, kind: str):
         self.kind = kind
         self.schema = SCHEMAS[kind]
-        self._clear()
+        self.chunks: list[pa.Table] = []
+        self.chunk_rows = 0
+        self.dropped: list[tuple] = []
+        self._clear_rows()
+        self._clear_flat()
 
-    def _clear(self) -> None:
+    def _clear_rows(self) -> None:
         self.cols: tuple[list, ...] = tuple([] for _ in range(9))
 
+    def _clear_flat(self) -> None:
+        self.fcols: tuple[list, ...] = tuple([] for _ in range(7))
+        self.bflat: list[str] = []
+        self.aflat: list[str] = []
+        self.bn: list[int] = []
+        self.an: list[int] = []
+
     def __len__(self) -> int:
-        return len(self.cols[0])
+        return len(self.cols[0]) + len(self.fcols[0]) + self.chunk_rows
 
     def append(self, received, event, symbol, first, final, prev, ttime, bids, asks) -> None:
+        if self.fcols[0]:
+            self._flat_to_chunk()
         c = self.cols
         c[0].append(received)
         c[1].append(event)
@@ -82,23 +109,88 @@ class DepthColumns:
         c[7].append(bids)
         c[8].append(asks)
 
+    def append_pairs(self, received, event, symbol, first, final, prev, ttime,
+                     bids: list[tuple[str, str]], asks: list[tuple[str, str]]) -> None:
+        if self.cols[0]:
+            self._rows_to_chunk()
+        c = self.fcols
+        c[0].append(received)
+        c[1].append(event)
+        c[2].append(symbol)
+        c[3].append(first)
+        c[4].append(final)
+        c[5].append(prev)
+        c[6].append(ttime)
+        self.bflat.extend(_chain(bids))
+        self.aflat.extend(_chain(asks))
+        self.bn.append(len(bids))
+        self.an.append(len(asks))
+        if len(self.bflat) + len(self.aflat) > self.FLAT_LIMIT:
+            self._flat_to_chunk()
+
     def take(self) -> tuple[pa.Table, list[tuple]]:
         """Return (table, dropped) and empty the buffer; dropped lists the scalar
         values of rows whose levels were malformed."""
-        cols, dropped = self.cols, []
-        self._clear()
+        if self.cols[0]:
+            self._rows_to_chunk()
+        if self.fcols[0] or not self.chunks:
+            self._flat_to_chunk()
+        chunks, dropped = self.chunks, self.dropped
+        self.chunks, self.chunk_rows, self.dropped = [], 0, []
+        table = chunks[0] if len(chunks) == 1 else pa.concat_tables(chunks)
+        return table, dropped
+
+    def _add_chunk(self, scalars, levels: list[pa.Array]) -> None:
+        arrays = [pa.array(col, type=self.schema.field(i).type) for i, col in enumerate(scalars)]
+        table = pa.Table.from_arrays(arrays + levels, schema=self.schema)
+        self.chunks.append(table)
+        self.chunk_rows += table.num_rows
+
+    def _flat_to_chunk(self) -> None:
+        cols, bflat, aflat, bn, an = self.fcols, self.bflat, self.aflat, self.bn, self.an
+        self._clear_flat()
+        try:
+            levels = [*_flat_levels(bflat, bn), *_flat_levels(aflat, an)]
+        except (ValueError, pa.ArrowException):
+            # a price or size that is not a decimal number: back to pairs, row by row
+            rows = _unflatten(bflat, bn), _unflatten(aflat, an)
+            self._rows_to_chunk(tuple(cols) + rows)
+            return
+        self._add_chunk(cols, levels)
+
+    def _rows_to_chunk(self, cols: tuple[list, ...] | None = None) -> None:
+        if cols is None:
+            cols = self.cols
+            self._clear_rows()
         try:
             bid_p, bid_s = levels_to_arrow(cols[7])
             ask_p, ask_s = levels_to_arrow(cols[8])
         except (ValueError, TypeError, pa.ArrowException):
             keep = [i for i in range(len(cols[0])) if levels_ok(cols[7][i]) and levels_ok(cols[8][i])]
             kept = set(keep)
-            dropped = [tuple(col[i] for col in cols[:7]) for i in range(len(cols[0])) if i not in kept]
+            self.dropped += [tuple(col[i] for col in cols[:7]) for i in range(len(cols[0])) if i not in kept]
             cols = tuple([col[i] for i in keep] for col in cols)
             bid_p, bid_s = levels_to_arrow(cols[7])
             ask_p, ask_s = levels_to_arrow(cols[8])
-        arrays = [pa.array(col, type=self.schema.field(i).type) for i, col in enumerate(cols[:7])]
-        return pa.Table.from_arrays(arrays + [bid_p, bid_s, ask_p, ask_s], schema=self.schema), dropped
+        self._add_chunk(cols[:7], [bid_p, bid_s, ask_p, ask_s])
+
+
+def _flat_levels(flat: list[str], counts: list[int]) -> tuple[pa.Array, pa.Array]:
+    """[p0, q0, p1, q1, ...] and the number of pairs per row -> (prices, sizes)."""
+    values = pa.array(flat, pa.string()).cast(pa.float64()).to_numpy(zero_copy_only=False)
+    offsets = np.zeros(len(counts) + 1, np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    offsets = pa.array(offsets)
+    return (pa.ListArray.from_arrays(offsets, pa.array(values[0::2])),
+            pa.ListArray.from_arrays(offsets, pa.array(values[1::2])))
+
+
+def _unflatten(flat: list[str], counts: list[int]) -> list[list[list[str]]]:
+    rows, pos = [], 0
+    for n in counts:
+        rows.append([[flat[pos + 2 * k], flat[pos + 2 * k + 1]] for k in range(n)])
+        pos += 2 * n
+    return rows
 
 
 class SnapshotColumns:

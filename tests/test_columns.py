@@ -44,3 +44,36 @@ def test_snapshot_and_gap_columns():
     g.append(5, "BTCUSDT", None, 7, "start")
     assert g.take().to_pylist() == [{"detected_time": 5, "symbol": "BTCUSDT", "last_final_update_id": None,
                                      "next_first_update_id": 7, "reason": "start"}]
+
+
+pairs = st.lists(st.tuples(decimal, decimal), max_size=30)
+
+
+@given(st.lists(st.tuples(st.booleans(), pairs, pairs), max_size=40))
+def test_fast_and_general_rows_interleave_in_arrival_order(rows):
+    """append_pairs (msgspec's typed pairs, flattened) and append (orjson's lists) may
+    alternate; the table keeps arrival order and the exact values."""
+    buf = DepthColumns("diff_orderbooks")
+    buf.FLAT_LIMIT = 50  # force chunking inside the example too
+    for i, (fast, bids, asks) in enumerate(rows):
+        if fast:
+            buf.append_pairs(i, i, "A", i, i, None, None, bids, asks)
+        else:
+            buf.append(i, i, "A", i, i, None, None, [list(p) for p in bids], [list(p) for p in asks])
+    table, dropped = buf.take()
+    assert dropped == [] and len(buf) == 0
+    assert table.schema == SCHEMAS["diff_orderbooks"]
+    assert table.column("received_time").to_pylist() == list(range(len(rows)))
+    assert table.column("bid_prices").to_pylist() == [[float(p) for p, _ in b] for _, b, _ in rows]
+    assert table.column("ask_sizes").to_pylist() == [[float(q) for _, q in a] for _, _, a in rows]
+
+
+def test_fast_path_rows_with_a_bad_decimal_drop_only_that_row():
+    buf = DepthColumns("partial_orderbooks")
+    buf.append_pairs(1, None, "A", None, 10, None, None, [("1.5", "2")], [("2.5", "1")])
+    buf.append_pairs(2, None, "A", None, 11, None, None, [("1.5", "x")], [])
+    buf.append_pairs(3, None, "A", None, 12, None, None, [], [("2.5", "3")])
+    table, dropped = buf.take()
+    assert table.column("final_update_id").to_pylist() == [10, 12]
+    assert table.column("ask_sizes").to_pylist() == [[1.0], [3.0]]
+    assert [d[4] for d in dropped] == [11]

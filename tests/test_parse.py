@@ -5,7 +5,7 @@ import orjson
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handlers import parse
+from handlers import parse, wire
 from simulator.server import load_capture
 from tests.helpers import SHARED_DATA
 
@@ -88,3 +88,47 @@ def test_parsers_never_raise(value):
     for result in (parse.spot_diff(value), parse.futures_depth(value), parse.spot_partial(value, "X"),
                    parse.snapshot(value, True), parse.snapshot(value, False)):
         assert result is None or isinstance(result, tuple)
+
+
+def _general(raw: bytes, futures: bool, spot_partial: bool):
+    msg = orjson.loads(raw)
+    if spot_partial:
+        return parse.spot_partial(msg["data"], msg["stream"].split("@")[0].upper())
+    return (parse.futures_depth if futures else parse.spot_diff)(msg["data"])
+
+
+def _typed(raw: bytes, futures: bool, spot_partial: bool):
+    msg = wire.decode_frame(raw)
+    row = wire.depth_row(msg.data, msg.stream.split("@")[0].upper(), futures, spot_partial)
+    return row[:6] + ([list(p) for p in row[6]], [list(p) for p in row[7]])
+
+
+def test_fast_path_agrees_with_the_general_path_on_every_real_frame():
+    for market in ("spot", "futures"):
+        cap = load_capture(SHARED_DATA, market)
+        frames = [b'{"stream":"%s","data":%s}' % (name.encode(), d) for _, name, d in cap.frames if "@depth" in name]
+        assert frames
+        for raw in frames:
+            assert _typed(raw, market == "futures", False) == _general(raw, market == "futures", False)
+    wrapped = b'{"stream":"btcusdt@depth20@100ms","data":%s}'
+    assert _typed(wrapped % SPOT_PARTIAL, False, True) == _general(wrapped % SPOT_PARTIAL, False, True)
+    assert _typed(wrapped % FUTURES_PARTIAL, True, False) == _general(wrapped % FUTURES_PARTIAL, True, False)
+
+
+@given(st.dictionaries(st.sampled_from(["e", "E", "T", "s", "U", "u", "pu", "b", "a"]),
+                       st.one_of(st.integers(-2**63, 2**63 - 1), st.text(max_size=5), st.none(),
+                                 st.lists(st.lists(st.text(max_size=4), max_size=3), max_size=3)), max_size=9))
+def test_fast_path_never_accepts_what_the_general_path_refuses(data):
+    """Whatever the payload, msgspec's typed path yields a row only when the general path
+    does, and the same row; otherwise the frame falls to the general path."""
+    raw = b'{"stream":"btcusdt@depth@100ms","data":' + orjson.dumps(data) + b"}"
+    for futures in (False, True):
+        general = (parse.futures_depth if futures else parse.spot_diff)(data)
+        if general is not None and general[1] != "BTCUSDT":
+            general = None
+        try:
+            typed = _typed(raw, futures, False)
+        except (wire.DecodeError, TypeError):
+            typed = None
+        if typed is not None:
+            assert general is not None and typed == general
