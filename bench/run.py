@@ -1,17 +1,23 @@
 """Benchmark: the real collector against the simulator at a given load, beside the floor.
 
-    .venv/bin/python bench/run.py [--symbols 50] [--seconds 60] [--rate 20] [--runs 3]
+    .venv/bin/python bench/run.py [--symbols 50] [--seconds 60] [--runs 3] [--no-floor]
+    .venv/bin/python bench/run.py --step 250,500,1000,2000 --seconds 60     # the last sustained rate
+    .venv/bin/python bench/run.py --smoke                                   # CI: it runs, prints, loses nothing
 
-Starts the simulator (its own process, both markets), runs collector.py as a subprocess
-against it and, over the same window, bench/floor.py (a bare websocket-client reader of
-the same streams that receives and discards). Prints, per run and as medians: messages per
-second delivered and recorded, CPU µs per message for the collector and for the floor and
-their ratio, peak RSS, queue depth, and bytes on disk per message against zstd -19 of the
-raw JSON of the same messages.
+Starts the simulator in load mode (its own process, both markets; simulator/load.py),
+runs collector.py as a subprocess against it and, over the same window, bench/floor.py
+(a bare websocket-client reader of the same streams that receives and discards). Each
+symbol has diff@100ms and depth20@100ms streams in both markets: 40 messages/s per
+symbol. Prints, per run and as medians: messages per second sent, recorded and read by
+the floor; CPU µs per message of the collector and of the floor, and their ratio; CPU
+share; peak RSS; queue depth over time; stamp delay (received_time minus the simulator's
+exact write time) p50/p99; lost diffs (gaps other than each symbol's start); bytes on
+disk per message against zstd -19 of the same messages' raw JSON.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
@@ -23,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import zstandard
 
@@ -32,6 +40,9 @@ TICKS = os.sysconf("SC_CLK_TCK")
 
 from handlers.websocket import combined_url  # noqa: E402
 from markets import MARKETS  # noqa: E402
+
+MARKET_NAMES = ("spot", "futures")
+WS_KINDS = ("diff_orderbooks", "partial_orderbooks")
 
 
 def free_port() -> int:
@@ -45,14 +56,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def proc_status(pid: int, key: str) -> int:
+def peak_rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
+        if line.startswith("VmHWM:"):
             return int(line.split()[1])
     return 0
 
 
-def wait_port(port: int, timeout: float = 10) -> None:
+def wait_port(port: int, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as s:
@@ -62,72 +73,128 @@ def wait_port(port: int, timeout: float = 10) -> None:
     raise RuntimeError(f"simulator did not listen on {port}")
 
 
-def count_ws_rows(root: Path) -> int:
+def count_ws_rows(root: Path, t0_us: int, t1_us: int) -> int:
+    """Diff and partial rows whose received_time falls in [t0_us, t1_us)."""
     total = 0
-    for market in ("spot", "futures"):
-        for kind in ("diff_orderbooks", "partial_orderbooks"):
+    for market in MARKET_NAMES:
+        for kind in WS_KINDS:
             folder = root / market / kind
             if folder.exists():
-                total += ds.dataset(folder, format="parquet").count_rows()
+                t = ds.field("received_time")
+                total += ds.dataset(folder, format="parquet").count_rows(filter=(t >= t0_us) & (t < t1_us))
     return total
 
 
-def one_run(args, symbols: list[str]) -> dict:
+def write_config(work: Path, ports: dict, symbols: list[str], args) -> tuple[Path, list[str]]:
+    sections, urls = [], []
+    for name, port in ports.items():
+        ws_url = f"ws://127.0.0.1:{port}" + ("/public" if name == "futures" else "")
+        sections.append(f"[{name}]\nsymbols = {', '.join(symbols)}\nws_url = {ws_url}\n"
+                        f"rest_url = http://127.0.0.1:{port}\nsnapshot_interval = {args.snapshot_interval}\n"
+                        f"symbols_per_connection = {args.per_connection}\n")
+        m = MARKETS[name]
+        for i in range(0, len(symbols), args.per_connection):
+            streams = [s for sym in symbols[i:i + args.per_connection]
+                       for s in (m.diff_stream(sym, "100ms"), m.partial_stream(sym, 20, "100ms"))]
+            urls.append(combined_url(ws_url, streams))
+    cfg = work / "config.ini"
+    cfg.write_text("[collector]\ndata_dir = data\nstatus_interval = 5\nmetrics_listen = off\n" + "".join(sections))
+    return cfg, urls
+
+
+def one_run(args, n_symbols: int, floor_on: bool) -> dict:
+    symbols = [f"S{i:04d}USDT" for i in range(n_symbols)]
     work = Path(tempfile.mkdtemp(prefix="ob-bench-"))
     ports = {"spot": free_port(), "futures": free_port()}
-    sim = subprocess.Popen([sys.executable, "-m", "simulator", "--spot-port", str(ports["spot"]), "--futures-port",
-                            str(ports["futures"]), "--symbols", ",".join(symbols), "--rate", str(args.rate)],
-                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    urls = []
+    stats_file = work / "sim-stats.json"
+    sim = subprocess.Popen([sys.executable, "-m", "simulator", "--load", "--spot-port", str(ports["spot"]),
+                            "--futures-port", str(ports["futures"]), "--symbols", ",".join(symbols),
+                            "--stats", str(stats_file)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for port in ports.values():
             wait_port(port)
-        sections = []
-        for name, port in ports.items():
-            ws_url = f"ws://127.0.0.1:{port}" + ("/public" if name == "futures" else "")
-            sections.append(f"[{name}]\nsymbols = {', '.join(symbols)}\nws_url = {ws_url}\n"
-                            f"rest_url = http://127.0.0.1:{port}\nsnapshot_interval = {args.snapshot_interval}\n")
-            m = MARKETS[name]
-            for i in range(0, len(symbols), 50):
-                streams = [s for sym in symbols[i:i + 50] for s in (m.diff_stream(sym, "100ms"),
-                                                                       m.partial_stream(sym, 20, "100ms"))]
-                urls.append(combined_url(ws_url, streams))
-        cfg = work / "config.ini"
-        cfg.write_text("[collector]\ndata_dir = data\nstatus_interval = 5\n" + "".join(sections))
+        cfg, urls = write_config(work, ports, symbols, args)
         log = open(work / "collector.log", "wb")
         col = subprocess.Popen([sys.executable, str(ROOT / "collector.py"), "--config", str(cfg)], cwd=work, stderr=log)
-        time.sleep(4)  # start-up (exchangeInfo, connections, first snapshots) is not steady state
-        floor = subprocess.Popen([sys.executable, str(ROOT / "bench" / "floor.py"), str(args.seconds), *urls],
-                                 stdout=subprocess.PIPE, text=True)
-        cpu0, t0, rows0 = cpu_seconds(col.pid), time.monotonic(), count_ws_rows(work / "data")
+        time.sleep(args.warmup)  # start-up (exchangeInfo, connections, first snapshots) is not steady state
+        floor = None
+        if floor_on:
+            floor = subprocess.Popen([sys.executable, str(ROOT / "bench" / "floor.py"), str(args.seconds), *urls],
+                                     stdout=subprocess.PIPE, text=True)
+        cpu0, t0, wall0 = cpu_seconds(col.pid), time.monotonic(), time.time_ns() // 1000
         time.sleep(args.seconds)
-        cpu1, t1 = cpu_seconds(col.pid), time.monotonic()
-        peak = proc_status(col.pid, "VmHWM")
+        cpu1, t1, wall1 = cpu_seconds(col.pid), time.monotonic(), time.time_ns() // 1000
+        peak = peak_rss_kib(col.pid)
         col.send_signal(signal.SIGTERM)
-        rc = col.wait(60)
-        floor_frames, floor_cpu = (float(x) for x in floor.communicate(timeout=60)[0].split())
-        rows1 = count_ws_rows(work / "data")
+        rc = col.wait(120)
+        floor_frames, floor_cpu = (0.0, 0.0)
+        if floor is not None:
+            floor_frames, floor_cpu = (float(x) for x in floor.communicate(timeout=60)[0].split())
     finally:
         sim.send_signal(signal.SIGTERM)
-        sim.wait(10)
+        sim.wait(30)
     elapsed = t1 - t0
-    recorded = rows1 - rows0  # rows that reached disk in the window (flush lag evens out)
-    queues = [int(q) for q in re.findall(r"queue=(\d+)", (work / "collector.log").read_text())]
+    offered = n_symbols * 2 * 2 * 10  # streams x 10 frames/s
+    recorded = count_ws_rows(work / "data", wall0, wall1)  # rows received in the window
+    text = (work / "collector.log").read_text()
+    queues = [int(q) for q in re.findall(r"queue=(\d+)", text)]
+    sent = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+    delays = stamp_delays(work / "data", sent)
+    lost = lost_diffs(work / "data")
     disk, raw = bytes_per_message(work / "data")
-    # per message delivered in the window (the floor counts the same streams over the same window)
-    col_us = 1e6 * (cpu1 - cpu0) / max(1, floor_frames * elapsed / args.seconds)
-    floor_us = 1e6 * floor_cpu / max(1, floor_frames)
-    return {"delivered/s": floor_frames / args.seconds, "recorded/s": recorded / elapsed, "collector_us": col_us,
-            "floor_us": floor_us, "ratio": col_us / floor_us if floor_us else float("nan"),
-            "collector_cpu_%": 100 * (cpu1 - cpu0) / elapsed, "peak_rss_MiB": peak / 1024,
-            "max_queue": max(queues or [0]), "disk_B/msg": disk, "zstd19_B/msg": raw, "exit": rc}
+    col_us = 1e6 * (cpu1 - cpu0) / max(1, offered * elapsed)
+    r = {"offered/s": offered, "recorded/s": recorded / elapsed, "collector_us": col_us,
+         "collector_cpu_%": 100 * (cpu1 - cpu0) / elapsed, "peak_rss_MiB": peak / 1024,
+         "max_queue": max(queues or [0]), "last_queue": max(queues[-2:] or [0]),
+         "delay_p50_ms": delays[0], "delay_p99_ms": delays[1], "lost_diffs": lost,
+         "disk_B/msg": disk, "zstd19_B/msg": raw, "exit": rc}
+    if floor_on:
+        floor_us = 1e6 * floor_cpu / max(1, floor_frames)
+        r.update({"floor/s": floor_frames / args.seconds, "floor_us": floor_us,
+                  "ratio": col_us / floor_us if floor_us else float("nan")})
+    r["queue_series"] = queues
+    return r
+
+
+def stamp_delays(root: Path, sent: dict) -> tuple[float, float]:
+    """received_time - the simulator's write time of the same frame (diff rows, whose E
+    names the write), p50 and p99 in ms."""
+    out = []
+    for market in MARKET_NAMES:
+        sent_us = {int(k): v for k, v in sent.get(market, {}).get("sent_us", {}).items()}
+        folder = root / market / "diff_orderbooks"
+        if not sent_us or not folder.exists():
+            continue
+        t = ds.dataset(folder, format="parquet").to_table(columns=["received_time", "event_time"])
+        E = t.column("event_time").to_numpy()
+        rec = t.column("received_time").to_numpy()
+        keys = np.array(sorted(sent_us))
+        vals = np.array([sent_us[k] for k in keys])
+        idx = np.searchsorted(keys, E)
+        ok = (idx < len(keys)) & (keys[np.minimum(idx, len(keys) - 1)] == E)
+        out.append((rec[ok] - vals[idx[ok]]) / 1000)
+    if not out:
+        return float("nan"), float("nan")
+    d = np.concatenate(out)
+    return float(np.percentile(d, 50)), float(np.percentile(d, 99))
+
+
+def lost_diffs(root: Path) -> int:
+    n = 0
+    for market in MARKET_NAMES:
+        folder = root / market / "gaps"
+        if folder.exists():
+            reasons = ds.dataset(folder, format="parquet").to_table(columns=["reason"]).column("reason")
+            n += int(pc.sum(pc.not_equal(reasons, "start")).as_py() or 0)
+    return n
 
 
 def bytes_per_message(root: Path) -> tuple[float, float]:
     """Parquet bytes per diff/partial row, and zstd -19 of the same messages' raw JSON
-    (rebuilt from the rows: Binance's JSON text, one message per line)."""
-    files = [f for m in ("spot", "futures") for k in ("diff_orderbooks", "partial_orderbooks")
-             for f in (root / m / k).rglob("*.parquet")]
+    (rebuilt from a sample of the rows, as Binance's JSON text, one message per line)."""
+    files = [f for m in MARKET_NAMES for k in WS_KINDS for f in (root / m / k).rglob("*.parquet")]
+    if not files:
+        return float("nan"), float("nan")
     rows = sum(ds.dataset(f).count_rows() for f in files)
     disk = sum(f.stat().st_size for f in files)
     sample = ds.dataset(files[:20], format="parquet").to_table().slice(0, 20000).to_pylist()
@@ -141,24 +208,58 @@ def bytes_per_message(root: Path) -> tuple[float, float]:
     return disk / max(1, rows), len(raw) / max(1, len(sample))
 
 
+def sustained(r: dict, args) -> bool:
+    """Kept up: nothing lost, the queue not growing, everything offered recorded."""
+    return (r["lost_diffs"] == 0 and r["exit"] == 0 and r["last_queue"] < args.queue_limit
+            and r["recorded/s"] >= 0.97 * r["offered/s"])
+
+
+def show(label: str, r: dict) -> None:
+    q = r.get("queue_series", [])
+    print(f"{label}: " + "  ".join(f"{k}={v:,.1f}" for k, v in r.items() if k != "queue_series")
+          + f"  queue_series={q[::max(1, len(q) // 12)]}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--symbols", type=int, default=50, help="symbols per market")
     p.add_argument("--seconds", type=float, default=30)
-    p.add_argument("--rate", type=float, default=20, help="engine updates/s per symbol in the simulator")
+    p.add_argument("--warmup", type=float, default=6)
     p.add_argument("--snapshot-interval", type=float, default=60)
+    p.add_argument("--per-connection", type=int, default=100, help="symbols per WebSocket connection")
     p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--no-floor", action="store_true", help="do not run the bare reader beside the collector")
+    p.add_argument("--step", help="comma-separated symbol counts: raise the load until the collector falls behind")
+    p.add_argument("--queue-limit", type=int, default=20_000, help="step mode: a final queue above this is falling behind")
+    p.add_argument("--smoke", action="store_true", help="a short run that fails (exit 1) if anything is lost")
     args = p.parse_args()
-    symbols = [f"S{i:04d}USDT" for i in range(args.symbols)]
+    if args.smoke:
+        args.symbols, args.seconds, args.warmup = 10, 5, 4
+        r = one_run(args, args.symbols, floor_on=True)
+        show("smoke", r)
+        ok = r["lost_diffs"] == 0 and r["exit"] == 0 and r["recorded/s"] > 0 and r["floor/s"] > 0
+        sys.exit(0 if ok else 1)
+    if args.step:
+        last = None
+        for n in (int(x) for x in args.step.split(",")):
+            r = one_run(args, n, floor_on=False)
+            show(f"step {n} symbols/market", r)
+            if not sustained(r, args):
+                print(f"fell behind at {n} symbols per market ({r['offered/s']:,.0f} msgs/s offered)")
+                break
+            last = r
+        print(f"last sustained rate: {last['recorded/s']:,.0f} msgs/s" if last else "no step was sustained")
+        return
     results = []
     for i in range(args.runs):
-        r = one_run(args, symbols)
+        r = one_run(args, args.symbols, floor_on=not args.no_floor)
         results.append(r)
-        print(f"run {i + 1}: " + "  ".join(f"{k}={v:,.1f}" for k, v in r.items()), flush=True)
-    print(f"load: {args.symbols} symbols per market (diff@100ms + depth20@100ms), simulator {args.rate} "
-          f"updates/s/symbol, {args.seconds:.0f} s per run, {args.runs} run(s); medians:")
+        show(f"run {i + 1}", r)
+    print(f"load: {args.symbols} symbols per market (diff@100ms + depth20@100ms, {args.symbols * 40:,} msgs/s), "
+          f"{args.seconds:.0f} s per run, {args.runs} run(s); medians:")
     for k in results[0]:
-        print(f"  {k:16} {statistics.median(r[k] for r in results):,.2f}")
+        if k != "queue_series":
+            print(f"  {k:16} {statistics.median(r[k] for r in results):,.2f}")
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ class FrameProcessor(threading.Thread):
         self.record_start = True
         self.rows_in_segment = 0
         self.build_interval = min(build_interval, flush_interval)
-        self.poll = 0.02
+        self.poll = 0.1  # s; waits only when the queue is empty (frames are stamped by the readers)
         self._idle = threading.Event()  # never set: an interruptible sleep (STOP arrives on the queue)
         self.routes = routes_for(cfg)
         futures = cfg.market.continuity == "futures"

@@ -32,6 +32,7 @@ from aiohttp import WSMsgType, web
 
 from markets import FUTURES, MARKETS, Market
 from simulator.book import Book, IdSource
+from simulator.load import LoadEngine
 from simulator.replay import Capture
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,8 @@ class MarketSim:
     def __init__(self, market: str, symbols: list[str] | None = None, updates_per_s: float = 20.0,
                  seed: int = 1, record: bool = False, ping_interval: float | None = None,
                  pong_timeout: float | None = None, not_trading: tuple[str, ...] = (),
-                 capture: Capture | None = None, replay_speed: float = 1.0, weight_limit: int | None = None):
+                 capture: Capture | None = None, replay_speed: float = 1.0, weight_limit: int | None = None,
+                 load: bool = False):
         self.market: Market = MARKETS[market]
         self.futures = self.market is FUTURES
         self.rng = random.Random(seed)
@@ -115,7 +117,8 @@ class MarketSim:
         self.symbols = [s.upper() for s in (symbols or ["BTCUSDT", "ETHUSDT"])]
         self.not_trading = set(not_trading)
         ids = IdSource(self.futures, self.rng)
-        self.books = {} if capture else {s: Book.create(s, ids, self.rng, self.futures) for s in self.symbols}
+        self.books = {} if capture or load else {s: Book.create(s, ids, self.rng, self.futures) for s in self.symbols}
+        self.load = LoadEngine(self) if load else None  # benchmark traffic (simulator/load.py)
         self.updates_per_s = updates_per_s
         self.replay_speed = replay_speed
         self.record = record
@@ -158,7 +161,8 @@ class MarketSim:
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         self.host = host
-        self._tasks.append(asyncio.create_task(self._replay() if self.capture else self._engine()))
+        engine = self._replay() if self.capture else self.load.run() if self.load else self._engine()
+        self._tasks.append(asyncio.create_task(engine))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -471,6 +475,8 @@ class MarketSim:
             return web.json_response({"code": -1121, "msg": "Invalid symbol."}, status=400, headers=headers)
         if self.capture is not None:
             body = self.capture.snapshots[symbol]
+        elif self.load is not None:
+            body = self.load.snapshot(symbol, limit)
         else:
             book = self.books[symbol]
             snap = {"lastUpdateId": book.last_id}

@@ -1,0 +1,145 @@
+"""Load mode: the simulator as a traffic generator for benchmarks (thousands of symbols).
+
+The normal engine moves real books and renders every frame with orjson, then sends it
+through aiohttp one frame at a time: about 20 µs of simulator CPU per frame, too much to
+drive the collector at tens of thousands of messages per second from the same 2-core
+box. In load mode:
+
+- each stream's payloads come from a small pool of pre-rendered level lists, so a frame
+  is one bytes formatting: ids and times are filled in, everything else is fixed text;
+- update ids stay exactly as Binance chains them (spot `U = previous u + 1`; futures one
+  global counter, chained by `pu`), so the collector's continuity checks see real work;
+- every 10 ms a tenth of the streams emit (each stream every 100 ms), and each
+  connection gets its frames as WebSocket frames built here, in one transport write;
+- `E` is the millisecond of that write, and `sent_us[E]` its exact µs time, from which
+  the benchmark computes each diff's stamp delay (received_time - sent time).
+
+The levels do not evolve as a book would (a rebuilt book is meaningless): this is for
+measuring the collector, never for testing what it records.
+"""
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import TYPE_CHECKING
+
+import orjson
+
+if TYPE_CHECKING:
+    from simulator.server import MarketSim, Stream
+
+POOL = 8
+TICKS_PER_PERIOD = 10  # 10 ms ticks, every stream once per 100 ms
+
+
+def ws_frame(payload: bytes) -> bytes:
+    """An unmasked server-to-client text frame (RFC 6455 section 5.2)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
+
+
+def _levels(rng: random.Random, mid: int, n: int, side: int) -> bytes:
+    return orjson.dumps([[f"{(mid + side * (k + 1)) / 100:.2f}", f"{rng.randrange(1, 50_000) / 1000:.3f}"]
+                         for k in range(n)])
+
+
+class LoadEngine:
+    def __init__(self, sim: "MarketSim"):
+        self.sim = sim
+        self.rng = random.Random(11)
+        self.futures = sim.futures
+        self.global_id = 600_000_000_000
+        self.ids = {s: self.rng.randrange(10_000_000, 900_000_000) for s in sim.symbols}
+        self.templates: dict[str, list[bytes]] = {}
+        self.sent_us: dict[int, int] = {}
+        self.frames = 0
+
+    def _pool(self, s: "Stream") -> list[bytes]:
+        """Pre-rendered payload texts of one stream, with %d slots for ids and times."""
+        pool = self.templates.get(s.name)
+        if pool is not None:
+            return pool
+        mid = self.rng.randrange(10_000, 5_000_000)
+        pool = []
+        for _ in range(POOL):
+            if s.kind == "diff":
+                nb, na = self.rng.randint(0, 4), self.rng.randint(0, 4)
+            else:
+                nb = na = s.levels
+            b, a = _levels(self.rng, mid, nb, -1), _levels(self.rng, mid, na, 1)
+            b, a = b.replace(b"%", b"%%"), a.replace(b"%", b"%%")
+            if self.futures:
+                head = b'{"e":"depthUpdate","E":%d,"T":%d,"s":"' + s.symbol.encode() + b'","U":%d,"u":%d,"pu":%d,'
+            elif s.kind == "diff":
+                head = b'{"e":"depthUpdate","E":%d,"s":"' + s.symbol.encode() + b'","U":%d,"u":%d,'
+            else:
+                head = b'{"lastUpdateId":%d,'
+            keys = (b'"b":', b'"a":') if (self.futures or s.kind == "diff") else (b'"bids":', b'"asks":')
+            pool.append(head + keys[0] + b + b"," + keys[1] + a + b"}")
+        self.templates[s.name] = pool
+        return pool
+
+    def _payload(self, s: "Stream", now_ms: int, k: int) -> bytes:
+        template = self._pool(s)[k % POOL]
+        if self.futures:
+            if s.kind == "diff":
+                self.global_id += self.rng.randint(1, 40)
+                U = s.prev_u + 1 if s.prev_u else self.global_id
+                u = self.global_id
+                out = template % (now_ms, now_ms - 3, U, u, s.prev_u)
+                s.prev_u = u
+                self.ids[s.symbol] = u
+            else:
+                u = self.ids[s.symbol]
+                out = template % (now_ms, now_ms - 3, u, u, u)
+            return out
+        if s.kind == "diff":
+            U = self.ids[s.symbol] + 1
+            u = U + self.rng.randint(0, 3)
+            self.ids[s.symbol] = u
+            return template % (now_ms, U, u)
+        return template % (self.ids[s.symbol],)
+
+    async def run(self) -> None:
+        tick, k = 0, 0
+        next_tick = time.monotonic()
+        while True:
+            next_tick += 0.01
+            await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
+            if self.sim.faults.paused:
+                continue
+            tick = (tick + 1) % TICKS_PER_PERIOD
+            k += 1
+            self.emit(tick, k)
+
+    def emit(self, tick: int, k: int) -> None:
+        """This tick's slice of the streams: one write per connection."""
+        now_ms = int(time.time() * 1000)
+        out: dict = {}
+        for s in self.sim.streams.values():
+            if not s.subscribers or hash(s.name) % TICKS_PER_PERIOD != tick:
+                continue
+            payload = self._payload(s, now_ms, k)
+            wrapped = ws_frame(b'{"stream":"' + s.name.encode() + b'","data":' + payload + b"}")
+            for conn in s.subscribers:
+                out.setdefault(conn, []).append(wrapped if conn.combined else ws_frame(payload))
+        for conn, frames in out.items():
+            if conn.transport is not None and not conn.transport.is_closing():
+                conn.transport.write(b"".join(frames))
+                self.frames += len(frames)
+        self.sent_us.setdefault(now_ms, time.time_ns() // 1000)
+
+    def snapshot(self, symbol: str, limit: int) -> bytes:
+        """A REST depth body at the symbol's current id (fixed levels)."""
+        u = self.ids[symbol] if not self.futures else self.global_id
+        now_ms = int(time.time() * 1000)
+        n = min(limit, 1000)
+        body = b'{"lastUpdateId":%d,' % u
+        if self.futures:
+            body += b'"E":%d,"T":%d,' % (now_ms, now_ms - 2)
+        return body + b'"bids":' + _levels(self.rng, 1_000_000, n, -1) + b',"asks":' + _levels(self.rng, 1_000_000, n, 1) + b"}"
