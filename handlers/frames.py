@@ -148,14 +148,23 @@ class FrameProcessor(threading.Thread):
             if stopping or now >= next_flush or self._rows_held() > MAX_ROWS_HELD:
                 self.end_segment()
                 next_build, next_flush = now + self.build_interval, now + self.flush_interval
+                self._slow("end_segment", now)
             elif now >= next_build:
                 self.build()
                 next_build = now + self.build_interval
+                self._slow("build", now)
             if stopping:
                 if self.journal is not None:
                     self.journal.close()
                 self.outbox.put(STOP)
                 return
+
+    def _slow(self, step: str, since: float) -> None:
+        """Frames wait in the queue while the processor is busy elsewhere: say so."""
+        took = time.monotonic() - since
+        if took > 0.5:
+            self.warn(logging.WARNING, "slow", "processor step %s took %.1fs market=%s queue=%d",
+                      step, took, self.cfg.name, self.inbox.qsize() if self.inbox else 0)
 
     def _take_batch(self, timeout: float) -> list:
         """What the queue holds (up to _BATCH items). When it is empty, wait `poll` seconds

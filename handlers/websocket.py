@@ -82,6 +82,8 @@ class Reader(threading.Thread):
         self.error: str | None = None
         self._ws: websocket.WebSocket | None = None
         self._closing = False
+        self._full_logged = -1e9
+        self._full_count = 0
 
     def run(self) -> None:
         name_os_thread()
@@ -123,9 +125,14 @@ class Reader(threading.Thread):
                 return
 
     def _put(self, item) -> None:
-        """A full queue blocks the reader (TCP back-pressure), loudly; it never drops."""
+        """A full queue blocks the reader (TCP back-pressure), loudly; it never drops.
+        One error line per connection every 10 s, with the count since the last one."""
         self.stats.queue_full += 1
-        log.error("queue full conn=%d size=%d: the processor is behind; reader waits", self.conn_id, self.out.maxsize)
+        now = time.monotonic()
+        if now - self._full_logged >= 10.0:
+            log.error("queue full conn=%d size=%d times=%d: the processor is behind; reader waits",
+                      self.conn_id, self.out.maxsize, self.stats.queue_full - self._full_count)
+            self._full_logged, self._full_count = now, self.stats.queue_full
         self.out.put(item)
 
     def close(self) -> None:
