@@ -20,6 +20,7 @@ from pathlib import Path
 
 import orjson
 import pyarrow.parquet as pq
+import zstandard
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -125,6 +126,8 @@ def stages(market: str, frames: list[bytes], symbols: list[str], repeat: int, wo
 
     out["Parquet ZSTD-9 write"] = timed(write, repeat)
     out["bytes on disk/msg"] = sum((work / f"{market}-{i}.parquet").stat().st_size for i in range(len(tables))) / n
+    # the same messages as Binance sent them (combined-stream JSON, one per line), zstd -19
+    out["zstd -19 of the raw JSON/msg"] = len(zstandard.ZstdCompressor(level=19).compress(b"\n".join(frames))) / n
     return out
 
 
@@ -141,11 +144,12 @@ def main() -> None:
             frames = make_frames(market, symbols, args.seconds)
             r = stages(market, frames, symbols, args.repeat, Path(tmp))
             n = r.pop("frames")
-            size = r.pop("bytes on disk/msg")
+            size, raw = r.pop("bytes on disk/msg"), r.pop("zstd -19 of the raw JSON/msg")
             print(f"{market}: {n} frames ({sum(map(len, frames)) / n:.0f} B avg), µs per message (median of {args.repeat}):")
             for k, v in r.items():
                 print(f"  {k:28} {1e6 * v / n:7.2f}")
-            print(f"  {'bytes on disk per message':28} {size:7.1f}")
+            print(f"  {'Parquet bytes per message':28} {size:7.1f}   (part files of {n} rows)")
+            print(f"  {'zstd -19 of the raw JSON':28} {raw:7.1f}   (ratio {size / raw:.2f})")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,32 @@
+"""The benchmark's smoke run (bench/run.py --smoke): it runs, it prints every figure, and
+the collector loses nothing under it. Figures are never asserted here (shared, noisy
+machines); they live in BENCHMARKS.md."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from tests.helpers import ROOT
+
+
+def test_bench_smoke_runs_and_loses_nothing():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("smoke:"))
+    figures = dict(re.findall(r"(\S+)=([\d,.]+|nan)", line))
+    for key in ("offered/s", "recorded/s", "collector_us", "floor_us", "ratio", "peak_rss_MiB",
+                "delay_p50_ms", "delay_p99_ms", "lost_diffs", "exit"):
+        assert key in figures, key
+    assert figures["lost_diffs"] == "0.0" and figures["exit"] == "0.0"
+    assert float(figures["recorded/s"].replace(",", "")) > 0
+
+
+def test_stage_bench_prints_every_stage():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "stages.py"), "--symbols", "5", "--seconds", "2",
+                          "--repeat", "1"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for stage in ("decode+route+check+append", "levels to Arrow (build)", "Parquet ZSTD-9 write",
+                  "zstd -19 of the raw JSON"):
+        assert out.stdout.count(stage) == 2, stage  # spot and futures
