@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py [--symbols 50] [--seconds 60] [--runs 3] [--no-floor]
     .venv/bin/python bench/run.py --step 250,500,1000,2000 --seconds 60     # the last sustained rate
     .venv/bin/python bench/run.py --smoke                                   # CI: it runs, prints, loses nothing
+    .venv/bin/python bench/run.py --collector /tmp/old-checkout             # the same load on another version
 
 Starts the simulator in load mode (its own process, both markets; simulator/load.py),
 runs collector.py as a subprocess against it and, over the same window, bench/floor.py
@@ -115,7 +116,8 @@ def one_run(args, n_symbols: int, floor_on: bool) -> dict:
             wait_port(port)
         cfg, urls = write_config(work, ports, symbols, args)
         log = open(work / "collector.log", "wb")
-        col = subprocess.Popen([sys.executable, str(ROOT / "collector.py"), "--config", str(cfg)], cwd=work, stderr=log)
+        col = subprocess.Popen([sys.executable, str(args.collector / "collector.py"), "--config", str(cfg)],
+                               cwd=work, stderr=log)
         time.sleep(args.warmup)  # start-up (exchangeInfo, connections, first snapshots) is not steady state
         floor = None
         if floor_on:
@@ -232,6 +234,8 @@ def main() -> None:
     p.add_argument("--step", help="comma-separated symbol counts: raise the load until the collector falls behind")
     p.add_argument("--queue-limit", type=int, default=20_000, help="step mode: a final queue above this is falling behind")
     p.add_argument("--smoke", action="store_true", help="a short run that fails (exit 1) if anything is lost")
+    p.add_argument("--collector", type=Path, default=ROOT,
+                   help="folder of the collector.py to run (e.g. a worktree of an older commit, for a before/after)")
     args = p.parse_args()
     if args.smoke:
         args.symbols, args.seconds, args.warmup = 10, 5, 4

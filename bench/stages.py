@@ -30,8 +30,10 @@ from config import MarketConfig  # noqa: E402
 from handlers.frames import DIFF, PARTIAL, FrameProcessor  # noqa: E402
 from markets import MARKETS  # noqa: E402
 from simulator.book import Book, IdSource  # noqa: E402
+from storage.compact import ROW_GROUP  # noqa: E402
 from storage.files import parquet_options  # noqa: E402
 from storage.journal import WS, Journal  # noqa: E402
+from storage.schemas import SORT_KEYS  # noqa: E402
 
 
 def make_frames(market: str, symbols: list[str], seconds: float, updates_per_s: float = 20) -> list[bytes]:
@@ -122,10 +124,18 @@ def stages(market: str, frames: list[bytes], symbols: list[str], repeat: int, wo
 
     def write() -> None:
         for i, t in enumerate(tables):
-            pq.write_table(t, work / f"{market}-{i}.parquet", **parquet_options(9))
+            pq.write_table(t, work / f"{market}-{i}.parquet", **parquet_options(9, t.schema))
 
     out["Parquet ZSTD-9 write"] = timed(write, repeat)
     out["bytes on disk/msg"] = sum((work / f"{market}-{i}.parquet").stat().st_size for i in range(len(tables))) / n
+    # as a compacted day file: rows ordered by symbol then time, large row groups
+    day = 0
+    for kind, t in built[-1]:
+        if kind in (DIFF, PARTIAL):
+            t = t.sort_by([(k, "ascending") for k in SORT_KEYS[kind]])
+            pq.write_table(t, work / f"{market}-day.parquet", row_group_size=ROW_GROUP, **parquet_options(9, t.schema))
+            day += (work / f"{market}-day.parquet").stat().st_size
+    out["day file bytes/msg"] = day / n
     # the same messages as Binance sent them (combined-stream JSON, one per line), zstd -19
     out["zstd -19 of the raw JSON/msg"] = len(zstandard.ZstdCompressor(level=19).compress(b"\n".join(frames))) / n
     return out
@@ -145,11 +155,13 @@ def main() -> None:
             r = stages(market, frames, symbols, args.repeat, Path(tmp))
             n = r.pop("frames")
             size, raw = r.pop("bytes on disk/msg"), r.pop("zstd -19 of the raw JSON/msg")
+            day = r.pop("day file bytes/msg")
             print(f"{market}: {n} frames ({sum(map(len, frames)) / n:.0f} B avg), µs per message (median of {args.repeat}):")
             for k, v in r.items():
                 print(f"  {k:28} {1e6 * v / n:7.2f}")
             print(f"  {'Parquet bytes per message':28} {size:7.1f}   (part files of {n} rows)")
-            print(f"  {'zstd -19 of the raw JSON':28} {raw:7.1f}   (ratio {size / raw:.2f})")
+            print(f"  {'Parquet bytes, as a day file':28} {day:7.1f}   (sorted by symbol, time)")
+            print(f"  {'zstd -19 of the raw JSON':28} {raw:7.1f}   (part {size / raw:.2f}x, day {day / raw:.2f}x)")
 
 
 if __name__ == "__main__":

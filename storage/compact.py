@@ -76,7 +76,7 @@ def compact_day(kind_dir: Path, day: str, kind: str, compression_level: int,
         if size <= memory_budget:
             table = _sorted(pa.concat_tables([f.read() for f in files]), kind)
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-            pq.write_table(table, tmp, row_group_size=ROW_GROUP, **parquet_options(compression_level))
+            pq.write_table(table, tmp, row_group_size=ROW_GROUP, **parquet_options(compression_level, table.schema))
         else:
             _compact_in_buckets(files, tmp, kind, compression_level, buckets=-(-size // memory_budget),
                                 metadata=metadata, scratch=kind_dir / f".{day}.compact")
@@ -136,7 +136,7 @@ def _compact_in_buckets(files, tmp: Path, kind: str, level: int, buckets: int,
         for w in writers.values():
             w.close()
         out_schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
-        with pq.ParquetWriter(tmp, out_schema, **parquet_options(level)) as out:
+        with pq.ParquetWriter(tmp, out_schema, **parquet_options(level, out_schema)) as out:
             for b in sorted(writers):
                 table = _sorted(pq.read_table(scratch / f"bucket-{b}.tmp"), kind)
                 out.write_table(table.cast(out_schema), row_group_size=ROW_GROUP)
