@@ -66,5 +66,7 @@ def check_run(sim_market, data_dir, snapshot_within_s: float = 5.0, allow_gaps: 
     reasons = Counter(g["reason"] for g in gaps)
     if not allow_gaps:
         assert set(reasons) == {"start"}, f"{market}: unexpected gaps {reasons}"
-    return {"diffs_on_disk": len(on_disk), "delivered": len(delivered), "not_recorded": not_recorded,
-            "gaps": dict(reasons), "snapshots": len(snaps)}
+    seen = {"diffs_on_disk": len(on_disk), "delivered": len(delivered), "not_recorded": not_recorded,
+            "dropped_by_fault": len(sim_market.dropped), "gaps": dict(reasons), "snapshots": len(snaps)}
+    print(f"{market}: {seen}")  # shown with -s: what each fault test saw, for the record
+    return seen
