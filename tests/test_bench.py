@@ -30,3 +30,11 @@ def test_stage_bench_prints_every_stage():
     for stage in ("decode+route+check+append", "levels to Arrow (build)", "Parquet ZSTD-9 write",
                   "zstd -19 of the raw JSON"):
         assert out.stdout.count(stage) == 2, stage  # spot and futures
+
+
+def test_encoding_bench_prints_every_candidate():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "encodings.py"), "--symbols", "3", "--seconds", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("+ delta for int64") == 4  # two kinds in two markets
+    assert "raw JSON at zstd -19" in out.stdout
