@@ -203,3 +203,23 @@ def test_report_png_has_its_panels(recorded, tmp_path):
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size[0] >= 800 and im.size[1] >= 1000
     assert "diffs:" in summary and "receive latency p50" in summary and "gaps: " in summary
+
+
+def test_a_snapshot_is_compared_after_the_diff_that_ends_at_its_id():
+    """A snapshot with lastUpdateId L holds the diff ending at L: a synced book is compared
+    with it after applying that diff (verify once compared before, and disagreed)."""
+    from tools.verify import _rebuild
+
+    def snap(L, bids):
+        return {"lastUpdateId": L, "bid_prices": [p for p, _ in bids], "bid_sizes": [q for _, q in bids],
+                "ask_prices": [200.0], "ask_sizes": [1.0]}
+
+    def diff(U, u, pu, bids):
+        return {"first_update_id": U, "final_update_id": u, "prev_final_update_id": pu,
+                "bid_prices": [p for p, _ in bids], "bid_sizes": [q for _, q in bids], "ask_prices": [], "ask_sizes": []}
+
+    chain = [diff(5, 10, 4, [(100.0, 1.0)]), diff(11, 20, 10, [(99.0, 2.0)]), diff(21, 30, 20, [(99.0, 3.0)])]
+    snaps = [snap(10, [(100.0, 1.0)]), snap(30, [(99.0, 3.0), (100.0, 1.0)])]
+    out = _rebuild(chain, snaps, [], futures=True)
+    assert out["snapshots_compared"] == 1
+    assert out["snapshot_levels_same"] == out["snapshot_levels_compared"] == 3  # 99.0 at 3.0, 100.0 and the ask

@@ -54,10 +54,15 @@ def verify_symbol(diffs: list, snaps: list, partials: list, gaps: list, futures:
 
 
 def _rebuild(chain: list, snaps: list, partials: list, futures: bool) -> dict:
+    # A snapshot with lastUpdateId L holds every event up to L: it (re)starts an unsynced
+    # book before the diff ending at L (which joins it), but a synced book is compared
+    # with it only after that diff is applied.
     events = [(s["lastUpdateId"], 0, "snapshot", s) for s in snaps]
+    events += [(s["lastUpdateId"], 1.5, "check", s) for s in snaps]
     events += [(d["final_update_id"], 1, "diff", d) for d in chain]
     events += [(p["final_update_id"], 2, "partial", p) for p in partials]
     events.sort(key=lambda e: (e[0], e[1]))
+    to_check: set[int] = set()
     book = Book(futures)
     out = {"snapshot_levels_same": 0, "snapshot_levels_compared": 0, "snapshots_compared": 0,
            "partial_frames_compared": 0, "partial_frames_identical": 0, "crossed": 0, "negative": 0,
@@ -66,12 +71,16 @@ def _rebuild(chain: list, snaps: list, partials: list, futures: bool) -> dict:
         levels = (row["bid_prices"], row["bid_sizes"], row["ask_prices"], row["ask_sizes"])
         if what == "snapshot":
             if book.synced:
+                to_check.add(id(row))
+            else:
+                book.reset(row["lastUpdateId"], *levels)
+            continue
+        if what == "check":
+            if id(row) in to_check and book.synced:
                 same, total = agreement(book, *levels)
                 out["snapshot_levels_same"] += same
                 out["snapshot_levels_compared"] += total
                 out["snapshots_compared"] += 1
-            else:
-                book.reset(row["lastUpdateId"], *levels)
             continue
         if what == "partial":
             if book.synced and book.last_u == row["final_update_id"]:
