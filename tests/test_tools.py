@@ -8,6 +8,8 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from simulator import Simulator
 from simulator.server import load_capture
@@ -223,3 +225,19 @@ def test_a_snapshot_is_compared_after_the_diff_that_ends_at_its_id():
     out = _rebuild(chain, snaps, [], futures=True)
     assert out["snapshots_compared"] == 1
     assert out["snapshot_levels_same"] == out["snapshot_levels_compared"] == 3  # 99.0 at 3.0, 100.0 and the ask
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(90, 110), st.sampled_from([0.0, 1.0, 2.0, -1.0])), max_size=60))
+def test_book_crossed_and_negative_agree_with_a_full_scan(ops):
+    """The cached best prices and the per-diff negative count give what a scan of the
+    whole book gives, after every diff."""
+    from tools.book import Book
+
+    book = Book(futures=True)
+    book.reset(1, [95.0], [1.0], [105.0], [1.0])
+    for i, (bid, price, qty) in enumerate(ops):
+        side = ([float(price)], [qty], [], []) if bid else ([], [], [float(price)], [qty])
+        book.apply(i + 2, *side)
+        full = bool(book.bids and book.asks) and max(book.bids) >= min(book.asks)
+        assert book.crossed() == full
+        assert book.negative() == (qty < 0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 class Book:
-    __slots__ = ("bids", "asks", "last_u", "synced", "snapshot_id", "futures")
+    __slots__ = ("bids", "asks", "last_u", "synced", "snapshot_id", "futures", "_best_bid", "_best_ask", "negatives")
 
     def __init__(self, futures: bool):
         self.futures = futures
@@ -13,11 +13,18 @@ class Book:
         self.last_u: int | None = None
         self.snapshot_id: int | None = None
         self.synced = False  # a diff joined the snapshot and the chain has held since
+        # best prices cached between diffs (None: recompute); verify checks every diff for a
+        # crossed book, and a full scan per diff made it quadratic in the book's depth
+        self._best_bid: float | None = None
+        self._best_ask: float | None = None
+        self.negatives = 0  # negative sizes the last reset() or apply() brought in
 
     def reset(self, last_update_id: int, bid_p, bid_s, ask_p, ask_s) -> None:
         self.bids = dict(zip(bid_p, bid_s, strict=True))
         self.asks = dict(zip(ask_p, ask_s, strict=True))
         self.snapshot_id, self.last_u, self.synced = last_update_id, last_update_id, False
+        self._best_bid = self._best_ask = None
+        self.negatives = sum(1 for q in bid_s if q < 0) + sum(1 for q in ask_s if q < 0)
 
     def offer(self, U: int, u: int, pu: int | None) -> str:
         """How a diff relates to the book: 'stale' (skip), 'apply', or 'gap' (resync needed)."""
@@ -35,12 +42,29 @@ class Book:
         return "apply" if linked else "gap"
 
     def apply(self, u: int, bid_p, bid_s, ask_p, ask_s) -> None:
-        for side, prices, sizes in ((self.bids, bid_p, bid_s), (self.asks, ask_p, ask_s)):
-            for p, q in zip(prices, sizes, strict=True):
-                if q == 0:
-                    side.pop(p, None)
-                else:
-                    side[p] = q
+        negatives = 0
+        best_bid, best_ask = self._best_bid, self._best_ask
+        for p, q in zip(bid_p, bid_s, strict=True):
+            if q == 0:
+                self.bids.pop(p, None)
+                if p == best_bid:
+                    best_bid = None
+            else:
+                self.bids[p] = q
+                negatives += q < 0
+                if best_bid is not None and p > best_bid:
+                    best_bid = p
+        for p, q in zip(ask_p, ask_s, strict=True):
+            if q == 0:
+                self.asks.pop(p, None)
+                if p == best_ask:
+                    best_ask = None
+            else:
+                self.asks[p] = q
+                negatives += q < 0
+                if best_ask is not None and p < best_ask:
+                    best_ask = p
+        self._best_bid, self._best_ask, self.negatives = best_bid, best_ask, negatives
         self.last_u, self.synced = u, True
 
     def top(self, n: int) -> tuple[list, list]:
@@ -49,10 +73,17 @@ class Book:
         return bids, asks
 
     def crossed(self) -> bool:
-        return bool(self.bids and self.asks) and max(self.bids) >= min(self.asks)
+        if not (self.bids and self.asks):
+            return False
+        if self._best_bid is None:
+            self._best_bid = max(self.bids)
+        if self._best_ask is None:
+            self._best_ask = min(self.asks)
+        return self._best_bid >= self._best_ask
 
     def negative(self) -> bool:
-        return any(q < 0 for q in self.bids.values()) or any(q < 0 for q in self.asks.values())
+        """Whether the last reset() or apply() brought in a negative size."""
+        return self.negatives > 0
 
 
 def agreement(book: Book, bid_p, bid_s, ask_p, ask_s) -> tuple[int, int]:
