@@ -57,11 +57,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
-def peak_rss_kib(pid: int) -> int:
+def peak_rss_kib(pid: int, key: str = "VmHWM") -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1])
     return 0
+
+
+def rss_kib(pid: int) -> int:
+    return peak_rss_kib(pid, "VmRSS")
 
 
 def wait_port(port: int, timeout: float = 30) -> None:
@@ -124,7 +128,10 @@ def one_run(args, n_symbols: int, floor_on: bool) -> dict:
             floor = subprocess.Popen([sys.executable, str(ROOT / "bench" / "floor.py"), str(args.seconds), *urls],
                                      stdout=subprocess.PIPE, text=True)
         cpu0, t0, wall0 = cpu_seconds(col.pid), time.monotonic(), time.time_ns() // 1000
-        time.sleep(args.seconds)
+        rss_series = []  # MiB, sampled through the window (a leak shows as a climb)
+        while time.monotonic() < t0 + args.seconds:
+            time.sleep(min(args.rss_every, max(0.0, t0 + args.seconds - time.monotonic())))
+            rss_series.append(round(rss_kib(col.pid) / 1024))
         cpu1, t1, wall1 = cpu_seconds(col.pid), time.monotonic(), time.time_ns() // 1000
         peak = peak_rss_kib(col.pid)
         col.send_signal(signal.SIGTERM)
@@ -155,6 +162,7 @@ def one_run(args, n_symbols: int, floor_on: bool) -> dict:
         r.update({"floor/s": floor_frames / args.seconds, "floor_us": floor_us,
                   "ratio": col_us / floor_us if floor_us else float("nan")})
     r["queue_series"] = queues
+    r["rss_series"] = rss_series
     return r
 
 
@@ -216,10 +224,12 @@ def sustained(r: dict, args) -> bool:
             and r["recorded/s"] >= 0.97 * r["offered/s"])
 
 
+SERIES = ("queue_series", "rss_series")
+
+
 def show(label: str, r: dict) -> None:
-    q = r.get("queue_series", [])
-    print(f"{label}: " + "  ".join(f"{k}={v:,.1f}" for k, v in r.items() if k != "queue_series")
-          + f"  queue_series={q[::max(1, len(q) // 12)]}", flush=True)
+    print(f"{label}: " + "  ".join(f"{k}={v:,.1f}" for k, v in r.items() if k not in SERIES)
+          + "".join(f"  {k}={r[k][::max(1, len(r[k]) // 12)]}" for k in SERIES), flush=True)
 
 
 def main() -> None:
@@ -230,6 +240,7 @@ def main() -> None:
     p.add_argument("--snapshot-interval", type=float, default=60)
     p.add_argument("--per-connection", type=int, default=100, help="symbols per WebSocket connection")
     p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--rss-every", type=float, default=5.0, help="seconds between RSS samples in the window")
     p.add_argument("--no-floor", action="store_true", help="do not run the bare reader beside the collector")
     p.add_argument("--step", help="comma-separated symbol counts: raise the load until the collector falls behind")
     p.add_argument("--queue-limit", type=int, default=20_000, help="step mode: a final queue above this is falling behind")
@@ -262,7 +273,7 @@ def main() -> None:
     print(f"load: {args.symbols} symbols per market (diff@100ms + depth20@100ms, {args.symbols * 40:,} msgs/s), "
           f"{args.seconds:.0f} s per run, {args.runs} run(s); medians:")
     for k in results[0]:
-        if k != "queue_series":
+        if k not in SERIES:
             print(f"  {k:16} {statistics.median(r[k] for r in results):,.2f}")
 
 
