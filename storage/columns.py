@@ -83,44 +83,32 @@ class DepthColumns:
         self._clear_flat()
 
     def _clear_rows(self) -> None:
-        self.cols: tuple[list, ...] = tuple([] for _ in range(9))
+        self.rows: list[tuple] = []        # the seven scalars of each row
+        self.rbids: list = []
+        self.rasks: list = []
 
     def _clear_flat(self) -> None:
-        self.fcols: tuple[list, ...] = tuple([] for _ in range(7))
+        self.frows: list[tuple] = []
         self.bflat: list[str] = []
         self.aflat: list[str] = []
         self.bn: list[int] = []
         self.an: list[int] = []
 
     def __len__(self) -> int:
-        return len(self.cols[0]) + len(self.fcols[0]) + self.chunk_rows
+        return len(self.rows) + len(self.frows) + self.chunk_rows
 
     def append(self, received, event, symbol, first, final, prev, ttime, bids, asks) -> None:
-        if self.fcols[0]:
+        if self.frows:
             self._flat_to_chunk()
-        c = self.cols
-        c[0].append(received)
-        c[1].append(event)
-        c[2].append(symbol)
-        c[3].append(first)
-        c[4].append(final)
-        c[5].append(prev)
-        c[6].append(ttime)
-        c[7].append(bids)
-        c[8].append(asks)
+        self.rows.append((received, event, symbol, first, final, prev, ttime))
+        self.rbids.append(bids)
+        self.rasks.append(asks)
 
     def append_pairs(self, received, event, symbol, first, final, prev, ttime,
                      bids: list[tuple[str, str]], asks: list[tuple[str, str]]) -> None:
-        if self.cols[0]:
+        if self.rows:
             self._rows_to_chunk()
-        c = self.fcols
-        c[0].append(received)
-        c[1].append(event)
-        c[2].append(symbol)
-        c[3].append(first)
-        c[4].append(final)
-        c[5].append(prev)
-        c[6].append(ttime)
+        self.frows.append((received, event, symbol, first, final, prev, ttime))
         self.bflat.extend(_chain(bids))
         self.aflat.extend(_chain(asks))
         self.bn.append(len(bids))
@@ -131,48 +119,48 @@ class DepthColumns:
     def take(self) -> tuple[pa.Table, list[tuple]]:
         """Return (table, dropped) and empty the buffer; dropped lists the scalar
         values of rows whose levels were malformed."""
-        if self.cols[0]:
+        if self.rows:
             self._rows_to_chunk()
-        if self.fcols[0] or not self.chunks:
+        if self.frows or not self.chunks:
             self._flat_to_chunk()
         chunks, dropped = self.chunks, self.dropped
         self.chunks, self.chunk_rows, self.dropped = [], 0, []
         table = chunks[0] if len(chunks) == 1 else pa.concat_tables(chunks)
         return table, dropped
 
-    def _add_chunk(self, scalars, levels: list[pa.Array]) -> None:
+    def _add_chunk(self, rows: list[tuple], levels: list[pa.Array]) -> None:
+        scalars = list(zip(*rows, strict=True)) if rows else [()] * 7
         arrays = [pa.array(col, type=self.schema.field(i).type) for i, col in enumerate(scalars)]
         table = pa.Table.from_arrays(arrays + levels, schema=self.schema)
         self.chunks.append(table)
         self.chunk_rows += table.num_rows
 
     def _flat_to_chunk(self) -> None:
-        cols, bflat, aflat, bn, an = self.fcols, self.bflat, self.aflat, self.bn, self.an
+        rows, bflat, aflat, bn, an = self.frows, self.bflat, self.aflat, self.bn, self.an
         self._clear_flat()
         try:
             levels = [*_flat_levels(bflat, bn), *_flat_levels(aflat, an)]
         except (ValueError, pa.ArrowException):
             # a price or size that is not a decimal number: back to pairs, row by row
-            rows = _unflatten(bflat, bn), _unflatten(aflat, an)
-            self._rows_to_chunk(tuple(cols) + rows)
+            self._rows_to_chunk(rows, _unflatten(bflat, bn), _unflatten(aflat, an))
             return
-        self._add_chunk(cols, levels)
+        self._add_chunk(rows, levels)
 
-    def _rows_to_chunk(self, cols: tuple[list, ...] | None = None) -> None:
-        if cols is None:
-            cols = self.cols
+    def _rows_to_chunk(self, rows: list[tuple] | None = None, bids: list | None = None, asks: list | None = None) -> None:
+        if rows is None:
+            rows, bids, asks = self.rows, self.rbids, self.rasks
             self._clear_rows()
         try:
-            bid_p, bid_s = levels_to_arrow(cols[7])
-            ask_p, ask_s = levels_to_arrow(cols[8])
+            bid_p, bid_s = levels_to_arrow(bids)
+            ask_p, ask_s = levels_to_arrow(asks)
         except (ValueError, TypeError, pa.ArrowException):
-            keep = [i for i in range(len(cols[0])) if levels_ok(cols[7][i]) and levels_ok(cols[8][i])]
+            keep = [i for i in range(len(rows)) if levels_ok(bids[i]) and levels_ok(asks[i])]
             kept = set(keep)
-            self.dropped += [tuple(col[i] for col in cols[:7]) for i in range(len(cols[0])) if i not in kept]
-            cols = tuple([col[i] for i in keep] for col in cols)
-            bid_p, bid_s = levels_to_arrow(cols[7])
-            ask_p, ask_s = levels_to_arrow(cols[8])
-        self._add_chunk(cols[:7], [bid_p, bid_s, ask_p, ask_s])
+            self.dropped += [rows[i] for i in range(len(rows)) if i not in kept]
+            rows, bids, asks = [rows[i] for i in keep], [bids[i] for i in keep], [asks[i] for i in keep]
+            bid_p, bid_s = levels_to_arrow(bids)
+            ask_p, ask_s = levels_to_arrow(asks)
+        self._add_chunk(rows, [bid_p, bid_s, ask_p, ask_s])
 
 
 def _flat_levels(flat: list[str], counts: list[int]) -> tuple[pa.Array, pa.Array]:
