@@ -42,29 +42,9 @@ class Book:
         return "apply" if linked else "gap"
 
     def apply(self, u: int, bid_p, bid_s, ask_p, ask_s) -> None:
-        negatives = 0
-        best_bid, best_ask = self._best_bid, self._best_ask
-        for p, q in zip(bid_p, bid_s, strict=True):
-            if q == 0:
-                self.bids.pop(p, None)
-                if p == best_bid:
-                    best_bid = None
-            else:
-                self.bids[p] = q
-                negatives += q < 0
-                if best_bid is not None and p > best_bid:
-                    best_bid = p
-        for p, q in zip(ask_p, ask_s, strict=True):
-            if q == 0:
-                self.asks.pop(p, None)
-                if p == best_ask:
-                    best_ask = None
-            else:
-                self.asks[p] = q
-                negatives += q < 0
-                if best_ask is not None and p < best_ask:
-                    best_ask = p
-        self._best_bid, self._best_ask, self.negatives = best_bid, best_ask, negatives
+        self._best_bid, neg_bids = _apply_side(self.bids, bid_p, bid_s, self._best_bid, 1)
+        self._best_ask, neg_asks = _apply_side(self.asks, ask_p, ask_s, self._best_ask, -1)
+        self.negatives = neg_bids + neg_asks
         self.last_u, self.synced = u, True
 
     def top(self, n: int) -> tuple[list, list]:
@@ -84,6 +64,24 @@ class Book:
     def negative(self) -> bool:
         """Whether the last reset() or apply() brought in a negative size."""
         return self.negatives > 0
+
+
+def _apply_side(side: dict, prices, sizes, best: float | None, sign: int) -> tuple[float | None, int]:
+    """Apply one side's levels; returns the side's best price (None: unknown, recomputed
+    when asked) and the number of negative sizes applied. `sign` is 1 for bids (higher is
+    better), -1 for asks."""
+    negatives = 0
+    for p, q in zip(prices, sizes, strict=True):
+        if q == 0:
+            side.pop(p, None)
+            if p == best:
+                best = None
+        else:
+            side[p] = q
+            negatives += q < 0
+            if best is not None and sign * (p - best) > 0:
+                best = p
+    return best, negatives
 
 
 def agreement(book: Book, bid_p, bid_s, ask_p, ask_s) -> tuple[int, int]:

@@ -62,7 +62,6 @@ def _rebuild(chain: list, snaps: list, partials: list, futures: bool) -> dict:
     events += [(d["final_update_id"], 1, "diff", d) for d in chain]
     events += [(p["final_update_id"], 2, "partial", p) for p in partials]
     events.sort(key=lambda e: (e[0], e[1]))
-    to_check: set[int] = set()
     book = Book(futures)
     out = {"snapshot_levels_same": 0, "snapshot_levels_compared": 0, "snapshots_compared": 0,
            "partial_frames_compared": 0, "partial_frames_identical": 0, "crossed": 0, "negative": 0,
@@ -70,13 +69,12 @@ def _rebuild(chain: list, snaps: list, partials: list, futures: bool) -> dict:
     for _, _, what, row in events:
         levels = (row["bid_prices"], row["bid_sizes"], row["ask_prices"], row["ask_sizes"])
         if what == "snapshot":
-            if book.synced:
-                to_check.add(id(row))
-            else:
+            if not book.synced:
                 book.reset(row["lastUpdateId"], *levels)
             continue
         if what == "check":
-            if id(row) in to_check and book.synced:
+            # a book synced from an earlier snapshot (not from this one, nor reset since)
+            if book.synced and book.snapshot_id != row["lastUpdateId"]:
                 same, total = agreement(book, *levels)
                 out["snapshot_levels_same"] += same
                 out["snapshot_levels_compared"] += total
