@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import queue
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -22,10 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from stages import make_frames, market_config  # noqa: E402
+from stages import make_frames, market_config, run_processor  # noqa: E402
 
 from collector import tune_gc  # noqa: E402
-from handlers.frames import DIFF, PARTIAL, FrameProcessor  # noqa: E402
+from handlers.frames import DIFF, PARTIAL  # noqa: E402
 from storage.journal import WS  # noqa: E402
 
 INTS = ["received_time", "event_time", "first_update_id", "final_update_id", "prev_final_update_id", "transaction_time"]
@@ -43,9 +41,7 @@ CANDIDATES = {
 def tables(market: str, symbols: list[str], seconds: float) -> tuple[dict, list[bytes]]:
     frames = make_frames(market, symbols, seconds)
     items = [(WS, 1_764_000_000_000_000 + i * 50, 1, f) for i, f in enumerate(frames)]
-    p = FrameProcessor(market_config(market, symbols), None, queue.Queue(), flush_interval=30, now_us=time.time_ns)
-    for i in range(0, len(items), 2048):
-        p._handle(items[i:i + 2048])
+    p = run_processor(market_config(market, symbols), items)
     p.build()
     out: dict = {}
     while not p.outbox.empty():

@@ -83,6 +83,16 @@ def market_config(market: str, symbols: list[str]) -> MarketConfig:
                         symbols_per_connection=50)
 
 
+def run_processor(cfg: MarketConfig, items: list, journal: Journal | None = None) -> FrameProcessor:
+    """The real processor fed `items` (as readers queue them) in its own batch size, no thread."""
+    p = FrameProcessor(cfg, None, queue.Queue(), flush_interval=30, now_us=time.time_ns, journal=journal)
+    for i in range(0, len(items), 2048):
+        p._handle(items[i:i + 2048])
+        if journal is not None:
+            journal.sync()
+    return p
+
+
 def timed(fn, repeat: int) -> float:
     runs = []
     for _ in range(repeat):
@@ -100,14 +110,8 @@ def stages(market: str, frames: list[bytes], symbols: list[str], repeat: int, wo
     out["orjson.loads"] = timed(lambda: [orjson.loads(f) for f in frames], repeat)
 
     def process(journal: bool) -> FrameProcessor:
-        outbox: queue.Queue = queue.Queue()
         jr = Journal(work / f"j-{market}", run_id=time.time_ns(), sync_every=0.0) if journal else None
-        p = FrameProcessor(cfg, None, outbox, flush_interval=30, now_us=time.time_ns, journal=jr)
-        for i in range(0, n, 2048):
-            p._handle(items[i:i + 2048])
-            if jr is not None:
-                jr.sync()
-        return p
+        return run_processor(cfg, items, jr)
 
     out["decode+route+check+append"] = timed(lambda: process(False), repeat)
     out["... + journal"] = timed(lambda: process(True), repeat)
