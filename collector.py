@@ -37,6 +37,7 @@ import config as config_mod
 from handlers.exchange import ExchangeUnavailable, check_symbols, fetch_exchange_info, weight_limit
 from handlers.frames import FrameProcessor
 from handlers.snapshots import Snapshotter, WeightBudget
+from handlers.stamped import wall_us
 from handlers.websocket import AttemptLimiter, StreamBatch, combined_url
 from service import metrics
 from service import status as state_file
@@ -55,8 +56,7 @@ _M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.ini"
 
 
-def now_us() -> int:
-    return time.time_ns() // 1000
+now_us = wall_us  # the local clock in µs; readers stamp frames with the kernel's reading of it
 
 
 class JournalFormatter(logging.Formatter):

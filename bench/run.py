@@ -148,7 +148,7 @@ def one_run(args, n_symbols: int, floor_on: bool) -> dict:
     text = (work / "collector.log").read_text()
     queues = [int(q) for q in re.findall(r"queue=(\d+)", text)]
     sent = json.loads(stats_file.read_text()) if stats_file.exists() else {}
-    delays = stamp_delays(work / "data", sent)
+    delays = stamp_delays(work / "data", sent, wall0, wall1)
     lost = lost_diffs(work / "data")
     disk, raw = bytes_per_message(work / "data")
     col_us = 1e6 * (cpu1 - cpu0) / max(1, offered * elapsed)
@@ -166,9 +166,9 @@ def one_run(args, n_symbols: int, floor_on: bool) -> dict:
     return r
 
 
-def stamp_delays(root: Path, sent: dict) -> tuple[float, float]:
+def stamp_delays(root: Path, sent: dict, since_us: int, until_us: int) -> tuple[float, float]:
     """received_time - the simulator's write time of the same frame (diff rows, whose E
-    names the write), p50 and p99 in ms."""
+    names the write, received in the measured window), p50 and p99 in ms."""
     out = []
     for market in MARKET_NAMES:
         sent_us = {int(k): v for k, v in sent.get(market, {}).get("sent_us", {}).items()}
@@ -181,7 +181,7 @@ def stamp_delays(root: Path, sent: dict) -> tuple[float, float]:
         keys = np.array(sorted(sent_us))
         vals = np.array([sent_us[k] for k in keys])
         idx = np.searchsorted(keys, E)
-        ok = (idx < len(keys)) & (keys[np.minimum(idx, len(keys) - 1)] == E)
+        ok = (idx < len(keys)) & (keys[np.minimum(idx, len(keys) - 1)] == E) & (rec >= since_us) & (rec < until_us)
         out.append((rec[ok] - vals[idx[ok]]) / 1000)
     if not out:
         return float("nan"), float("nan")

@@ -3,6 +3,8 @@ per open connection.
 
 A reader does the least work possible per frame (STYLE rule 5): `recv_data()`, stamp
 `received_time` in µs, put `(WS, received_us, conn_id, bytes)` on the market's queue.
+The stamp is the kernel's receive time of the read that completed the frame
+(`handlers.stamped`): exact even while the interpreter is busy elsewhere.
 websocket-client answers server pings itself inside `recv_data()` with the ping's
 payload, as Binance requires; the socket timeout is the dead-connection detector (an
 active depth stream is never quiet for `ws_dead_after` seconds).
@@ -23,6 +25,7 @@ from typing import Callable
 
 import websocket
 
+from handlers import stamped
 from handlers.backoff import backoff_delay
 from service.threads import name_os_thread
 from storage.journal import WS
@@ -45,7 +48,7 @@ class ReadAhead:
     This serves its reads from one large read instead; `raw_recv` is the library's own
     socket read (timeouts and closed sockets are reported as it always does)."""
 
-    def __init__(self, raw_recv: Callable[[int], bytes], size: int = 1 << 18):
+    def __init__(self, raw_recv: Callable[[int], bytes], size: int = 1 << 14):
         self.raw_recv, self.size = raw_recv, size
         self.buf = b""
         self.pos = 0
@@ -81,6 +84,7 @@ class Reader(threading.Thread):
         self.started_at = time.monotonic()
         self.error: str | None = None
         self._ws: websocket.WebSocket | None = None
+        self._sock: stamped.StampedSocket | None = None
         self._closing = False
         self._full_logged = -1e9
         self._full_count = 0
@@ -88,8 +92,10 @@ class Reader(threading.Thread):
     def run(self) -> None:
         name_os_thread()
         try:
+            self._sock = stamped.connect(self.url, self.dead_after)
             self._ws = websocket.create_connection(
-                self.url, timeout=self.dead_after, skip_utf8_validation=True, enable_multithread=True)
+                self.url, timeout=self.dead_after, socket=self._sock, skip_utf8_validation=True,
+                enable_multithread=True)
             read_ahead(self._ws)
             if self._closing:
                 return
@@ -106,10 +112,12 @@ class Reader(threading.Thread):
 
     def _read(self, ws: websocket.WebSocket) -> None:
         recv, now_us, put, out = ws.recv_data, self.now_us, self._put, self.out
+        # the kernel's stamp, unless a test runs the collector on its own clock
+        sock = self._sock if self.now_us is stamped.wall_us else None
         first = True
         while True:
             opcode, data = recv()
-            received = now_us()
+            received = sock.stamp_us if sock is not None else now_us()
             if opcode in _DATA:
                 try:
                     out.put_nowait((WS, received, self.conn_id, data))
@@ -154,6 +162,8 @@ class Reader(threading.Thread):
                 ws.close(timeout=0)
             except Exception:
                 pass
+        elif self._sock is not None:  # the WebSocket handshake did not complete
+            self._sock.close()
 
 
 class ConnectionStats:

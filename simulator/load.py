@@ -128,11 +128,12 @@ class LoadEngine:
             wrapped = ws_frame(b'{"stream":"' + s.name.encode() + b'","data":' + payload + b"}")
             for conn in s.subscribers:
                 out.setdefault(conn, []).append(wrapped if conn.combined else ws_frame(payload))
+        sent_us = time.time_ns() // 1000  # just before the writes: the earliest a frame can arrive
         for conn, frames in out.items():
             if conn.transport is not None and not conn.transport.is_closing():
                 conn.transport.write(b"".join(frames))
                 self.frames += len(frames)
-        self.sent_us.setdefault(now_ms, time.time_ns() // 1000)
+        self.sent_us.setdefault(now_ms, sent_us)
 
     def snapshot(self, symbol: str, limit: int) -> bytes:
         """A REST depth body at the symbol's current id (fixed levels)."""

@@ -107,8 +107,9 @@ class MarketSim:
                  seed: int = 1, record: bool = False, ping_interval: float | None = None,
                  pong_timeout: float | None = None, not_trading: tuple[str, ...] = (),
                  capture: Capture | None = None, replay_speed: float = 1.0, weight_limit: int | None = None,
-                 load: bool = False):
+                 load: bool = False, ssl_context=None):
         self.market: Market = MARKETS[market]
+        self.ssl_context = ssl_context  # an ssl.SSLContext (server side): wss:// and https://
         self.futures = self.market is FUTURES
         self.rng = random.Random(seed)
         self.capture = capture
@@ -157,7 +158,7 @@ class MarketSim:
         app.router.add_get(api + "/time", self.server_time)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=self.ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         self.host = host
@@ -174,11 +175,12 @@ class MarketSim:
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self.host}:{self.port}" + ("/public" if self.futures else "")
+        scheme = "wss" if self.ssl_context else "ws"
+        return f"{scheme}://{self.host}:{self.port}" + ("/public" if self.futures else "")
 
     @property
     def rest_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
 
     # ---- the matching engine ------------------------------------------------------------
     async def _engine(self) -> None:

@@ -71,7 +71,7 @@ class DepthColumns:
     string in about 60): memory stays bounded at any message rate.
     """
 
-    FLAT_LIMIT = 100_000
+    FLAT_LIMIT = 20_000
 
     def __init__(self, kind: str):
         self.kind = kind

@@ -38,10 +38,10 @@ def write_config(tmp_path: Path, sections: list[str], **collector) -> Path:
 class CollectorProcess:
     """The real collector.py in a subprocess; stderr is captured to a file."""
 
-    def __init__(self, config: Path, *args: str):
+    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None):
         self.log_path = config.parent / "collector.log"
         self.log_file = open(self.log_path, "wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         env.pop("JOURNAL_STREAM", None)
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "collector.py"), *args, "--config", str(config)],
                                      stdout=subprocess.PIPE, stderr=self.log_file, env=env, cwd=config.parent)

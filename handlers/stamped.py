@@ -1,0 +1,176 @@
+"""Sockets that know when their bytes arrived: the kernel's receive time of each read.
+
+A Python thread stamps a frame only once it holds the GIL again after its read, so a
+busy process stamps late: at 10,000 msgs/s the stamp trailed the arrival by 24 ms at
+p99 (BENCHMARKS.md). Linux records when each TCP segment reached the host; with
+`SO_TIMESTAMPNS` set, `recvmsg()` returns that time (CLOCK_REALTIME, the same clock as
+`time.time_ns()`) of the newest segment it read. `StampedSocket.stamp_us` keeps it, and
+a frame gets the stamp of the read that completed it: the time its last byte arrived,
+whatever the interpreter was doing then.
+
+`ssl.SSLSocket` cannot `recvmsg()`, so TLS runs over memory BIOs (`ssl.SSLObject`):
+ciphertext is read here with its stamp, OpenSSL decrypts it. Certificates and host
+names are verified exactly as `ssl.create_default_context()` does, with certifi's CAs.
+
+websocket-client takes the socket as it is (`create_connection(url, socket=...)`) and
+calls only what is below: `recv`, `send`, `settimeout`/`gettimeout`, `shutdown`,
+`close`, `fileno`. Where the kernel gives no stamp (not Linux), `stamp_us` is the
+clock read right after the read, as before.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import struct
+import sys
+import time
+from urllib.parse import urlsplit
+
+import certifi
+
+# <asm-generic/socket.h>: SO_TIMESTAMPNS_OLD == SCM_TIMESTAMPNS on the usual 64-bit
+# Linux ports (x86_64, arm64, riscv64, ...); Python does not export the name.
+SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_TIMESPEC = struct.Struct("@qq")
+_ANC_SPACE = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
+
+
+def wall_us() -> int:
+    """The local clock in µs since the epoch (the collector's clock)."""
+    return time.time_ns() // 1000
+
+
+def tls_context() -> ssl.SSLContext:
+    """Verified TLS: certificate chain and host name, against certifi's CA bundle, or the
+    bundle named by SSL_CERT_FILE (OpenSSL's variable; e.g. a company's TLS proxy)."""
+    return ssl.create_default_context(cafile=os.environ.get("SSL_CERT_FILE") or certifi.where())
+
+
+class StampedSocket:
+    """A connected TCP socket (optionally TLS) whose `stamp_us` is the kernel's receive
+    time, in µs, of the newest bytes the last read returned."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext | None = None, server_hostname: str | None = None):
+        self.sock = sock
+        self.stamp_us = 0
+        self.kernel = False
+        if sys.platform.startswith("linux") and _ANC_SPACE:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+                self.kernel = True
+            except OSError:
+                pass
+        self.tls = None
+        if context is not None:
+            self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            self.tls = context.wrap_bio(self._in, self._out, server_hostname=server_hostname)
+            self._handshake()
+
+    # -- the raw reads ------------------------------------------------------------------
+
+    def _read_raw(self, n: int) -> bytes:
+        if not self.kernel:
+            data = self.sock.recv(n)
+            self.stamp_us = wall_us()
+            return data
+        data, anc, _, _ = self.sock.recvmsg(n, _ANC_SPACE)
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
+                sec, ns = _TIMESPEC.unpack_from(payload)
+                self.stamp_us = sec * 1_000_000 + ns // 1000
+                break
+        else:
+            self.stamp_us = wall_us()  # no stamp for this read (e.g. only a FIN): now
+        return data
+
+    def _flush_tls(self) -> None:
+        out = self._out.read()
+        if out:
+            self.sock.sendall(out)
+
+    def _handshake(self) -> None:
+        while True:
+            try:
+                self.tls.do_handshake()
+                self._flush_tls()
+                return
+            except ssl.SSLWantReadError:
+                self._flush_tls()
+                data = self._read_raw(1 << 16)
+                if not data:
+                    raise ConnectionResetError("connection closed during the TLS handshake") from None
+                self._in.write(data)
+
+    # -- what websocket-client calls ----------------------------------------------------
+
+    def recv(self, n: int) -> bytes:
+        if self.tls is None:
+            return self._read_raw(n)
+        while True:
+            try:
+                data = self.tls.read(n)
+            except ssl.SSLWantReadError:
+                data = None
+            except ssl.SSLZeroReturnError:
+                return b""  # the peer ended TLS cleanly
+            if self._out.pending:
+                self._flush_tls()  # e.g. a TLS 1.3 key update answer
+            if data is not None:
+                return data
+            raw = self._read_raw(max(n, 1 << 16))
+            if not raw:
+                return b""
+            self._in.write(raw)
+
+    def send(self, data: bytes) -> int:
+        if self.tls is None:
+            return self.sock.send(data)
+        n = self.tls.write(data)
+        self._flush_tls()
+        return n
+
+    def sendall(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self.send(view):]
+
+    def settimeout(self, timeout: float | None) -> None:
+        self.sock.settimeout(timeout)
+
+    def gettimeout(self) -> float | None:
+        return self.sock.gettimeout()
+
+    def setsockopt(self, *args) -> None:
+        self.sock.setsockopt(*args)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def shutdown(self, how: int) -> None:
+        self.sock.shutdown(how)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    @property
+    def _closed(self) -> bool:
+        return self.sock._closed
+
+
+def connect(url: str, timeout: float, context: ssl.SSLContext | None = None) -> StampedSocket:
+    """Open the TCP connection (and TLS for wss://) of a WebSocket URL, stamped."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise ValueError(f"not a WebSocket URL: {url!r}")
+    secure = parts.scheme == "wss"
+    port = parts.port or (443 if secure else 80)
+    sock = socket.create_connection((parts.hostname, port), timeout=timeout)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not secure:
+            return StampedSocket(sock)
+        return StampedSocket(sock, context or tls_context(), server_hostname=parts.hostname)
+    except BaseException:
+        sock.close()
+        raise
