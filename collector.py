@@ -52,7 +52,7 @@ from storage.writer import STOP, PartWriter
 log = logging.getLogger("collector")
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
-_M_ARENA_MAX = -8  # mallopt parameter (malloc.h)
+_M_ARENA_MAX, _M_MMAP_THRESHOLD = -8, -3  # mallopt parameters (malloc.h)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.ini"
 
 
@@ -97,6 +97,10 @@ def tune_memory() -> None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(_M_ARENA_MAX, 2)
+        # a fixed mmap threshold: buffers above it (Arrow columns, zstd contexts) are
+        # mapped and unmapped, i.e. given back to the system when freed; glibc's default
+        # raises the threshold after each such free and then keeps them in the heap
+        libc.mallopt(_M_MMAP_THRESHOLD, 256 << 10)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
 
