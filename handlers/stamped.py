@@ -28,6 +28,7 @@ import time
 from urllib.parse import urlsplit
 
 import certifi
+from websocket._url import get_proxy_info
 
 # <asm-generic/socket.h>: SO_TIMESTAMPNS_OLD == SCM_TIMESTAMPNS on the usual 64-bit
 # Linux ports (x86_64, arm64, riscv64, ...); Python does not export the name.
@@ -156,6 +157,14 @@ class StampedSocket:
     @property
     def _closed(self) -> bool:
         return self.sock._closed
+
+
+def via_proxy(url: str) -> bool:
+    """True when websocket-client would go through a proxy for this URL (`http_proxy` /
+    `https_proxy` and `no_proxy` in the environment, its own rules). Such a connection is
+    left to websocket-client, and its frames are stamped with the clock after each read."""
+    parts = urlsplit(url)
+    return get_proxy_info(parts.hostname or "", parts.scheme == "wss")[0] is not None
 
 
 def connect(url: str, timeout: float, context: ssl.SSLContext | None = None) -> StampedSocket:

@@ -124,7 +124,8 @@ class Reader(threading.Thread):
     def run(self) -> None:
         name_os_thread()
         try:
-            self._sock = stamped.connect(self.url, self.dead_after)
+            if not stamped.via_proxy(self.url):
+                self._sock = stamped.connect(self.url, self.dead_after)
             self._ws = websocket.create_connection(
                 self.url, timeout=self.dead_after, socket=self._sock, skip_utf8_validation=True,
                 enable_multithread=True)
@@ -145,7 +146,7 @@ class Reader(threading.Thread):
     def _read(self, ws: websocket.WebSocket, ahead: ReadAhead) -> None:
         recv, fast, now_us, put, out = ws.recv_data, ahead.next_data_frame, self.now_us, self._put, self.out
         # the kernel's stamp, unless a test runs the collector on its own clock
-        sock = self._sock if self.now_us is stamped.wall_us else None
+        sock = self._sock if self.now_us is stamped.wall_us else None  # None also through a proxy
         first = True
         while True:
             data = fast()

@@ -156,3 +156,14 @@ def test_a_closed_tls_peer_reads_as_end_of_stream(ca, ca_file):
         sock.close()
         srv.close()
         t.join(5)
+
+
+def test_a_proxied_connection_is_left_to_websocket_client(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert not stamped.via_proxy("wss://stream.binance.com:9443/stream?streams=btcusdt@depth")
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:3128")
+    assert stamped.via_proxy("wss://stream.binance.com:9443/stream?streams=btcusdt@depth")
+    assert not stamped.via_proxy("ws://127.0.0.1:8080/stream")  # plain ws:// reads http_proxy
+    monkeypatch.setenv("no_proxy", "stream.binance.com")
+    assert not stamped.via_proxy("wss://stream.binance.com:9443/stream?streams=btcusdt@depth")
