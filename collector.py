@@ -171,7 +171,7 @@ def build_market(cfg: config_mod.MarketConfig, c: config_mod.CollectorConfig, st
     processor = FrameProcessor(cfg, inbox, outbox, c.flush_interval, now_us, request_snapshot=snapshotter.request,
                                on_server_shutdown=lambda conn: _rotate(batches, conn), journal=journal)
     writer = PartWriter(cfg.name, c.data_dir, outbox, c.compression_level, on_segment_written=journal.delete,
-                        now_us=now_us, retry_wait=min(5.0, c.flush_interval), max_pending_bytes=c.max_pending_mb << 20)
+                        now_us=now_us, retry_wait=min(5.0, c.flush_interval), max_pending_bytes=int(c.max_pending_mb * (1 << 20)))
     return MarketPipeline(cfg, inbox, outbox, batches, snapshotter, processor, writer)
 
 

@@ -30,7 +30,7 @@ class CollectorConfig:
     rest_weight_share: float
     compression_level: int
     queue_size: int
-    max_pending_mb: int
+    max_pending_mb: float
     metrics_listen: str
     log_level: str
 
@@ -221,7 +221,7 @@ def _collector(s: _Section) -> CollectorConfig:
         rest_weight_share=s.number("rest_weight_share", d["rest_weight_share"], 0.01, 0.9),
         compression_level=s.number("compression_level", d["compression_level"], 1, 22, int),
         queue_size=s.number("queue_size", d["queue_size"], 100, 10_000_000, int),
-        max_pending_mb=s.number("max_pending_mb", d["max_pending_mb"], 1, 1 << 20, int),
+        max_pending_mb=s.number("max_pending_mb", d["max_pending_mb"], 0.01, 1 << 20),
         metrics_listen=_listen(s, "metrics_listen", d["metrics_listen"]),
         log_level=s.choice("log_level", d["log_level"], _LOG_LEVELS),
     )

@@ -72,6 +72,19 @@ def publish(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
+def write_bytes_atomic(final: Path, data) -> None:
+    """A complete file's bytes (e.g. a Parquet file encoded in memory) under `final`."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_name(final)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        publish(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_table_atomic(final: Path, table: pa.Table, compression_level: int,
                        metadata: dict[bytes, bytes] | None = None) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)

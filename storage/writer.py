@@ -2,18 +2,20 @@
 
 One writer per market (`writer-spot`, `writer-futures`). Items on its queue:
 
-    (kind, table)         rows of one kind, accumulated (as Arrow, compact) until ...
-    ("segment", name)     ... the end of a journal segment: every accumulated table is
-                          written as `<kind>/<day>/part-<name>.parquet` (rows split by the
-                          UTC day of their receive time), then the journal segment is
-                          deleted, since its rows are now on disk.
+    (kind, table)         rows of one kind, split by the UTC day of their receive time and
+                          encoded as they come: each (kind, day) of the open segment is a
+                          Parquet file being written in memory, a row group every
+                          `ROW_GROUP_ROWS` rows (20-25 times smaller than the Arrow rows)
+    ("segment", name)     the end of a journal segment: each of those files is completed
+                          and published as `<kind>/<day>/part-<name>.parquet`, then the
+                          journal segment is deleted, since its rows are now on disk.
     STOP                  write what is left and end.
 
-A storage error (disk full, folder unwritable) is logged at error level and the tables
-are kept and retried every `retry_wait` seconds; nothing is dropped while they fit in
-`max_pending_bytes`. Past that bound the oldest segment's tables are dropped with a
-critical log line saying exactly how many rows of which kind (its journal segment, if it
-could be written, is kept and replayed at the next start).
+A storage error (disk full, folder unwritable) is logged at error level and the encoded
+files are kept and retried every `retry_wait` seconds; nothing is dropped while they fit
+in `max_pending_bytes`. Past that bound the oldest segment is dropped with a critical log
+line saying exactly how many rows of which kind (its journal segment, if it could be
+written, is kept and replayed at the next start).
 """
 from __future__ import annotations
 
@@ -21,22 +23,24 @@ import logging
 import queue
 import threading
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from service.threads import name_os_thread
-from storage.files import US_PER_DAY, day_of, write_table_atomic
+from storage.files import US_PER_DAY, day_of, parquet_options, write_bytes_atomic
 from storage.schemas import DAY_COLUMN
 
 log = logging.getLogger(__name__)
 
 STOP = object()
 SEGMENT = "segment"
+_EMPTY = pa.py_buffer(b"")
+ROW_GROUP_ROWS = 32_768  # rows held as Arrow before they are encoded (memory vs. row-group size)
 
 
 @dataclass
@@ -69,15 +73,48 @@ def split_by_day(table: pa.Table, column: str) -> dict[str, pa.Table]:
     return out
 
 
+class _Part:
+    """One (kind, day) of the open segment: a Parquet file encoded in memory as rows arrive."""
+
+    def __init__(self, schema: pa.Schema, level: int):
+        self.sink = pa.BufferOutputStream()
+        self.writer = pq.ParquetWriter(self.sink, schema, **parquet_options(level, schema))
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.rows = 0
+
+    def add(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        self.rows += table.num_rows
+        if self.pending_rows >= ROW_GROUP_ROWS:
+            self._encode()
+
+    def _encode(self) -> None:
+        if self.pending:
+            table = pa.concat_tables(self.pending) if len(self.pending) > 1 else self.pending[0]
+            self.pending, self.pending_rows = [], 0
+            self.writer.write_table(table, row_group_size=table.num_rows)
+
+    def finish(self) -> pa.Buffer:
+        self._encode()
+        self.writer.close()
+        return self.sink.getvalue()
+
+    @property
+    def nbytes(self) -> int:
+        return self.sink.tell() + sum(t.nbytes for t in self.pending)
+
+
 @dataclass
 class _Segment:
     name: str | None
-    tables: dict[str, list[pa.Table]]  # kind -> tables
+    files: dict[tuple[str, str], tuple[pa.Buffer, int]]  # (kind, day) -> (Parquet bytes, rows)
     done: set = field(default_factory=set)  # (kind, day) already published
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for ts in self.tables.values() for t in ts)
+        return sum(buf.size for buf, _ in self.files.values())
 
 
 class PartWriter(threading.Thread):
@@ -91,7 +128,7 @@ class PartWriter(threading.Thread):
         self.on_segment_written, self.now_us = on_segment_written, now_us
         self.max_pending_bytes = max_pending_bytes
         self.stats = WriteStats()
-        self._open: dict[str, list[pa.Table]] = defaultdict(list)
+        self._open: dict[tuple[str, str], _Part] = {}
         self._ready: list[_Segment] = []   # ended segments not yet fully written
         self._anonymous = 0
 
@@ -113,7 +150,7 @@ class PartWriter(threading.Thread):
                     self.write_ready()
                 continue
             if item is STOP:
-                if any(self._open.values()):
+                if self._open:
                     self.end_segment(None)
                 self.write_ready(final=True)
                 return
@@ -121,11 +158,19 @@ class PartWriter(threading.Thread):
             if kind == SEGMENT:
                 self.end_segment(payload)
             else:
-                self._open[kind].append(payload)
+                self.add(kind, payload)
+
+    def add(self, kind: str, table: pa.Table) -> None:
+        for day, rows in split_by_day(table, DAY_COLUMN[kind]).items():
+            part = self._open.get((kind, day))
+            if part is None:
+                part = self._open[(kind, day)] = _Part(table.schema, self.level)
+            part.add(rows)
 
     def end_segment(self, name: str | None) -> None:
-        self._ready.append(_Segment(name, dict(self._open)))
-        self._open = defaultdict(list)
+        files = {key: (part.finish(), part.rows) for key, part in self._open.items()}
+        self._ready.append(_Segment(name, files))
+        self._open = {}
         self.write_ready()
 
     def write_ready(self, final: bool = False) -> None:
@@ -140,26 +185,23 @@ class PartWriter(threading.Thread):
         if seg.name is None:
             self._anonymous += 1
             seg.name = f"{self.now_us()}-x{self._anonymous:06d}"
-        for kind, tables in seg.tables.items():
-            if not tables:
+        for (kind, day), (data, rows) in seg.files.items():
+            if (kind, day) in seg.done:
                 continue
-            table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-            for day, part in split_by_day(table, DAY_COLUMN[kind]).items():
-                if (kind, day) in seg.done:
-                    continue
-                path = self.root / kind / day / f"part-{seg.name}.parquet"
-                try:
-                    write_table_atomic(path, part, self.level)
-                except OSError as e:
-                    self.stats.errors += 1
-                    log.error("cannot write %s (%d rows): %s; keeping the rows in memory and retrying every %.0fs",
-                              path, part.num_rows, e, self.retry_wait)
-                    return False
-                seg.done.add((kind, day))
-                self.stats.rows[kind] = self.stats.rows.get(kind, 0) + part.num_rows
-                self.stats.files += 1
-                self.stats.bytes += path.stat().st_size
-                self.stats.last_write_us = self.now_us()
+            path = self.root / kind / day / f"part-{seg.name}.parquet"
+            try:
+                write_bytes_atomic(path, data)
+            except OSError as e:
+                self.stats.errors += 1
+                log.error("cannot write %s (%d rows): %s; keeping the rows in memory and retrying every %.0fs",
+                          path, rows, e, self.retry_wait)
+                return False
+            seg.done.add((kind, day))
+            seg.files[(kind, day)] = (_EMPTY, rows)  # published: its bytes are not held any longer
+            self.stats.rows[kind] = self.stats.rows.get(kind, 0) + rows
+            self.stats.files += 1
+            self.stats.bytes += data.size
+            self.stats.last_write_us = self.now_us()
         self.on_segment_written(seg.name)
         return True
 
@@ -168,7 +210,10 @@ class PartWriter(threading.Thread):
         self.stats.pending_bytes = pending
         while self._ready and (pending > self.max_pending_bytes or final):
             seg = self._ready.pop(0)
-            lost = {k: sum(t.num_rows for t in ts) for k, ts in seg.tables.items() if ts}
+            lost: dict[str, int] = {}
+            for (kind, day), (_, rows) in seg.files.items():
+                if (kind, day) not in seg.done:
+                    lost[kind] = lost.get(kind, 0) + rows
             self.stats.lost_rows += sum(lost.values())
             log.critical("dropping unwritten rows market=%s segment=%s rows=%s (%s); its journal segment, "
                          "if it was written, is replayed at the next start",

@@ -53,6 +53,27 @@ def test_writer_puts_rows_in_the_day_of_their_receive_time(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_writer_encodes_rows_as_they_arrive_and_publishes_them_at_the_segment_end(tmp_path):
+    """A segment's rows are held as Parquet (row groups of ROW_GROUP_ROWS) rather than as
+    Arrow tables, and the published part file has every row, in order."""
+    q: queue.Queue = queue.Queue()
+    w = PartWriter("spot", tmp_path, q, compression_level=9)
+    tables = [depth_table([("A", MIDNIGHT + 1000 * (i * 20_000 + k), i * 20_000 + k) for k in range(20_000)])
+              for i in range(3)]
+    for t in tables:
+        w.add("diff_orderbooks", t)
+    part = w._open[("diff_orderbooks", "2026-11-25")]
+    assert part.rows == 60_000 and part.pending_rows == 20_000  # 40,000 already encoded
+    assert part.sink.tell() < (tables[0].nbytes + tables[1].nbytes) / 5  # the encoded 40,000 rows
+    w.end_segment("1-000001")
+    files = list((tmp_path / "spot" / "diff_orderbooks" / "2026-11-25").glob("part-*.parquet"))
+    assert [f.name for f in files] == ["part-1-000001.parquet"]
+    f = pq.ParquetFile(files[0])
+    assert f.metadata.num_row_groups == 2
+    assert f.read().column("final_update_id").to_pylist() == list(range(60_000))
+    assert w.stats.rows == {"diff_orderbooks": 60_000} and not w._ready and not w._open
+
+
 def make_parts(kind_dir, day, n_parts, rows_per_part, symbols, seed=1):
     rng = random.Random(seed)
     start = day_start_us(day)

@@ -70,8 +70,8 @@ def test_unwritable_folder_rows_kept_and_written_when_it_returns(tmp_path):
 
 
 def test_past_the_memory_bound_the_loss_is_logged_and_the_journal_brings_it_back(tmp_path):
-    symbols = [f"S{i}USDT" for i in range(20)]  # enough rows to pass 1 MiB (about 3 MiB) in 10 s
-    sim, proc, rc, cfg = run_blocked(tmp_path, 10, symbols=symbols, snapshot_interval=1, max_pending_mb=1)
+    symbols = [f"S{i}USDT" for i in range(20)]  # enough rows to pass 0.02 MiB of encoded parts in 10 s
+    sim, proc, rc, cfg = run_blocked(tmp_path, 10, symbols=symbols, snapshot_interval=1, max_pending_mb=0.02)
     assert "dropping unwritten rows market=futures" in proc.log
     assert "CRITICAL" in proc.log
     data = tmp_path / "data"
