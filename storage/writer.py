@@ -101,10 +101,6 @@ class _Part:
         self.writer.close()
         return self.sink.getvalue()
 
-    @property
-    def nbytes(self) -> int:
-        return self.sink.tell() + sum(t.nbytes for t in self.pending)
-
 
 @dataclass
 class _Segment:
