@@ -72,31 +72,28 @@ def publish(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def write_bytes_atomic(final: Path, data) -> None:
-    """A complete file's bytes (e.g. a Parquet file encoded in memory) under `final`."""
+def _write_atomic(final: Path, write) -> None:
+    """`write(tmp)` makes the file under a temporary name; then it is published (or removed)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
+        write(tmp)
         publish(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(final: Path, data) -> None:
+    """A complete file's bytes (e.g. a Parquet file encoded in memory) under `final`."""
+    _write_atomic(final, lambda tmp: tmp.write_bytes(data))
 
 
 def write_table_atomic(final: Path, table: pa.Table, compression_level: int,
                        metadata: dict[bytes, bytes] | None = None) -> None:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_name(final)
     if metadata:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-    try:
-        pq.write_table(table, tmp, **parquet_options(compression_level, table.schema))
-        publish(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _write_atomic(final, lambda tmp: pq.write_table(table, tmp, **parquet_options(compression_level, table.schema)))
 
 
 def clean_temp_files(root: Path) -> list[Path]:

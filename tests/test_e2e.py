@@ -5,11 +5,13 @@ with the right values and types, for both markets, and for a replay of real capt
 """
 from __future__ import annotations
 
+import ssl
 import time
 from collections import Counter
 
 import orjson
 import pytest
+import trustme
 
 from simulator import Simulator
 from simulator.server import load_capture
@@ -77,9 +79,18 @@ def assert_delivered_on_disk(sim_market, data_dir, started_us, ended_us):
         assert r["request_time"] <= r["received_time"]
 
 
-def test_both_markets_every_message_on_disk_exactly_once(tmp_path):
+@pytest.mark.parametrize("tls", [False, True], ids=["ws+http", "wss+https"])
+def test_both_markets_every_message_on_disk_exactly_once(tmp_path, tls):
     spot = dict(symbols=SYMBOLS, record=True, updates_per_s=40)
     futures = dict(symbols=SYMBOLS, record=True, updates_per_s=40)
+    env = {}
+    if tls:  # the simulator with a certificate from a test CA, which the collector is told to trust
+        ca = trustme.CA()
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("127.0.0.1").configure_cert(server)
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        env = {"SSL_CERT_FILE": str(tmp_path / "ca.pem"), "REQUESTS_CA_BUNDLE": str(tmp_path / "ca.pem")}
+        spot["ssl_context"] = futures["ssl_context"] = server
     with Simulator(spot=spot, futures=futures) as sim:
         cfg = write_config(tmp_path, [
             market_section("spot", sim.spot, SYMBOLS, snapshot_interval=2, snapshot_limit=100,
@@ -88,7 +99,7 @@ def test_both_markets_every_message_on_disk_exactly_once(tmp_path):
                            symbols_per_connection=2, partial_speed="250ms", diff_speed="100ms"),
         ])
         started = time.time_ns() // 1000
-        proc = CollectorProcess(cfg)
+        proc = CollectorProcess(cfg, env=env)
         try:
             proc.wait_for_log("recording market=futures")
             wait_until(lambda: sum(m.frames_sent for m in sim.markets()) > 400, timeout=30)
