@@ -6,9 +6,12 @@ through as sent; storage.columns converts and checks them in bulk.
 """
 from __future__ import annotations
 
+_I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
+
 
 def _int(v) -> bool:
-    return type(v) is int
+    """An integer the int64 columns can hold (a larger one is malformed, not a crash)."""
+    return type(v) is int and _I64_MIN <= v <= _I64_MAX
 
 
 def spot_diff(data):

@@ -17,25 +17,26 @@ the processor's general path, exactly as before (SPEC rules 1 and 3).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Annotated, Optional
 
 import msgspec
 
 Pair = tuple[str, str]
+Int64 = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]  # what the columns hold
 DecodeError = msgspec.DecodeError  # ValidationError is a subclass
 
 
 class Data(msgspec.Struct):
     e: Optional[str] = None
-    E: Optional[int] = None
-    T: Optional[int] = None
+    E: Optional[Int64] = None
+    T: Optional[Int64] = None
     s: Optional[str] = None
-    U: Optional[int] = None
-    u: Optional[int] = None
-    pu: Optional[int] = None
+    U: Optional[Int64] = None
+    u: Optional[Int64] = None
+    pu: Optional[Int64] = None
     b: Optional[list[Pair]] = None
     a: Optional[list[Pair]] = None
-    lastUpdateId: Optional[int] = None
+    lastUpdateId: Optional[Int64] = None
     bids: Optional[list[Pair]] = None
     asks: Optional[list[Pair]] = None
 

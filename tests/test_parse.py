@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -69,6 +70,20 @@ MALFORMED = [
 ]
 
 
+def test_ids_beyond_int64_are_malformed_not_a_crash():
+    """The id columns are int64: a larger id is refused by both paths (it used to pass
+    parsing and fail later, in the Arrow conversion of a whole batch)."""
+    for big in (1 << 63, -(1 << 63) - 1, 1 << 70):
+        d = {"e": "depthUpdate", "E": 1, "T": 1, "s": "BTCUSDT", "U": 1, "u": big, "pu": 0, "b": [], "a": []}
+        assert parse.spot_diff(d) is None and parse.futures_depth(d) is None
+        raw = (b'{"stream":"btcusdt@depth@100ms","data":{"e":"depthUpdate","E":1,"s":"BTCUSDT",'
+               b'"U":1,"u":%d,"b":[],"a":[]}}' % big)
+        with pytest.raises(wire.DecodeError):
+            wire.decode_frame(raw)
+    edge = {"e": "depthUpdate", "E": 1, "s": "X", "U": (1 << 63) - 1, "u": (1 << 63) - 1, "b": [], "a": []}
+    assert parse.spot_diff(edge) is not None
+
+
 def test_malformed_payloads_are_refused():
     for d in MALFORMED:
         assert parse.spot_diff(d) is None, d
@@ -116,7 +131,7 @@ def test_fast_path_agrees_with_the_general_path_on_every_real_frame():
 
 
 @given(st.dictionaries(st.sampled_from(["e", "E", "T", "s", "U", "u", "pu", "b", "a"]),
-                       st.one_of(st.integers(-2**63, 2**63 - 1), st.text(max_size=5), st.none(),
+                       st.one_of(st.integers(-2**63, 2**63 - 1), st.integers(-2**65, 2**65), st.text(max_size=5), st.none(),
                                  st.lists(st.lists(st.text(max_size=4), max_size=3), max_size=3)), max_size=9))
 def test_fast_path_never_accepts_what_the_general_path_refuses(data):
     """Whatever the payload, msgspec's typed path yields a row only when the general path
