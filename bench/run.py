@@ -58,6 +58,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """tid -> (group, CPU seconds) of every thread of the process, grouped by the names
+    the collector gives its threads (service/threads.py)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended meanwhile
+        group = ("reader" if name.startswith("ws-") and "-c" in name else
+                 name.split("-")[0] if name.startswith(("processor", "writer", "snapshot", "rest", "ws-")) else "other")
+        out[int(task.name)] = (group, (int(fields[11]) + int(fields[12])) / TICKS)
+    return out
+
+
+def cpu_by_group(before: dict, after: dict, messages: float) -> dict[str, float]:
+    """CPU µs per message of each thread group over the window (threads that started in
+    it count from zero)."""
+    groups: dict[str, float] = {}
+    for tid, (group, cpu) in after.items():
+        groups[group] = groups.get(group, 0.0) + cpu - before.get(tid, (group, 0.0))[1]
+    return {g: round(1e6 * v / max(1.0, messages), 1) for g, v in sorted(groups.items())}
+
+
 def peak_rss_kib(pid: int, key: str = "VmHWM") -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -129,11 +154,13 @@ def one_run(args, n_symbols: int, floor_on: bool) -> dict:
             floor = subprocess.Popen([sys.executable, str(ROOT / "bench" / "floor.py"), str(args.seconds), *urls],
                                      stdout=subprocess.PIPE, text=True)
         cpu0, t0, wall0 = cpu_seconds(col.pid), time.monotonic(), time.time_ns() // 1000
+        threads0 = thread_cpu(col.pid)
         rss_series = []  # MiB, sampled through the window (a leak shows as a climb)
         while time.monotonic() < t0 + args.seconds:
             time.sleep(min(args.rss_every, max(0.0, t0 + args.seconds - time.monotonic())))
             rss_series.append(round(rss_kib(col.pid) / 1024))
         cpu1, t1, wall1 = cpu_seconds(col.pid), time.monotonic(), time.time_ns() // 1000
+        threads1 = thread_cpu(col.pid)
         peak = peak_rss_kib(col.pid)
         col.send_signal(signal.SIGTERM)
         rc = col.wait(120)
@@ -162,6 +189,7 @@ def one_run(args, n_symbols: int, floor_on: bool) -> dict:
         floor_us = 1e6 * floor_cpu / max(1, floor_frames)
         r.update({"floor/s": floor_frames / args.seconds, "floor_us": floor_us,
                   "ratio": col_us / floor_us if floor_us else float("nan")})
+    r["thread_us"] = cpu_by_group(threads0, threads1, offered * elapsed)
     r["queue_series"] = queues
     r["rss_series"] = rss_series
     return r
@@ -229,12 +257,13 @@ def sustained(r: dict, args) -> bool:
             and r["max_queue"] < QUEUE_SIZE // 2 and r["recorded/s"] >= 0.995 * r["offered/s"])
 
 
-SERIES = ("queue_series", "rss_series")
+SERIES = ("queue_series", "rss_series", "thread_us")
 
 
 def show(label: str, r: dict) -> None:
     print(f"{label}: " + "  ".join(f"{k}={v:,.1f}" for k, v in r.items() if k not in SERIES)
-          + "".join(f"  {k}={r[k][::max(1, len(r[k]) // 12)]}" for k in SERIES), flush=True)
+          + "".join(f"  {k}={r[k][::max(1, len(r[k]) // 12)]}" for k in SERIES if k != "thread_us")
+          + f"  thread_us={r['thread_us']}", flush=True)
 
 
 def main() -> None:

@@ -48,11 +48,11 @@ class ReadAhead:
     This serves its reads from one larger read instead; `raw_recv` is the library's own
     socket read (timeouts and closed sockets are reported as it always does).
 
-    `next_data_frame` takes the commonest frame, a complete unfragmented text or binary
-    frame, straight from the buffer (its Python frame parsing measured as the largest
-    part of a reader's time); everything else (pings, close, fragments, a masked or a
-    64-bit-length frame, a frame not yet fully received) is left to websocket-client,
-    which reads the same buffer through `recv`."""
+    `data_frame` takes the commonest frame, an unfragmented text or binary frame, straight
+    from the buffer, reading more while the buffer is drained or ends inside such a frame
+    (websocket-client's Python frame parsing measured as the largest part of a reader's
+    time); everything else (pings, close, fragments, a masked or a 64-bit-length frame)
+    is left to websocket-client, which reads the same buffer through `recv`."""
 
     def __init__(self, raw_recv: Callable[[int], bytes], size: int = 1 << 14):
         self.raw_recv, self.size = raw_recv, size
@@ -70,29 +70,38 @@ class ReadAhead:
         self.pos = end
         return buf[pos:end]
 
-    def next_data_frame(self) -> bytes | None:
-        """The payload of the buffered frame at the head, consumed, if it is a whole
-        FIN text/binary frame (RSV bits clear, unmasked, length under 64 KiB); else None."""
-        buf, pos = self.buf, self.pos
-        size = len(buf)
-        if size - pos < 2:
-            return None
-        head = buf[pos]
-        if head != 0x81 and head != 0x82:
-            return None
-        n = buf[pos + 1]
-        if n < 126:
-            start = pos + 2
-        elif n == 126 and size - pos >= 4:
-            n = (buf[pos + 2] << 8) | buf[pos + 3]
-            start = pos + 4
-        else:
-            return None  # masked (a server must not mask), 64-bit length, or header incomplete
-        end = start + n
-        if end > size:
-            return None
-        self.pos = end
-        return buf[start:end]
+    def data_frame(self) -> bytes | None:
+        """The payload of the frame at the head of the buffer, consumed, if it is a whole
+        FIN text/binary frame (RSV bits clear, unmasked, length under 64 KiB), reading
+        from the socket while the buffer is drained or holds only part of such a frame.
+        None when the frame at the head is the library's (control, fragment, masked,
+        64-bit length), or when the peer closed (the library's `recv` reports it)."""
+        while True:
+            buf, pos = self.buf, self.pos
+            size = len(buf)
+            if size - pos >= 2:
+                head = buf[pos]
+                if head != 0x81 and head != 0x82:
+                    return None
+                n = buf[pos + 1]
+                if n < 126:
+                    end = pos + 2 + n
+                    if end <= size:
+                        self.pos = end
+                        return buf[pos + 2:end]
+                elif n == 126:
+                    if size - pos >= 4:
+                        end = pos + 4 + ((buf[pos + 2] << 8) | buf[pos + 3])
+                        if end <= size:
+                            self.pos = end
+                            return buf[pos + 4:end]
+                else:
+                    return None  # masked (a server must not mask) or a 64-bit length
+            more = self.raw_recv(self.size)
+            if not more:
+                return None
+            self.buf = buf[pos:] + more if pos < size else more
+            self.pos = 0
 
 
 def read_ahead(ws: websocket.WebSocket) -> ReadAhead:
@@ -144,7 +153,7 @@ class Reader(threading.Thread):
             self._abort()
 
     def _read(self, ws: websocket.WebSocket, ahead: ReadAhead) -> None:
-        recv, fast, now_us, put, out = ws.recv_data, ahead.next_data_frame, self.now_us, self._put, self.out
+        recv, fast, now_us, put, out = ws.recv_data, ahead.data_frame, self.now_us, self._put, self.out
         # the kernel's stamp, unless a test runs the collector on its own clock
         sock = self._sock if self.now_us is stamped.wall_us else None  # None also through a proxy
         first = True

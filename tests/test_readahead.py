@@ -1,4 +1,4 @@
-"""The reader's fast path (ReadAhead.next_data_frame) against websocket-client's own frame
+"""The reader's fast path (ReadAhead.data_frame) against websocket-client's own frame
 parser: the same byte stream, cut into reads at random places, must give the same
 frames in the same order, whatever mix of data, control, fragmented, large or masked
 frames it holds."""
@@ -63,17 +63,17 @@ def library_only(data: bytes, seed: int) -> list[tuple[int, bytes]]:
 def with_fast_path(data: bytes, seed: int) -> list[tuple[int, bytes]]:
     ahead = ReadAhead(chunked(data, seed), size=4096)
     fb = frame_buffer(ahead.recv, skip_utf8_validation=True)
-    return read_all(ahead.next_data_frame, fb)
+    return read_all(ahead.data_frame, fb)
 
 
 def read_all(fast, fb) -> list[tuple[int, bytes]]:
     frames = []
     while True:
-        payload = fast()
-        if payload is not None:
-            frames.append(("data", payload))
-            continue
         try:
+            payload = fast()
+            if payload is not None:
+                frames.append(("data", payload))
+                continue
             f = fb.recv_frame()
         except EOFError:
             return frames
@@ -90,10 +90,19 @@ def test_fast_path_reads_exactly_what_the_library_reads(specs, seed):
 
 @pytest.mark.parametrize("first", [0x81, 0x82])
 def test_fast_path_takes_whole_small_frames_and_leaves_the_rest(first):
-    ahead = ReadAhead(lambda n: b"", size=16)
-    ahead.buf = bytes([first, 3]) + b"abc" + bytes([0x89, 0]) + bytes([0x81, 5]) + b"xy"
-    assert ahead.next_data_frame() == b"abc"
-    assert ahead.next_data_frame() is None          # a ping: the library's
+    """Data frames come from the buffer, completed by further reads when cut; a control
+    frame is left at the head for the library."""
+    reads = [b"", b"z", b""]
+    ahead = ReadAhead(lambda n: reads.pop(0), size=16)
+    ahead.buf = bytes([first, 3]) + b"abc" + bytes([0x89, 0]) + bytes([first, 5]) + b"xy"
+    assert ahead.data_frame() == b"abc"
+    assert ahead.data_frame() is None          # a ping: the library's
     assert ahead.recv(2) == bytes([0x89, 0])
-    assert ahead.next_data_frame() is None          # incomplete: the library waits for the rest
-    assert ahead.pos == 7
+    assert ahead.data_frame() is None          # incomplete, and the peer closed: the library reports it
+    assert ahead.pos == 7 and reads == [b"z", b""]
+    assert ahead.data_frame() is None          # "z" completes nothing; the peer closed again
+    assert (ahead.buf, ahead.pos) == (bytes([first, 5]) + b"xyz", 0)
+    ahead.raw_recv = lambda n: b"uv" + bytes([first, 0])
+    assert ahead.data_frame() == b"xyzuv"      # completed by the next read
+    assert ahead.data_frame() == b""
+    assert ahead.pos == len(ahead.buf)
