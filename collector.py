@@ -15,12 +15,19 @@ wait, stop. See README.md for the thread diagram.
 """
 from __future__ import annotations
 
+import os
+
+# Arrow's C++ code (Parquet writers, output buffers) allocates from the process default
+# pool, which `pa.set_memory_pool` does not change: only this variable, read when Arrow
+# first needs a pool, keeps its bundled jemalloc (and the arenas it keeps, +27 MiB at the
+# first part file, BENCHMARKS.md) out. Set before pyarrow is imported anywhere.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+
 import argparse
 import ctypes
 import ctypes.util
 import gc
 import logging
-import os
 import queue
 import signal
 import sys
@@ -89,7 +96,8 @@ def tune_gc() -> None:
 
 
 def tune_memory() -> None:
-    """Measured (BENCHMARKS.md): Arrow's buffers from the system allocator rather than
+    """Measured (BENCHMARKS.md): Arrow's Python-side buffers from the system allocator (the C++
+    side follows ARROW_DEFAULT_MEMORY_POOL, set at the top of this file) rather than
     its bundled jemalloc, and glibc limited to 2 malloc arenas (it would make one per
     thread, and there is a thread per connection), cut peak RSS by a sixth and CPU per
     message by a quarter at 10,000 msgs/s. Must run before the threads start."""

@@ -1,10 +1,13 @@
 """Start-up against the exchange: symbols that do not trade are named and left out."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 from simulator import Simulator
-from tests.helpers import CollectorProcess, market_section, read_kind, run_to_exit, wait_until, write_config
+from tests.helpers import ROOT, CollectorProcess, market_section, read_kind, run_to_exit, wait_until, write_config
 
 
 def test_non_trading_symbols_left_out_others_recorded(tmp_path):
@@ -50,3 +53,17 @@ def test_sigint_also_stops_cleanly(tmp_path):
     assert rc == 0, proc.log
     assert took < 10  # SPEC: within 10 s (generous: the real figure is about 1 s)
     assert read_kind(tmp_path / "data", "futures", "diff_orderbooks").num_rows > 0
+
+
+def test_arrow_allocates_from_the_system_allocator():
+    """Arrow's C++ parts (Parquet writers, output buffers) use the process default pool,
+    which only ARROW_DEFAULT_MEMORY_POOL sets; its bundled jemalloc kept ~27 MiB of arenas
+    from the first part file on (BENCHMARKS.md). The collector sets it for itself, before
+    pyarrow loads, and leaves an operator's own choice alone."""
+    probe = "import collector, pyarrow; print(pyarrow.default_memory_pool().backend_name)"
+    env = {k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "system"
+    env["ARROW_DEFAULT_MEMORY_POOL"] = "jemalloc"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "jemalloc"
