@@ -8,10 +8,12 @@ tables out.
 
 It appends every item to the write-ahead journal, decodes in batches with orjson,
 routes by stream name, checks continuity, drops duplicates, records gaps (and asks for
-a snapshot of the symbol at once). Every `build_interval` it turns its buffers into
-Arrow tables for the writer (Arrow is ~10x smaller than the parsed Python lists); every
-`flush_interval` it closes the journal segment and tells the writer to publish the
-part files of that segment.
+a snapshot of the symbol at once). Its buffers hold levels as Python strings for at
+most `DepthColumns.FLAT_LIMIT` strings, then as Arrow chunks; every `BUILD_ROWS` rows or
+`build_interval` seconds, whichever comes first, it hands them to the writer as tables
+(at 400 msgs/s a build every second was a sixth of the processor's time; measured in
+BENCHMARKS.md); every `flush_interval` it closes the journal segment and tells the
+writer to publish the part files of that segment.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ SEGMENT = "segment"
 _BATCH = 2048
 MAX_FRAME_BYTES = 4 << 20
 MAX_ROWS_HELD = 200_000  # a segment ends early past this many rows (bounds memory at high rates)
+BUILD_ROWS = 8192  # rows handed to the writer once this many are buffered, or every build_interval
 _STREAM = re.compile(r"^([a-z0-9_]+)@depth(\d*)(?:@\d+ms)?$")
 
 
@@ -101,7 +104,7 @@ class FrameProcessor(threading.Thread):
                  flush_interval: float, now_us: Callable[[], int],
                  request_snapshot: Callable[[str], None] = lambda symbol: None,
                  on_server_shutdown: Callable[[int], None] = lambda conn: None,
-                 journal: Journal | None = None, build_interval: float = 1.0, recovering: bool = False):
+                 journal: Journal | None = None, build_interval: float = 5.0, recovering: bool = False):
         super().__init__(name=f"processor-{cfg.name}", daemon=True)
         self.cfg, self.inbox, self.outbox = cfg, inbox, outbox
         self.flush_interval, self.now_us, self.request_snapshot = flush_interval, now_us, request_snapshot
@@ -110,7 +113,9 @@ class FrameProcessor(threading.Thread):
         self.record_start = True
         self.rows_in_segment = 0
         self.build_interval = min(build_interval, flush_interval)
-        self.poll = 0.1  # s; waits only when the queue is empty (frames are stamped by the readers)
+        # s, the journal's push interval; waits only when the queue is empty (frames are stamped
+        # by the readers)
+        self.poll = 0.2
         self._idle = threading.Event()  # never set: an interruptible sleep (STOP arrives on the queue)
         self.routes = routes_for(cfg)
         futures = cfg.market.continuity == "futures"
@@ -145,11 +150,12 @@ class FrameProcessor(threading.Thread):
             if self.journal is not None:
                 self.journal.sync()
             now = time.monotonic()
-            if stopping or now >= next_flush or self._rows_held() > MAX_ROWS_HELD:
+            buffered = sum(len(b) for b in self.bufs.values())
+            if stopping or now >= next_flush or self.rows_in_segment + buffered > MAX_ROWS_HELD:
                 self.end_segment()
                 next_build, next_flush = now + self.build_interval, now + self.flush_interval
                 self._slow("end_segment", now)
-            elif now >= next_build:
+            elif now >= next_build or buffered >= BUILD_ROWS:
                 self.build()
                 next_build = now + self.build_interval
                 self._slow("build", now)
@@ -180,9 +186,6 @@ class FrameProcessor(threading.Thread):
             if not batch:
                 self._idle.wait(min(timeout, self.poll))
         return batch
-
-    def _rows_held(self) -> int:
-        return self.rows_in_segment + sum(len(b) for b in self.bufs.values())
 
     def _handle(self, batch: list) -> bool:
         on_frame, journal = self.on_frame, self.journal
