@@ -6,14 +6,14 @@ tables out.
     rest-<market>  --(REST, received_us, (sym, ...))-----/        |
                                                                   +--> journal (crash safety)
 
-It appends every item to the write-ahead journal, decodes in batches with orjson,
-routes by stream name, checks continuity, drops duplicates, records gaps (and asks for
-a snapshot of the symbol at once). Its buffers hold levels as Python strings for at
-most `DepthColumns.FLAT_LIMIT` strings, then as Arrow chunks; every `BUILD_ROWS` rows or
-`build_interval` seconds, whichever comes first, it hands them to the writer as tables
-(at 400 msgs/s a build every second was a sixth of the processor's time; measured in
-BENCHMARKS.md); every `flush_interval` it closes the journal segment and tells the
-writer to publish the part files of that segment.
+It appends every item to the write-ahead journal, decodes with msgspec (orjson for
+what msgspec refuses), routes by stream name, checks continuity, drops duplicates,
+records gaps (and asks for a snapshot of the symbol at once). Its buffers hold levels
+as Python strings for at most `DepthColumns.FLAT_LIMIT` strings, then as Arrow chunks;
+every `BUILD_ROWS` rows or `build_interval` seconds, whichever comes first, it hands
+them to the writer as tables (at 400 msgs/s a build every second was a sixth of the
+processor's time; BENCHMARKS.md); every `flush_interval` it closes the journal segment
+and tells the writer to publish the part files of that segment.
 """
 from __future__ import annotations
 
