@@ -43,6 +43,7 @@ _BATCH = 2048
 MAX_FRAME_BYTES = 4 << 20
 MAX_ROWS_HELD = 200_000  # a segment ends early past this many rows (bounds memory at high rates)
 BUILD_ROWS = 8192  # rows handed to the writer once this many are buffered, or every build_interval
+BUILD_SNAPSHOTS = 32  # or this many snapshots (a 1000-level body parsed is ~0.4 MB of Python objects)
 _STREAM = re.compile(r"^([a-z0-9_]+)@depth(\d*)(?:@\d+ms)?$")
 
 
@@ -155,7 +156,7 @@ class FrameProcessor(threading.Thread):
                 self.end_segment()
                 next_build, next_flush = now + self.build_interval, now + self.flush_interval
                 self._slow("end_segment", now)
-            elif now >= next_build or buffered >= BUILD_ROWS:
+            elif now >= next_build or buffered >= BUILD_ROWS or len(self.snapshots) >= BUILD_SNAPSHOTS:
                 self.build()
                 next_build = now + self.build_interval
                 self._slow("build", now)

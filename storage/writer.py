@@ -40,7 +40,8 @@ log = logging.getLogger(__name__)
 STOP = object()
 SEGMENT = "segment"
 _EMPTY = pa.py_buffer(b"")
-ROW_GROUP_ROWS = 32_768  # rows held as Arrow before they are encoded (memory vs. row-group size)
+ROW_GROUP_ROWS = 16_384  # rows held as Arrow before they are encoded: 32,768 cost ~45 MiB more at
+# 35,000 msgs/s for part files 6 % smaller (day files are re-encoded in larger groups anyway)
 
 
 @dataclass

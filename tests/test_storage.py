@@ -12,7 +12,7 @@ import pytest
 from storage.compact import META_KEY, compact_all, compact_day
 from storage.files import US_PER_DAY, clean_temp_files, day_start_us, write_table_atomic
 from storage.schemas import SCHEMAS
-from storage.writer import STOP, PartWriter, split_by_day
+from storage.writer import ROW_GROUP_ROWS, STOP, PartWriter, split_by_day
 
 MIDNIGHT = day_start_us("2026-11-25")
 
@@ -58,20 +58,20 @@ def test_writer_encodes_rows_as_they_arrive_and_publishes_them_at_the_segment_en
     Arrow tables, and the published part file has every row, in order."""
     q: queue.Queue = queue.Queue()
     w = PartWriter("spot", tmp_path, q, compression_level=9)
-    tables = [depth_table([("A", MIDNIGHT + 1000 * (i * 20_000 + k), i * 20_000 + k) for k in range(20_000)])
-              for i in range(3)]
+    n = ROW_GROUP_ROWS * 5 // 8  # two tables make a row group, the third waits
+    tables = [depth_table([("A", MIDNIGHT + 1000 * (i * n + k), i * n + k) for k in range(n)]) for i in range(3)]
     for t in tables:
         w.add("diff_orderbooks", t)
     part = w._open[("diff_orderbooks", "2026-11-25")]
-    assert part.rows == 60_000 and part.pending_rows == 20_000  # 40,000 already encoded
-    assert part.sink.tell() < (tables[0].nbytes + tables[1].nbytes) / 5  # the encoded 40,000 rows
+    assert part.rows == 3 * n and part.pending_rows == n  # 2n already encoded
+    assert part.sink.tell() < (tables[0].nbytes + tables[1].nbytes) / 5  # the encoded 2n rows
     w.end_segment("1-000001")
     files = list((tmp_path / "spot" / "diff_orderbooks" / "2026-11-25").glob("part-*.parquet"))
     assert [f.name for f in files] == ["part-1-000001.parquet"]
     f = pq.ParquetFile(files[0])
     assert f.metadata.num_row_groups == 2
-    assert f.read().column("final_update_id").to_pylist() == list(range(60_000))
-    assert w.stats.rows == {"diff_orderbooks": 60_000} and not w._ready and not w._open
+    assert f.read().column("final_update_id").to_pylist() == list(range(3 * n))
+    assert w.stats.rows == {"diff_orderbooks": 3 * n} and not w._ready and not w._open
 
 
 def make_parts(kind_dir, day, n_parts, rows_per_part, symbols, seed=1):

@@ -1,0 +1,69 @@
+"""When the processor hands rows to the writer: every BUILD_ROWS depth rows or
+BUILD_SNAPSHOTS snapshots, without waiting for `build_interval` (memory stays bounded
+at any rate), and everything at the segment's end."""
+from __future__ import annotations
+
+import queue
+import time
+
+import orjson
+
+from config import MarketConfig
+from handlers.frames import BUILD_ROWS, BUILD_SNAPSHOTS, DIFF, STOP, FrameProcessor
+from markets import MARKETS
+from storage.journal import REST, WS
+from tests.helpers import wait_until
+
+SYMBOLS = ("BTCUSDT", "ETHUSDT")
+
+
+def processor() -> tuple[FrameProcessor, queue.Queue, queue.Queue]:
+    cfg = MarketConfig(market=MARKETS["spot"], symbols=SYMBOLS, ws_url="ws://x", rest_url="http://x",
+                       diff_speed="100ms", partial_levels=20, partial_speed="100ms", snapshot_interval=60,
+                       snapshot_limit=1000, symbols_per_connection=50)
+    inbox, outbox = queue.Queue(), queue.Queue()
+    p = FrameProcessor(cfg, inbox, outbox, flush_interval=3600, now_us=time.time_ns, build_interval=3600)
+    p.start()
+    return p, inbox, outbox
+
+
+def diff(symbol: str, u: int) -> bytes:
+    data = {"e": "depthUpdate", "E": 1, "s": symbol, "U": u, "u": u, "b": [["1.5", "2"]], "a": []}
+    return orjson.dumps({"stream": f"{symbol.lower()}@depth@100ms", "data": data})
+
+
+def taken(outbox: queue.Queue) -> list[tuple[str, int]]:
+    out = []
+    while not outbox.empty():
+        kind, table = outbox.get_nowait()
+        out.append((kind, table.num_rows))
+    return out
+
+
+def test_rows_are_handed_over_every_build_rows_not_only_every_build_interval():
+    p, inbox, outbox = processor()
+    for u in range(1, BUILD_ROWS):
+        inbox.put((WS, 1_000 + u, 1, diff("BTCUSDT", u)))
+    wait_until(inbox.empty)
+    time.sleep(0.5)  # the processor's turn with the last of them is over
+    assert taken(outbox) == []  # fewer than BUILD_ROWS: nothing handed over yet
+    inbox.put((WS, 1_000 + BUILD_ROWS, 1, diff("BTCUSDT", BUILD_ROWS)))
+    wait_until(lambda: not outbox.empty(), timeout=10)
+    got = taken(outbox)
+    assert (DIFF, BUILD_ROWS) in got
+    inbox.put(STOP)
+    p.join(10)
+    assert not p.is_alive()
+
+
+def test_snapshots_are_handed_over_every_build_snapshots():
+    p, inbox, outbox = processor()
+    body = orjson.dumps({"lastUpdateId": 7, "bids": [["1.5", "2"]] * 1000, "asks": [["1.6", "3"]] * 1000})
+    for i in range(BUILD_SNAPSHOTS):
+        inbox.put((REST, 2_000 + i, (SYMBOLS[i % 2], 1000, 1_000 + i, body)))
+    wait_until(lambda: not outbox.empty(), timeout=10)
+    assert taken(outbox) == [("orderbooks", BUILD_SNAPSHOTS)]
+    inbox.put(STOP)
+    p.join(10)
+    # at the end: the segment is closed, and the writer told to stop
+    assert [outbox.get_nowait() for _ in range(outbox.qsize())][-1] is STOP
