@@ -53,9 +53,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _stat_cpu(stat: Path) -> float:
+    """utime + stime of a /proc stat file, in seconds."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def cpu_seconds(pid: int) -> float:
+    return _stat_cpu(Path(f"/proc/{pid}/stat"))
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
@@ -65,12 +70,12 @@ def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             name = (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            cpu = _stat_cpu(task / "stat")
         except OSError:
             continue  # the thread ended meanwhile
         group = ("reader" if name.startswith("ws-") and "-c" in name else
                  name.split("-")[0] if name.startswith(("processor", "writer", "snapshot", "rest", "ws-")) else "other")
-        out[int(task.name)] = (group, (int(fields[11]) + int(fields[12])) / TICKS)
+        out[int(task.name)] = (group, cpu)
     return out
 
 
@@ -257,12 +262,13 @@ def sustained(r: dict, args) -> bool:
             and r["max_queue"] < QUEUE_SIZE // 2 and r["recorded/s"] >= 0.995 * r["offered/s"])
 
 
-SERIES = ("queue_series", "rss_series", "thread_us")
+SERIES = ("queue_series", "rss_series")
+NOT_SCALAR = (*SERIES, "thread_us")  # left out of the scalar figures and their medians
 
 
 def show(label: str, r: dict) -> None:
-    print(f"{label}: " + "  ".join(f"{k}={v:,.1f}" for k, v in r.items() if k not in SERIES)
-          + "".join(f"  {k}={r[k][::max(1, len(r[k]) // 12)]}" for k in SERIES if k != "thread_us")
+    print(f"{label}: " + "  ".join(f"{k}={v:,.1f}" for k, v in r.items() if k not in NOT_SCALAR)
+          + "".join(f"  {k}={r[k][::max(1, len(r[k]) // 12)]}" for k in SERIES)
           + f"  thread_us={r['thread_us']}", flush=True)
 
 
@@ -307,7 +313,7 @@ def main() -> None:
     print(f"load: {args.symbols} symbols per market (diff@100ms + depth20@100ms, {args.symbols * 40:,} msgs/s), "
           f"{args.seconds:.0f} s per run, {args.runs} run(s); medians:")
     for k in results[0]:
-        if k not in SERIES:
+        if k not in NOT_SCALAR:
             print(f"  {k:16} {statistics.median(r[k] for r in results):,.2f}")
 
 
