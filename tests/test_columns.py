@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from storage.columns import DepthColumns, GapColumns, SnapshotColumns, levels_to_arrow
+from storage.columns import DepthColumns, GapColumns, SnapshotColumns, levels_ok, levels_to_arrow
 from storage.schemas import SCHEMAS
 
 decimal = st.decimals(min_value=0, max_value=10**9, places=8, allow_nan=False, allow_infinity=False).map(
@@ -77,3 +77,16 @@ def test_fast_path_rows_with_a_bad_decimal_drop_only_that_row():
     assert table.column("final_update_id").to_pylist() == [10, 12]
     assert table.column("ask_sizes").to_pylist() == [[1.0], [3.0]]
     assert [d[4] for d in dropped] == [11]
+
+
+def test_values_python_reads_but_arrow_does_not_are_malformed_not_a_crash():
+    """float() takes "1_000", " 1" and Arabic-Indic digits; Arrow's conversion refuses
+    them. Such a row used to pass the row-by-row check and then crash the whole build."""
+    for odd in ("1_000", " 1", "1 ", "\u0661"):
+        buf = DepthColumns("diff_orderbooks")
+        buf.append(1, 10, "A", 1, 2, None, None, [[odd, "2"]], [])
+        buf.append(2, 11, "A", 3, 4, None, None, [["1", "2"]], [])
+        table, dropped = buf.take()
+        assert table.column("final_update_id").to_pylist() == [4]
+        assert [d[4] for d in dropped] == [2]
+        assert not levels_ok([[odd, "2"]]) and levels_ok([["1", "2"]])
