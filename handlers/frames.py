@@ -9,7 +9,7 @@ tables out.
 It appends every item to the write-ahead journal, decodes with msgspec (orjson for
 what msgspec refuses), routes by stream name, checks continuity, drops duplicates,
 records gaps (and asks for a snapshot of the symbol at once). Its buffers hold levels
-as Python strings for at most `DepthColumns.FLAT_LIMIT` strings, then as Arrow chunks;
+as the frames' JSON text for at most `DepthColumns.RAW_LIMIT` bytes, then as Arrow chunks;
 every `BUILD_ROWS` rows or `build_interval` seconds, whichever comes first, it hands
 them to the writer as tables (at 400 msgs/s a build every second was a sixth of the
 processor's time; BENCHMARKS.md); every `flush_interval` it closes the journal segment
@@ -226,7 +226,7 @@ class FrameProcessor(threading.Thread):
         self.stats.last_frame_us = received_us
         self.stats.frames[kind] += 1
         if self._accept(kind, received_us, symbol, row, conn):
-            self.bufs[kind].append_pairs(received_us, *row)
+            self.bufs[kind].append_raw(received_us, *row)
 
     def _on_other_frame(self, received_us: int, conn: int, raw: bytes) -> None:
         """Control replies, serverShutdown, streams known only by name (recovery) and

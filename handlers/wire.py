@@ -2,11 +2,14 @@
 
 orjson makes three Python objects per price level (a list and two strings) that must
 then be checked one by one; at depth20 that was most of the processor's time. msgspec
-decodes straight into the shapes below and checks every type while it parses (in C), so
-a frame that decodes is well formed down to each level being a pair of strings, and
-nothing is walked twice. The level pairs go to the column buffers as they are.
+decodes the scalars into the shapes below and checks their types while it parses (in
+C). The level lists it leaves as JSON text (`msgspec.Raw`, no object per level): the
+column buffers check and convert them in bulk (`storage.columns.raw_levels`), and a row
+whose levels are not pairs of decimal strings is dropped there and reported, as the
+general path does (SPEC rule 3; a dropped diff leaves a `malformed` gap row).
 
-Both markets' depth payloads fit one `Data` (a payload's missing fields stay None):
+Both markets' depth payloads fit one `Data` (a payload's missing fields stay None, a
+missing level list stays an empty Raw):
 
     {"stream":"btcusdt@depth@100ms","data":{"e":"depthUpdate","E":..,"s":..,"U":..,"u":..,"b":[..],"a":[..]}}
     {"stream":"btcusdt@depth20@100ms","data":{"lastUpdateId":..,"bids":[..],"asks":[..]}}   (spot partial)
@@ -21,7 +24,7 @@ from typing import Annotated, Optional
 
 import msgspec
 
-Pair = tuple[str, str]
+_MISSING = msgspec.Raw()
 Int64 = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]  # what the columns hold
 DecodeError = msgspec.DecodeError  # ValidationError is a subclass
 
@@ -34,11 +37,11 @@ class Data(msgspec.Struct):
     U: Optional[Int64] = None
     u: Optional[Int64] = None
     pu: Optional[Int64] = None
-    b: Optional[list[Pair]] = None
-    a: Optional[list[Pair]] = None
+    b: msgspec.Raw = _MISSING
+    a: msgspec.Raw = _MISSING
     lastUpdateId: Optional[Int64] = None
-    bids: Optional[list[Pair]] = None
-    asks: Optional[list[Pair]] = None
+    bids: msgspec.Raw = _MISSING
+    asks: msgspec.Raw = _MISSING
 
 
 class Frame(msgspec.Struct):
@@ -50,14 +53,15 @@ decode_frame = msgspec.json.Decoder(Frame).decode
 
 
 def depth_row(d: Data, symbol: str, futures: bool, spot_partial: bool):
-    """(event_time, symbol, U, u, pu, T, bids, asks) as `handlers.parse` returns it, or
-    None when a field the payload kind needs is missing or the symbol is not the stream's."""
+    """(event_time, symbol, U, u, pu, T, bids, asks) as `handlers.parse` returns it (the
+    levels as JSON text), or None when a field the payload kind needs is missing or the
+    symbol is not the stream's."""
     if spot_partial:
-        if d.lastUpdateId is None or d.bids is None or d.asks is None:
+        if d.lastUpdateId is None or not d.bids or not d.asks:
             return None
         return None, symbol, None, d.lastUpdateId, None, None, d.bids, d.asks
     if (d.e != "depthUpdate" or d.s != symbol or d.E is None or d.U is None or d.u is None
-            or d.b is None or d.a is None):
+            or not d.b or not d.a):
         return None
     if futures:
         if d.T is None or d.pu is None:

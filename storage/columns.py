@@ -5,13 +5,23 @@ Levels arrive as Binance sends them, `[["price", "qty"], ...]` with decimal stri
 They are converted for many rows at once, one string->double cast per side. A batch that
 fails the bulk conversion is checked row by row so that only the malformed rows are
 dropped (SPEC rule 3), and reported.
+
+The fast path (`raw_levels`) never makes a Python object per level: it takes each side's
+JSON text as msgspec left it (`msgspec.Raw`), proves in bulk that every row is a list of
+["price", "qty"] string pairs, and lets Arrow split and convert the numbers, outside the
+GIL. The check: delete the characters a decimal number may hold; a list of n pairs must
+then read exactly `[["",""],["",""],...]` (n times), and an empty list exactly `[]`.
+Anything else (whitespace, escapes, null, numbers not in strings, three-element levels)
+fails it, and the batch goes the general way: orjson, then the row-by-row check. A
+hypothesis test holds the two ways to the same rows, values and drops for any JSON.
 """
 from __future__ import annotations
 
 import logging
-from itertools import chain
+from itertools import compress
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -19,7 +29,23 @@ from storage.schemas import SCHEMAS
 
 log = logging.getLogger(__name__)
 
-_chain = chain.from_iterable
+_NUMBER_CHARS = b"0123456789.-+eE"  # all a decimal (or exponent) number is made of
+_ROW_END_TO_COMMA = bytes.maketrans(b"|", b",")
+
+
+class _Skeletons(dict):
+    """n -> a list of n string pairs with the number characters deleted: b'[["",""],...]'."""
+
+    def __missing__(self, n: int) -> bytes:
+        if n < 0:
+            return b"\x00"  # matches no skeleton
+        skeleton = b"[" + b",".join([b'["",""]'] * n) + b"]"
+        if n <= 1024:
+            self[n] = skeleton
+        return skeleton
+
+
+_SKELETONS = _Skeletons()
 _PAIRS = pa.list_(pa.list_(pa.string()))
 _PAIR_LENGTHS = {"min": 2, "max": 2}
 
@@ -30,6 +56,10 @@ def levels_to_arrow(rows: list) -> tuple[pa.Array, pa.Array]:
     Raises ValueError (or an Arrow error) when any row is not a list of 2-string lists
     of decimal numbers.
     """
+    # Arrow takes any sequence for a list, a string too: a "12" standing where a pair
+    # should be would become the level ("1", "2").
+    if any(type(side) is not list for side in rows) or any(type(p) is not list for side in rows for p in side):
+        raise ValueError("a side or a level is not a list")
     nested = pa.array(rows, type=_PAIRS)
     if nested.null_count:
         raise ValueError("null level list")
@@ -40,6 +70,51 @@ def levels_to_arrow(rows: list) -> tuple[pa.Array, pa.Array]:
     sizes = pc.list_element(pairs, 1).cast(pa.float64())
     offsets = nested.offsets
     return pa.ListArray.from_arrays(offsets, prices), pa.ListArray.from_arrays(offsets, sizes)
+
+
+def raw_levels(raws: list) -> tuple[pa.Array, pa.Array]:
+    """One side of many rows, each the JSON text of its level list -> (prices, sizes) as
+    list<double> arrays. Raises ValueError (or an Arrow error) unless every row is a
+    compact list of [price, qty] pairs of decimal strings; values are converted by the
+    same Arrow cast as `levels_to_arrow`, so both give the same doubles."""
+    if not raws:
+        empty = pa.array([], pa.list_(pa.float64()))
+        return empty, empty
+    joined = b"|".join(raws)
+    skeleton = joined.translate(None, _NUMBER_CHARS)
+    counts = [(len(row) - 1) >> 3 for row in skeleton.split(b"|")]  # a list of n pairs: 8n+1 bytes
+    if len(counts) != len(raws) or b"|".join(map(_SKELETONS.__getitem__, counts)) != skeleton:
+        raise ValueError("levels are not compact lists of [price, qty] decimal strings")
+    # The one valid JSON the check cannot see: a list of one bare number ("[0]" leaves "[]").
+    # An empty row must be exactly "[]": the empty rows' bytes add up to 2 each.
+    n, filled = len(raws), len(counts) - counts.count(0)
+    rows_with_levels = b"|".join(compress(raws, counts))
+    empty_bytes = len(joined) - (n - 1) - (len(rows_with_levels) - max(filled - 1, 0))
+    if empty_bytes != 2 * (n - filled):
+        raise ValueError("a level list holds a bare number")
+    offsets = np.zeros(n + 1, np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    if offsets[-1]:
+        # the rows with levels, as one comma-separated text of numbers: split and cast by Arrow
+        text = rows_with_levels.translate(_ROW_END_TO_COMMA, b'[]"')
+        whole = pa.StringArray.from_buffers(1, pa.py_buffer(np.array([0, len(text)], np.int32)), pa.py_buffer(text))
+        values = pc.split_pattern(whole, ",").flatten().cast(pa.float64()).to_numpy()
+        if len(values) != 2 * offsets[-1]:
+            raise ValueError("level count")
+    else:
+        values = np.empty(0, np.float64)
+    offsets = pa.array(offsets)
+    return (pa.ListArray.from_arrays(offsets, pa.array(values[0::2])),
+            pa.ListArray.from_arrays(offsets, pa.array(values[1::2])))
+
+
+def _loads_levels(raw):
+    """A side that failed `raw_levels`, as orjson reads it (None if it cannot), for the
+    row-by-row check."""
+    try:
+        return orjson.loads(bytes(raw))
+    except orjson.JSONDecodeError:
+        return None
 
 
 def levels_ok(levels) -> bool:
@@ -59,18 +134,16 @@ class DepthColumns:
     """Rows of diff_orderbooks or partial_orderbooks (schema DEPTH).
 
     Two ways in, one table out, rows kept in arrival order:
-    - `append_pairs`: the fast path. Levels are lists of (price, qty) string pairs whose
-      types msgspec already checked; they are flattened at once (the pairs are freed)
-      and turned into columns in bulk: one string array, one cast to double, prices and
-      sizes as the even and odd elements.
+    - `append_raw`: the fast path. Each side's levels are the JSON text msgspec found
+      (`msgspec.Raw`, which points into the frame's bytes: nothing is copied); they are
+      checked and converted in bulk by `raw_levels`.
     - `append`: levels as orjson made them, checked row by row only if the bulk
       conversion fails (the general path: recovery, frames msgspec refused).
     Whichever buffer is open is turned into an Arrow chunk when the other one is used,
-    and when it holds `FLAT_LIMIT` strings (Arrow holds a level in 16 bytes, a Python
-    string in about 60): memory stays bounded at any message rate.
+    and when it holds `RAW_LIMIT` bytes of level text: memory stays bounded at any rate.
     """
 
-    FLAT_LIMIT = 20_000
+    RAW_LIMIT = 1 << 20
 
     def __init__(self, kind: str):
         self.kind = kind
@@ -79,49 +152,47 @@ class DepthColumns:
         self.chunk_rows = 0
         self.dropped: list[tuple] = []
         self._clear_rows()
-        self._clear_flat()
+        self._clear_raw()
 
     def _clear_rows(self) -> None:
         self.rows: list[tuple] = []        # the seven scalars of each row
         self.rbids: list = []
         self.rasks: list = []
 
-    def _clear_flat(self) -> None:
-        self.frows: list[tuple] = []
-        self.bflat: list[str] = []
-        self.aflat: list[str] = []
-        self.bn: list[int] = []
-        self.an: list[int] = []
+    def _clear_raw(self) -> None:
+        self.raw_rows: list[tuple] = []
+        self.raw_bids: list = []
+        self.raw_asks: list = []
+        self.raw_bytes = 0
 
     def __len__(self) -> int:
-        return len(self.rows) + len(self.frows) + self.chunk_rows
+        return len(self.rows) + len(self.raw_rows) + self.chunk_rows
 
     def append(self, received, event, symbol, first, final, prev, ttime, bids, asks) -> None:
-        if self.frows:
-            self._flat_to_chunk()
+        if self.raw_rows:
+            self._raw_to_chunk()
         self.rows.append((received, event, symbol, first, final, prev, ttime))
         self.rbids.append(bids)
         self.rasks.append(asks)
 
-    def append_pairs(self, received, event, symbol, first, final, prev, ttime,
-                     bids: list[tuple[str, str]], asks: list[tuple[str, str]]) -> None:
+    def append_raw(self, received, event, symbol, first, final, prev, ttime, bids, asks) -> None:
+        """`bids`, `asks`: the JSON text of each side's level list (bytes or msgspec.Raw)."""
         if self.rows:
             self._rows_to_chunk()
-        self.frows.append((received, event, symbol, first, final, prev, ttime))
-        self.bflat.extend(_chain(bids))
-        self.aflat.extend(_chain(asks))
-        self.bn.append(len(bids))
-        self.an.append(len(asks))
-        if len(self.bflat) + len(self.aflat) > self.FLAT_LIMIT:
-            self._flat_to_chunk()
+        self.raw_rows.append((received, event, symbol, first, final, prev, ttime))
+        self.raw_bids.append(bids)
+        self.raw_asks.append(asks)
+        self.raw_bytes += len(bids) + len(asks)
+        if self.raw_bytes > self.RAW_LIMIT:
+            self._raw_to_chunk()
 
     def take(self) -> tuple[pa.Table, list[tuple]]:
         """Return (table, dropped) and empty the buffer; dropped lists the scalar
         values of rows whose levels were malformed."""
         if self.rows:
             self._rows_to_chunk()
-        if self.frows or not self.chunks:
-            self._flat_to_chunk()
+        if self.raw_rows or not self.chunks:
+            self._raw_to_chunk()
         chunks, dropped = self.chunks, self.dropped
         self.chunks, self.chunk_rows, self.dropped = [], 0, []
         table = chunks[0] if len(chunks) == 1 else pa.concat_tables(chunks)
@@ -134,14 +205,14 @@ class DepthColumns:
         self.chunks.append(table)
         self.chunk_rows += table.num_rows
 
-    def _flat_to_chunk(self) -> None:
-        rows, bflat, aflat, bn, an = self.frows, self.bflat, self.aflat, self.bn, self.an
-        self._clear_flat()
+    def _raw_to_chunk(self) -> None:
+        rows, bids, asks = self.raw_rows, self.raw_bids, self.raw_asks
+        self._clear_raw()
         try:
-            levels = [*_flat_levels(bflat, bn), *_flat_levels(aflat, an)]
+            levels = [*raw_levels(bids), *raw_levels(asks)]
         except (ValueError, pa.ArrowException):
-            # a price or size that is not a decimal number: back to pairs, row by row
-            self._rows_to_chunk(rows, _unflatten(bflat, bn), _unflatten(aflat, an))
+            # not plain decimal strings in compact pairs somewhere: row by row
+            self._rows_to_chunk(rows, [_loads_levels(r) for r in bids], [_loads_levels(r) for r in asks])
             return
         self._add_chunk(rows, levels)
 
@@ -160,24 +231,6 @@ class DepthColumns:
             bid_p, bid_s = levels_to_arrow(bids)
             ask_p, ask_s = levels_to_arrow(asks)
         self._add_chunk(rows, [bid_p, bid_s, ask_p, ask_s])
-
-
-def _flat_levels(flat: list[str], counts: list[int]) -> tuple[pa.Array, pa.Array]:
-    """[p0, q0, p1, q1, ...] and the number of pairs per row -> (prices, sizes)."""
-    values = pa.array(flat, pa.string()).cast(pa.float64()).to_numpy(zero_copy_only=False)
-    offsets = np.zeros(len(counts) + 1, np.int32)
-    np.cumsum(counts, out=offsets[1:])
-    offsets = pa.array(offsets)
-    return (pa.ListArray.from_arrays(offsets, pa.array(values[0::2])),
-            pa.ListArray.from_arrays(offsets, pa.array(values[1::2])))
-
-
-def _unflatten(flat: list[str], counts: list[int]) -> list[list[list[str]]]:
-    rows, pos = [], 0
-    for n in counts:
-        rows.append([[flat[pos + 2 * k], flat[pos + 2 * k + 1]] for k in range(n)])
-        pos += 2 * n
-    return rows
 
 
 class SnapshotColumns:

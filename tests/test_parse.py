@@ -9,7 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from handlers import parse, wire
+from handlers.frames import DIFF
 from simulator.server import load_capture
+from storage.columns import DepthColumns
 from tests.helpers import SHARED_DATA
 
 SPOT_PARTIAL = b'{"lastUpdateId":160,"bids":[["0.0024","10"]],"asks":[["0.0026","100"]]}'
@@ -114,10 +116,15 @@ def _general(raw: bytes, futures: bool, spot_partial: bool):
     return (parse.futures_depth if futures else parse.spot_diff)(msg["data"])
 
 
-def _typed(raw: bytes, futures: bool, spot_partial: bool):
+def _typed_raw(raw: bytes, futures: bool, spot_partial: bool):
     msg = wire.decode_frame(raw)
-    row = wire.depth_row(msg.data, msg.stream.split("@")[0].upper(), futures, spot_partial)
-    return row[:6] + ([list(p) for p in row[6]], [list(p) for p in row[7]])
+    return wire.depth_row(msg.data, msg.stream.split("@")[0].upper(), futures, spot_partial)
+
+
+def _typed(raw: bytes, futures: bool, spot_partial: bool):
+    """The fast path's row, its level texts read as the general path reads them."""
+    row = _typed_raw(raw, futures, spot_partial)
+    return None if row is None else row[:6] + (orjson.loads(bytes(row[6])), orjson.loads(bytes(row[7])))
 
 
 def test_fast_path_agrees_with_the_general_path_on_every_real_frame():
@@ -132,20 +139,45 @@ def test_fast_path_agrees_with_the_general_path_on_every_real_frame():
     assert _typed(wrapped % FUTURES_PARTIAL, True, False) == _general(wrapped % FUTURES_PARTIAL, True, False)
 
 
-@given(st.dictionaries(st.sampled_from(["e", "E", "T", "s", "U", "u", "pu", "b", "a"]),
-                       st.one_of(st.integers(-2**63, 2**63 - 1), st.integers(-2**65, 2**65), st.text(max_size=5), st.none(),
-                                 st.lists(st.lists(st.text(max_size=4), max_size=3), max_size=3)), max_size=9))
-def test_fast_path_never_accepts_what_the_general_path_refuses(data):
-    """Whatever the payload, msgspec's typed path yields a row only when the general path
-    does, and the same row; otherwise the frame falls to the general path."""
+_BASE = {"e": "depthUpdate", "E": 1, "T": 1, "s": "BTCUSDT", "U": 5, "u": 9, "pu": 4,
+         "b": [["1.5", "2"]], "a": []}
+_value = st.one_of(st.integers(-2**63, 2**63 - 1), st.integers(-2**65, 2**65), st.text(max_size=5), st.none(),
+                   st.sampled_from(["depthUpdate", "BTCUSDT", "ETHUSDT"]),
+                   st.lists(st.lists(st.one_of(st.text(max_size=4), st.sampled_from(["1.5", "0.002", "7e3"])),
+                                     max_size=3), max_size=3))
+
+
+@given(st.dictionaries(st.sampled_from(list(_BASE)), _value, max_size=4),
+       st.lists(st.sampled_from(list(_BASE)), max_size=2))
+def test_fast_path_never_accepts_what_the_general_path_refuses(changes, removed):
+    """A payload with some fields changed or removed: msgspec's typed path yields a row
+    only when the general path does, with the same scalars, and the rows written (or
+    dropped) from its level texts are those the general path writes (or drops). The one
+    difference: it checks level lists later, in bulk, so a row whose levels the general
+    path refuses at once (not lists) is dropped and reported there."""
+    data = {k: v for k, v in {**_BASE, **changes}.items() if k not in removed}
     raw = b'{"stream":"btcusdt@depth@100ms","data":' + json.dumps(data).encode() + b"}"  # any int size
     for futures in (False, True):
-        general = (parse.futures_depth if futures else parse.spot_diff)(data)
+        parser = parse.futures_depth if futures else parse.spot_diff
+        general = parser(data)
         if general is not None and general[1] != "BTCUSDT":
             general = None
         try:
-            typed = _typed(raw, futures, False)
-        except (wire.DecodeError, TypeError):
+            typed = _typed_raw(raw, futures, False)
+        except wire.DecodeError:
             typed = None
-        if typed is not None:
-            assert general is not None and typed == general
+        if typed is None:
+            continue
+        fast, slow = DepthColumns(DIFF), DepthColumns(DIFF)
+        fast.append_raw(0, *typed)
+        if general is None:  # only the level lists may be what the general path refused
+            general = parser(dict(data, b=[], a=[]))
+            assert general is not None and not (isinstance(data["b"], list) and isinstance(data["a"], list))
+            assert typed[:6] == general[:6]
+            table, dropped = fast.take()
+            assert table.num_rows == 0 and dropped == [(0, *typed[:6])]
+            continue
+        assert typed[:6] == general[:6]
+        slow.append(0, *general)
+        (fast_table, fast_dropped), (slow_table, slow_dropped) = fast.take(), slow.take()
+        assert fast_dropped == slow_dropped and fast_table.equals(slow_table)
