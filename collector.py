@@ -42,6 +42,7 @@ import requests
 import config as config_mod
 from handlers.exchange import ExchangeUnavailable, check_symbols, fetch_exchange_info, weight_limit
 from handlers.frames import FrameProcessor
+from handlers.inbox import Inbox
 from handlers.snapshots import Snapshotter, WeightBudget
 from handlers.stamped import wall_us
 from handlers.websocket import AttemptLimiter, StreamBatch, combined_url
@@ -126,7 +127,7 @@ class MarketPipeline:
     """Every thread and queue of one market."""
 
     cfg: config_mod.MarketConfig
-    inbox: queue.Queue
+    inbox: Inbox
     outbox: queue.Queue
     batches: list[StreamBatch]
     snapshotter: Snapshotter
@@ -159,7 +160,7 @@ class MarketPipeline:
 def build_market(cfg: config_mod.MarketConfig, c: config_mod.CollectorConfig, stop: threading.Event,
                  session: requests.Session, weight_per_minute: int, run_id: int,
                  now_us: Callable[[], int] = now_us) -> MarketPipeline:
-    inbox: queue.Queue = queue.Queue(maxsize=c.queue_size)
+    inbox = Inbox(maxsize=c.queue_size)
     outbox: queue.Queue = queue.Queue(maxsize=64)
     m = cfg.market
     batches = []

@@ -30,6 +30,7 @@ import orjson
 from config import MarketConfig
 from handlers import continuity as cont
 from handlers import parse, wire
+from handlers.inbox import Inbox
 from service.threads import name_os_thread
 from storage.columns import DepthColumns, GapColumns, SnapshotColumns, levels_ok
 from storage.journal import WS, Journal
@@ -101,7 +102,7 @@ def route_by_name(stream: str) -> tuple[str, str] | None:
 
 
 class FrameProcessor(threading.Thread):
-    def __init__(self, cfg: MarketConfig, inbox: queue.Queue | None, outbox,
+    def __init__(self, cfg: MarketConfig, inbox: Inbox | None, outbox,
                  flush_interval: float, now_us: Callable[[], int],
                  request_snapshot: Callable[[str], None] = lambda symbol: None,
                  on_server_shutdown: Callable[[int], None] = lambda conn: None,

@@ -26,6 +26,7 @@ import requests
 
 from config import MarketConfig
 from handlers.backoff import backoff_delay
+from handlers.inbox import Inbox
 from service.threads import name_os_thread
 from storage.journal import REST
 
@@ -86,7 +87,7 @@ class SnapshotStats:
 
 
 class Snapshotter(threading.Thread):
-    def __init__(self, cfg: MarketConfig, out: queue.Queue, stop: threading.Event,
+    def __init__(self, cfg: MarketConfig, out: Inbox, stop: threading.Event,
                  budget: WeightBudget, now_us: Callable[[], int],
                  session: requests.Session | None = None, workers: int = 4):
         super().__init__(name=f"snapshot-{cfg.name}", daemon=True)

@@ -27,6 +27,7 @@ import websocket
 
 from handlers import stamped
 from handlers.backoff import backoff_delay
+from handlers.inbox import Inbox
 from service.threads import name_os_thread
 from storage.journal import WS
 
@@ -115,7 +116,7 @@ def read_ahead(ws: websocket.WebSocket) -> ReadAhead:
 class Reader(threading.Thread):
     """One connection: connect, read until it ends, exit."""
 
-    def __init__(self, name: str, url: str, out: queue.Queue, dead_after: float,
+    def __init__(self, name: str, url: str, out: Inbox, dead_after: float,
                  now_us: Callable[[], int], stats: "ConnectionStats", put_timeout: float = 5.0):
         self.conn_id = next(_conn_ids)
         super().__init__(name=f"{name}-c{self.conn_id}", daemon=True)
@@ -247,7 +248,7 @@ class AttemptLimiter:
 class StreamBatch(threading.Thread):
     """Supervisor of one batch of streams."""
 
-    def __init__(self, name: str, url: str, out: queue.Queue, stop: threading.Event,
+    def __init__(self, name: str, url: str, out: Inbox, stop: threading.Event,
                  now_us: Callable[[], int], dead_after: float, rotate_after: float,
                  healthy_after: float = 5.0, attempts: AttemptLimiter | None = None):
         super().__init__(name=name, daemon=True)
