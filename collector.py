@@ -59,7 +59,7 @@ from storage.writer import STOP, PartWriter
 log = logging.getLogger("collector")
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
-_M_ARENA_MAX, _M_MMAP_THRESHOLD = -8, -3  # mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # mallopt parameters (malloc.h)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.ini"
 
 
@@ -104,10 +104,13 @@ def tune_memory() -> None:
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(_M_ARENA_MAX, 2)
-        # a fixed mmap threshold: buffers above it (Arrow columns, zstd contexts) are
-        # mapped and unmapped, i.e. given back to the system when freed; glibc's default
-        # raises the threshold after each such free and then keeps them in the heap
-        libc.mallopt(_M_MMAP_THRESHOLD, 256 << 10)
+        # Buffers up to 16 MiB come from the heap, and up to 16 MiB free at its top stay
+        # there: Arrow's ZSTD makes (and frees) a compression workspace of several MiB for
+        # every page it compresses; mapped and unmapped each time (or trimmed off the
+        # heap and taken back), its pages faulted in again on every page: ZSTD-9 part
+        # files cost 7.4 µs a message instead of 4.3 (bench/stages.py, BENCHMARKS.md).
+        libc.mallopt(_M_MMAP_THRESHOLD, 16 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 16 << 20)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
 
