@@ -134,7 +134,8 @@ def write_config(work: Path, ports: dict, symbols: list[str], args) -> tuple[Pat
                        for s in (m.diff_stream(sym, "100ms"), m.partial_stream(sym, 20, "100ms"))]
             urls.append(combined_url(ws_url, streams))
     cfg = work / "config.ini"
-    cfg.write_text("[collector]\ndata_dir = data\nstatus_interval = 5\nmetrics_listen = off\n" + "".join(sections))
+    level = f"compression_level = {args.compression_level}\n" if args.compression_level else ""
+    cfg.write_text("[collector]\ndata_dir = data\nstatus_interval = 5\nmetrics_listen = off\n" + level + "".join(sections))
     return cfg, urls
 
 
@@ -280,6 +281,7 @@ def main() -> None:
     p.add_argument("--snapshot-interval", type=float, default=60)
     p.add_argument("--per-connection", type=int, default=100, help="symbols per WebSocket connection")
     p.add_argument("--runs", type=int, default=1)
+    p.add_argument("--compression-level", type=int, help="the collector's compression_level (default: its own, 9)")
     p.add_argument("--rss-every", type=float, default=5.0, help="seconds between RSS samples in the window")
     p.add_argument("--no-floor", action="store_true", help="do not run the bare reader beside the collector")
     p.add_argument("--step", help="comma-separated symbol counts: raise the load until the collector falls behind")
