@@ -26,13 +26,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import orjson
+import pyarrow as pa
 
 from config import MarketConfig
 from handlers import continuity as cont
 from handlers import parse, wire
 from handlers.inbox import Inbox
 from service.threads import name_os_thread
-from storage.columns import DepthColumns, GapColumns, SnapshotColumns, levels_ok
+from storage.columns import DepthColumns, GapColumns, SnapshotColumns, levels_to_arrow, raw_levels
 from storage.journal import WS, Journal
 from storage.writer import STOP
 
@@ -44,7 +45,7 @@ _BATCH = 2048
 MAX_FRAME_BYTES = 4 << 20
 MAX_ROWS_HELD = 200_000  # a segment ends early past this many rows (bounds memory at high rates)
 BUILD_ROWS = 8192  # rows handed to the writer once this many are buffered, or every build_interval
-BUILD_SNAPSHOTS = 32  # or this many snapshots (a 1000-level body parsed is ~0.4 MB of Python objects)
+BUILD_SNAPSHOTS = 32  # or this many snapshots
 _STREAM = re.compile(r"^([a-z0-9_]+)@depth(\d*)(?:@\d+ms)?$")
 
 
@@ -309,11 +310,13 @@ class FrameProcessor(threading.Thread):
         self.request_snapshot(symbol)
 
     def on_snapshot(self, received_us: int, symbol: str, limit: int, request_us: int, raw: bytes) -> None:
-        try:
-            row = parse.snapshot(orjson.loads(raw), self._futures)
-        except orjson.JSONDecodeError:
-            row = None
-        if row is None or not (levels_ok(row[1]) and levels_ok(row[2])):
+        """Checked and converted at once, so that a malformed snapshot is fetched again:
+        msgspec and the bulk level check first, orjson and the row-by-row one for what
+        they refuse (as for frames)."""
+        row = self._snapshot_fast(raw)
+        if row is None:
+            row = self._snapshot_general(raw)
+        if row is None:
             self._malformed("orderbooks", raw)
             if not self.recovering:
                 self.request_snapshot(symbol)  # a failed snapshot is retried, never lost
@@ -321,6 +324,29 @@ class FrameProcessor(threading.Thread):
         last, b, a, E, T = row
         self.snapshots.append(request_us, received_us, last, b, a, limit, symbol, E, T)
         self.stats.snapshots += 1
+
+    def _snapshot_fast(self, raw: bytes):
+        try:
+            snap = wire.decode_snapshot(raw)
+            if not snap.bids or not snap.asks:
+                return None
+            if self._futures:
+                if snap.E is None or snap.T is None:
+                    return None
+                return snap.lastUpdateId, raw_levels([snap.bids]), raw_levels([snap.asks]), snap.E, snap.T
+            return snap.lastUpdateId, raw_levels([snap.bids]), raw_levels([snap.asks]), None, None
+        except (wire.DecodeError, ValueError, pa.ArrowException):
+            return None
+
+    def _snapshot_general(self, raw: bytes):
+        try:
+            row = parse.snapshot(orjson.loads(raw), self._futures)
+            if row is None:
+                return None
+            last, b, a, E, T = row
+            return last, levels_to_arrow([b]), levels_to_arrow([a]), E, T
+        except (orjson.JSONDecodeError, ValueError, TypeError, pa.ArrowException):
+            return None
 
     def _not_data(self, raw: bytes, conn: int) -> None:
         """Control replies ({"result":null,"id":1}) are expected; anything else is malformed."""

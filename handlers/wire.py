@@ -68,3 +68,15 @@ def depth_row(d: Data, symbol: str, futures: bool, spot_partial: bool):
             return None
         return d.E, symbol, d.U, d.u, d.pu, d.T, d.b, d.a
     return d.E, symbol, d.U, d.u, None, None, d.b, d.a
+
+
+class Snapshot(msgspec.Struct):
+    """REST depth: {"lastUpdateId":N,"bids":[..],"asks":[..]}, plus "E" and "T" on futures."""
+    lastUpdateId: Int64
+    bids: msgspec.Raw = _MISSING
+    asks: msgspec.Raw = _MISSING
+    E: Optional[Int64] = None
+    T: Optional[Int64] = None
+
+
+decode_snapshot = msgspec.json.Decoder(Snapshot).decode

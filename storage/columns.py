@@ -234,7 +234,10 @@ class DepthColumns:
 
 
 class SnapshotColumns:
-    """Rows of orderbooks (one per REST snapshot)."""
+    """Rows of orderbooks (one per REST snapshot). Each side arrives already converted,
+    as (prices, sizes) one-row list<double> arrays (`raw_levels` or `levels_to_arrow` of
+    [side]): a snapshot is checked when it arrives (a malformed one is fetched again),
+    and held as 16 bytes a level rather than the Python lists of its parsed JSON."""
 
     def __init__(self):
         self.schema = SCHEMAS["orderbooks"]
@@ -249,12 +252,15 @@ class SnapshotColumns:
     def take(self) -> pa.Table:
         rows, self.rows = self.rows, []
         cols = list(zip(*rows, strict=True)) if rows else [()] * 9
-        bid_p, bid_s = levels_to_arrow(list(cols[3]))
-        ask_p, ask_s = levels_to_arrow(list(cols[4]))
+
+        def side(values: tuple, i: int) -> pa.Array:
+            return pa.concat_arrays([v[i] for v in values]) if values else pa.array([], pa.list_(pa.float64()))
+
         f = self.schema.field
         return pa.Table.from_arrays([
             pa.array(cols[0], f("request_time").type), pa.array(cols[1], f("received_time").type),
-            pa.array(cols[2], f("lastUpdateId").type), bid_p, bid_s, ask_p, ask_s,
+            pa.array(cols[2], f("lastUpdateId").type),
+            side(cols[3], 0), side(cols[3], 1), side(cols[4], 0), side(cols[4], 1),
             pa.array(cols[5], f("limit").type), pa.array(cols[6], f("symbol").type),
             pa.array(cols[7], f("event_time").type), pa.array(cols[8], f("transaction_time").type),
         ], schema=self.schema)

@@ -40,7 +40,7 @@ def test_depth_columns_drop_only_malformed_rows():
 
 def test_snapshot_and_gap_columns():
     s = SnapshotColumns()
-    s.append(1, 2, 99, [["1", "2"]], [["3", "4"]], 1000, "BTCUSDT", None, None)
+    s.append(1, 2, 99, levels_to_arrow([[["1", "2"]]]), raw_levels([b'[["3","4"]]']), 1000, "BTCUSDT", None, None)
     t = s.take()
     assert t.schema == SCHEMAS["orderbooks"]
     assert t.to_pylist()[0]["bid_prices"] == [1.0] and t.to_pylist()[0]["limit"] == 1000

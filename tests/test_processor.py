@@ -3,6 +3,7 @@ BUILD_SNAPSHOTS snapshots, without waiting for `build_interval` (memory stays bo
 at any rate), and everything at the segment's end."""
 from __future__ import annotations
 
+import json
 import queue
 import time
 
@@ -67,3 +68,50 @@ def test_snapshots_are_handed_over_every_build_snapshots():
     p.join(10)
     # at the end: the segment is closed, and the writer told to stop
     assert [outbox.get_nowait() for _ in range(outbox.qsize())][-1] is STOP
+
+
+def snapshot_table(market: str, bodies: list[bytes]):
+    """The orderbooks rows `on_snapshot` makes of `bodies` (no thread), and the symbols
+    whose snapshot it asked for again."""
+    cfg = MarketConfig(market=MARKETS[market], symbols=SYMBOLS, ws_url="ws://x", rest_url="http://x",
+                       diff_speed="100ms", partial_levels=20, partial_speed="100ms", snapshot_interval=60,
+                       snapshot_limit=1000, symbols_per_connection=50)
+    again: list[str] = []
+    p = FrameProcessor(cfg, None, queue.Queue(), flush_interval=3600, now_us=time.time_ns,
+                       request_snapshot=again.append)
+    for i, body in enumerate(bodies):
+        p.on_snapshot(2_000 + i, "BTCUSDT", 1000, 1_000 + i, body)
+    return p.snapshots.take(), again, p.stats.malformed
+
+
+def test_snapshots_fast_and_general_paths_give_the_same_rows():
+    """A compact body goes the fast way (msgspec, bulk level check); the same JSON with
+    spaces, which the bulk check refuses, goes the general way: same rows either way."""
+    for market, extra in (("spot", {}), ("futures", {"E": 1_700_000_000_123, "T": 1_700_000_000_120})):
+        snap = {"lastUpdateId": 160, "bids": [["0.0024", "10"], ["0.0023", "1e3"]], "asks": [["0.0026", "100"]], **extra}
+        compact = orjson.dumps(snap)
+        spaced = json.dumps(snap, indent=1).encode()
+        fast, again_fast, bad_fast = snapshot_table(market, [compact])
+        slow, again_slow, bad_slow = snapshot_table(market, [spaced])
+        assert again_fast == again_slow == [] and bad_fast == bad_slow == 0
+        assert fast.equals(slow)
+        row = fast.to_pylist()[0]
+        assert row["bid_prices"] == [0.0024, 0.0023] and row["bid_sizes"] == [10.0, 1000.0]
+        assert row["event_time"] == extra.get("E") and row["lastUpdateId"] == 160
+
+
+def test_malformed_snapshots_are_counted_and_fetched_again():
+    good = {"lastUpdateId": 1, "bids": [["1", "2"]], "asks": []}
+    bad = [
+        b"not json", b"[]", orjson.dumps({**good, "lastUpdateId": 1.5}),
+        orjson.dumps({**good, "bids": ["12"]}),           # a string where a pair should be
+        orjson.dumps({**good, "bids": [["1_000", "2"]]}),  # float() reads it, Arrow does not
+        orjson.dumps({**good, "bids": [["1", "2", "3"]]}),
+        orjson.dumps({**good, "asks": None}),
+        orjson.dumps({k: v for k, v in good.items() if k != "bids"}),
+    ]
+    table, again, malformed = snapshot_table("spot", bad + [orjson.dumps(good)])
+    assert table.num_rows == 1 and again == ["BTCUSDT"] * len(bad) and malformed == len(bad)
+    # futures snapshots must carry E and T
+    table, again, malformed = snapshot_table("futures", [orjson.dumps(good)])
+    assert table.num_rows == 0 and again == ["BTCUSDT"] and malformed == 1
