@@ -108,7 +108,7 @@ def tune_memory() -> None:
         # there: Arrow's ZSTD makes (and frees) a compression workspace of several MiB for
         # every page it compresses; mapped and unmapped each time (or trimmed off the
         # heap and taken back), its pages faulted in again on every page: ZSTD-9 part
-        # files cost 7.4 µs a message instead of 4.3 (bench/stages.py, BENCHMARKS.md).
+        # files cost 7.4 µs a message instead of 4.3 (BENCHMARKS.md, fifth session).
         libc.mallopt(_M_MMAP_THRESHOLD, 16 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 16 << 20)
     except (OSError, AttributeError):

@@ -328,13 +328,10 @@ class FrameProcessor(threading.Thread):
     def _snapshot_fast(self, raw: bytes):
         try:
             snap = wire.decode_snapshot(raw)
-            if not snap.bids or not snap.asks:
+            E, T = (snap.E, snap.T) if self._futures else (None, None)  # spot: not part of the row
+            if not snap.bids or not snap.asks or (self._futures and (E is None or T is None)):
                 return None
-            if self._futures:
-                if snap.E is None or snap.T is None:
-                    return None
-                return snap.lastUpdateId, raw_levels([snap.bids]), raw_levels([snap.asks]), snap.E, snap.T
-            return snap.lastUpdateId, raw_levels([snap.bids]), raw_levels([snap.asks]), None, None
+            return snap.lastUpdateId, raw_levels([snap.bids]), raw_levels([snap.asks]), E, T
         except (wire.DecodeError, ValueError, pa.ArrowException):
             return None
 

@@ -31,9 +31,6 @@ class Inbox:
         self.get = self._q.get
         self.get_nowait = self._q.get_nowait
 
-    def full(self) -> bool:
-        return self._q.qsize() >= self.maxsize
-
     def put_nowait(self, item) -> None:
         if self._q.qsize() >= self.maxsize:
             raise queue.Full

@@ -121,8 +121,6 @@ def levels_ok(levels) -> bool:
     """The slow, exact check of one side of one message (used only after a bulk failure).
     Arrow's own string->double conversion is the judge, so that what passes here converts
     later: Python's float() also takes "1_000", " 1" and non-ASCII digits, which Arrow refuses."""
-    if not isinstance(levels, list):
-        return False
     try:
         levels_to_arrow([levels])
     except (ValueError, TypeError, pa.ArrowException):
