@@ -24,6 +24,14 @@ class _Recent:
     100 bytes an id: 2048 ids were ~220 KB a symbol, ~440 MB for 2,000 symbols). `add`
     is on the hot path; the lookup runs only for an event at or behind the stream head
     (duplicates, stale events), in C over the ring.
+
+    How many ids (`Continuity.memory`, 512): a duplicate comes from a second connection
+    delivering the same events while two overlap (rotation, serverShutdown: seconds,
+    until the new one has delivered), so it trails its first copy by at most the lag
+    between the two connections. 512 ids are 51 s of a 100 ms stream. An id older than
+    that is recorded as stale, never dropped: a memory too short could write a duplicate
+    twice, never lose an event. 2,048 ids took 33 MB at 2,000 symbols, a tenth of the
+    peak RSS there (BENCHMARKS.md, sixth session).
     """
 
     __slots__ = ("ring", "view", "pos", "filled")
@@ -47,7 +55,7 @@ class _Recent:
 
 
 class Continuity:
-    def __init__(self, rule: str, memory: int = 2048):
+    def __init__(self, rule: str, memory: int = 512):
         if rule not in ("spot", "futures"):
             raise ValueError(rule)
         self.futures = rule == "futures"

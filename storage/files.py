@@ -84,11 +84,6 @@ def _write_atomic(final: Path, write) -> None:
         raise
 
 
-def write_bytes_atomic(final: Path, data) -> None:
-    """A complete file's bytes (e.g. a Parquet file encoded in memory) under `final`."""
-    _write_atomic(final, lambda tmp: tmp.write_bytes(data))
-
-
 def write_table_atomic(final: Path, table: pa.Table, compression_level: int,
                        metadata: dict[bytes, bytes] | None = None) -> None:
     if metadata:

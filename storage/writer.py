@@ -4,22 +4,33 @@ One writer per market (`writer-spot`, `writer-futures`). Items on its queue:
 
     (kind, table)         rows of one kind, split by the UTC day of their receive time and
                           encoded as they come: each (kind, day) of the open segment is a
-                          Parquet file being written in memory, a row group every
-                          `ROW_GROUP_ROWS` rows (20-25 times smaller than the Arrow rows)
+                          Parquet file being written, a row group every `ROW_GROUP_ROWS`
+                          rows (20-25 times smaller than the Arrow rows), into a `_Sink`:
+                          up to `SPILL_BYTES` in memory, then appended to a hidden
+                          temporary file in its day folder (`.part-open-N.parquet.tmp`)
     ("segment", name)     the end of a journal segment: each of those files is completed
-                          and published as `<kind>/<day>/part-<name>.parquet`, then the
-                          journal segment is deleted, since its rows are now on disk.
+                          and published as `<kind>/<day>/part-<name>.parquet` (fsync,
+                          rename), then the journal segment is deleted, since its rows are
+                          now on disk.
     STOP                  write what is left and end.
 
+Why a temporary file and not memory: at 40,000 msgs/s a segment's encoded parts were
+~25 MB held in growing buffers (and as much again while each doubled), a tenth of the
+process's peak RSS (BENCHMARKS.md, sixth session).
+
 A storage error (disk full, folder unwritable) is logged at error level and the encoded
-files are kept and retried every `retry_wait` seconds; nothing is dropped while they fit
+bytes the disk refused are kept in memory and retried every `retry_wait` seconds (those
+already in a temporary file stay there: the file is held open, so even a file deleted
+under us is read back, not lost); nothing is dropped while what is held in memory fits
 in `max_pending_bytes`. Past that bound the oldest segment is dropped with a critical log
 line saying exactly how many rows of which kind (its journal segment, if it could be
 written, is kept and replayed at the next start).
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -32,14 +43,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from service.threads import name_os_thread
-from storage.files import US_PER_DAY, day_of, parquet_options, write_bytes_atomic
+from storage.files import US_PER_DAY, day_of, fsync_dir, parquet_options
 from storage.schemas import DAY_COLUMN
 
 log = logging.getLogger(__name__)
 
 STOP = object()
 SEGMENT = "segment"
-_EMPTY = pa.py_buffer(b"")
+SPILL_BYTES = 256 << 10  # a part's encoded bytes held in memory before they go to its temporary file
+_OPEN = itertools.count(1)  # temporary names, unique in the process
 ROW_GROUP_ROWS = 16_384  # rows held as Arrow before they are encoded: 32,768 cost ~45 MiB more at
 # 35,000 msgs/s for part files 6 % smaller (day files are re-encoded in larger groups anyway)
 
@@ -74,12 +86,125 @@ def split_by_day(table: pa.Table, column: str) -> dict[str, pa.Table]:
     return out
 
 
-class _Part:
-    """One (kind, day) of the open segment: a Parquet file encoded in memory as rows arrive."""
+class _Sink:
+    """The bytes of one part file as the Parquet writer makes them (a file-like object for
+    `pq.ParquetWriter`): up to `SPILL_BYTES` in memory, then appended to `tmp`, a hidden
+    temporary file in the part's final folder, held open until `publish` renames it.
 
-    def __init__(self, schema: pa.Schema, level: int):
-        self.sink = pa.BufferOutputStream()
-        self.writer = pq.ParquetWriter(self.sink, schema, **parquet_options(level, schema))
+    What the disk refuses stays in memory (`held`) and is tried again at the next spill or
+    publish: nothing is lost to a storage error. The bytes already in `tmp` are not held in
+    memory, but the descriptor is: if the file is deleted under us, they are read back
+    through it (`_recover`)."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.tail: list[bytes] = []
+        self.held = 0      # bytes in `tail`
+        self.on_disk = 0   # bytes of `tmp`, written and not refused
+        self.closed = False
+        self._fd: int | None = None
+
+    # the file-like interface pyarrow writes through
+    def write(self, data) -> int:
+        self.tail.append(bytes(data))
+        self.held += len(data)
+        if self.held >= SPILL_BYTES:
+            try:
+                self.spill()
+            except OSError:
+                pass  # kept in memory; publish() reports it, and retries
+        return len(data)
+
+    def tell(self) -> int:
+        return self.on_disk + self.held
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
+
+    @property
+    def size(self) -> int:
+        return self.on_disk + self.held
+
+    def spill(self) -> None:
+        """Append the memory tail to `tmp`; on OSError the tail stays and the file is cut back
+        to what it held, so a retry appends exactly once."""
+        if not self.tail:
+            return
+        if self._fd is not None and os.fstat(self._fd).st_nlink == 0:
+            self._recover()  # deleted under us: its bytes come back into memory, then a new file
+        if self._fd is None:
+            self.tmp.parent.mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            self.on_disk = 0
+        data = b"".join(self.tail) if len(self.tail) > 1 else self.tail[0]
+        done = 0
+        try:
+            while done < len(data):
+                done += os.pwrite(self._fd, memoryview(data)[done:], self.on_disk + done)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, self.on_disk)
+            except OSError:
+                pass
+            self.tail, self.held = [data], len(data)
+            raise
+        self.on_disk += len(data)
+        self.tail, self.held = [], 0
+
+    def _recover(self) -> None:
+        chunks, pos = [], 0
+        while pos < self.on_disk:
+            chunk = os.pread(self._fd, min(1 << 24, self.on_disk - pos), pos)
+            if not chunk:
+                raise OSError(f"temporary part file {self.tmp} shrank under the writer")
+            chunks.append(chunk)
+            pos += len(chunk)
+        log.warning("temporary part file %s was removed while being written; %d bytes read back", self.tmp, pos)
+        self.tail = chunks + self.tail
+        self.held += pos
+        self.on_disk = 0
+        self.discard()
+
+    def publish(self, final: Path) -> None:
+        """Everything onto disk, fsync, rename to `final`, fsync the folder (OSError: retry later)."""
+        self.spill()
+        if self._fd is None:  # an empty file: nothing was ever written
+            raise OSError(f"nothing to publish for {final}")
+        os.fsync(self._fd)
+        if os.fstat(self._fd).st_nlink == 0 or os.stat(self.tmp).st_ino != os.fstat(self._fd).st_ino:
+            self._recover()  # removed or replaced under us: write it again
+            self.spill()
+            os.fsync(self._fd)
+        os.replace(self.tmp, final)
+        self.tmp = final  # a retry after a failed folder fsync renames it onto itself
+        fsync_dir(final.parent)
+        os.close(self._fd)
+        self._fd = None
+
+    def discard(self) -> None:
+        """Close and remove the temporary file (a dropped or published-elsewhere part)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            try:
+                os.unlink(self.tmp)
+            except OSError:
+                pass
+
+
+class _Part:
+    """One (kind, day) of the open segment: a Parquet file encoded as rows arrive."""
+
+    def __init__(self, schema: pa.Schema, level: int, folder: Path):
+        self.sink = _Sink(folder / f".part-open-{next(_OPEN)}.parquet.tmp")
+        # Parquet writes page by page, header by header (dozens of writes a row group): a
+        # native buffer in front hands the Python sink one write per SPILL_BYTES, so the
+        # encoding (outside the GIL) rarely has to take the GIL back.
+        self.stream = pa.BufferedOutputStream(pa.PythonFile(self.sink, mode="w"), buffer_size=SPILL_BYTES)
+        self.writer = pq.ParquetWriter(self.stream, schema, **parquet_options(level, schema))
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.rows = 0
@@ -97,21 +222,28 @@ class _Part:
             self.pending, self.pending_rows = [], 0
             self.writer.write_table(table, row_group_size=table.num_rows)
 
-    def finish(self) -> pa.Buffer:
+    def finish(self) -> _Sink:
         self._encode()
         self.writer.close()
-        return self.sink.getvalue()
+        self.stream.close()  # what the buffer holds goes to the sink
+        return self.sink
 
 
 @dataclass
 class _Segment:
     name: str | None
-    files: dict[tuple[str, str], tuple[pa.Buffer, int]]  # (kind, day) -> (Parquet bytes, rows)
+    files: dict[tuple[str, str], tuple[_Sink, int]]  # (kind, day) -> (its Parquet bytes, rows)
     done: set = field(default_factory=set)  # (kind, day) already published
 
     @property
     def nbytes(self) -> int:
-        return sum(buf.size for buf, _ in self.files.values())
+        """Bytes held in memory (what the disk has not taken yet)."""
+        return sum(sink.held for (key, (sink, _)) in self.files.items() if key not in self.done)
+
+    def discard(self) -> None:
+        for key, (sink, _) in self.files.items():
+            if key not in self.done:
+                sink.discard()
 
 
 class PartWriter(threading.Thread):
@@ -161,7 +293,7 @@ class PartWriter(threading.Thread):
         for day, rows in split_by_day(table, DAY_COLUMN[kind]).items():
             part = self._open.get((kind, day))
             if part is None:
-                part = self._open[(kind, day)] = _Part(table.schema, self.level)
+                part = self._open[(kind, day)] = _Part(table.schema, self.level, self.root / kind / day)
             part.add(rows)
 
     def end_segment(self, name: str | None) -> None:
@@ -182,22 +314,21 @@ class PartWriter(threading.Thread):
         if seg.name is None:
             self._anonymous += 1
             seg.name = f"{self.now_us()}-x{self._anonymous:06d}"
-        for (kind, day), (data, rows) in seg.files.items():
+        for (kind, day), (sink, rows) in seg.files.items():
             if (kind, day) in seg.done:
                 continue
             path = self.root / kind / day / f"part-{seg.name}.parquet"
             try:
-                write_bytes_atomic(path, data)
+                sink.publish(path)
             except OSError as e:
                 self.stats.errors += 1
                 log.error("cannot write %s (%d rows): %s; keeping the rows in memory and retrying every %.0fs",
                           path, rows, e, self.retry_wait)
                 return False
             seg.done.add((kind, day))
-            seg.files[(kind, day)] = (_EMPTY, rows)  # published: its bytes are not held any longer
             self.stats.rows[kind] = self.stats.rows.get(kind, 0) + rows
             self.stats.files += 1
-            self.stats.bytes += data.size
+            self.stats.bytes += sink.size
             self.stats.last_write_us = self.now_us()
         self.on_segment_written(seg.name)
         return True
@@ -216,4 +347,5 @@ class PartWriter(threading.Thread):
                          "if it was written, is replayed at the next start",
                          self.market, seg.name, lost, "at shutdown" if final else "memory bound reached")
             pending -= seg.nbytes
+            seg.discard()
         self.stats.pending_bytes = max(0, pending)

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from storage import writer
 from storage.compact import META_KEY, compact_all, compact_day
 from storage.files import US_PER_DAY, clean_temp_files, day_start_us, write_table_atomic
 from storage.schemas import SCHEMAS
@@ -72,6 +73,64 @@ def test_writer_encodes_rows_as_they_arrive_and_publishes_them_at_the_segment_en
     assert f.metadata.num_row_groups == 2
     assert f.read().column("final_update_id").to_pylist() == list(range(3 * n))
     assert w.stats.rows == {"diff_orderbooks": 3 * n} and not w._ready and not w._open
+
+
+def two_row_groups(n):
+    return [depth_table([("A", MIDNIGHT + 1000 * (i * n + k), i * n + k) for k in range(n)]) for i in range(2)]
+
+
+def test_writer_spills_encoded_bytes_to_a_hidden_temporary_file(tmp_path, monkeypatch):
+    """Past SPILL_BYTES a part's encoded bytes leave memory for `.part-open-N.parquet.tmp`
+    in its day folder (which no reader's `*.parquet` glob sees); the segment end renames it."""
+    monkeypatch.setattr(writer, "SPILL_BYTES", 512)
+    w = PartWriter("spot", tmp_path, queue.Queue(), compression_level=9)
+    n = ROW_GROUP_ROWS
+    for t in two_row_groups(n):
+        w.add("diff_orderbooks", t)
+    day = tmp_path / "spot" / "diff_orderbooks" / "2026-11-25"
+    sink = w._open[("diff_orderbooks", "2026-11-25")].sink
+    (tmp,) = day.glob(".part-open-*.parquet.tmp")
+    assert sink.on_disk == tmp.stat().st_size > 512 and sink.held < 512
+    assert not list(day.glob("*.parquet"))
+    w.end_segment("1-000001")
+    assert [p.name for p in day.iterdir()] == ["part-1-000001.parquet"]
+    assert pq.read_table(day / "part-1-000001.parquet").column("final_update_id").to_pylist() == list(range(2 * n))
+    assert w.stats.bytes == (day / "part-1-000001.parquet").stat().st_size
+
+
+def test_a_temporary_file_removed_under_the_writer_is_read_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(writer, "SPILL_BYTES", 512)
+    w = PartWriter("spot", tmp_path, queue.Queue(), compression_level=9)
+    n = ROW_GROUP_ROWS
+    first, second = two_row_groups(n)
+    w.add("diff_orderbooks", first)
+    day = tmp_path / "spot" / "diff_orderbooks" / "2026-11-25"
+    for tmp in day.glob("*.tmp"):
+        tmp.unlink()  # an operator's clean-up, a stray script
+    w.add("diff_orderbooks", second)
+    w.end_segment("1-000001")
+    assert "was removed while being written" in caplog.text
+    assert pq.read_table(day / "part-1-000001.parquet").column("final_update_id").to_pylist() == list(range(2 * n))
+    assert not list(day.glob("*.tmp"))
+
+
+def test_bytes_the_disk_refuses_stay_in_memory_until_it_takes_them(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(writer, "SPILL_BYTES", 512)
+    w = PartWriter("spot", tmp_path, queue.Queue(), compression_level=9)
+    day = tmp_path / "spot" / "diff_orderbooks" / "2026-11-25"
+    day.parent.mkdir(parents=True)
+    day.write_text("a file where the day folder goes")  # every write below it fails (ENOTDIR)
+    n = ROW_GROUP_ROWS
+    for t in two_row_groups(n):
+        w.add("diff_orderbooks", t)
+    w.end_segment("1-000001")
+    assert "cannot write" in caplog.text
+    assert len(w._ready) == 1 and w._ready[0].nbytes > 512 and w.stats.pending_bytes == w._ready[0].nbytes
+    day.unlink()
+    w.write_ready()
+    assert not w._ready and w.stats.pending_bytes == 0
+    assert pq.read_table(day / "part-1-000001.parquet").column("final_update_id").to_pylist() == list(range(2 * n))
+    assert [p.name for p in day.iterdir()] == ["part-1-000001.parquet"]
 
 
 def make_parts(kind_dir, day, n_parts, rows_per_part, symbols, seed=1):
