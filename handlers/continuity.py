@@ -18,7 +18,8 @@ OK, START, DUPLICATE, STALE, SEQUENCE, RECONNECT = (
 
 
 class _Recent:
-    """The last `size` final update ids of a symbol, for duplicate detection.
+    """A symbol's diff stream: its head (last u) and connection, and its last `size` final
+    update ids, for duplicate detection.
 
     A ring of int64 (8 bytes an id) rather than a deque and a set of Python ints (about
     100 bytes an id: 2048 ids were ~220 KB a symbol, ~440 MB for 2,000 symbols). `add`
@@ -34,24 +35,22 @@ class _Recent:
     peak RSS there (BENCHMARKS.md, sixth session).
     """
 
-    __slots__ = ("ring", "view", "pos", "filled")
+    __slots__ = ("ring", "view", "n", "head", "conn")
 
     def __init__(self, size: int):
         self.ring = array("q", bytes(8 * size))
         self.view = np.frombuffer(self.ring, np.int64)
-        self.pos = 0
-        self.filled = 0
+        self.n = 0  # ids ever added; the next goes to ring[n % size]
+        self.head: int = 0          # the stream head (last u), kept here by Continuity
+        self.conn: int | None = None  # ... and the connection it came on
 
     def add(self, u: int) -> None:
-        self.ring[self.pos] = u
-        self.pos += 1
-        if self.pos == len(self.ring):
-            self.pos = 0
-        if self.filled < len(self.ring):
-            self.filled += 1
+        n = self.n
+        self.ring[n % len(self.ring)] = u
+        self.n = n + 1
 
     def __contains__(self, u: int) -> bool:
-        return bool((self.view[:self.filled] == u).any())
+        return bool((self.view[:self.n] == u).any())
 
 
 class Continuity:
@@ -60,8 +59,7 @@ class Continuity:
             raise ValueError(rule)
         self.futures = rule == "futures"
         self.memory = memory
-        self.last: dict[str, tuple[int, int]] = {}  # symbol -> (last u, connection id)
-        self.recent: dict[str, _Recent] = {}
+        self.streams: dict[str, _Recent] = {}  # symbol -> its head, connection and recent ids
 
     def check(self, symbol: str, U: int, u: int, pu: int | None, conn: int) -> tuple[str, int | None]:
         """Classify one diff event; returns (status, previous u).
@@ -70,31 +68,33 @@ class Continuity:
         duplicate: already written, skip it; stale: older than the stream head and not
         seen before: written (never dropped), but the head does not move back.
         """
-        state = self.last.get(symbol)
-        if state is None:
-            self.last[symbol] = (u, conn)
-            recent = self.recent[symbol] = _Recent(self.memory)
-            recent.add(u)
+        st = self.streams.get(symbol)
+        if st is None:
+            self._start(symbol, u, conn)
             return START, None
-        last_u, last_conn = state
-        recent = self.recent[symbol]
+        last_u = st.head
         if u <= last_u:
-            if u in recent:
+            if u in st:
                 return DUPLICATE, last_u
-            recent.add(u)
+            st.add(u)
             return STALE, last_u
-        recent.add(u)
-        self.last[symbol] = (u, conn)
-        linked = (pu == last_u) if self.futures else (U <= last_u + 1)
-        if linked:
+        n, ring = st.n, st.ring  # st.add(u), inline: this runs for every diff
+        ring[n % len(ring)] = u
+        st.n = n + 1
+        st.head = u
+        last_conn, st.conn = st.conn, conn
+        if (pu == last_u) if self.futures else (U <= last_u + 1):
             return OK, last_u
         return (RECONNECT if last_conn is not None and conn != last_conn else SEQUENCE), last_u
 
     def seed(self, symbol: str, u: int) -> None:
         """Continue from a stream head known from disk (journal recovery); connection unknown."""
-        self.last[symbol] = (u, None)
-        recent = self.recent[symbol] = _Recent(self.memory)
-        recent.add(u)
+        self._start(symbol, u, None)
+
+    def _start(self, symbol: str, u: int, conn: int | None) -> None:
+        st = self.streams[symbol] = _Recent(self.memory)
+        st.head, st.conn = u, conn
+        st.add(u)
 
 
 class PartialDedup:

@@ -30,7 +30,8 @@ from storage.schemas import SCHEMAS
 log = logging.getLogger(__name__)
 
 _NUMBER_CHARS = b"0123456789.-+eE"  # all a decimal (or exponent) number is made of
-_ROW_END_TO_COMMA = bytes.maketrans(b"|", b",")
+_NOT_NUMBER = b'[]",|'  # what a checked row holds besides its numbers
+_QUOTE = ord('"')
 
 
 class _Skeletons(dict):
@@ -95,12 +96,19 @@ def raw_levels(raws: list) -> tuple[pa.Array, pa.Array]:
     offsets = np.zeros(n + 1, np.int32)
     np.cumsum(counts, out=offsets[1:])
     if offsets[-1]:
-        # the rows with levels, as one comma-separated text of numbers: split and cast by Arrow
-        text = rows_with_levels.translate(_ROW_END_TO_COMMA, b'[]"')
-        whole = pa.StringArray.from_buffers(1, pa.py_buffer(np.array([0, len(text)], np.int32)), pa.py_buffer(text))
-        values = pc.split_pattern(whole, ",").flatten().cast(pa.float64()).to_numpy()
-        if len(values) != 2 * offsets[-1]:
+        # The check proved that quotes appear only around numbers: the k-th number lies
+        # between quotes 2k and 2k+1. With everything but the numbers deleted, the numbers
+        # are one string array (offsets from their lengths) for Arrow to cast.
+        quotes = np.flatnonzero(np.frombuffer(rows_with_levels, np.uint8) == _QUOTE)
+        if len(quotes) != 4 * offsets[-1]:
             raise ValueError("level count")
+        ends = np.zeros(len(quotes) // 2 + 1, np.int32)
+        np.cumsum(quotes[1::2] - quotes[0::2] - 1, out=ends[1:])
+        digits = rows_with_levels.translate(None, _NOT_NUMBER)
+        if ends[-1] != len(digits):
+            raise ValueError("level text")
+        numbers = pa.StringArray.from_buffers(len(ends) - 1, pa.py_buffer(ends), pa.py_buffer(digits))
+        values = numbers.cast(pa.float64()).to_numpy()
     else:
         values = np.empty(0, np.float64)
     offsets = pa.array(offsets)
