@@ -160,12 +160,14 @@ def one_run(args, n_symbols: int, floor_on: bool) -> dict:
             floor = subprocess.Popen([sys.executable, str(ROOT / "bench" / "floor.py"), str(args.seconds), *urls],
                                      stdout=subprocess.PIPE, text=True)
         cpu0, t0, wall0 = cpu_seconds(col.pid), time.monotonic(), time.time_ns() // 1000
+        sim0 = cpu_seconds(sim.pid)
         threads0 = thread_cpu(col.pid)
         rss_series = []  # MiB, sampled through the window (a leak shows as a climb)
         while time.monotonic() < t0 + args.seconds:
             time.sleep(min(args.rss_every, max(0.0, t0 + args.seconds - time.monotonic())))
             rss_series.append(round(rss_kib(col.pid) / 1024))
         cpu1, t1, wall1 = cpu_seconds(col.pid), time.monotonic(), time.time_ns() // 1000
+        sim1 = cpu_seconds(sim.pid)
         threads1 = thread_cpu(col.pid)
         peak = peak_rss_kib(col.pid)
         col.send_signal(signal.SIGTERM)
@@ -187,7 +189,8 @@ def one_run(args, n_symbols: int, floor_on: bool) -> dict:
     disk, raw = bytes_per_message(work / "data")
     col_us = 1e6 * (cpu1 - cpu0) / max(1, offered * elapsed)
     r = {"offered/s": offered, "recorded/s": recorded / elapsed, "collector_us": col_us,
-         "collector_cpu_%": 100 * (cpu1 - cpu0) / elapsed, "peak_rss_MiB": peak / 1024,
+         "collector_cpu_%": 100 * (cpu1 - cpu0) / elapsed, "simulator_cpu_%": 100 * (sim1 - sim0) / elapsed,
+         "peak_rss_MiB": peak / 1024,
          "max_queue": max(queues or [0]), "last_queue": max(queues[-2:] or [0]),
          "delay_p50_ms": delays[0], "delay_p99_ms": delays[1], "lost_diffs": lost,
          "disk_B/msg": disk, "zstd19_B/msg": raw, "exit": rc}
