@@ -87,6 +87,11 @@ class Continuity:
             return OK, last_u
         return (RECONNECT if last_conn is not None and conn != last_conn else SEQUENCE), last_u
 
+    def head(self, symbol: str) -> int | None:
+        """The stream head (last u) of `symbol`, None before its first event."""
+        st = self.streams.get(symbol)
+        return None if st is None else st.head
+
     def seed(self, symbol: str, u: int) -> None:
         """Continue from a stream head known from disk (journal recovery); connection unknown."""
         self._start(symbol, u, None)

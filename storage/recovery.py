@@ -71,7 +71,11 @@ def _seed(proc: FrameProcessor, kind_dir: Path, previous: str) -> None:
     """Stream heads (last u per symbol) from the part files of the previous segment."""
     for part in kind_dir.glob(f"*/part-{previous}.parquet"):
         t = pq.read_table(part, columns=["symbol", "final_update_id"])
+        last: dict[str, int] = {}
         for symbol, u in zip(t.column("symbol").to_pylist(), t.column("final_update_id").to_pylist(), strict=True):
-            head = proc.continuity.last.get(symbol)
-            if head is None or u > head[0]:
+            if u > last.get(symbol, u - 1):
+                last[symbol] = u
+        for symbol, u in last.items():
+            head = proc.continuity.head(symbol)
+            if head is None or u > head:
                 proc.continuity.seed(symbol, u)

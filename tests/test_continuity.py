@@ -163,3 +163,13 @@ def test_duplicate_memory_is_compact():
     assert c.check("S0", 513, 513, None, 2)[0] == DUPLICATE
     assert c.check("S0", 2, 2, None, 2)[0] == DUPLICATE  # the oldest id remembered
     assert c.check("S0", 1, 1, None, 2)[0] == STALE  # forgotten: 512 newer ids since; recorded
+
+
+def test_head_and_seed_for_journal_recovery():
+    c = Continuity("futures")
+    assert c.head("X") is None
+    c.seed("X", 100)  # from the part files on disk: connection unknown
+    assert c.head("X") == 100
+    assert c.check("X", 101, 110, 100, conn=1) == (OK, 100)
+    assert c.head("X") == 110
+    assert c.check("X", 101, 110, 100, conn=2)[0] == DUPLICATE
