@@ -21,7 +21,8 @@ process's peak RSS (BENCHMARKS.md, sixth session).
 A storage error (disk full, folder unwritable) is logged at error level and the encoded
 bytes the disk refused are kept in memory and retried every `retry_wait` seconds (those
 already in a temporary file stay there: the file is held open, so even a file deleted
-under us is read back, not lost); nothing is dropped while what is held in memory fits
+under us is read back, not lost; one cut short in place cannot be, so that part is dropped
+with a critical line and its journal segment kept); nothing is dropped while what is held in memory fits
 in `max_pending_bytes`. Past that bound the oldest segment is dropped with a critical log
 line saying exactly how many rows of which kind (its journal segment, if it could be
 written, is kept and replayed at the next start).
@@ -86,6 +87,11 @@ def split_by_day(table: pa.Table, column: str) -> dict[str, pa.Table]:
     return out
 
 
+class PartLost(OSError):
+    """A temporary part file changed under the writer in a way its bytes cannot be read back
+    from (cut short in place): that part is lost from this run; its journal segment is kept."""
+
+
 class _Sink:
     """The bytes of one part file as the Parquet writer makes them (a file-like object for
     `pq.ParquetWriter`): up to `SPILL_BYTES` in memory, then appended to `tmp`, a hidden
@@ -112,7 +118,7 @@ class _Sink:
             try:
                 self.spill()
             except OSError:
-                pass  # kept in memory; publish() reports it, and retries
+                pass  # kept in memory; publish() reports it (and a PartLost), and retries
         return len(data)
 
     def tell(self) -> int:
@@ -133,8 +139,12 @@ class _Sink:
         to what it held, so a retry appends exactly once."""
         if not self.tail:
             return
-        if self._fd is not None and os.fstat(self._fd).st_nlink == 0:
-            self._recover()  # deleted under us: its bytes come back into memory, then a new file
+        if self._fd is not None:
+            st = os.fstat(self._fd)
+            if st.st_size != self.on_disk:
+                raise PartLost(f"temporary part file {self.tmp} changed size under the writer")
+            if st.st_nlink == 0:
+                self._recover()  # deleted under us: its bytes come back into memory, then a new file
         if self._fd is None:
             self.tmp.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -159,7 +169,7 @@ class _Sink:
         while pos < self.on_disk:
             chunk = os.pread(self._fd, min(1 << 24, self.on_disk - pos), pos)
             if not chunk:
-                raise OSError(f"temporary part file {self.tmp} shrank under the writer")
+                raise PartLost(f"temporary part file {self.tmp} was cut short under the writer")
             chunks.append(chunk)
             pos += len(chunk)
         log.warning("temporary part file %s was removed while being written; %d bytes read back", self.tmp, pos)
@@ -174,6 +184,8 @@ class _Sink:
         if self._fd is None:  # an empty file: nothing was ever written
             raise OSError(f"nothing to publish for {final}")
         os.fsync(self._fd)
+        if os.fstat(self._fd).st_size != self.on_disk:
+            raise PartLost(f"temporary part file {self.tmp} changed size under the writer")
         if os.fstat(self._fd).st_nlink == 0 or os.stat(self.tmp).st_ino != os.fstat(self._fd).st_ino:
             self._recover()  # removed or replaced under us: write it again
             self.spill()
@@ -320,6 +332,9 @@ class PartWriter(threading.Thread):
             path = self.root / kind / day / f"part-{seg.name}.parquet"
             try:
                 sink.publish(path)
+            except PartLost as e:
+                self._drop(seg, f"{e}; its journal segment is kept and replayed at the next start")
+                return True  # gone from the queue; the journal segment is not deleted
             except OSError as e:
                 self.stats.errors += 1
                 log.error("cannot write %s (%d rows): %s; keeping the rows in memory and retrying every %.0fs",
@@ -338,14 +353,17 @@ class PartWriter(threading.Thread):
         self.stats.pending_bytes = pending
         while self._ready and (pending > self.max_pending_bytes or final):
             seg = self._ready.pop(0)
-            lost: dict[str, int] = {}
-            for (kind, day), (_, rows) in seg.files.items():
-                if (kind, day) not in seg.done:
-                    lost[kind] = lost.get(kind, 0) + rows
-            self.stats.lost_rows += sum(lost.values())
-            log.critical("dropping unwritten rows market=%s segment=%s rows=%s (%s); its journal segment, "
-                         "if it was written, is replayed at the next start",
-                         self.market, seg.name, lost, "at shutdown" if final else "memory bound reached")
             pending -= seg.nbytes
-            seg.discard()
+            self._drop(seg, ("at shutdown" if final else "memory bound reached")
+                       + "; its journal segment, if it was written, is replayed at the next start")
         self.stats.pending_bytes = max(0, pending)
+
+    def _drop(self, seg: _Segment, why: str) -> None:
+        """Rows of `seg` not yet published are given up here, loudly, with their counts."""
+        lost: dict[str, int] = {}
+        for (kind, day), (_, rows) in seg.files.items():
+            if (kind, day) not in seg.done:
+                lost[kind] = lost.get(kind, 0) + rows
+        self.stats.lost_rows += sum(lost.values())
+        log.critical("dropping unwritten rows market=%s segment=%s rows=%s (%s)", self.market, seg.name, lost, why)
+        seg.discard()

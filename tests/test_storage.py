@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
 import random
 
@@ -204,3 +205,29 @@ def test_temporaries_left_by_a_crash_are_removed(tmp_path):
     tmp.write_bytes(b"half a file")
     assert clean_temp_files(tmp_path) == [tmp]
     assert not tmp.exists()
+
+
+def test_a_temporary_file_cut_short_under_the_writer_is_dropped_loudly_and_left_to_the_journal(
+        tmp_path, monkeypatch, caplog):
+    """Truncated in place, its bytes cannot be read back: the part is not published as a
+    corrupt file; the loss is a critical line with the row count, the journal segment is
+    kept (not reported written), and the next segment is published as usual."""
+    monkeypatch.setattr(writer, "SPILL_BYTES", 512)
+    written: list[str] = []
+    w = PartWriter("spot", tmp_path, queue.Queue(), compression_level=9, on_segment_written=written.append)
+    n = ROW_GROUP_ROWS
+    first, second = two_row_groups(n)
+    w.add("diff_orderbooks", first)
+    day = tmp_path / "spot" / "diff_orderbooks" / "2026-11-25"
+    (tmp,) = day.glob("*.tmp")
+    os.truncate(tmp, 100)
+    w.add("diff_orderbooks", second)
+    w.end_segment("1-000001")
+    assert "dropping unwritten rows market=spot segment=1-000001 rows={'diff_orderbooks': %d}" % (2 * n) in caplog.text
+    assert "CRITICAL" in caplog.text
+    assert written == [] and not w._ready and w.stats.lost_rows == 2 * n
+    assert not list(day.iterdir())  # nothing corrupt published, the temporary file removed
+    w.add("diff_orderbooks", depth_table([("A", MIDNIGHT + 5, 7)]))
+    w.end_segment("1-000002")
+    assert written == ["1-000002"]
+    assert pq.read_table(day / "part-1-000002.parquet").column("final_update_id").to_pylist() == [7]
