@@ -9,8 +9,9 @@ dropped (SPEC rule 3), and reported.
 The fast path (`raw_levels`) never makes a Python object per level: it takes each side's
 JSON text as msgspec left it (`msgspec.Raw`), proves in bulk that every row is a list of
 ["price", "qty"] string pairs, cuts the numbers out by their quotes (numpy) and lets
-Arrow convert them, outside the GIL. The check: delete the characters a decimal number may hold; a list of n pairs must
-then read exactly `[["",""],["",""],...]` (n times), and an empty list exactly `[]`.
+Arrow convert them, outside the GIL. The check: delete the characters a decimal number
+may hold; a list of n pairs must then read exactly `[["",""],["",""],...]` (n times),
+and an empty list exactly `[]`.
 Anything else (whitespace, escapes, null, numbers not in strings, three-element levels)
 fails it, and the batch goes the general way: orjson, then the row-by-row check. A
 hypothesis test holds the two ways to the same rows, values and drops for any JSON.

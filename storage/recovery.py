@@ -73,8 +73,7 @@ def _seed(proc: FrameProcessor, kind_dir: Path, previous: str) -> None:
         t = pq.read_table(part, columns=["symbol", "final_update_id"])
         last: dict[str, int] = {}
         for symbol, u in zip(t.column("symbol").to_pylist(), t.column("final_update_id").to_pylist(), strict=True):
-            if u > last.get(symbol, u - 1):
-                last[symbol] = u
+            last[symbol] = max(u, last.get(symbol, u))
         for symbol, u in last.items():
             head = proc.continuity.head(symbol)
             if head is None or u > head:

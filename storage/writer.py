@@ -21,9 +21,9 @@ process's peak RSS (BENCHMARKS.md, sixth session).
 A storage error (disk full, folder unwritable) is logged at error level and the encoded
 bytes the disk refused are kept in memory and retried every `retry_wait` seconds (those
 already in a temporary file stay there: the file is held open, so even a file deleted
-under us is read back, not lost; one cut short in place cannot be, so that part is dropped
-with a critical line and its journal segment kept); nothing is dropped while what is held in memory fits
-in `max_pending_bytes`. Past that bound the oldest segment is dropped with a critical log
+under us is read back, not lost; one cut short in place cannot be, so that part is
+dropped with a critical line and its journal segment kept); nothing is dropped while
+what is held in memory fits in `max_pending_bytes`. Past that bound the oldest segment is dropped with a critical log
 line saying exactly how many rows of which kind (its journal segment, if it could be
 written, is kept and replayed at the next start).
 """
@@ -122,7 +122,7 @@ class _Sink:
         return len(data)
 
     def tell(self) -> int:
-        return self.on_disk + self.held
+        return self.size
 
     def flush(self) -> None:
         pass
@@ -139,12 +139,8 @@ class _Sink:
         to what it held, so a retry appends exactly once."""
         if not self.tail:
             return
-        if self._fd is not None:
-            st = os.fstat(self._fd)
-            if st.st_size != self.on_disk:
-                raise PartLost(f"temporary part file {self.tmp} changed size under the writer")
-            if st.st_nlink == 0:
-                self._recover()  # deleted under us: its bytes come back into memory, then a new file
+        if self._fd is not None and self._deleted():
+            self._recover()  # its bytes come back into memory, then a new file
         if self._fd is None:
             self.tmp.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -163,6 +159,14 @@ class _Sink:
             raise
         self.on_disk += len(data)
         self.tail, self.held = [], 0
+
+    def _deleted(self) -> bool:
+        """Whether the open temporary file was deleted under us (its bytes can be read back);
+        PartLost if its size changed (cut short in place: they cannot)."""
+        st = os.fstat(self._fd)
+        if st.st_size != self.on_disk:
+            raise PartLost(f"temporary part file {self.tmp} changed size under the writer")
+        return st.st_nlink == 0
 
     def _recover(self) -> None:
         chunks, pos = [], 0
@@ -184,9 +188,7 @@ class _Sink:
         if self._fd is None:  # an empty file: nothing was ever written
             raise OSError(f"nothing to publish for {final}")
         os.fsync(self._fd)
-        if os.fstat(self._fd).st_size != self.on_disk:
-            raise PartLost(f"temporary part file {self.tmp} changed size under the writer")
-        if os.fstat(self._fd).st_nlink == 0 or os.stat(self.tmp).st_ino != os.fstat(self._fd).st_ino:
+        if self._deleted() or os.stat(self.tmp).st_ino != os.fstat(self._fd).st_ino:
             self._recover()  # removed or replaced under us: write it again
             self.spill()
             os.fsync(self._fd)
