@@ -69,19 +69,25 @@ def test_sigkill_loses_nothing_older_than_one_second(tmp_path):
         assert seen["gaps"]["start"] == 4 * len(SYMBOLS), seen
         for kind in ("diff_orderbooks", "partial_orderbooks"):
             t = read_kind(data, market, kind)
-            on_disk = Counter(zip(t.column("symbol").to_pylist(), t.column("final_update_id").to_pylist(),
-                                  t.column("received_time").to_pylist(), strict=True))
-            ids = Counter((s, u) for s, u, _ in on_disk.elements())
-            required = set()
+            ids = Counter(zip(t.column("symbol").to_pylist(), t.column("final_update_id").to_pylist(), strict=True))
+            required, sent = set(), Counter()
             for s in m.sent:
                 st = m.streams[s.stream]
-                if (st.kind == "diff") != (kind == "diff_orderbooks") or exempt(s.t):
+                if (st.kind == "diff") != (kind == "diff_orderbooks"):
                     continue
                 d = orjson.loads(s.data)
-                required.add((st.symbol, d.get("u", d.get("lastUpdateId"))))
+                key = (st.symbol, d.get("u", d.get("lastUpdateId")))
+                sent[key] += 1
+                if not exempt(s.t):
+                    required.add(key)
             missing = required - set(ids)
             assert not missing, f"{market} {kind}: {len(missing)} lost, e.g. {sorted(missing)[:3]}"
             if kind == "diff_orderbooks":
                 assert max(ids.values()) == 1, f"{market}: a diff written twice"
             else:
-                assert max(on_disk.values()) == 1, f"{market}: a partial frame written twice"
+                # A spot partial frame carries no time of its own: two frames with nothing
+                # traded between them are identical, and when they arrive in one socket read
+                # they share received_time too (a new stream's first two frames can be 10 ms
+                # apart). So: never more copies on disk than the simulator sent.
+                twice = {k: n for k, n in ids.items() if n > sent[k]}
+                assert not twice, f"{market}: partial frames written more often than sent: {twice}"
