@@ -40,7 +40,7 @@ CANDIDATES = {
 
 def tables(market: str, symbols: list[str], seconds: float) -> tuple[dict, list[bytes]]:
     frames = make_frames(market, symbols, seconds)
-    items = [(WS, 1_764_000_000_000_000 + i * 50, 1, f) for i, f in enumerate(frames)]
+    items = [(WS, 1_764_000_000_000_000 + i * 50, 1, [f]) for i, f in enumerate(frames)]
     p = run_processor(market_config(market, symbols), items)
     p.build()
     out: dict = {}

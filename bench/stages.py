@@ -105,7 +105,7 @@ def timed(fn, repeat: int) -> float:
 def stages(market: str, frames: list[bytes], symbols: list[str], repeat: int, work: Path) -> dict[str, float]:
     cfg = market_config(market, symbols)
     n = len(frames)
-    items = [(WS, 1_764_000_000_000_000 + i, 1, f) for i, f in enumerate(frames)]
+    items = [(WS, 1_764_000_000_000_000 + i, 1, [f]) for i, f in enumerate(frames)]
     out: dict[str, float] = {"frames": n}
     out["orjson.loads"] = timed(lambda: [orjson.loads(f) for f in frames], repeat)
 

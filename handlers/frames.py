@@ -1,7 +1,7 @@
 """The processor thread of one market: raw frames and snapshot responses in, Arrow
 tables out.
 
-    ws-<market>-N  --(WS, received_us, conn, bytes)------\
+    ws-<market>-N  --(WS, received_us, conn, [bytes])----\
                                                           >-- inbox --> processor --> writer
     rest-<market>  --(REST, received_us, (sym, ...))-----/        |
                                                                   +--> journal (crash safety)
@@ -176,59 +176,77 @@ class FrameProcessor(threading.Thread):
                       step, took, self.cfg.name, self.inbox.qsize() if self.inbox else 0)
 
     def _take_batch(self, timeout: float) -> list:
-        """What the queue holds (up to _BATCH items). When it is empty, wait `poll` seconds
-        once and look again, rather than block in get(): a blocked get() is woken by every
-        single frame, and those wake-ups (GIL hand-overs) cost more than decoding the frame.
-        Frames are stamped by the readers, so this adds nothing to received_time."""
+        """What the queue holds (up to about _BATCH frames). When it is empty, wait `poll`
+        seconds once and look again, rather than block in get(): a blocked get() is woken
+        by every single read, and those wake-ups (GIL hand-overs) cost more than decoding
+        its frames. Frames are stamped by the readers, so this adds nothing to received_time."""
         get = self.inbox.get_nowait
         batch: list = []
+        frames = 0
         try:
-            while len(batch) < _BATCH:
-                batch.append(get())
+            while frames < _BATCH:
+                item = get()
+                batch.append(item)
+                frames += len(item[3]) if item is not STOP and item[0] == WS else 1
         except queue.Empty:
             if not batch:
                 self._idle.wait(min(timeout, self.poll))
         return batch
 
     def _handle(self, batch: list) -> bool:
-        on_frame, journal = self.on_frame, self.journal
+        on_frames, journal = self.on_frames, self.journal
         for item in batch:
             if item is STOP:
                 return True
             if item[0] == WS:
                 if journal is not None:
                     journal.add_ws(item[1], item[2], item[3])
-                on_frame(item[1], item[2], item[3])
+                on_frames(item[1], item[2], item[3])
             else:
                 if journal is not None:
                     journal.add_rest(item[1], *item[2])
                 self.on_snapshot(item[1], *item[2])
         return False
 
-    def on_frame(self, received_us: int, conn: int, raw: bytes) -> None:
-        """The fast path: a well-formed depth frame of a configured stream, typed by
-        msgspec; anything else goes to `_on_other_frame`."""
-        if len(raw) > MAX_FRAME_BYTES:
-            self._malformed("oversized frame", raw)
-            return
-        try:
-            msg = wire.decode_frame(raw)
-        except wire.DecodeError:
-            self._on_other_frame(received_us, conn, raw)
-            return
-        route = self.routes.get(msg.stream)
-        if route is None:
-            self._on_other_frame(received_us, conn, raw)
-            return
-        kind, symbol = route
-        row = wire.depth_row(msg.data, symbol, self._futures, kind == PARTIAL and not self._futures)
-        if row is None:
-            self._on_other_frame(received_us, conn, raw)
-            return
-        self.stats.last_frame_us = received_us
-        self.stats.frames[kind] += 1
-        if self._accept(kind, received_us, symbol, row, conn):
-            self.bufs[kind].append_raw(received_us, *row)
+    def on_frames(self, received_us: int, conn: int, frames: list[bytes]) -> None:
+        """The frames of one socket read. The fast path: a well-formed depth frame of a
+        configured stream, typed by msgspec; anything else goes to `_on_other_frame`.
+        (`_accept` is written out here: this loop runs for every frame.)"""
+        decode, DecodeError, depth_row = wire.decode_frame, wire.DecodeError, wire.depth_row
+        routes, futures, bufs, stats = self.routes, self._futures, self.bufs, self.stats
+        counts, check, is_duplicate = stats.frames, self.continuity.check, self.partial_dedup.is_duplicate
+        OK, DUPLICATE = cont.OK, cont.DUPLICATE
+        for raw in frames:
+            if len(raw) > MAX_FRAME_BYTES:
+                self._malformed("oversized frame", raw)
+                continue
+            try:
+                msg = decode(raw)
+            except DecodeError:
+                self._on_other_frame(received_us, conn, raw)
+                continue
+            route = routes.get(msg.stream)
+            if route is None:
+                self._on_other_frame(received_us, conn, raw)
+                continue
+            kind, symbol = route
+            row = depth_row(msg.data, symbol, futures, kind == PARTIAL and not futures)
+            if row is None:
+                self._on_other_frame(received_us, conn, raw)
+                continue
+            stats.last_frame_us = received_us
+            counts[kind] += 1
+            if kind == DIFF:
+                status, last_u = check(symbol, row[2], row[3], row[4], conn)
+                if status != OK:
+                    if status == DUPLICATE:
+                        stats.duplicates += 1
+                        continue
+                    self._irregular(status, received_us, symbol, last_u, row[2], row[3], row[4])
+            elif is_duplicate(symbol, row[3], conn):
+                stats.duplicates += 1
+                continue
+            bufs[kind].append_raw(received_us, *row)
 
     def _on_other_frame(self, received_us: int, conn: int, raw: bytes) -> None:
         """Control replies, serverShutdown, streams known only by name (recovery) and

@@ -1,22 +1,26 @@
 """A market's inbox: what its readers and snapshot workers hand to its processor.
 
 `queue.Queue` costs about 1 µs a put and 1 µs a get in Python-level locks and condition
-variables, paid once per WebSocket frame on both sides: at 40,000 frames a second that
-was a tenth of the time the threads hold the GIL. `queue.SimpleQueue` is implemented in
-C (0.1 µs each); this adds the bound the collector needs on top of it:
+variables. `queue.SimpleQueue` is implemented in C (0.1 µs each); this adds the bound the
+collector needs on top of it, counted in frames:
 
-- `put_nowait` raises `queue.Full` at `maxsize` items, as `queue.Queue` does;
+- an item carries `n` frames (a reader hands over every frame of one socket read as one
+  item, so the hand-over is paid once a read, not once a frame); `qsize()` is the frames
+  waiting, and `maxsize` bounds them;
+- `put_nowait` raises `queue.Full` when `maxsize` frames are waiting, as `queue.Queue`
+  does;
 - `put` waits while the inbox is full (the reader stops reading: TCP back-pressure,
   nothing dropped), looking again every `FULL_WAIT` seconds. Only a processor that is far
   behind makes anyone wait, so a poll costs nothing on the normal path, and the getter
   never has to wake anyone.
 
 Several putters may pass the bound check at once, so the inbox can hold a few items more
-than `maxsize` (at most one per putter thread).
+than `maxsize` allows (at most one per putter thread).
 """
 from __future__ import annotations
 
 import queue
+import threading
 import time
 
 FULL_WAIT = 0.005
@@ -26,18 +30,38 @@ class Inbox:
     def __init__(self, maxsize: int = 0):
         self.maxsize = maxsize if maxsize > 0 else 1 << 62
         self._q: queue.SimpleQueue = queue.SimpleQueue()
-        self.qsize = self._q.qsize
+        self._lock = threading.Lock()  # guards `frames`: readers add, the processor takes away
+        self.frames = 0
         self.empty = self._q.empty
-        self.get = self._q.get
-        self.get_nowait = self._q.get_nowait
 
-    def put_nowait(self, item) -> None:
-        if self._q.qsize() >= self.maxsize:
+    def qsize(self) -> int:
+        """Frames waiting."""
+        return self.frames
+
+    def put_nowait(self, item, n: int = 1) -> None:
+        if self.frames >= self.maxsize:
             raise queue.Full
-        self._q.put(item)
+        self._add(item, n)
 
-    def put(self, item) -> None:
-        """Wait while full, then add `item` (never dropped)."""
-        while self._q.qsize() >= self.maxsize:
+    def put(self, item, n: int = 1) -> None:
+        """Wait while full, then add `item` of `n` frames (never dropped)."""
+        while self.frames >= self.maxsize:
             time.sleep(FULL_WAIT)
-        self._q.put(item)
+        self._add(item, n)
+
+    def _add(self, item, n: int) -> None:
+        with self._lock:
+            self.frames += n
+        self._q.put((n, item))
+
+    def get_nowait(self):
+        n, item = self._q.get_nowait()
+        with self._lock:
+            self.frames -= n
+        return item
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        n, item = self._q.get(block, timeout)
+        with self._lock:
+            self.frames -= n
+        return item

@@ -2,9 +2,10 @@
 per open connection.
 
 A reader does the least work possible per frame (STYLE rule 5): `recv_data()`, stamp
-`received_time` in µs, put `(WS, received_us, conn_id, bytes)` on the market's queue.
-The stamp is the kernel's receive time of the read that completed the frame
-(`handlers.stamped`): exact even while the interpreter is busy elsewhere.
+`received_time` in µs, put `(WS, received_us, conn_id, [bytes, ...])` on the market's
+queue: every frame one socket read completed, in one item (one hand-over a read rather
+than one a frame). The stamp is the kernel's receive time of the read that completed the
+frames (`handlers.stamped`): exact even while the interpreter is busy elsewhere.
 websocket-client answers server pings itself inside `recv_data()` with the ping's
 payload, as Binance requires; the socket timeout is the dead-connection detector (an
 active depth stream is never quiet for `ws_dead_after` seconds).
@@ -49,7 +50,7 @@ class ReadAhead:
     This serves its reads from one larger read instead; `raw_recv` is the library's own
     socket read (timeouts and closed sockets are reported as it always does).
 
-    `data_frame` takes the commonest frame, an unfragmented text or binary frame, straight
+    `data_frames` takes the commonest frame, an unfragmented text or binary frame, straight
     from the buffer, reading more while the buffer is drained or ends inside such a frame
     (websocket-client's Python frame parsing measured as the largest part of a reader's
     time); everything else (pings, close, fragments, a masked or a 64-bit-length frame)
@@ -71,33 +72,45 @@ class ReadAhead:
         self.pos = end
         return buf[pos:end]
 
-    def data_frame(self) -> bytes | None:
-        """The payload of the frame at the head of the buffer, consumed, if it is a whole
-        FIN text/binary frame (RSV bits clear, unmasked, length under 64 KiB), reading
-        from the socket while the buffer is drained or holds only part of such a frame.
-        None when the frame at the head is the library's (control, fragment, masked,
-        64-bit length), or when the peer closed (the library's `recv` reports it)."""
+    def data_frames(self) -> list[bytes] | None:
+        """The payloads of every whole FIN text/binary frame (RSV bits clear, unmasked,
+        length under 64 KiB) at the head of the buffer, consumed, reading from the socket
+        while there is none. Frames returned together were completed by the same socket
+        read, so they share its kernel stamp. None when the frame at the head is the
+        library's (control, fragment, masked, 64-bit length), or when the peer closed (the
+        library's `recv` reports it)."""
+        out: list[bytes] = []
         while True:
             buf, pos = self.buf, self.pos
             size = len(buf)
-            if size - pos >= 2:
+            theirs = False
+            while size - pos >= 2:
                 head = buf[pos]
                 if head != 0x81 and head != 0x82:
-                    return None
+                    theirs = True
+                    break
                 n = buf[pos + 1]
                 if n < 126:
                     end = pos + 2 + n
-                    if end <= size:
-                        self.pos = end
-                        return buf[pos + 2:end]
+                    if end > size:
+                        break
+                    out.append(buf[pos + 2:end])
                 elif n == 126:
-                    if size - pos >= 4:
-                        end = pos + 4 + ((buf[pos + 2] << 8) | buf[pos + 3])
-                        if end <= size:
-                            self.pos = end
-                            return buf[pos + 4:end]
+                    if size - pos < 4:
+                        break
+                    end = pos + 4 + ((buf[pos + 2] << 8) | buf[pos + 3])
+                    if end > size:
+                        break
+                    out.append(buf[pos + 4:end])
                 else:
-                    return None  # masked (a server must not mask) or a 64-bit length
+                    theirs = True  # masked (a server must not mask) or a 64-bit length
+                    break
+                pos = end
+            self.pos = pos
+            if out:
+                return out
+            if theirs:
+                return None
             more = self.raw_recv(self.size)
             if not more:
                 return None
@@ -154,13 +167,14 @@ class Reader(threading.Thread):
             self._abort()
 
     def _read(self, ws: websocket.WebSocket, ahead: ReadAhead) -> None:
-        recv, fast, now_us, put, out = ws.recv_data, ahead.data_frame, self.now_us, self._put, self.out
+        recv, fast, now_us, put, out = ws.recv_data, ahead.data_frames, self.now_us, self._put, self.out
         # the kernel's stamp, unless a test runs the collector on its own clock
         sock = self._sock if self.now_us is stamped.wall_us else None  # None also through a proxy
+        conn_id, stats = self.conn_id, self.stats
         first = True
         while True:
-            data = fast()
-            if data is None:
+            frames = fast()
+            if frames is None:
                 opcode, data = recv()
                 if opcode == _CLOSE:
                     if not self._closing:
@@ -168,17 +182,18 @@ class Reader(threading.Thread):
                     return
                 if opcode not in _DATA:
                     continue
+                frames = [data]
             received = sock.stamp_us if sock is not None else now_us()
             try:
-                out.put_nowait((WS, received, self.conn_id, data))
+                out.put_nowait((WS, received, conn_id, frames), len(frames))
             except queue.Full:
-                put((WS, received, self.conn_id, data))
-            self.stats.last_frame_us = received
+                put((WS, received, conn_id, frames), len(frames))
+            stats.last_frame_us = received
             if first:
                 first = False
                 self.delivering.set()
 
-    def _put(self, item) -> None:
+    def _put(self, item, n: int) -> None:
         """A full queue blocks the reader (TCP back-pressure), loudly; it never drops.
         One error line per connection every 10 s, with the count since the last one."""
         self.stats.queue_full += 1
@@ -187,7 +202,7 @@ class Reader(threading.Thread):
             log.error("queue full conn=%d size=%d times=%d: the processor is behind; reader waits",
                       self.conn_id, self.out.maxsize, self.stats.queue_full - self._full_count)
             self._full_logged, self._full_count = now, self.stats.queue_full
-        self.out.put(item)
+        self.out.put(item, n)
 
     def close(self) -> None:
         """Ask the connection to end (from another thread); recv_data() then returns or raises."""

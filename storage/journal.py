@@ -14,8 +14,10 @@ A segment holds exactly the frames whose rows go into the part files of the same
 On start-up, every segment still present is replayed; a kind whose part file of that
 segment already exists is skipped, so nothing is written twice.
 
-Record: `<B q q I` (type, received_us, conn_id or request_us, length) + payload; a REST
-payload is `SYMBOL LIMIT ` + body.
+Record: `<B q q I` (type, received_us, conn_id or request_us, length) + payload. A WS
+record is one frame; a WS_MANY record is the frames of one socket read (one stamp), its
+payload `<I` count, `<I` length of each, then the frames; a REST payload is
+`SYMBOL LIMIT ` + body.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import zstandard
 log = logging.getLogger(__name__)
 
 _HEAD = struct.Struct("<BqqI")
-WS, REST = 0, 1
+WS, REST, WS_MANY = 0, 1, 2
 
 
 def journal_dir(data_dir: Path, market: str) -> Path:
@@ -75,9 +77,18 @@ class Journal:
         self.failed = True
         self._writer = None
 
-    def add_ws(self, received_us: int, conn: int, raw: bytes) -> None:
-        self._pending.append(_HEAD.pack(WS, received_us, conn, len(raw)))
-        self._pending.append(raw)
+    def add_ws(self, received_us: int, conn: int, frames: list[bytes]) -> None:
+        """The frames of one socket read."""
+        pending = self._pending
+        if len(frames) == 1:
+            raw = frames[0]
+            pending.append(_HEAD.pack(WS, received_us, conn, len(raw)))
+            pending.append(raw)
+            return
+        lengths = struct.pack(f"<{len(frames) + 1}I", len(frames), *map(len, frames))
+        pending.append(_HEAD.pack(WS_MANY, received_us, conn, len(lengths) + sum(map(len, frames))))
+        pending.append(lengths)
+        pending.extend(frames)
 
     def add_rest(self, received_us: int, symbol: str, limit: int, request_us: int, raw: bytes) -> None:
         payload = f"{symbol} {limit} ".encode() + raw
@@ -154,12 +165,20 @@ def read_segment(path: Path) -> tuple[list[tuple], bool]:
     data = bytearray()
     complete = True
     with open(path, "rb") as f:
-        reader = zstandard.ZstdDecompressor().stream_reader(f, read_across_frames=True)
+        raw = f.read()
+    # frame by frame: a stream reader ends silently at a frame cut short, which must be
+    # told apart (the crash cut it) from a segment closed cleanly
+    while raw:
+        d = zstandard.ZstdDecompressor().decompressobj()
         try:
-            while chunk := reader.read(1 << 20):
-                data += chunk
+            data += d.decompress(raw)
         except zstandard.ZstdError:
             complete = False
+            break
+        if not d.eof:
+            complete = False  # its last block was being written
+            break
+        raw = d.unused_data
     items, pos = [], 0
     while pos + _HEAD.size <= len(data):
         kind, received, extra, length = _HEAD.unpack_from(data, pos)
@@ -169,8 +188,21 @@ def read_segment(path: Path) -> tuple[list[tuple], bool]:
             break
         payload = bytes(data[start:pos])
         if kind == WS:
-            items.append((WS, received, extra, payload))
+            items.append((WS, received, extra, [payload]))
+        elif kind == WS_MANY:
+            n = int.from_bytes(payload[:4], "little") if length >= 4 else -1
+            lengths = struct.unpack_from(f"<{n}I", payload, 4) if 0 < n <= (length - 4) // 4 else ()
+            if not lengths or 4 + 4 * n + sum(lengths) != length:
+                complete = False  # not written by this code: keep what came before it
+                break
+            frames, at = [], 4 + 4 * n
+            for k in lengths:
+                frames.append(payload[at:at + k])
+                at += k
+            items.append((WS, received, extra, frames))
         else:
             symbol, limit, body = payload.split(b" ", 2)
             items.append((REST, received, (symbol.decode(), int(limit), extra, body)))
+    if pos < len(data):
+        complete = False  # a record's head cut short
     return items, complete

@@ -44,11 +44,11 @@ def taken(outbox: queue.Queue) -> list[tuple[str, int]]:
 def test_rows_are_handed_over_every_build_rows_not_only_every_build_interval():
     p, inbox, outbox = processor()
     for u in range(1, BUILD_ROWS):
-        inbox.put((WS, 1_000 + u, 1, diff("BTCUSDT", u)))
+        inbox.put((WS, 1_000 + u, 1, [diff("BTCUSDT", u)]))
     wait_until(inbox.empty)
     time.sleep(0.5)  # the processor's turn with the last of them is over
     assert taken(outbox) == []  # fewer than BUILD_ROWS: nothing handed over yet
-    inbox.put((WS, 1_000 + BUILD_ROWS, 1, diff("BTCUSDT", BUILD_ROWS)))
+    inbox.put((WS, 1_000 + BUILD_ROWS, 1, [diff("BTCUSDT", BUILD_ROWS)]))
     wait_until(lambda: not outbox.empty(), timeout=10)
     got = taken(outbox)
     assert (DIFF, BUILD_ROWS) in got

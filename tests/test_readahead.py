@@ -1,7 +1,8 @@
-"""The reader's fast path (ReadAhead.data_frame) against websocket-client's own frame
+"""The reader's fast path (ReadAhead.data_frames) against websocket-client's own frame
 parser: the same byte stream, cut into reads at random places, must give the same
 frames in the same order, whatever mix of data, control, fragmented, large or masked
-frames it holds."""
+frames it holds; and every frame one call returns was completed by the latest socket read
+(the frames of one item share that read's kernel stamp)."""
 from __future__ import annotations
 
 import random
@@ -61,18 +62,37 @@ def library_only(data: bytes, seed: int) -> list[tuple[int, bytes]]:
 
 
 def with_fast_path(data: bytes, seed: int) -> list[tuple[int, bytes]]:
-    ahead = ReadAhead(chunked(data, seed), size=4096)
+    raw_recv = chunked(data, seed)
+    total = [0, 0]  # bytes read before the latest read, bytes read in all
+
+    def counting(n: int) -> bytes:
+        piece = raw_recv(n)
+        total[:] = [total[1], total[1] + len(piece)]
+        return piece
+
+    ahead = ReadAhead(counting, size=4096)
     fb = frame_buffer(ahead.recv, skip_utf8_validation=True)
-    return read_all(ahead.data_frame, fb)
+
+    def fast():
+        start = total[1] - (len(ahead.buf) - ahead.pos)  # stream offset of the buffer's head
+        frames = ahead.data_frames()
+        if frames:
+            first = len(frames[0])
+            first_end = start + (2 if first < 126 else 4) + first
+            # the first frame (so all of them) was completed by the latest read
+            assert total[0] < first_end <= total[1], (total, first_end)
+        return frames
+    return read_all(fast, fb)
 
 
 def read_all(fast, fb) -> list[tuple[int, bytes]]:
     frames = []
     while True:
         try:
-            payload = fast()
-            if payload is not None:
-                frames.append(("data", payload))
+            payloads = fast()
+            if payloads is not None:
+                assert payloads, "an empty batch"
+                frames.extend(("data", p) for p in payloads)
                 continue
             f = fb.recv_frame()
         except EOFError:
@@ -94,15 +114,14 @@ def test_fast_path_takes_whole_small_frames_and_leaves_the_rest(first):
     frame is left at the head for the library."""
     reads = [b"", b"z", b""]
     ahead = ReadAhead(lambda n: reads.pop(0), size=16)
-    ahead.buf = bytes([first, 3]) + b"abc" + bytes([0x89, 0]) + bytes([first, 5]) + b"xy"
-    assert ahead.data_frame() == b"abc"
-    assert ahead.data_frame() is None          # a ping: the library's
+    ahead.buf = bytes([first, 3]) + b"abc" + bytes([first, 1]) + b"d" + bytes([0x89, 0]) + bytes([first, 5]) + b"xy"
+    assert ahead.data_frames() == [b"abc", b"d"]   # every whole data frame before the ping
+    assert ahead.data_frames() is None             # a ping: the library's
     assert ahead.recv(2) == bytes([0x89, 0])
-    assert ahead.data_frame() is None          # incomplete, and the peer closed: the library reports it
-    assert ahead.pos == 7 and reads == [b"z", b""]
-    assert ahead.data_frame() is None          # "z" completes nothing; the peer closed again
+    assert ahead.data_frames() is None             # incomplete, and the peer closed: the library reports it
+    assert ahead.pos == 10 and reads == [b"z", b""]
+    assert ahead.data_frames() is None             # "z" completes nothing; the peer closed again
     assert (ahead.buf, ahead.pos) == (bytes([first, 5]) + b"xyz", 0)
     ahead.raw_recv = lambda n: b"uv" + bytes([first, 0])
-    assert ahead.data_frame() == b"xyzuv"      # completed by the next read
-    assert ahead.data_frame() == b""
+    assert ahead.data_frames() == [b"xyzuv", b""]  # both completed by the next read
     assert ahead.pos == len(ahead.buf)

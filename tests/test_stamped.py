@@ -3,7 +3,6 @@ plain TCP and over verified TLS (the collector over wss:// + https:// end to end
 test_e2e.py)."""
 from __future__ import annotations
 
-import queue
 import socket
 import ssl
 import struct
@@ -15,6 +14,7 @@ import pytest
 import trustme
 
 from handlers import stamped
+from handlers.inbox import Inbox
 from handlers.websocket import ConnectionStats, Reader, combined_url
 from simulator import Simulator
 from storage.journal import WS
@@ -83,7 +83,7 @@ def test_tls_frames_are_stamped_and_certificates_verified(ca, ca_file, monkeypat
     with Simulator(spot=dict(symbols=["BTCUSDT"], ssl_context=server_context(ca, "127.0.0.1"))) as sim:
         assert sim.spot.ws_url.startswith("wss://")
         url = combined_url(sim.spot.ws_url, ["btcusdt@depth@100ms"])
-        inbox: queue.Queue = queue.Queue()
+        inbox = Inbox()
         reader = Reader("ws-spot-0", url, inbox, 5.0, stamped.wall_us, ConnectionStats())
         reader.start()
         try:
@@ -92,8 +92,8 @@ def test_tls_frames_are_stamped_and_certificates_verified(ca, ca_file, monkeypat
             reader.close()
             reader.join(5)
         now = time.time_ns() // 1000
-        for kind, received, _conn, raw in items:
-            assert kind == WS and raw.startswith(b'{"stream":"btcusdt@depth@100ms"')
+        for kind, received, _conn, frames in items:
+            assert kind == WS and frames and all(f.startswith(b'{"stream":"btcusdt@depth@100ms"') for f in frames)
             assert now - 60_000_000 < received <= now
         assert [i[1] for i in items] == sorted(i[1] for i in items)
 
