@@ -5,7 +5,8 @@ where the collector's time goes, so that tuning starts from a measurement.
 
 Frames are made by the simulator's own books (the exact payloads it sends), `seconds` of
 diff@100ms + depth20@100ms for `symbols` per market, both markets, in the combined-stream
-wrapper. Each stage runs `repeat` times; the median is printed, in µs per message.
+wrapper, handed over as readers do under load (the frames of one 16 KiB read an item).
+Each stage runs `repeat` times; the median is printed, in µs per message.
 """
 from __future__ import annotations
 
@@ -93,6 +94,21 @@ def run_processor(cfg: MarketConfig, items: list, journal: Journal | None = None
     return p
 
 
+def reads(frames: list[bytes], size: int = 1 << 14) -> list[tuple]:
+    """Inbox items as readers make them under load: the frames of one 16 KiB socket read
+    (ReadAhead's size) in one item."""
+    items, batch, held = [], [], 0
+    for f in frames:
+        if batch and held + len(f) > size:
+            items.append((WS, 1_764_000_000_000_000 + len(items), 1, batch))
+            batch, held = [], 0
+        batch.append(f)
+        held += len(f) + 4
+    if batch:
+        items.append((WS, 1_764_000_000_000_000 + len(items), 1, batch))
+    return items
+
+
 def timed(fn, repeat: int) -> float:
     runs = []
     for _ in range(repeat):
@@ -105,7 +121,7 @@ def timed(fn, repeat: int) -> float:
 def stages(market: str, frames: list[bytes], symbols: list[str], repeat: int, work: Path) -> dict[str, float]:
     cfg = market_config(market, symbols)
     n = len(frames)
-    items = [(WS, 1_764_000_000_000_000 + i, 1, [f]) for i, f in enumerate(frames)]
+    items = reads(frames)
     out: dict[str, float] = {"frames": n}
     out["orjson.loads"] = timed(lambda: [orjson.loads(f) for f in frames], repeat)
 

@@ -44,7 +44,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from service.threads import name_os_thread
-from storage.files import US_PER_DAY, day_of, fsync_dir, parquet_options
+from storage.files import US_PER_DAY, day_of, fsync_dir, part_options
 from storage.schemas import DAY_COLUMN
 
 log = logging.getLogger(__name__)
@@ -212,13 +212,13 @@ class _Sink:
 class _Part:
     """One (kind, day) of the open segment: a Parquet file encoded as rows arrive."""
 
-    def __init__(self, schema: pa.Schema, level: int, folder: Path):
+    def __init__(self, schema: pa.Schema, level: int, folder: Path, kind: str):
         self.sink = _Sink(folder / f".part-open-{next(_OPEN)}.parquet.tmp")
         # Parquet writes page by page, header by header (dozens of writes a row group): a
         # native buffer in front hands the Python sink one write per SPILL_BYTES, so the
         # encoding (outside the GIL) rarely has to take the GIL back.
         self.stream = pa.BufferedOutputStream(pa.PythonFile(self.sink, mode="w"), buffer_size=SPILL_BYTES)
-        self.writer = pq.ParquetWriter(self.stream, schema, **parquet_options(level, schema))
+        self.writer = pq.ParquetWriter(self.stream, schema, **part_options(level, schema, kind))
         self.pending: list[pa.Table] = []
         self.pending_rows = 0
         self.rows = 0
@@ -307,7 +307,7 @@ class PartWriter(threading.Thread):
         for day, rows in split_by_day(table, DAY_COLUMN[kind]).items():
             part = self._open.get((kind, day))
             if part is None:
-                part = self._open[(kind, day)] = _Part(table.schema, self.level, self.root / kind / day)
+                part = self._open[(kind, day)] = _Part(table.schema, self.level, self.root / kind / day, kind)
             part.add(rows)
 
     def end_segment(self, name: str | None) -> None:

@@ -231,3 +231,25 @@ def test_a_temporary_file_cut_short_under_the_writer_is_dropped_loudly_and_left_
     w.end_segment("1-000002")
     assert written == ["1-000002"]
     assert pq.read_table(day / "part-1-000002.parquet").column("final_update_id").to_pylist() == [7]
+
+
+def test_partial_parts_hold_levels_in_dictionary_pages_and_day_files_do_not(tmp_path):
+    """Part files of partial depth use dictionary pages for the level values (cheaper to
+    compress); what users read is the same list<double> columns, and the compacted day
+    file goes back to plain pages."""
+    q: queue.Queue = queue.Queue()
+    w = PartWriter("spot", tmp_path, q, compression_level=9)
+    t = depth_table([("A", MIDNIGHT + 1000 * k, k) for k in range(500)]).cast(SCHEMAS["partial_orderbooks"])
+    w.add("partial_orderbooks", t)
+    w.end_segment("1-000001")
+    day = tmp_path / "spot" / "partial_orderbooks" / "2026-11-25"
+    part = pq.ParquetFile(day / "part-1-000001.parquet")
+    names = part.schema_arrow.names
+    chunk = part.metadata.row_group(0).column(names.index("bid_prices"))
+    assert chunk.dictionary_page_offset is not None
+    assert part.schema_arrow == SCHEMAS["partial_orderbooks"]
+    assert part.read().equals(t)
+    compact_day(tmp_path / "spot" / "partial_orderbooks", "2026-11-25", "partial_orderbooks", 9)
+    daily = pq.ParquetFile(tmp_path / "spot" / "partial_orderbooks" / "2026-11-25.parquet")
+    assert daily.metadata.row_group(0).column(names.index("bid_prices")).dictionary_page_offset is None
+    assert daily.read().select(names).sort_by("received_time").equals(t)
