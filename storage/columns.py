@@ -193,6 +193,18 @@ class DepthColumns:
         if self.raw_bytes > self.RAW_LIMIT:
             self._raw_to_chunk()
 
+    def extend_raw(self, rows: list[tuple], bids: list, asks: list, nbytes: int) -> None:
+        """`append_raw` of many rows at once (the processor's rows of one socket read):
+        `rows` of the seven scalars, `nbytes` the length of their level text."""
+        if self.rows:
+            self._rows_to_chunk()
+        self.raw_rows += rows
+        self.raw_bids += bids
+        self.raw_asks += asks
+        self.raw_bytes += nbytes
+        if self.raw_bytes > self.RAW_LIMIT:
+            self._raw_to_chunk()
+
     def take(self) -> tuple[pa.Table, list[tuple]]:
         """Return (table, dropped) and empty the buffer; dropped lists the scalar
         values of rows whose levels were malformed."""

@@ -1,0 +1,180 @@
+"""The processor's per-frame loop (`FrameProcessor.on_frames`) writes out the field checks,
+the continuing case of the continuity check and the first-copy case of partial-frame
+deduplication, for speed. Here it must give exactly what the plain functions give
+(`wire.depth_row`, `Continuity.check`, `PartialDedup.is_duplicate`, one frame at a time,
+as the processor did before): the same rows, gap rows and counts, on random streams with
+gaps, repeats, stale ids, two connections, malformed and unknown frames, in any split of
+the frames into socket reads."""
+from __future__ import annotations
+
+import queue
+import time
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from config import MarketConfig
+from handlers import continuity as cont
+from handlers import wire
+from handlers.frames import DIFF, MAX_FRAME_BYTES, PARTIAL, FrameProcessor
+from markets import MARKETS
+from storage.journal import WS
+
+SYMBOLS = ("BTCUSDT", "ETHUSDT")
+
+
+class Reference(FrameProcessor):
+    """The per-frame path as it was before it was written out (commit 6a00156)."""
+
+    def on_frames(self, received_us, conn, frames):
+        for raw in frames:
+            self.on_frame(received_us, conn, raw)
+
+    def on_frame(self, received_us, conn, raw):
+        if len(raw) > MAX_FRAME_BYTES:
+            self._malformed("oversized frame", raw)
+            return
+        try:
+            msg = wire.decode_frame(raw)
+        except wire.DecodeError:
+            self._on_other_frame(received_us, conn, raw)
+            return
+        route = self.routes.get(msg.stream)
+        if route is None:
+            self._on_other_frame(received_us, conn, raw)
+            return
+        kind, symbol = route
+        row = wire.depth_row(msg.data, symbol, self._futures, kind == PARTIAL and not self._futures)
+        if row is None:
+            self._on_other_frame(received_us, conn, raw)
+            return
+        self.stats.last_frame_us = received_us
+        self.stats.frames[kind] += 1
+        if self._accept(kind, received_us, symbol, row, conn):
+            self.bufs[kind].append_raw(received_us, *row)
+
+    def _accept(self, kind, received_us, symbol, row, conn):
+        _, _, U, u, pu, _, _, _ = row
+        if kind == DIFF:
+            status, last_u = self.continuity.check(symbol, U, u, pu, conn)
+            if status == cont.OK:
+                return True
+            if status == cont.DUPLICATE:
+                self.stats.duplicates += 1
+                return False
+            self._irregular(status, received_us, symbol, last_u, U, u, pu)
+            return True
+        if self.partial_dedup.is_duplicate(symbol, u, conn):
+            self.stats.duplicates += 1
+            return False
+        return True
+
+
+def config(market: str) -> MarketConfig:
+    return MarketConfig(market=MARKETS[market], symbols=SYMBOLS, ws_url="ws://x", rest_url="http://x",
+                        diff_speed="100ms", partial_levels=20, partial_speed="100ms", snapshot_interval=60,
+                        snapshot_limit=1000, symbols_per_connection=50)
+
+
+LEVELS = [["1.5", "2"], ["1.4", "3"]]
+DEFECTS = ("no_u", "no_levels", "wrong_symbol", "no_pu", "no_T", "no_E", "not_event", "not_json", "control")
+# what an event is: (kind, symbol, id step, connection, defect)
+events = st.lists(st.tuples(
+    st.sampled_from(["diff", "diff", "diff", "partial", "partial", "other"]),
+    st.sampled_from([*SYMBOLS, "XRPUSDT"]),
+    st.sampled_from([1, 1, 1, 1, 0, 2, 5, -1, -3]),
+    st.sampled_from([1, 1, 2]),
+    st.sampled_from([None] * 10 + list(DEFECTS)),
+), max_size=80)
+
+
+def frames_of(market: str, evs) -> list[tuple[int, bytes]]:
+    futures = market == "futures"
+    last = {s: 1000 for s in (*SYMBOLS, "XRPUSDT")}
+    out = []
+    for kind, symbol, step, conn, defect in evs:
+        # step 1 continues the stream, 0 repeats its last event, 2 and 5 skip ids (a gap),
+        # a negative step goes back (stale)
+        u = U = last[symbol] + step
+        pu = u - 1
+        last[symbol] = max(last[symbol], u)
+        if kind == "other" or defect in ("not_json", "control"):
+            raw = b'{"result":null,"id":1}' if defect == "control" else b'{"stream":'
+            out.append((conn, raw))
+            continue
+        if kind == "diff" or futures:
+            data = {"e": "depthUpdate", "E": 5, "s": symbol, "U": U, "u": u, "b": LEVELS, "a": LEVELS[:1]}
+            if futures:
+                data.update(T=4, pu=pu)
+        else:
+            data = {"lastUpdateId": u, "bids": LEVELS, "asks": LEVELS[:1]}
+        if defect == "no_u":
+            data.pop("u", None)
+            data.pop("lastUpdateId", None)
+        elif defect == "no_levels":
+            data.pop("b", None)
+            data.pop("bids", None)
+        elif defect == "wrong_symbol" and "s" in data:
+            data["s"] = "LTCUSDT"
+        elif defect in ("no_pu", "no_T", "no_E"):
+            data.pop(defect[3:], None)
+        elif defect == "not_event" and "e" in data:
+            data["e"] = "bookTicker"
+        stream = f"{symbol.lower()}@depth@100ms" if kind == "diff" else f"{symbol.lower()}@depth20@100ms"
+        out.append((conn, orjson.dumps({"stream": stream, "data": data})))
+    return out
+
+
+def run(cls, market: str, frames, cuts: list[int]):
+    p = cls(config(market), None, queue.Queue(), flush_interval=30, now_us=time.time_ns)
+    items, start = [], 0
+    for i, end in enumerate([*sorted(set(cuts)), len(frames)]):
+        # one socket read: one connection's frames, one stamp
+        for conn in (1, 2):
+            batch = [raw for c, raw in frames[start:end] if c == conn]
+            if batch:
+                items.append((WS, 1_000_000 + i, conn, batch))
+        start = end
+    p._handle(items)
+    p.build()
+    tables = {}
+    while not p.outbox.empty():
+        kind, t = p.outbox.get_nowait()
+        tables[kind] = t.to_pylist()
+    s = p.stats
+    counts = (dict(s.frames), s.duplicates, s.malformed, s.gaps, s.stale, s.reordered, s.control,
+              dict(s.gaps_by_reason), s.last_frame_us)
+    return tables, counts, {k: (v.head, v.conn, v.n) for k, v in p.continuity.streams.items()}, p.partial_dedup.seen
+
+
+@pytest.mark.parametrize("market", ["spot", "futures"])
+@settings(max_examples=150, deadline=None)
+@given(evs=events, cuts=st.lists(st.integers(0, 80), max_size=10))
+def test_written_out_loop_matches_the_plain_functions(market, evs, cuts):
+    frames = frames_of(market, evs)
+    cuts = [c for c in cuts if c <= len(frames)]
+    assert run(FrameProcessor, market, frames, cuts) == run(Reference, market, frames, cuts)
+
+
+def test_the_random_streams_reach_every_case():
+    """The strategy above does produce gaps, duplicates, stale and malformed frames."""
+    evs = [("diff", "BTCUSDT", 1, 1, None), ("diff", "BTCUSDT", 1, 1, None), ("diff", "BTCUSDT", 0, 2, None),
+           ("diff", "BTCUSDT", 5, 1, None), ("diff", "BTCUSDT", -3, 1, None), ("partial", "BTCUSDT", 0, 1, None),
+           ("partial", "BTCUSDT", 0, 2, None), ("diff", "ETHUSDT", 1, 1, "no_levels"), ("other", "BTCUSDT", 1, 1, None)]
+    for market in ("spot", "futures"):
+        tables, counts, _, _ = run(FrameProcessor, market, frames_of(market, evs), [3, 6])
+        _, duplicates, malformed, gaps, stale, *_ = counts
+        assert duplicates == 2 and malformed >= 2 and gaps >= 2 and stale == 1, counts
+        assert len(tables[DIFF]) == 4 and len(tables[PARTIAL]) == 1
+        assert tables == run(Reference, market, frames_of(market, evs), [3, 6])[0]
+
+
+@pytest.mark.parametrize("market", ["spot", "futures"])
+@pytest.mark.parametrize("kind", ["diff", "partial"])
+@pytest.mark.parametrize("defect", DEFECTS)
+def test_every_defect_is_judged_as_the_plain_functions_judge_it(market, kind, defect):
+    evs = [(kind, "BTCUSDT", 1, 1, None), (kind, "BTCUSDT", 1, 1, defect), (kind, "BTCUSDT", 1, 1, None)]
+    frames = frames_of(market, evs)
+    assert run(FrameProcessor, market, frames, [1]) == run(Reference, market, frames, [1])
