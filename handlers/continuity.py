@@ -10,6 +10,7 @@ U is never tested there, since futures ids skip between events.
 from __future__ import annotations
 
 from array import array
+from collections import deque
 
 import numpy as np
 
@@ -106,22 +107,28 @@ class PartialDedup:
     """Partial-depth frames are repeated by every open connection of a symbol while two
     overlap (rotation). A frame whose update id was already seen from *another*
     connection is the same frame twice; the same id again on the same connection is a
-    new frame of an unchanged book (spot sends those) and is kept."""
+    new frame of an unchanged book (spot sends those) and is kept.
+
+    Per symbol: the last `memory` ids seen (id -> connection) and their order of arrival,
+    so that the oldest is forgotten in O(1) (`next(iter(dict))` after many deletions
+    walks the dict's deleted slots: measured 0.42 against 0.24 µs a frame)."""
 
     def __init__(self, memory: int = 64):
         self.memory = memory
-        self.seen: dict[str, dict[int, int]] = {}
+        self.seen: dict[str, tuple[dict[int, int], deque]] = {}
 
     def is_duplicate(self, symbol: str, u: int, conn: int) -> bool:
-        seen = self.seen.get(symbol)
-        if seen is None:
-            seen = self.seen[symbol] = {}
-        prev = seen.get(u)
-        if prev is not None and prev != conn:
-            return True
-        seen[u] = conn
-        if len(seen) > self.memory:
-            del seen[next(iter(seen))]
+        entry = self.seen.get(symbol)
+        if entry is None:
+            entry = self.seen[symbol] = ({}, deque())
+        ids, order = entry
+        first = ids.get(u)
+        if first is not None:
+            return first != conn
+        ids[u] = conn
+        order.append(u)
+        if len(order) > self.memory:
+            del ids[order.popleft()]
         return False
 
 

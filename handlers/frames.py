@@ -22,6 +22,7 @@ import queue
 import re
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -277,16 +278,19 @@ class FrameProcessor(threading.Thread):
                     ok = u is not None
                 if ok and b and a:
                     partials += 1
-                    seen = seen_by_symbol.get(symbol)  # PartialDedup.is_duplicate, written out
-                    if seen is None:
-                        seen = seen_by_symbol[symbol] = {}
-                    first = seen.get(u)
-                    if first is not None and first != conn:
+                    entry = seen_by_symbol.get(symbol)  # PartialDedup.is_duplicate, written out
+                    if entry is None:
+                        entry = seen_by_symbol[symbol] = ({}, deque())
+                    ids, order = entry
+                    first = ids.get(u)
+                    if first is None:
+                        ids[u] = conn
+                        order.append(u)
+                        if len(order) > dedup_memory:
+                            del ids[order.popleft()]
+                    elif first != conn:
                         stats.duplicates += 1
                         continue
-                    seen[u] = conn
-                    if len(seen) > dedup_memory:
-                        del seen[next(iter(seen))]
                     p_rows.append((received_us, E, symbol, U, u, pu, T))
                     p_bids.append(b)
                     p_asks.append(a)

@@ -24,7 +24,9 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import sys
 import time
+from array import array
 from pathlib import Path
 
 import zstandard
@@ -32,6 +34,8 @@ import zstandard
 log = logging.getLogger(__name__)
 
 _HEAD = struct.Struct("<BqqI")
+_SWAP = sys.byteorder == "big"  # records are little-endian
+assert array("I").itemsize == 4
 WS, REST, WS_MANY = 0, 1, 2
 
 
@@ -85,9 +89,11 @@ class Journal:
             pending.append(_HEAD.pack(WS, received_us, conn, len(raw)))
             pending.append(raw)
             return
-        lengths = struct.pack(f"<{len(frames) + 1}I", len(frames), *map(len, frames))
-        pending.append(_HEAD.pack(WS_MANY, received_us, conn, len(lengths) + sum(map(len, frames))))
-        pending.append(lengths)
+        lengths = array("I", map(len, frames))  # half the cost of struct.pack(f"<{n}I", ...)
+        if _SWAP:
+            lengths.byteswap()
+        pending.append(_HEAD.pack(WS_MANY, received_us, conn, 4 + 4 * len(frames) + sum(map(len, frames))))
+        pending.append(len(frames).to_bytes(4, "little") + lengths.tobytes())
         pending.extend(frames)
 
     def add_rest(self, received_us: int, symbol: str, limit: int, request_us: int, raw: bytes) -> None:

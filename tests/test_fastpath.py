@@ -129,6 +129,7 @@ def frames_of(market: str, evs) -> list[tuple[int, bytes]]:
 
 def run(cls, market: str, frames, cuts: list[int]):
     p = cls(config(market), None, queue.Queue(), flush_interval=30, now_us=time.time_ns)
+    p.partial_dedup.memory, p.continuity.memory = 4, 8  # short memories: forgetting is tested too
     items, start = [], 0
     for i, end in enumerate([*sorted(set(cuts)), len(frames)]):
         # one socket read: one connection's frames, one stamp
