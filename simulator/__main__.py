@@ -38,6 +38,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.stats:
         # what was sent, for the benchmark: frames, and the µs time of each write by its E (ms)
         stats = {sim.market.name: {"frames": sim.load.frames if sim.load else sim.frames_sent,
+                                   "skipped_ticks": sim.load.skipped_ticks if sim.load else 0,
                                    "sent_us": sim.load.sent_us if sim.load else {}} for sim in sims}
         Path(args.stats).write_text(json.dumps(stats))
 
