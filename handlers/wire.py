@@ -55,7 +55,11 @@ decode_frame = msgspec.json.Decoder(Frame).decode
 def depth_row(d: Data, symbol: str, futures: bool, spot_partial: bool):
     """(event_time, symbol, U, u, pu, T, bids, asks) as `handlers.parse` returns it (the
     levels as JSON text), or None when a field the payload kind needs is missing or the
-    symbol is not the stream's."""
+    symbol is not the stream's.
+
+    The processor's per-frame loop (`FrameProcessor.on_frames`) makes these checks
+    written out, for speed; this is their plain statement, and tests/test_fastpath.py
+    holds the loop to it."""
     if spot_partial:
         if d.lastUpdateId is None or not d.bids or not d.asks:
             return None
