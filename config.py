@@ -276,6 +276,6 @@ def _market(s: _Section, market: Market) -> MarketConfig | None:
         snapshot_interval=s.number("snapshot_interval", "60", 1, 86400),
         snapshot_limit=limit,
         symbols_per_connection=s.number(
-            "symbols_per_connection", "50", 1, market.max_streams_per_connection // 2, int
+            "symbols_per_connection", "100", 1, market.max_streams_per_connection // 2, int
         ),
     )
