@@ -18,10 +18,15 @@ from __future__ import annotations
 import os
 
 # Arrow's C++ code (Parquet writers, output buffers) allocates from the process default
-# pool, which `pa.set_memory_pool` does not change: only this variable, read when Arrow
-# first needs a pool, keeps its bundled jemalloc (and the arenas it keeps, +27 MiB at the
-# first part file, BENCHMARKS.md) out. Set before pyarrow is imported anywhere.
-os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "system")
+# pool, which `pa.set_memory_pool` does not change: only ARROW_DEFAULT_MEMORY_POOL, read
+# when pyarrow loads, chooses it. Arrow's bundled jemalloc, told to give freed pages back
+# to the kernel within 100 ms (Arrow's own setting keeps them a second, then a second
+# more as MADV_FREE pages, which still count as RSS), keeps the column buffers' churn out
+# of glibc's heap: peak RSS at 2,000 symbols 268-278 -> 251-263 MiB, CPU unchanged
+# (BENCHMARKS.md, eighth session). Set before pyarrow is imported anywhere; an
+# operator's own values are left alone.
+os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
+os.environ.setdefault("JE_ARROW_MALLOC_CONF", "dirty_decay_ms:100,muzzy_decay_ms:0")
 
 import argparse
 import ctypes
@@ -96,11 +101,10 @@ def tune_gc() -> None:
 
 
 def tune_memory() -> None:
-    """Measured (BENCHMARKS.md): Arrow on the system allocator rather than its bundled
-    jemalloc (ARROW_DEFAULT_MEMORY_POOL, set at the top of this file, covers Python and
-    C++ callers alike), and glibc limited to 2 malloc arenas (it would make one per
-    thread, and there is a thread per connection), cut peak RSS by a sixth and CPU per
-    message by a quarter at 10,000 msgs/s. Must run before the threads start."""
+    """Measured (BENCHMARKS.md): glibc limited to 2 malloc arenas (it would make one per
+    thread, and there is a thread per connection) cut peak RSS by a sixth and CPU per
+    message by a quarter at 10,000 msgs/s. Must run before the threads start. Arrow's
+    buffers have their own allocator: see the top of this file and `check_arrow_pool`."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(_M_ARENA_MAX, 2)
@@ -113,6 +117,25 @@ def tune_memory() -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, 16 << 20)
     except (OSError, AttributeError):
         pass  # not glibc: nothing to tune
+
+
+def check_arrow_pool() -> str:
+    """The allocator of Arrow's C++ side, logged at start-up. A pyarrow build without
+    jemalloc falls back to mimalloc, which held 30-70 MiB more than glibc at 2,000 symbols
+    (BENCHMARKS.md, eighth session): then at least the arrays Python builds come from
+    glibc, and the log says so."""
+    import pyarrow as pa
+
+    name = pa.default_memory_pool().backend_name
+    wanted = os.environ["ARROW_DEFAULT_MEMORY_POOL"]
+    if name != wanted:
+        pa.set_memory_pool(pa.system_memory_pool())
+        log.warning("this pyarrow has no %s allocator: Arrow's C++ side uses %s, Python's arrays the system "
+                    "allocator; expect a higher RSS", wanted, name)
+    else:
+        conf = os.environ.get("JE_ARROW_MALLOC_CONF", "") if name == "jemalloc" else ""
+        log.info("arrow memory pool: %s%s", name, f" ({conf})" if conf else "")
+    return name
 
 
 def setup_logging(level: str) -> None:
@@ -266,6 +289,7 @@ def run(cfg: config_mod.Config) -> int:
     pipelines = [build_market(m, c, stop, session, limits[m.name], run_id) for m in markets]
     tune_gc()
     tune_memory()
+    check_arrow_pool()
     for p in pipelines:
         log.info("recording market=%s symbols=%d connections=%d data_dir=%s",
                  p.cfg.name, len(p.cfg.symbols), len(p.batches), c.data_dir)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 from tests.helpers import ROOT
 
 
 def test_bench_smoke_runs_and_loses_nothing():
+    folders = set(Path(tempfile.gettempdir()).glob("ob-bench-*"))
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke"], cwd=ROOT,
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -21,6 +24,7 @@ def test_bench_smoke_runs_and_loses_nothing():
         assert key in figures, key
     assert figures["lost_diffs"] == "0.0" and figures["exit"] == "0.0"
     assert float(figures["recorded/s"].replace(",", "")) > 0
+    assert set(Path(tempfile.gettempdir()).glob("ob-bench-*")) <= folders  # its run's folder is removed
 
 
 def test_stage_bench_prints_every_stage():
