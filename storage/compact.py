@@ -1,11 +1,13 @@
 """Compaction: a finished day's part files -> one `YYYY-MM-DD.parquet`, rows ordered by
 symbol then time, in bounded memory.
 
-A day small enough (uncompressed size below `memory_budget`) is read, sorted and
-written at once. A bigger day is done in two passes: rows are first split into K
-buckets of whole symbols in symbol order (temporary files), then each bucket is
-sorted and appended to the day file. Memory is then about one bucket, i.e. the day
-divided by K, or one symbol's day if a single symbol is bigger than that.
+A day small enough (three times its rows as Arrow: the rows, their sorted copy, the
+encoder's buffers, within `memory_budget`) is read, sorted and written at once. A bigger
+day is done in two passes: rows are first split into K buckets of whole symbols in
+symbol order (temporary files), then each bucket is sorted and appended to the day
+file. Memory is then about three buckets, i.e. the budget, or three times one symbol's
+day if a single symbol is bigger than a bucket. The Arrow size is counted from the files' metadata (`arrow_bytes`),
+not from their encoded size: part files of partial depth encode to a third of it.
 
 Crash safety: the day file is written under a temporary name and published by rename;
 it lists the parts it contains in its metadata (`compacted_parts`). Parts are deleted
@@ -50,6 +52,28 @@ def _already_in(day_file: Path) -> set[str]:
     return set(json.loads(meta.get(META_KEY, b"[]")))
 
 
+_WIDTH = {"INT64": 8, "DOUBLE": 8, "INT32": 4, "FLOAT": 4, "BOOLEAN": 1}
+
+
+def arrow_bytes(f: pq.ParquetFile) -> int:
+    """What a file's rows take as Arrow, from its metadata alone: each leaf column's values
+    at their width, a list offset a row per list column, a string at 24 bytes or its
+    plain size. Encoded sizes under-count: dictionary pages and delta-encoded ids made
+    part files of partial depth a third of their Arrow size, and compaction's budget was
+    overrun threefold (5 GB against 512 MiB, BENCHMARKS.md, eighth session)."""
+    md = f.metadata
+    lists = sum(1 for field in f.schema_arrow if pa.types.is_list(field.type))
+    total = 0
+    for i in range(md.num_row_groups):
+        rg = md.row_group(i)
+        total += 4 * lists * rg.num_rows
+        for j in range(rg.num_columns):
+            c = rg.column(j)
+            width = _WIDTH.get(c.physical_type)
+            total += c.num_values * width if width else max(c.total_uncompressed_size, 24 * c.num_values)
+    return total
+
+
 def _sorted(table: pa.Table, kind: str) -> pa.Table:
     return table.sort_by([(k, "ascending") for k in SORT_KEYS[kind]])
 
@@ -68,7 +92,9 @@ def compact_day(kind_dir: Path, day: str, kind: str, compression_level: int,
         return day_file if day_file.exists() else None
     inputs = ([day_file] if day_file.exists() else []) + parts
     files = [pq.ParquetFile(p) for p in inputs]
-    size = sum(f.metadata.row_group(i).total_byte_size for f in files for i in range(f.metadata.num_row_groups))
+    # the rows read, their sorted copy and the Parquet encoder's buffers: measured at
+    # 2.5-3 times the rows' Arrow size (tests/test_storage.py)
+    size = 3 * sum(arrow_bytes(f) for f in files)
     rows = sum(f.metadata.num_rows for f in files)
     metadata = {META_KEY: json.dumps([p.name for p in parts]).encode()}
     tmp = temp_name(day_file)
@@ -138,8 +164,10 @@ def _compact_in_buckets(files, tmp: Path, kind: str, level: int, buckets: int,
         out_schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
         with pq.ParquetWriter(tmp, out_schema, **parquet_options(level, out_schema)) as out:
             for b in sorted(writers):
-                table = _sorted(pq.read_table(scratch / f"bucket-{b}.tmp"), kind)
+                # one chunk first: `take` would concatenate the chunks itself, on top of both copies
+                table = _sorted(pq.read_table(scratch / f"bucket-{b}.tmp").combine_chunks(), kind)
                 out.write_table(table.cast(out_schema), row_group_size=ROW_GROUP)
+                del table  # before the next bucket is read: one bucket in memory, not two
     finally:
         for w in writers.values():
             try:

@@ -5,16 +5,19 @@ import json
 import os
 import queue
 import random
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from storage import writer
-from storage.compact import META_KEY, compact_all, compact_day
+from storage.compact import META_KEY, arrow_bytes, compact_all, compact_day
 from storage.files import US_PER_DAY, clean_temp_files, day_start_us, write_table_atomic
 from storage.schemas import SCHEMAS
 from storage.writer import ROW_GROUP_ROWS, STOP, PartWriter, split_by_day
+from tests.helpers import ROOT
 
 MIDNIGHT = day_start_us("2026-11-25")
 
@@ -253,3 +256,59 @@ def test_partial_parts_hold_levels_in_dictionary_pages_and_day_files_do_not(tmp_
     daily = pq.ParquetFile(tmp_path / "spot" / "partial_orderbooks" / "2026-11-25.parquet")
     assert daily.metadata.row_group(0).column(names.index("bid_prices")).dictionary_page_offset is None
     assert daily.read().select(names).sort_by("received_time").equals(t)
+
+
+def depth20_parts(root, day: str, n_parts: int, rows_per_part: int, symbols: list[str]) -> int:
+    """Part files of partial depth as the writers make them (dictionary pages for the
+    levels, delta-encoded ids), with prices that repeat as a real book's do."""
+    rng = random.Random(5)
+    q: queue.Queue = queue.Queue()
+    w = PartWriter("spot", root, q, compression_level=3)
+    t, uid = day_start_us(day) + 1000, 0
+    for i in range(n_parts):
+        rows = []
+        for _ in range(rows_per_part):
+            t += rng.randrange(1, 1000)
+            uid += 1
+            mid = 100 + rng.randrange(50)
+            rows.append({"received_time": t, "event_time": None, "symbol": rng.choice(symbols),
+                         "first_update_id": None, "final_update_id": uid, "prev_final_update_id": None,
+                         "transaction_time": None,
+                         "bid_prices": [mid - k * 0.01 for k in range(20)],
+                         "bid_sizes": [rng.randrange(9) + 0.5 for _ in range(20)],
+                         "ask_prices": [mid + k * 0.01 for k in range(20)],
+                         "ask_sizes": [rng.randrange(9) + 0.5 for _ in range(20)]})
+        w.add("partial_orderbooks", pa.Table.from_pylist(rows, schema=SCHEMAS["partial_orderbooks"]))
+        w.end_segment(f"{i + 1}-{i:06d}")
+    return uid
+
+
+def test_arrow_bytes_counts_what_the_rows_take_as_arrow(tmp_path):
+    """Compaction's budget is in Arrow bytes; the encoded size of a part file of partial
+    depth is a fraction of it, and counting that overran the budget threefold."""
+    depth20_parts(tmp_path, "2026-11-24", 2, 3000, [f"S{i:02d}USDT" for i in range(12)])
+    for path in (tmp_path / "spot" / "partial_orderbooks" / "2026-11-24").glob("part-*.parquet"):
+        f = pq.ParquetFile(path)
+        actual = f.read().nbytes
+        encoded = sum(f.metadata.row_group(i).total_byte_size for i in range(f.metadata.num_row_groups))
+        assert encoded < 0.6 * actual  # why the encoded size cannot be the measure
+        assert actual <= arrow_bytes(f) <= 1.3 * actual
+
+
+def test_compaction_stays_within_its_memory_budget(tmp_path):
+    """Arrow's peak allocation while compacting, in a process of its own, against the
+    budget: about the budget (23 MiB of 24 measured; counting encoded bytes, it was 79)."""
+    kind_dir = tmp_path / "spot" / "partial_orderbooks"
+    symbols = [f"S{i:02d}USDT" for i in range(24)]
+    rows = depth20_parts(tmp_path, "2026-11-24", 8, 6000, symbols)
+    budget = 24 << 20  # the day is ~34 MiB as Arrow (11 MiB encoded): it goes in buckets
+    probe = ("import sys, pyarrow as pa; from pathlib import Path; from storage.compact import compact_day; "
+             f"compact_day(Path(sys.argv[1]), '2026-11-24', 'partial_orderbooks', 3, memory_budget={budget}); "
+             "print(pa.default_memory_pool().max_memory())")
+    out = subprocess.run([sys.executable, "-c", probe, str(kind_dir)], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"})
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) <= 1.25 * budget
+    table = pq.read_table(kind_dir / "2026-11-24.parquet", columns=["symbol", "final_update_id"])
+    assert sorted(table.column("final_update_id").to_pylist()) == list(range(1, rows + 1))
+    assert table.column("symbol").to_pylist() == sorted(table.column("symbol").to_pylist())
