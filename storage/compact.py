@@ -4,10 +4,12 @@ symbol then time, in bounded memory.
 A day small enough (three times its rows as Arrow: the rows, their sorted copy, the
 encoder's buffers, within `memory_budget`) is read, sorted and written at once. A bigger
 day is done in two passes: rows are first split into K buckets of whole symbols in
-symbol order (temporary files), then each bucket is sorted and appended to the day
-file. Memory is then about three buckets, i.e. the budget, or three times one symbol's
-day if a single symbol is bigger than a bucket. The Arrow size is counted from the files' metadata (`arrow_bytes`),
-not from their encoded size: part files of partial depth encode to a third of it.
+symbol order (temporary Arrow IPC streams, at most `MAX_BUCKETS` of them), then each
+bucket is sorted and appended to the day file. Memory is then about three buckets, i.e.
+the budget, or three times one symbol's day if a single symbol is bigger than a bucket
+(or buckets are capped). The Arrow size is counted from the files' metadata
+(`arrow_bytes`), not from their encoded size: part files of partial depth encode to a
+third of it.
 
 Crash safety: the day file is written under a temporary name and published by rename;
 it lists the parts it contains in its metadata (`compacted_parts`). Parts are deleted
@@ -143,13 +145,21 @@ def _symbol_buckets(files: list[pq.ParquetFile], buckets: int) -> tuple[pa.Array
     return pa.array(symbols, pa.string()), pa.array(assignment, pa.int32())
 
 
+MAX_BUCKETS = 512  # open scratch files at once (a service's file limit is often 1,024)
+
+
 def _compact_in_buckets(files, tmp: Path, kind: str, level: int, buckets: int,
                         metadata: dict, scratch: Path) -> None:
-    symbols, bucket_of = _symbol_buckets(files, buckets)
+    """Pass 1 appends each batch's rows to its bucket's scratch file: an Arrow IPC stream
+    (LZ4), which holds nothing between writes; a Parquet writer per bucket held ~14 MiB
+    each, 1 GiB for 74 buckets (BENCHMARKS.md, eighth session). Pass 2 sorts each bucket
+    into the day file."""
+    symbols, bucket_of = _symbol_buckets(files, min(buckets, MAX_BUCKETS))
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     schema = files[0].schema_arrow
-    writers: dict[int, pq.ParquetWriter] = {}
+    options = pa.ipc.IpcWriteOptions(compression="lz4")
+    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
     try:
         for f in files:
             for batch in f.iter_batches(batch_size=65_536):
@@ -157,15 +167,16 @@ def _compact_in_buckets(files, tmp: Path, kind: str, level: int, buckets: int,
                 which = pc.take(bucket_of, idx)
                 for b in pc.unique(which).to_pylist():
                     if b not in writers:
-                        writers[b] = pq.ParquetWriter(scratch / f"bucket-{b}.tmp", schema, compression="lz4")
+                        writers[b] = pa.ipc.new_stream(str(scratch / f"bucket-{b}.arrows"), schema, options=options)
                     writers[b].write_batch(batch.filter(pc.equal(which, b)))
         for w in writers.values():
             w.close()
         out_schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
         with pq.ParquetWriter(tmp, out_schema, **parquet_options(level, out_schema)) as out:
             for b in sorted(writers):
-                # one chunk first: `take` would concatenate the chunks itself, on top of both copies
-                table = _sorted(pq.read_table(scratch / f"bucket-{b}.tmp").combine_chunks(), kind)
+                with pa.OSFile(str(scratch / f"bucket-{b}.arrows")) as source:
+                    # one chunk first: `take` would concatenate the chunks itself, on top of both copies
+                    table = _sorted(pa.ipc.open_stream(source).read_all().combine_chunks(), kind)
                 out.write_table(table.cast(out_schema), row_group_size=ROW_GROUP)
                 del table  # before the next bucket is read: one bucket in memory, not two
     finally:
