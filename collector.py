@@ -22,8 +22,8 @@ import os
 # when pyarrow loads, chooses it. Arrow's bundled jemalloc, told to give freed pages back
 # to the kernel within 100 ms (Arrow's own setting keeps them a second, then a second
 # more as MADV_FREE pages, which still count as RSS), keeps the column buffers' churn out
-# of glibc's heap: peak RSS at 2,000 symbols 268-278 -> 251-263 MiB, CPU unchanged
-# (BENCHMARKS.md, eighth session). Set before pyarrow is imported anywhere; an
+# of glibc's heap: peak RSS at 2,000 symbols 270 -> 254 MiB (medians of one-minute
+# runs), CPU unchanged (BENCHMARKS.md, eighth session). Set before pyarrow is imported anywhere; an
 # operator's own values are left alone.
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
 os.environ.setdefault("JE_ARROW_MALLOC_CONF", "dirty_decay_ms:100,muzzy_decay_ms:0")

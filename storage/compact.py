@@ -61,8 +61,9 @@ def arrow_bytes(f: pq.ParquetFile) -> int:
     """What a file's rows take as Arrow, from its metadata alone: each leaf column's values
     at their width, a list offset a row per list column, a string at 24 bytes or its
     plain size. Encoded sizes under-count: dictionary pages and delta-encoded ids made
-    part files of partial depth a third of their Arrow size, and compaction's budget was
-    overrun threefold (5 GB against 512 MiB, BENCHMARKS.md, eighth session)."""
+    part files of partial depth a third of their Arrow size, and compacting 30 minutes of
+    one market at 1,000 symbols passed 6.7 GB of RSS on a 512 MiB budget (BENCHMARKS.md,
+    eighth session)."""
     md = f.metadata
     lists = sum(1 for field in f.schema_arrow if pa.types.is_list(field.type))
     total = 0
@@ -94,8 +95,8 @@ def compact_day(kind_dir: Path, day: str, kind: str, compression_level: int,
         return day_file if day_file.exists() else None
     inputs = ([day_file] if day_file.exists() else []) + parts
     files = [pq.ParquetFile(p) for p in inputs]
-    # the rows read, their sorted copy and the Parquet encoder's buffers: measured at
-    # 2.5-3 times the rows' Arrow size (tests/test_storage.py)
+    # the rows read, their sorted copy and the Parquet encoder's buffers; with 3, Arrow's
+    # peak came to about the budget (tests/test_storage.py, BENCHMARKS.md)
     size = 3 * sum(arrow_bytes(f) for f in files)
     rows = sum(f.metadata.num_rows for f in files)
     metadata = {META_KEY: json.dumps([p.name for p in parts]).encode()}
@@ -151,9 +152,9 @@ MAX_BUCKETS = 512  # open scratch files at once (a service's file limit is often
 def _compact_in_buckets(files, tmp: Path, kind: str, level: int, buckets: int,
                         metadata: dict, scratch: Path) -> None:
     """Pass 1 appends each batch's rows to its bucket's scratch file: an Arrow IPC stream
-    (LZ4), which holds nothing between writes; a Parquet writer per bucket held ~14 MiB
-    each, 1 GiB for 74 buckets (BENCHMARKS.md, eighth session). Pass 2 sorts each bucket
-    into the day file."""
+    (LZ4), which keeps no encoder state between writes as a Parquet writer per bucket did
+    (77 buckets of 5 minutes of partial depth at 1,500 symbols: 44.3 -> 32.5 s, RSS 735
+    -> 652 MiB; BENCHMARKS.md, eighth session). Pass 2 sorts each bucket into the day file."""
     symbols, bucket_of = _symbol_buckets(files, min(buckets, MAX_BUCKETS))
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
