@@ -155,6 +155,9 @@ def _compact_in_buckets(files, tmp: Path, kind: str, level: int, buckets: int,
     (LZ4), which keeps no encoder state between writes as a Parquet writer per bucket did
     (77 buckets of 5 minutes of partial depth at 1,500 symbols: 44.3 -> 32.5 s, RSS 735
     -> 652 MiB; BENCHMARKS.md, eighth session). Pass 2 sorts each bucket into the day file."""
+    if buckets > MAX_BUCKETS:
+        log.warning("compacting %s needs %d buckets to keep its memory budget; capped at %d, so each "
+                    "holds more than the budget", tmp, buckets, MAX_BUCKETS)
     symbols, bucket_of = _symbol_buckets(files, min(buckets, MAX_BUCKETS))
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()

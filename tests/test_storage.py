@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage import writer
+from storage import compact, writer
 from storage.compact import META_KEY, arrow_bytes, compact_all, compact_day
 from storage.files import US_PER_DAY, clean_temp_files, day_start_us, write_table_atomic
 from storage.schemas import SCHEMAS
@@ -312,3 +312,15 @@ def test_compaction_stays_within_its_memory_budget(tmp_path):
     table = pq.read_table(kind_dir / "2026-11-24.parquet", columns=["symbol", "final_update_id"])
     assert sorted(table.column("final_update_id").to_pylist()) == list(range(1, rows + 1))
     assert table.column("symbol").to_pylist() == sorted(table.column("symbol").to_pylist())
+
+
+def test_compaction_past_the_bucket_cap_says_so_and_keeps_every_row(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(compact, "MAX_BUCKETS", 2)
+    kind_dir = tmp_path / "spot" / "diff_orderbooks"
+    expected = make_parts(kind_dir, "2026-11-24", 4, 300, [f"S{i:02d}USDT" for i in range(12)])
+    compact_day(kind_dir, "2026-11-24", "diff_orderbooks", 9, memory_budget=20_000)
+    assert "capped at 2, so each holds more than the budget" in caplog.text
+    table = pq.read_table(kind_dir / "2026-11-24.parquet")
+    got = list(zip(table.column("symbol").to_pylist(), table.column("received_time").to_pylist(),
+                   table.column("final_update_id").to_pylist(), strict=True))
+    assert got == sorted(expected)
