@@ -147,6 +147,7 @@ def _symbol_buckets(files: list[pq.ParquetFile], buckets: int) -> tuple[pa.Array
 
 
 MAX_BUCKETS = 512  # open scratch files at once (a service's file limit is often 1,024)
+BATCH_ROWS = 16_384  # rows split at a time in pass 1 (65,536 depth20 rows and their pieces: ~100 MiB)
 
 
 def _compact_in_buckets(files, tmp: Path, kind: str, level: int, buckets: int,
@@ -166,18 +167,20 @@ def _compact_in_buckets(files, tmp: Path, kind: str, level: int, buckets: int,
     writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
     try:
         for f in files:
-            for batch in f.iter_batches(batch_size=65_536):
+            for batch in f.iter_batches(batch_size=BATCH_ROWS):
                 idx = pc.index_in(batch.column("symbol"), value_set=symbols)
                 which = pc.take(bucket_of, idx)
                 for b in pc.unique(which).to_pylist():
                     if b not in writers:
                         writers[b] = pa.ipc.new_stream(str(scratch / f"bucket-{b}.arrows"), schema, options=options)
                     writers[b].write_batch(batch.filter(pc.equal(which, b)))
+            f.close()  # its reader kept the last row group's buffers (~20 MiB a part file) through pass 2
         for w in writers.values():
             w.close()
+        done, writers = sorted(writers), {}  # a closed stream writer still holds its buffers
         out_schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
         with pq.ParquetWriter(tmp, out_schema, **parquet_options(level, out_schema)) as out:
-            for b in sorted(writers):
+            for b in done:
                 with pa.OSFile(str(scratch / f"bucket-{b}.arrows")) as source:
                     # one chunk first: `take` would concatenate the chunks itself, on top of both copies
                     table = _sorted(pa.ipc.open_stream(source).read_all().combine_chunks(), kind)
