@@ -174,10 +174,10 @@ def _compact_in_buckets(files, tmp: Path, kind: str, level: int, buckets: int,
                     if b not in writers:
                         writers[b] = pa.ipc.new_stream(str(scratch / f"bucket-{b}.arrows"), schema, options=options)
                     writers[b].write_batch(batch.filter(pc.equal(which, b)))
-            f.close()  # its reader kept the last row group's buffers (~20 MiB a part file) through pass 2
+            f.close()  # let its reader's buffers go before pass 2
         for w in writers.values():
             w.close()
-        done, writers = sorted(writers), {}  # a closed stream writer still holds its buffers
+        done, writers = sorted(writers), {}  # nor keep the closed writers through pass 2
         out_schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
         with pq.ParquetWriter(tmp, out_schema, **parquet_options(level, out_schema)) as out:
             for b in done:
