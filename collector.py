@@ -53,9 +53,10 @@ from handlers.stamped import wall_us
 from handlers.websocket import AttemptLimiter, StreamBatch, combined_url
 from service import metrics
 from service import status as state_file
+from service.logs import setup_logging
 from service.loop import MainLoop
 from service.threads import name_os_thread
-from storage.compact import Compactor, compact_all
+from storage.compact import CompactionFailed, Compactor, compact_all
 from storage.files import clean_temp_files
 from storage.journal import Journal, journal_dir
 from storage.recovery import recover
@@ -69,25 +70,6 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.ini"
 
 
 now_us = wall_us  # the local clock in µs; readers stamp frames with the kernel's reading of it
-
-
-class JournalFormatter(logging.Formatter):
-    """`<N>` syslog priority prefixes so that `journalctl -p err` filters; no timestamps
-    (journald adds them). In a terminal: a short local time instead."""
-
-    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-
-    def __init__(self, journald: bool):
-        fmt = "%(levelname)s %(threadName)s %(name)s: %(message)s"
-        super().__init__(fmt if journald else "%(asctime)s " + fmt, datefmt="%H:%M:%S")
-        self.journald = journald
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        if self.journald:
-            prefix = f"<{self.PRIORITY.get(record.levelno, 6)}>"
-            text = "\n".join(prefix + line for line in text.splitlines())
-        return text
 
 
 def tune_gc() -> None:
@@ -136,16 +118,6 @@ def check_arrow_pool() -> str:
         conf = os.environ.get("JE_ARROW_MALLOC_CONF", "") if name == "jemalloc" else ""
         log.info("arrow memory pool: %s%s", name, f" ({conf})" if conf else "")
     return name
-
-
-def setup_logging(level: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JournalFormatter(journald="JOURNAL_STREAM" in os.environ))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    logging.getLogger("urllib3").setLevel(logging.WARNING)
-    logging.getLogger("websocket").setLevel(logging.CRITICAL)
 
 
 @dataclass
@@ -334,7 +306,12 @@ def upload_now(cfg: config_mod.Config, day: str | None, progress: bool) -> int:
     """`collector.py upload`: compact what is finished, then upload it; exit 0 only if all went up."""
     from storage.upload import UploadError
 
-    compact_all(cfg.collector.data_dir, cfg.collector.compression_level, now_us())
+    try:
+        compact_all(cfg.collector.data_dir, cfg.collector.compression_level, now_us())
+        compacted = True
+    except CompactionFailed as e:  # the other days still go up; those stay as parts
+        log.error("%s", e)
+        compacted = False
     try:
         results = make_uploader(cfg, progress).run(only_day=day)
     except UploadError as e:
@@ -342,7 +319,7 @@ def upload_now(cfg: config_mod.Config, day: str | None, progress: bool) -> int:
         return EXIT_CONFIG if "missing environment" in str(e) else EXIT_FAIL
     log.info("upload done uploaded=%d skipped=%d deleted=%d failed_days=%s", results["uploaded"],
              results["skipped"], results["deleted"], ",".join(results["days_failed"]) or "none")
-    return EXIT_FAIL if results["days_failed"] else EXIT_OK
+    return EXIT_FAIL if results["days_failed"] or not compacted else EXIT_OK
 
 
 class UploadJob(threading.Thread):
@@ -437,7 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "upload":
         return upload_now(cfg, args.day, progress=sys.stderr.isatty())
     if args.command == "compact":
-        done = compact_all(cfg.collector.data_dir, cfg.collector.compression_level, now_us())
+        try:
+            done = compact_all(cfg.collector.data_dir, cfg.collector.compression_level, now_us())
+        except CompactionFailed as e:
+            log.error("%s", e)
+            return EXIT_FAIL
         log.info("compacted %d day folders", done)
         return EXIT_OK
     return run(cfg)

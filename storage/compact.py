@@ -1,15 +1,15 @@
-"""Compaction: a finished day's part files -> one `YYYY-MM-DD.parquet`, rows ordered by
-symbol then time, in bounded memory.
+"""Compaction: a finished day's part files -> one `YYYY-MM-DD.parquet`, in bounded memory.
 
 A day small enough (three times its rows as Arrow: the rows, their sorted copy, the
-encoder's buffers, within `memory_budget`) is read, sorted and written at once. A bigger
-day is done in two passes: rows are first split into K buckets of whole symbols in
-symbol order (temporary Arrow IPC streams, at most `MAX_BUCKETS` of them), then each
-bucket is sorted and appended to the day file. Memory is then about three buckets, i.e.
-the budget, or three times one symbol's day if a single symbol is bigger than a bucket
-(or buckets are capped). The Arrow size is counted from the files' metadata
-(`arrow_bytes`), not from their encoded size: part files of partial depth encode to a
-third of it.
+encoder's buffers, within `memory_budget`) is read whole and sorted by symbol then time.
+A bigger day is cut into runs: rows are read in the order the parts were written (time
+order), a third of the budget at a time, and each run is sorted by symbol then time and
+appended as row groups of its own. Every row group is therefore sorted (and says so in
+Parquet's `sorting_columns`); the day file is a sequence of such runs in time order. One
+pass, no scratch files, and memory set by the budget whatever the size of the day or of
+a single symbol's day (2,000 symbols make ~600 GB of partial depth a day as Arrow, one
+symbol ~600 MB). The Arrow size is counted from the files' metadata (`arrow_bytes`),
+not from their encoded size: part files of partial depth encode to a third of it.
 
 Crash safety: the day file is written under a temporary name and published by rename;
 it lists the parts it contains in its metadata (`compacted_parts`). Parts are deleted
@@ -19,13 +19,17 @@ that arrive later for a compacted day (a late flush) are merged into it next tim
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,11 +40,12 @@ from service.threads import name_os_thread
 from storage.files import US_PER_DAY, day_of, day_start_us, fsync_dir, parquet_options, publish, temp_name
 from storage.schemas import SORT_KEYS
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("storage.compact")  # also when run as `python -m storage.compact`
 
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 META_KEY = b"compacted_parts"
 ROW_GROUP = 131_072
+MEMORY_BUDGET = 512 << 20  # Arrow's peak while compacting (a run is half of it)
 
 
 def parts_of(kind_dir: Path, day: str) -> list[Path]:
@@ -77,12 +82,9 @@ def arrow_bytes(f: pq.ParquetFile) -> int:
     return total
 
 
-def _sorted(table: pa.Table, kind: str) -> pa.Table:
-    return table.sort_by([(k, "ascending") for k in SORT_KEYS[kind]])
-
 
 def compact_day(kind_dir: Path, day: str, kind: str, compression_level: int,
-                memory_budget: int = 512 << 20) -> Path | None:
+                memory_budget: int = MEMORY_BUDGET) -> Path | None:
     """Merge the parts of `day` (and an earlier day file, if any) into the day file."""
     day_file = kind_dir / f"{day}.parquet"
     leftovers = _already_in(day_file)
@@ -95,20 +97,13 @@ def compact_day(kind_dir: Path, day: str, kind: str, compression_level: int,
         return day_file if day_file.exists() else None
     inputs = ([day_file] if day_file.exists() else []) + parts
     files = [pq.ParquetFile(p) for p in inputs]
-    # the rows read, their sorted copy and the Parquet encoder's buffers; with 3, Arrow's
-    # peak came to about the budget (tests/test_storage.py, BENCHMARKS.md)
-    size = 3 * sum(arrow_bytes(f) for f in files)
     rows = sum(f.metadata.num_rows for f in files)
+    size = sum(arrow_bytes(f) for f in files)
     metadata = {META_KEY: json.dumps([p.name for p in parts]).encode()}
     tmp = temp_name(day_file)
     try:
-        if size <= memory_budget:
-            table = _sorted(pa.concat_tables([f.read() for f in files]), kind)
-            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-            pq.write_table(table, tmp, row_group_size=ROW_GROUP, **parquet_options(compression_level, table.schema))
-        else:
-            _compact_in_buckets(files, tmp, kind, compression_level, buckets=-(-size // memory_budget),
-                                metadata=metadata, scratch=kind_dir / f".{day}.compact")
+        runs = _compact_in_runs(files, tmp, kind, compression_level, memory_budget // 2, metadata,
+                                scratch=kind_dir / f".{day}.compact")
         written = pq.ParquetFile(tmp).metadata.num_rows
         if written != rows:
             raise RuntimeError(f"compaction of {kind_dir}/{day} wrote {written} rows, expected {rows}")
@@ -119,7 +114,8 @@ def compact_day(kind_dir: Path, day: str, kind: str, compression_level: int,
         part.unlink()
     _remove_empty(kind_dir / day)
     fsync_dir(kind_dir)
-    log.info("compacted %s/%s parts=%d rows=%d bytes=%d", kind_dir, day, len(parts), rows, day_file.stat().st_size)
+    log.info("compacted %s/%s parts=%d rows=%d bytes=%d runs=%d arrow_mib=%d", kind_dir, day, len(parts), rows,
+             day_file.stat().st_size, runs, size >> 20)
     return day_file
 
 
@@ -130,69 +126,166 @@ def _remove_empty(folder: Path) -> None:
         pass
 
 
-def _symbol_buckets(files: list[pq.ParquetFile], buckets: int) -> tuple[pa.Array, pa.Array]:
-    """(sorted symbols, bucket of each) with about equal rows per bucket."""
+BATCH_ROWS = 16_384  # rows read at a time (the size of the writers' row groups)
+RUN_FILES = 256  # sorted runs merged at once (scratch files open together)
+SCRATCH_ROWS = 4_096  # rows per scratch batch: LZ4 holds a compressed copy of a batch
+
+
+def _compact_in_runs(files: list[pq.ParquetFile], tmp: Path, kind: str, level: int, run_bytes: int,
+                     metadata: dict, scratch: Path) -> int:
+    """An external merge sort by symbol then time, in memory set by `run_bytes`. Returns
+    the sorted runs made (1: the day was sorted whole, without scratch files).
+
+    Pass 1 reads the rows in the order of the files (the order the parts were written,
+    time order), `run_bytes` of Arrow at a time, sorts each run and writes it to a
+    scratch file (Arrow IPC, LZ4) cut into symbol groups of about `run_bytes` each.
+    Pass 2 takes each group from every run, in run order, sorts it and appends it to the
+    day file. A group bigger than `run_bytes` (one symbol's day alone can be) is sorted
+    and written in pieces of `run_bytes`, each in time order after the one before when
+    the parts are. More than RUN_FILES runs are merged RUN_FILES at a time: the day file
+    is then a few such segments one after another in time, each sorted by symbol."""
+    schema = files[0].schema_arrow
+    out_schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
+    rows = sum(f.metadata.num_rows for f in files)
+    size = sum(arrow_bytes(f) for f in files)  # at or above the real size (tests/test_storage.py)
+    made = 0
+    with pq.ParquetWriter(tmp, out_schema, sorting_columns=_sorting(kind, out_schema),
+                          **parquet_options(level, out_schema)) as out:
+        if size <= run_bytes:  # one run: sorted whole, no scratch files
+            for run in _runs(files, run_bytes):
+                _write_run(out, run, kind, out_schema)
+            return 1
+        per_row = max(1, size // max(1, rows))
+        symbols, group_of = _symbol_groups(files, run_bytes // per_row, min(1.0, RUN_FILES * run_bytes / size))
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
+        try:
+            segment: list[tuple[Path, list[tuple[int, int]]]] = []
+            for run in _runs(files, run_bytes):
+                path = scratch / f"run-{made}.arrows"
+                segment.append((path, _write_scratch(run, path, kind, symbols, group_of)))
+                made += 1
+                if len(segment) == RUN_FILES:
+                    _merge(segment, out, kind, out_schema, run_bytes)
+                    segment = []
+            if segment:
+                _merge(segment, out, kind, out_schema, run_bytes)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return made
+
+
+def _runs(files: list[pq.ParquetFile], run_bytes: int) -> Iterator[list[pa.RecordBatch]]:
+    """The rows of the files in order, as lists of batches of `run_bytes` of Arrow each
+    (a batch that crosses the limit is sliced)."""
+    pending: list[pa.RecordBatch] = []
+    held = 0
+    for i, f in enumerate(files):
+        for batch in f.iter_batches(batch_size=BATCH_ROWS):
+            while held + batch.nbytes > run_bytes:  # the rows that fit close the run
+                fit = (run_bytes - held) * batch.num_rows // max(1, batch.nbytes)
+                fit = fit or (0 if pending else 1)  # a single row bigger than the run goes alone
+                pending.append(batch.slice(0, fit))
+                batch = batch.slice(fit)
+                yield pending
+                pending, held = [], 0
+            if batch.num_rows:
+                pending.append(batch)
+                held += batch.nbytes
+        f.close()
+        files[i] = None  # type: ignore[call-overload]  # a reader keeps the whole file's bytes until dropped
+    if pending:
+        yield pending
+
+
+def _symbol_groups(files: list[pq.ParquetFile], group_rows: int, share: float) -> tuple[pa.Array, pa.Array]:
+    """(sorted symbols, group of each): consecutive symbols with about `group_rows` rows
+    in a segment (`share` of the day) per group."""
     counts: dict[str, int] = {}
     for f in files:
         vc = pc.value_counts(f.read(columns=["symbol"]).column("symbol").combine_chunks())
         for item in vc.to_pylist():
             counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
-    symbols = sorted(counts)
-    per = max(1, -(-sum(counts.values()) // buckets))
-    assignment, acc = [], 0
-    for s in symbols:
-        assignment.append(min(acc // per, buckets - 1))
-        acc += counts[s]
-    return pa.array(symbols, pa.string()), pa.array(assignment, pa.int32())
+    names = sorted(counts)
+    groups, group, acc = [], 0, 0
+    for name in names:
+        expected = counts[name] * share
+        if acc and acc + expected > group_rows:
+            group, acc = group + 1, 0
+        groups.append(group)
+        acc += expected
+    return pa.array(names, pa.string()), pa.array(groups, pa.int32())
 
 
-MAX_BUCKETS = 512  # open scratch files at once (a service's file limit is often 1,024)
-BATCH_ROWS = 16_384  # rows split at a time in pass 1 (65,536 depth20 rows and their pieces: ~100 MiB)
+def _sorted_table(pending: list[pa.RecordBatch], kind: str, schema: pa.Schema) -> pa.Table:
+    """The rows held, sorted, as one chunk; empties `pending`. Column by column: each is
+    joined into one array and put in order, and its unsorted chunks are let go before the
+    next, so that the rows are held about once, not three times (chunks, joined, sorted)."""
+    table = pa.Table.from_batches(pending, schema=pending[0].schema)
+    pending.clear()
+    order = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in SORT_KEYS[kind]])
+    columns = table.columns
+    del table
+    for i, column in enumerate(columns):
+        columns[i] = None  # type: ignore[call-overload]
+        columns[i] = column.combine_chunks().take(order)
+        del column
+    return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _compact_in_buckets(files, tmp: Path, kind: str, level: int, buckets: int,
-                        metadata: dict, scratch: Path) -> None:
-    """Pass 1 appends each batch's rows to its bucket's scratch file: an Arrow IPC stream
-    (LZ4), which keeps no encoder state between writes as a Parquet writer per bucket did
-    (77 buckets of 5 minutes of partial depth at 1,500 symbols: 44.3 -> 32.5 s, RSS 735
-    -> 652 MiB; BENCHMARKS.md, eighth session). Pass 2 sorts each bucket into the day file."""
-    if buckets > MAX_BUCKETS:
-        log.warning("compacting %s needs %d buckets to keep its memory budget; capped at %d, so each "
-                    "holds more than the budget", tmp, buckets, MAX_BUCKETS)
-    symbols, bucket_of = _symbol_buckets(files, min(buckets, MAX_BUCKETS))
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir()
-    schema = files[0].schema_arrow
-    options = pa.ipc.IpcWriteOptions(compression="lz4")
-    writers: dict[int, pa.ipc.RecordBatchStreamWriter] = {}
+def _write_run(out: pq.ParquetWriter, pending: list[pa.RecordBatch], kind: str, schema: pa.Schema) -> None:
+    out.write_table(_sorted_table(pending, kind, schema), row_group_size=ROW_GROUP)
+
+
+def _write_scratch(run: list[pa.RecordBatch], path: Path, kind: str, symbols: pa.Array,
+                   group_of: pa.Array) -> list[tuple[int, int]]:
+    """A run sorted into a scratch file, symbol group after symbol group; returns (group,
+    rows) of each, in order."""
+    table = _sorted_table(run, kind, run[0].schema)
+    groups = pc.take(group_of, pc.index_in(table.column("symbol"), value_set=symbols))
+    index, at = [], 0
+    with pa.ipc.new_stream(str(path), table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as w:
+        for item in pc.value_counts(groups).to_pylist():  # groups ascend with the symbols
+            n = item["counts"]
+            # zero-copy slices of the sorted columns, compressed a few MiB at a time
+            w.write_table(table.slice(at, n), max_chunksize=SCRATCH_ROWS)
+            index.append((item["values"], n))
+            at += n
+    return index
+
+
+def _merge(segment: list[tuple[Path, list[tuple[int, int]]]], out: pq.ParquetWriter, kind: str,
+           schema: pa.Schema, run_bytes: int) -> None:
+    """Each symbol group from every run of the segment, in run order, sorted into `out`."""
+    sources = [pa.ipc.open_stream(pa.OSFile(str(path))) for path, _ in segment]
+    queues = [collections.deque(index) for _, index in segment]
     try:
-        for f in files:
-            for batch in f.iter_batches(batch_size=BATCH_ROWS):
-                idx = pc.index_in(batch.column("symbol"), value_set=symbols)
-                which = pc.take(bucket_of, idx)
-                for b in pc.unique(which).to_pylist():
-                    if b not in writers:
-                        writers[b] = pa.ipc.new_stream(str(scratch / f"bucket-{b}.arrows"), schema, options=options)
-                    writers[b].write_batch(batch.filter(pc.equal(which, b)))
-            f.close()  # let its reader's buffers go before pass 2
-        for w in writers.values():
-            w.close()
-        done, writers = sorted(writers), {}  # nor keep the closed writers through pass 2
-        out_schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
-        with pq.ParquetWriter(tmp, out_schema, **parquet_options(level, out_schema)) as out:
-            for b in done:
-                with pa.OSFile(str(scratch / f"bucket-{b}.arrows")) as source:
-                    # one chunk first: `take` would concatenate the chunks itself, on top of both copies
-                    table = _sorted(pa.ipc.open_stream(source).read_all().combine_chunks(), kind)
-                out.write_table(table.cast(out_schema), row_group_size=ROW_GROUP)
-                del table  # before the next bucket is read: one bucket in memory, not two
+        for group in sorted({g for _, index in segment for g, _ in index}):
+            pending: list[pa.RecordBatch] = []
+            held = 0
+            for source, queue in zip(sources, queues, strict=True):
+                if queue and queue[0][0] == group:
+                    _, rows = queue.popleft()
+                    while rows > 0:
+                        batch = source.read_next_batch()
+                        rows -= batch.num_rows
+                        if pending and held + batch.nbytes > run_bytes:  # a group bigger than a run: in pieces
+                            _write_run(out, pending, kind, schema)
+                            held = 0
+                        pending.append(batch)
+                        held += batch.nbytes
+            if pending:
+                _write_run(out, pending, kind, schema)
     finally:
-        for w in writers.values():
-            try:
-                w.close()
-            except Exception:
-                pass
-        shutil.rmtree(scratch, ignore_errors=True)
+        for source in sources:
+            source.close()
+        for path, _ in segment:
+            path.unlink(missing_ok=True)
+
+
+def _sorting(kind: str, schema: pa.Schema):
+    """Parquet's own record that each row group is sorted by these columns."""
+    return pq.SortingColumn.from_ordering(schema, [(k, "ascending") for k in SORT_KEYS[kind]])
 
 
 def finished_days(kind_dir: Path, today: str) -> list[str]:
@@ -201,44 +294,147 @@ def finished_days(kind_dir: Path, today: str) -> list[str]:
     return sorted(p.name for p in kind_dir.iterdir() if p.is_dir() and _DAY.match(p.name) and p.name < today)
 
 
-def compact_all(root: Path, compression_level: int, now_us: int, grace_us: int = 0,
-                stop: threading.Event | None = None) -> int:
-    """Compact every finished day under data_dir (every market and kind); returns days done.
-
-    A day counts as finished `grace_us` after its UTC midnight, so late flushes land first.
-    """
-    done = 0
+def due_days(root: Path, now_us: int, grace_us: int = 0) -> list[tuple[Path, str, str]]:
+    """(folder, day, kind) of every finished day still held as parts, in every market and
+    kind. A day counts as finished `grace_us` after its UTC midnight, so late flushes land
+    first."""
+    due = []
     today = day_of(now_us - grace_us)
     for market_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []:
         for kind in KINDS:
             for day in finished_days(market_dir / kind, today):
-                if stop is not None and stop.is_set():
-                    return done
-                if now_us < day_start_us(day) + US_PER_DAY + grace_us:
-                    continue
-                compact_day(market_dir / kind, day, kind, compression_level)
-                done += 1
+                if now_us >= day_start_us(day) + US_PER_DAY + grace_us and parts_of(market_dir / kind, day):
+                    due.append((market_dir / kind, day, kind))
+    return due
+
+
+class CompactionFailed(Exception):
+    """Some days could not be compacted (each logged with its cause); their parts stay."""
+
+    def __init__(self, days: list[str]):
+        super().__init__(f"compaction failed for {len(days)} day(s): {', '.join(days)}; their parts stay readable")
+        self.days = days
+
+
+def compact_all(root: Path, compression_level: int, now_us: int, grace_us: int = 0,
+                stop: threading.Event | None = None, memory_budget: int = MEMORY_BUDGET) -> int:
+    """Compact every finished day under data_dir (every market and kind); returns days done.
+    A day that fails is logged and the others are done; then CompactionFailed names it."""
+    done, failed = 0, []
+    for kind_dir, day, kind in due_days(root, now_us, grace_us):
+        if stop is not None and stop.is_set():
+            break
+        try:
+            compact_day(kind_dir, day, kind, compression_level, memory_budget)
+        except Exception:
+            log.error("compaction of %s/%s failed; its parts stay as they are", kind_dir, day, exc_info=True)
+            failed.append(f"{kind_dir.parent.name}/{kind_dir.name}/{day}")
+            continue
+        done += 1
+    if failed:
+        raise CompactionFailed(failed)
     return done
 
 
+NICE = 10  # the compaction child's CPU priority, below the recorder's
+
+
 class Compactor(threading.Thread):
-    """Compacts finished days at start-up and within a minute after each UTC midnight."""
+    """Compacts finished days at start-up and within a minute after each UTC midnight, in a
+    child process (`python -m storage.compact`) started only when a day is due, at a lower
+    CPU priority. The child's memory (about the budget) is never the recorder's, and its
+    failure or death leaves the recorder running: the parts stay readable, and the day is
+    tried again, later each time (up to 30 rounds of `every_s`)."""
 
     def __init__(self, root: Path, compression_level: int, stop: threading.Event,
-                 now_us: Callable[[], int], grace_s: float, every_s: float = 10.0):
+                 now_us: Callable[[], int], grace_s: float, every_s: float = 10.0,
+                 memory_budget: int = MEMORY_BUDGET):
         super().__init__(name="compactor", daemon=True)
         self.root, self.level, self.stop, self.now_us = root, compression_level, stop, now_us
-        self.grace_us, self.every_s = int(grace_s * 1e6), every_s
+        self.grace_us, self.every_s, self.memory_budget = int(grace_s * 1e6), every_s, memory_budget
         self.failures = 0
 
     def run(self) -> None:
         name_os_thread()
         while True:
+            now = self.now_us()
             try:
-                compact_all(self.root, self.level, self.now_us(), self.grace_us, self.stop)
+                due = due_days(self.root, now, self.grace_us)
+                code = self._child(now) if due else 0
+            except OSError as e:  # the listing, or the child could not start
+                code = f"{type(e).__name__}: {e}"
+            if code == 0:
                 self.failures = 0
-            except Exception:
+            elif code in (-signal.SIGTERM, 128 + signal.SIGTERM):  # systemd stops the whole unit
+                log.info("compaction stopped by SIGTERM; it resumes at the next start")
+            elif not self.stop.is_set():
                 self.failures += 1
-                log.error("compaction failed (will retry); the parts stay readable", exc_info=True)
+                log.error("compaction failed (exit %s); will retry, the parts stay readable", code)
             if self.stop.wait(self.every_s * min(30, 1 + self.failures)):
                 return
+
+    def _child(self, now: int) -> int:
+        command = [sys.executable, "-m", "storage.compact", str(self.root), "--level", str(self.level),
+                   "--now-us", str(now), "--grace-us", str(self.grace_us),
+                   "--budget-mib", str(self.memory_budget >> 20),
+                   "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel())]
+        # stderr is the collector's, so the child's lines go to the same journal
+        # its own session: a Ctrl-C in a terminal is for the collector, which stops the child
+        child = subprocess.Popen(command, cwd=_CODE, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 start_new_session=True)
+        log.info("compaction started pid=%d", child.pid)
+        while child.poll() is None:
+            if self.stop.wait(0.5):
+                child.terminate()  # crash-safe: the parts stay until their day file is published
+                try:
+                    child.wait(10)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
+                log.info("compaction stopped with the collector; it resumes at the next start")
+                return 0
+        return child.returncode
+
+
+_CODE = Path(__file__).resolve().parent.parent  # where `storage` is importable from
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The compaction child: compact what is due at the parent's clock, then exit."""
+    import argparse
+    import os
+
+    from service.logs import setup_logging
+
+    parser = argparse.ArgumentParser(prog="python -m storage.compact", description=main.__doc__)
+    parser.add_argument("data_dir", type=Path)
+    parser.add_argument("--level", type=int, required=True, help="ZSTD level of the day files")
+    parser.add_argument("--now-us", type=int, required=True, help="the parent's clock, µs since the epoch")
+    parser.add_argument("--grace-us", type=int, default=0)
+    parser.add_argument("--budget-mib", type=int, default=MEMORY_BUDGET >> 20)
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    setup_logging(args.log_level)
+    threading.current_thread().name = "compactor"
+    name_os_thread("compactor")
+
+    def on_term(signum, frame):  # unwind, so that the temporary day file is removed
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    try:
+        os.nice(NICE)
+    except OSError as e:  # a seccomp filter may refuse it; compaction runs all the same
+        log.warning("compaction runs at the collector's CPU priority: nice refused (%s)", e)
+    log.info("compaction child pid=%d nice=%d budget_mib=%d", os.getpid(), os.nice(0), args.budget_mib)
+    try:
+        done = compact_all(args.data_dir, args.level, args.now_us, args.grace_us, memory_budget=args.budget_mib << 20)
+    except CompactionFailed as e:
+        log.error("%s", e)
+        return 1
+    log.info("compaction done days=%d", done)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

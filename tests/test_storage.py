@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import queue
 import random
+import re
 import subprocess
 import sys
+from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,7 +19,7 @@ import pytest
 from storage import compact, writer
 from storage.compact import META_KEY, arrow_bytes, compact_all, compact_day
 from storage.files import US_PER_DAY, clean_temp_files, day_start_us, write_table_atomic
-from storage.schemas import SCHEMAS
+from storage.schemas import SCHEMAS, SORT_KEYS
 from storage.writer import ROW_GROUP_ROWS, STOP, PartWriter, split_by_day
 from tests.helpers import ROOT
 
@@ -153,20 +157,78 @@ def make_parts(kind_dir, day, n_parts, rows_per_part, symbols, seed=1):
     return expected
 
 
-@pytest.mark.parametrize("budget", [512 << 20, 20_000])  # in one go; in buckets
-def test_compaction_merges_sorts_and_keeps_every_row(tmp_path, budget):
+def rows_of(table: pa.Table) -> list[tuple]:
+    return list(zip(table.column("symbol").to_pylist(), table.column("received_time").to_pylist(),
+                    table.column("final_update_id").to_pylist(), strict=True))
+
+
+def assert_sorted_runs(path: Path, kind: str = "diff_orderbooks") -> int:
+    """Every row group sorted by the kind's keys, and declared so in its metadata; returns
+    the row groups."""
+    f = pq.ParquetFile(path)
+    keys = SORT_KEYS[kind]
+    for i in range(f.metadata.num_row_groups):
+        group = f.read_row_group(i, columns=keys)
+        assert group.equals(group.sort_by([(k, "ascending") for k in keys])), i
+        declared = f.metadata.row_group(i).sorting_columns
+        assert [f.schema_arrow.names[c.column_index] for c in declared] == keys
+        assert not any(c.descending for c in declared)
+    return f.metadata.num_row_groups
+
+
+def test_compaction_of_a_day_within_the_budget_sorts_it_whole(tmp_path):
     kind_dir = tmp_path / "spot" / "diff_orderbooks"
     symbols = [f"S{i:02d}USDT" for i in range(12)]
     expected = make_parts(kind_dir, "2026-11-24", 7, 300, symbols)
-    out = compact_day(kind_dir, "2026-11-24", "diff_orderbooks", 9, memory_budget=budget)
+    out = compact_day(kind_dir, "2026-11-24", "diff_orderbooks", 9)
     assert out == kind_dir / "2026-11-24.parquet"
     table = pq.read_table(out)
     assert table.schema.remove_metadata() == SCHEMAS["diff_orderbooks"]
-    got = list(zip(table.column("symbol").to_pylist(), table.column("received_time").to_pylist(),
-                   table.column("final_update_id").to_pylist(), strict=True))
-    assert got == sorted(expected)
+    assert rows_of(table) == sorted(expected)
+    assert assert_sorted_runs(out) == 1
+    assert not (kind_dir / "2026-11-24").exists()
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("symbols", [[f"S{i:02d}USDT" for i in range(12)], ["BTCUSDT"]])
+def test_compaction_past_the_budget_merges_sorted_runs_into_one_order(tmp_path, caplog, symbols):
+    """Sorted runs of half the budget through scratch files, merged by symbol group: the day
+    file is in one order, symbol then time, also when one symbol's day is bigger than a run;
+    every row once, no scratch file left."""
+    kind_dir = tmp_path / "spot" / "diff_orderbooks"
+    expected = make_parts(kind_dir, "2026-11-24", 7, 300, symbols)
+    caplog.set_level(logging.INFO)
+    out = compact_day(kind_dir, "2026-11-24", "diff_orderbooks", 9, memory_budget=60_000)
+    runs = int(re.search(r"compacted \S+ parts=7 rows=2100 bytes=\d+ runs=(\d+)", caplog.text).group(1))
+    assert runs >= 4
+    table = pq.read_table(out)
+    assert table.schema.remove_metadata() == SCHEMAS["diff_orderbooks"]
+    assert rows_of(table) == sorted(expected)
+    assert assert_sorted_runs(out) >= 1
     assert not (kind_dir / "2026-11-24").exists()
     assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".*compact*"))
+
+
+def test_compaction_past_the_merge_width_writes_sorted_segments_in_time_order(tmp_path, caplog, monkeypatch):
+    """More runs than are merged at once: the day file is segments one after another, each
+    the next rows read (the parts in the order written), sorted by symbol then time."""
+    monkeypatch.setattr(compact, "RUN_FILES", 2)
+    kind_dir = tmp_path / "spot" / "diff_orderbooks"
+    expected = make_parts(kind_dir, "2026-11-24", 7, 300, [f"S{i:02d}USDT" for i in range(12)])
+    caplog.set_level(logging.INFO)
+    out = compact_day(kind_dir, "2026-11-24", "diff_orderbooks", 9, memory_budget=60_000)
+    runs = int(re.search(r"runs=(\d+)", caplog.text).group(1))
+    got = rows_of(pq.read_table(out))
+    assert_sorted_runs(out)
+    segments, at, pending = 0, 0, Counter()
+    for i, row in enumerate(got):  # cut `got` where it holds exactly the next rows read, sorted
+        pending[row] += 1
+        pending[expected[i]] -= 1
+        if not +pending and not -pending:
+            assert got[at:i + 1] == sorted(expected[at:i + 1])
+            segments, at = segments + 1, i + 1
+    assert at == len(got) == len(expected)
+    assert segments >= -(-runs // 2) >= 2
 
 
 def test_late_parts_are_merged_and_crash_leftovers_not_counted_twice(tmp_path):
@@ -297,30 +359,22 @@ def test_arrow_bytes_counts_what_the_rows_take_as_arrow(tmp_path):
 
 def test_compaction_stays_within_its_memory_budget(tmp_path):
     """Arrow's peak allocation while compacting, in a process of its own, against the
-    budget: about the budget (23 MiB of 24 measured; counting encoded bytes, it was 79)."""
+    budget, with one symbol's day alone bigger than the budget."""
     kind_dir = tmp_path / "spot" / "partial_orderbooks"
-    symbols = [f"S{i:02d}USDT" for i in range(24)]
+    symbols = ["BIGUSDT"] * 24 + [f"S{i:02d}USDT" for i in range(12)]
     rows = depth20_parts(tmp_path, "2026-11-24", 8, 6000, symbols)
-    budget = 24 << 20  # the day is ~34 MiB as Arrow (11 MiB encoded): it goes in buckets
+    # the day is ~34 MiB as Arrow (11 MiB encoded), BIGUSDT's rows ~23 MiB: runs of 20 MiB
+    budget = 40 << 20
     probe = ("import sys, pyarrow as pa; from pathlib import Path; from storage.compact import compact_day; "
              f"compact_day(Path(sys.argv[1]), '2026-11-24', 'partial_orderbooks', 3, memory_budget={budget}); "
              "print(pa.default_memory_pool().max_memory())")
     out = subprocess.run([sys.executable, "-c", probe, str(kind_dir)], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"})
     assert out.returncode == 0, out.stderr
-    assert int(out.stdout) <= 1.25 * budget
-    table = pq.read_table(kind_dir / "2026-11-24.parquet", columns=["symbol", "final_update_id"])
+    assert int(out.stdout) <= budget
+    day_file = kind_dir / "2026-11-24.parquet"
+    table = pq.read_table(day_file, columns=["symbol", "final_update_id"])
     assert sorted(table.column("final_update_id").to_pylist()) == list(range(1, rows + 1))
-    assert table.column("symbol").to_pylist() == sorted(table.column("symbol").to_pylist())
-
-
-def test_compaction_past_the_bucket_cap_says_so_and_keeps_every_row(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(compact, "MAX_BUCKETS", 2)
-    kind_dir = tmp_path / "spot" / "diff_orderbooks"
-    expected = make_parts(kind_dir, "2026-11-24", 4, 300, [f"S{i:02d}USDT" for i in range(12)])
-    compact_day(kind_dir, "2026-11-24", "diff_orderbooks", 9, memory_budget=20_000)
-    assert "capped at 2, so each holds more than the budget" in caplog.text
-    table = pq.read_table(kind_dir / "2026-11-24.parquet")
-    got = list(zip(table.column("symbol").to_pylist(), table.column("received_time").to_pylist(),
-                   table.column("final_update_id").to_pylist(), strict=True))
-    assert got == sorted(expected)
+    keys = pq.read_table(day_file, columns=["symbol", "received_time"])
+    assert keys.equals(keys.sort_by([("symbol", "ascending"), ("received_time", "ascending")]))
+    assert assert_sorted_runs(day_file, "partial_orderbooks") > 1
