@@ -266,7 +266,8 @@ def run(cfg: config_mod.Config) -> int:
         log.info("recording market=%s symbols=%d connections=%d data_dir=%s",
                  p.cfg.name, len(p.cfg.symbols), len(p.batches), c.data_dir)
         p.start()
-    compactor = Compactor(c.data_dir, c.compression_level, stop, now_us, grace_s=c.flush_interval + 20)
+    compactor = Compactor(c.data_dir, c.compression_level, stop, now_us, grace_s=c.flush_interval + 20,
+                          memory_budget=c.compact_memory_mb << 20)
     compactor.start()
     uploader = UploadJob(cfg, stop) if cfg.upload.enabled else None
     if uploader is not None:
@@ -307,7 +308,8 @@ def upload_now(cfg: config_mod.Config, day: str | None, progress: bool) -> int:
     from storage.upload import UploadError
 
     try:
-        compact_all(cfg.collector.data_dir, cfg.collector.compression_level, now_us())
+        compact_all(cfg.collector.data_dir, cfg.collector.compression_level, now_us(),
+                    memory_budget=cfg.collector.compact_memory_mb << 20)
         compacted = True
     except CompactionFailed as e:  # the other days still go up; those stay as parts
         log.error("%s", e)
@@ -415,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         return upload_now(cfg, args.day, progress=sys.stderr.isatty())
     if args.command == "compact":
         try:
-            done = compact_all(cfg.collector.data_dir, cfg.collector.compression_level, now_us())
+            done = compact_all(cfg.collector.data_dir, cfg.collector.compression_level, now_us(),
+                               memory_budget=cfg.collector.compact_memory_mb << 20)
         except CompactionFailed as e:
             log.error("%s", e)
             return EXIT_FAIL

@@ -31,6 +31,7 @@ class CollectorConfig:
     compression_level: int
     queue_size: int
     max_pending_mb: float
+    compact_memory_mb: int
     metrics_listen: str
     log_level: str
 
@@ -84,6 +85,7 @@ _COLLECTOR_DEFAULTS = {
     "compression_level": "9",
     "queue_size": "200000",
     "max_pending_mb": "1024",
+    "compact_memory_mb": "256",
     "metrics_listen": "127.0.0.1:9108",
     "log_level": "info",
 }
@@ -222,6 +224,7 @@ def _collector(s: _Section) -> CollectorConfig:
         compression_level=s.number("compression_level", d["compression_level"], 1, 22, int),
         queue_size=s.number("queue_size", d["queue_size"], 100, 10_000_000, int),
         max_pending_mb=s.number("max_pending_mb", d["max_pending_mb"], 0.01, 1 << 20),
+        compact_memory_mb=s.number("compact_memory_mb", d["compact_memory_mb"], 32, 1 << 20, int),
         metrics_listen=_listen(s, "metrics_listen", d["metrics_listen"]),
         log_level=s.choice("log_level", d["log_level"], _LOG_LEVELS),
     )

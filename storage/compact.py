@@ -45,7 +45,7 @@ log = logging.getLogger("storage.compact")  # also when run as `python -m storag
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 META_KEY = b"compacted_parts"
 ROW_GROUP = 131_072
-MEMORY_BUDGET = 512 << 20  # Arrow's peak while compacting (a run is half of it)
+MEMORY_BUDGET = 256 << 20  # Arrow's peak while compacting (a run is half of it); config: compact_memory_mb
 
 
 def parts_of(kind_dir: Path, day: str) -> list[Path]:

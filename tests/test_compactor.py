@@ -58,7 +58,7 @@ def test_compaction_runs_in_a_niced_child_and_a_bad_day_leaves_the_others_done(t
     assert not (kind_dir / "2026-11-23.parquet").exists()
     assert not list(tmp_path.rglob("*.tmp"))
     err = capfd.readouterr().err  # the child writes to the collector's stderr (the journal)
-    pids = {int(p) for p in re.findall(r"compaction child pid=(\d+) nice=%d budget_mib=512" % (os.nice(0) + NICE), err)}
+    pids = {int(p) for p in re.findall(r"compaction child pid=(\d+) nice=%d budget_mib=256" % (os.nice(0) + NICE), err)}
     assert pids and os.getpid() not in pids
     assert "compaction of %s/2026-11-23 failed; its parts stay as they are" % kind_dir in err
     assert "compaction failed for 1 day(s): spot/diff_orderbooks/2026-11-23; their parts stay readable" in err

@@ -55,6 +55,7 @@ def test_shipped_config_is_valid():
     ("spot", "symbols = BTC-USDT", "symbols", "is not a Binance symbol"),
     ("spot", "symbols = BTCUSDT, BTCUSDT", "symbols", "listed twice"),
     ("collector", "ws_rotate_after = 90000", "ws_rotate_after", "outside"),
+    ("collector", "compact_memory_mb = 8", "compact_memory_mb", "outside"),
     ("upload", "checksums = md5", "checksums", "is not one of sha256, none"),
     ("upload", "part_size_mb = 2", "part_size_mb", "outside"),
     ("upload", "bucket = x", "bucket", "unknown key"),
