@@ -20,6 +20,7 @@ that arrive later for a compacted day (a late flush) are merged into it next tim
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import logging
 import re
@@ -95,6 +96,7 @@ def compact_day(kind_dir: Path, day: str, kind: str, compression_level: int,
     if not parts:
         _remove_empty(kind_dir / day)
         return day_file if day_file.exists() else None
+    _check_space(kind_dir)
     inputs = ([day_file] if day_file.exists() else []) + parts
     files = [pq.ParquetFile(p) for p in inputs]
     rows = sum(f.metadata.num_rows for f in files)
@@ -128,6 +130,7 @@ def _remove_empty(folder: Path) -> None:
 
 BATCH_ROWS = 16_384  # rows read at a time (the size of the writers' row groups)
 RUN_FILES = 256  # sorted runs merged at once (scratch files open together)
+DISK_RESERVE = 2 << 30  # bytes compaction leaves free for the recorder's part files
 SCRATCH_ROWS = 4_096  # rows per scratch batch: LZ4 holds a compressed copy of a batch
 
 
@@ -162,6 +165,7 @@ def _compact_in_runs(files: list[pq.ParquetFile], tmp: Path, kind: str, level: i
         try:
             segment: list[tuple[Path, list[tuple[int, int]]]] = []
             for run in _runs(files, run_bytes):
+                _check_space(scratch)
                 path = scratch / f"run-{made}.arrows"
                 segment.append((path, _write_scratch(run, path, kind, symbols, group_of)))
                 made += 1
@@ -257,7 +261,8 @@ def _write_scratch(run: list[pa.RecordBatch], path: Path, kind: str, symbols: pa
 def _merge(segment: list[tuple[Path, list[tuple[int, int]]]], out: pq.ParquetWriter, kind: str,
            schema: pa.Schema, run_bytes: int) -> None:
     """Each symbol group from every run of the segment, in run order, sorted into `out`."""
-    sources = [pa.ipc.open_stream(pa.OSFile(str(path))) for path, _ in segment]
+    handles = [pa.OSFile(str(path)) for path, _ in segment]
+    sources = [pa.ipc.open_stream(handle) for handle in handles]
     queues = [collections.deque(index) for _, index in segment]
     try:
         for group in sorted({g for _, index in segment for g, _ in index}):
@@ -276,11 +281,21 @@ def _merge(segment: list[tuple[Path, list[tuple[int, int]]]], out: pq.ParquetWri
                         held += batch.nbytes
             if pending:
                 _write_run(out, pending, kind, schema)
+            _check_space(segment[0][0].parent)
     finally:
-        for source in sources:
-            source.close()
+        for handle in handles:
+            handle.close()
         for path, _ in segment:
             path.unlink(missing_ok=True)
+
+
+def _check_space(folder: Path) -> None:
+    """Scratch files and the day file share the disk with the recorder: stop (the parts
+    stay, the scratch files go) rather than take its last `DISK_RESERVE` bytes."""
+    free = shutil.disk_usage(folder).free
+    if free < DISK_RESERVE:
+        raise OSError(errno.ENOSPC, f"compaction stopped: {free >> 20} MiB free on the disk of {folder}, "
+                                    f"under the {DISK_RESERVE >> 20} MiB kept for recording")
 
 
 def _sorting(kind: str, schema: pa.Schema):

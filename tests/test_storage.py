@@ -7,6 +7,7 @@ import os
 import queue
 import random
 import re
+import shutil
 import subprocess
 import sys
 from collections import Counter
@@ -378,3 +379,35 @@ def test_compaction_stays_within_its_memory_budget(tmp_path):
     keys = pq.read_table(day_file, columns=["symbol", "received_time"])
     assert keys.equals(keys.sort_by([("symbol", "ascending"), ("received_time", "ascending")]))
     assert assert_sorted_runs(day_file, "partial_orderbooks") > 1
+
+
+@pytest.mark.parametrize("phase", ["start", "runs", "merge"])
+def test_compaction_stops_before_taking_the_recorders_last_disk_space(tmp_path, monkeypatch, phase):
+    """Under DISK_RESERVE free, compaction stops with an error naming the free space; the
+    parts stay as they were, the scratch files and the temporary day file go."""
+    kind_dir = tmp_path / "spot" / "diff_orderbooks"
+    make_parts(kind_dir, "2026-11-24", 7, 300, [f"S{i:02d}USDT" for i in range(12)])
+    before = {p.name: p.read_bytes() for p in (kind_dir / "2026-11-24").iterdir()}
+    seen: list[str] = []
+    merging_now: list[bool] = []
+    check, merge = compact._check_space, compact._merge
+
+    def merging(*args):
+        merging_now.append(True)
+        merge(*args)
+
+    def filling_up(folder):
+        now = "start" if not seen else "merge" if merging_now else "runs"
+        seen.append(now)
+        if now == phase and seen.count(now) == (2 if phase == "runs" else 1):  # the disk is full from here
+            monkeypatch.setattr(compact, "DISK_RESERVE", shutil.disk_usage(folder).free + (1 << 40))
+        check(folder)
+
+    monkeypatch.setattr(compact, "_check_space", filling_up)
+    monkeypatch.setattr(compact, "_merge", merging)
+    with pytest.raises(OSError, match=r"compaction stopped: \d+ MiB free on the disk of .* kept for recording"):
+        compact_day(kind_dir, "2026-11-24", "diff_orderbooks", 9, memory_budget=60_000)
+    assert seen[-1] == phase
+    assert {p.name: p.read_bytes() for p in (kind_dir / "2026-11-24").iterdir()} == before
+    assert not (kind_dir / "2026-11-24.parquet").exists()
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".*compact*"))
