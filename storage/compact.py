@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import fcntl
 import json
 import logging
 import re
@@ -84,9 +85,24 @@ def arrow_bytes(f: pq.ParquetFile) -> int:
 
 
 
+class Busy(Exception):
+    """Another process is compacting this folder (the service's child and `collector.py
+    compact` by hand): it is left to that one."""
+
+
 def compact_day(kind_dir: Path, day: str, kind: str, compression_level: int,
                 memory_budget: int = MEMORY_BUDGET) -> Path | None:
-    """Merge the parts of `day` (and an earlier day file, if any) into the day file."""
+    """Merge the parts of `day` (and an earlier day file, if any) into the day file; one
+    process at a time per folder (a lock on `.compact.lock`), else Busy."""
+    with open(kind_dir / ".compact.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(f"{kind_dir} is being compacted by another process") from None
+        return _compact_day(kind_dir, day, kind, compression_level, memory_budget)  # the lock goes with the file
+
+
+def _compact_day(kind_dir: Path, day: str, kind: str, compression_level: int, memory_budget: int) -> Path | None:
     day_file = kind_dir / f"{day}.parquet"
     leftovers = _already_in(day_file)
     for part in parts_of(kind_dir, day):
@@ -341,6 +357,9 @@ def compact_all(root: Path, compression_level: int, now_us: int, grace_us: int =
             break
         try:
             compact_day(kind_dir, day, kind, compression_level, memory_budget)
+        except Busy as e:
+            log.warning("%s; %s left to it", e, day)
+            continue
         except Exception:
             log.error("compaction of %s/%s failed; its parts stay as they are", kind_dir, day, exc_info=True)
             failed.append(f"{kind_dir.parent.name}/{kind_dir.name}/{day}")

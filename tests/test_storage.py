@@ -1,6 +1,7 @@
 """Part files, day split at UTC midnight, and compaction in bounded memory."""
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -207,7 +208,7 @@ def test_compaction_past_the_budget_merges_sorted_runs_into_one_order(tmp_path, 
     assert rows_of(table) == sorted(expected)
     assert assert_sorted_runs(out) >= 1
     assert not (kind_dir / "2026-11-24").exists()
-    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".*compact*"))
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".*.compact"))
 
 
 def test_compaction_past_the_merge_width_writes_sorted_segments_in_time_order(tmp_path, caplog, monkeypatch):
@@ -410,4 +411,21 @@ def test_compaction_stops_before_taking_the_recorders_last_disk_space(tmp_path, 
     assert seen[-1] == phase
     assert {p.name: p.read_bytes() for p in (kind_dir / "2026-11-24").iterdir()} == before
     assert not (kind_dir / "2026-11-24.parquet").exists()
-    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".*compact*"))
+    assert not list(tmp_path.rglob("*.tmp")) and not list(tmp_path.rglob(".*.compact"))
+
+
+def test_one_compaction_at_a_time_per_folder(tmp_path, caplog):
+    """`collector.py compact` by hand while the service's child works on the same folder:
+    the second leaves the day to the first (a warning), nothing is written twice."""
+    kind_dir = tmp_path / "spot" / "diff_orderbooks"
+    make_parts(kind_dir, "2026-11-24", 2, 10, ["A"])
+    now = day_start_us("2026-11-25") + 60_000_000
+    with open(kind_dir / ".compact.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(compact.Busy, match="being compacted by another process"):
+            compact_day(kind_dir, "2026-11-24", "diff_orderbooks", 9)
+        assert compact_all(tmp_path, 9, now) == 0
+        assert "is being compacted by another process; 2026-11-24 left to it" in caplog.text
+        assert len(list((kind_dir / "2026-11-24").glob("part-*.parquet"))) == 2
+    assert compact_all(tmp_path, 9, now) == 1  # once the other is done
+    assert pq.read_table(kind_dir / "2026-11-24.parquet").num_rows == 20
