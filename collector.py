@@ -275,7 +275,7 @@ def run(cfg: config_mod.Config) -> int:
         uploader.kick.set()
     if c.metrics_listen:
         try:
-            metrics.serve(c.metrics_listen, pipelines, uploader)
+            metrics.serve(c.metrics_listen, pipelines, uploader, compactor)
         except OSError as e:  # recording matters more than its metrics
             log.error("metrics endpoint %s not started: %s", c.metrics_listen, e)
     loop = MainLoop(pipelines, cfg, now_us, uploader)

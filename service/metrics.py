@@ -14,8 +14,8 @@ log = logging.getLogger(__name__)
 class PipelineMetrics:
     """A prometheus_client collector over MarketPipeline objects (and the upload job)."""
 
-    def __init__(self, pipelines, upload_job=None, now_us=lambda: time.time_ns() // 1000):
-        self.pipelines, self.upload_job, self.now_us = pipelines, upload_job, now_us
+    def __init__(self, pipelines, upload_job=None, now_us=lambda: time.time_ns() // 1000, compactor=None):
+        self.pipelines, self.upload_job, self.now_us, self.compactor = pipelines, upload_job, now_us, compactor
 
     def collect(self):
         c = lambda name, doc, labels: CounterMetricFamily(f"obc_{name}", doc, labels=labels)  # noqa: E731
@@ -71,13 +71,21 @@ class PipelineMetrics:
             failing.add_metric([], len(self.upload_job.last.get("days_failed", [])))
             yield up
             yield failing
+        if self.compactor is not None:
+            runs = c("compactions", "compaction child processes, by outcome", ["result"])
+            for result, n in self.compactor.runs.items():
+                runs.add_metric([result], n)
+            failing = g("compaction_failing", "compaction runs failed in a row (0: the last one worked)", [])
+            failing.add_metric([], self.compactor.failures)
+            yield runs
+            yield failing
 
 
-def serve(listen: str, pipelines, upload_job=None) -> int:
+def serve(listen: str, pipelines, upload_job=None, compactor=None) -> int:
     """Start the HTTP endpoint on host:port; returns the port (0 picks a free one)."""
     host, _, port = listen.rpartition(":")
     registry = CollectorRegistry()
-    registry.register(PipelineMetrics(pipelines, upload_job))
+    registry.register(PipelineMetrics(pipelines, upload_job, compactor=compactor))
     server, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
     bound = server.server_address[1]
     log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", bound)

@@ -386,7 +386,8 @@ class Compactor(threading.Thread):
         super().__init__(name="compactor", daemon=True)
         self.root, self.level, self.stop, self.now_us = root, compression_level, stop, now_us
         self.grace_us, self.every_s, self.memory_budget = int(grace_s * 1e6), every_s, memory_budget
-        self.failures = 0
+        self.failures = 0  # in a row, for the back-off and the metrics
+        self.runs = {"ok": 0, "failed": 0, "stopped": 0}  # child processes, by outcome
 
     def run(self) -> None:
         name_os_thread()
@@ -399,9 +400,12 @@ class Compactor(threading.Thread):
                 code = f"{type(e).__name__}: {e}"
             if code == 0:
                 self.failures = 0
-            elif code in (-signal.SIGTERM, 128 + signal.SIGTERM):  # systemd stops the whole unit
-                log.info("compaction stopped by SIGTERM; it resumes at the next start")
-            elif not self.stop.is_set():
+                self.runs["ok"] += bool(due)
+            elif code in (-signal.SIGTERM, 128 + signal.SIGTERM) or self.stop.is_set():  # systemd stops the unit
+                log.info("compaction stopped (exit %s); it resumes at the next start", code)
+                self.runs["stopped"] += 1
+            else:
+                self.runs["failed"] += 1
                 self.failures += 1
                 log.error("compaction failed (exit %s); will retry, the parts stay readable", code)
             if self.stop.wait(self.every_s * min(30, 1 + self.failures)):
@@ -425,8 +429,7 @@ class Compactor(threading.Thread):
                 except subprocess.TimeoutExpired:
                     child.kill()
                     child.wait()
-                log.info("compaction stopped with the collector; it resumes at the next start")
-                return 0
+                return -signal.SIGTERM
         return child.returncode
 
 

@@ -13,10 +13,12 @@ import threading
 import time
 
 import pyarrow.parquet as pq
+from prometheus_client import CollectorRegistry, generate_latest
 
+from service.metrics import PipelineMetrics
 from storage.compact import NICE, Compactor
 from storage.files import day_start_us
-from tests.helpers import ROOT
+from tests.helpers import ROOT, write_config
 from tests.test_storage import depth20_parts, make_parts
 
 
@@ -47,7 +49,13 @@ def test_compaction_runs_in_a_niced_child_and_a_bad_day_leaves_the_others_done(t
         stop.set()
         compactor.join(15)
     assert not compactor.is_alive()
-    assert compactor.failures >= 1
+    assert compactor.failures >= 1 and compactor.runs["failed"] == compactor.failures and compactor.runs["ok"] == 0
+    registry = CollectorRegistry()
+    registry.register(PipelineMetrics([], compactor=compactor))
+    scraped = generate_latest(registry).decode()
+    assert f'obc_compactions_total{{result="failed"}} {float(compactor.failures)}' in scraped
+    assert 'obc_compactions_total{result="ok"} 0.0' in scraped
+    assert f"obc_compaction_failing {float(compactor.failures)}" in scraped
     day = pq.read_table(kind_dir / "2026-11-22.parquet")
     assert sorted(zip(day.column("symbol").to_pylist(), day.column("received_time").to_pylist(),
                       day.column("final_update_id").to_pylist(), strict=True)) == sorted(good)
@@ -81,7 +89,8 @@ def test_a_child_stopped_at_any_moment_loses_and_doubles_nothing(tmp_path):
         time.sleep(delay)
         child.send_signal(signal.SIGTERM)
         _, err = child.communicate(timeout=30)
-        assert child.returncode in (0, 128 + signal.SIGTERM), err
+        # 143: stopped by its handler; -15: the signal came as the interpreter was exiting, work done
+        assert child.returncode in (0, 128 + signal.SIGTERM, -signal.SIGTERM), err
         assert "Traceback" not in err
         assert not list(tmp_path.rglob("*.tmp"))
         ids = []
@@ -89,3 +98,17 @@ def test_a_child_stopped_at_any_moment_loses_and_doubles_nothing(tmp_path):
             if f.exists():
                 ids += pq.read_table(f, columns=["final_update_id"]).column(0).to_pylist()
         assert sorted(ids) == list(range(1, rows + 1)), delay
+
+
+def test_compact_command_does_the_good_days_and_exits_1_naming_the_bad_one(tmp_path):
+    config = write_config(tmp_path, ["[spot]\nsymbols = BTCUSDT\n"], compact_memory_mb=64)
+    kind_dir = tmp_path / "data" / "spot" / "diff_orderbooks"
+    good = make_parts(kind_dir, "2026-11-23", 2, 50, ["BTCUSDT"])
+    make_parts(kind_dir, "2026-11-24", 1, 50, ["BTCUSDT"])
+    (kind_dir / "2026-11-24" / "part-9999999999999999-000009.parquet").write_bytes(b"not parquet")
+    out = subprocess.run([sys.executable, "collector.py", "compact", "--config", str(config)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert "compaction failed for 1 day(s): spot/diff_orderbooks/2026-11-24; their parts stay readable" in out.stderr
+    assert pq.read_table(kind_dir / "2026-11-23.parquet").num_rows == len(good)
+    assert len(list((kind_dir / "2026-11-24").iterdir())) == 2
