@@ -1,15 +1,20 @@
-"""Compaction: a finished day's part files -> one `YYYY-MM-DD.parquet`, in bounded memory.
+"""Compaction: a finished day's part files -> one `YYYY-MM-DD.parquet`, rows ordered by
+symbol then time, in memory set by a budget whatever the size of the day.
 
-A day small enough (three times its rows as Arrow: the rows, their sorted copy, the
-encoder's buffers, within `memory_budget`) is read whole and sorted by symbol then time.
-A bigger day is cut into runs: rows are read in the order the parts were written (time
-order), a third of the budget at a time, and each run is sorted by symbol then time and
-appended as row groups of its own. Every row group is therefore sorted (and says so in
-Parquet's `sorting_columns`); the day file is a sequence of such runs in time order. One
-pass, no scratch files, and memory set by the budget whatever the size of the day or of
-a single symbol's day (2,000 symbols make ~600 GB of partial depth a day as Arrow, one
-symbol ~600 MB). The Arrow size is counted from the files' metadata (`arrow_bytes`),
-not from their encoded size: part files of partial depth encode to a third of it.
+A day within half the budget (as Arrow) is read whole and sorted. A bigger one is
+merge-sorted (`_compact_in_runs`): sorted runs of half the budget go to scratch files,
+then each symbol group is gathered from every run and sorted into the day file. At 2,000
+symbols a day of partial depth is ~600 GB as Arrow and one symbol's day ~600 MB: such a
+symbol is sorted in pieces, and runs are merged RUN_FILES at a time. Every row group is
+sorted and says so (Parquet `sorting_columns`). The Arrow size is counted from the
+files' metadata (`arrow_bytes`), not from their encoded size: part files of partial depth
+encode to a third of it.
+
+The running collector never compacts in its own process: `Compactor` starts this module
+as a child (`python -m storage.compact`, at nice 10) when a finished day is due, so the
+child's memory is not the recorder's and its failure cannot stop recording. One process
+compacts a folder at a time (an flock on `.compact.lock`), and none takes the disk's
+last `DISK_RESERVE` bytes, which the recorder needs.
 
 Crash safety: the day file is written under a temporary name and published by rename;
 it lists the parts it contains in its metadata (`compacted_parts`). Parts are deleted
