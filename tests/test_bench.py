@@ -42,3 +42,18 @@ def test_encoding_bench_prints_every_candidate():
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("+ delta for int64") == 4  # two kinds in two markets
     assert "raw JSON at zstd -19" in out.stdout
+
+
+def test_compaction_bench_prints_every_case_and_leaves_the_parts(tmp_path):
+    from tests.test_storage import depth20_parts
+
+    depth20_parts(tmp_path, "2026-11-24", 4, 2000, [f"S{i:02d}USDT" for i in range(6)])
+    parts = tmp_path / "spot" / "partial_orderbooks" / "2026-11-24"
+    before = sorted(p.name for p in parts.iterdir())
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "compaction.py"), str(parts), "--budget-mib", "32",
+                          "--level", "3"], cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [ln for ln in out.stdout.splitlines() if ln.startswith(("baseline", "budget 32 MiB"))]
+    assert len(rows) == 2 and all(len(ln.split()) >= 9 for ln in rows), out.stdout
+    assert "8,000 rows" in out.stdout
+    assert sorted(p.name for p in parts.iterdir()) == before  # it compacts copies
