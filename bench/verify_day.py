@@ -64,17 +64,18 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--diffs", type=int, default=1_000_000)
     args = p.parse_args()
-    root = Path(tempfile.mkdtemp(prefix="ob-verify-"))
-    t = time.perf_counter()
-    build(root, args.diffs)
-    print(f"built {args.diffs:,} diffs in {time.perf_counter() - t:.1f} s")
-    t = time.perf_counter()
-    report = verify.verify(root, "futures", "2026-11-24")
-    took = time.perf_counter() - t
-    r = report["symbols"]["BTCUSDT"]
-    print(f"verify: {took:.1f} s for {r['diffs']:,} diffs ({1e6 * took / r['diffs']:.1f} µs per diff); "
-          f"{r['snapshots_compared']} snapshots compared, agreement "
-          f"{100 * r['snapshot_levels_same'] / max(1, r['snapshot_levels_compared']):.2f}%; problems: {report['problems']}")
+    with tempfile.TemporaryDirectory(prefix="ob-verify-") as tmp:  # removed afterwards, as bench/run.py does
+        root = Path(tmp)
+        t = time.perf_counter()
+        build(root, args.diffs)
+        print(f"built {args.diffs:,} diffs in {time.perf_counter() - t:.1f} s")
+        t = time.perf_counter()
+        report = verify.verify(root, "futures", "2026-11-24")
+        took = time.perf_counter() - t
+        r = report["symbols"]["BTCUSDT"]
+        print(f"verify: {took:.1f} s for {r['diffs']:,} diffs ({1e6 * took / r['diffs']:.1f} µs per diff); "
+              f"{r['snapshots_compared']} snapshots compared, agreement "
+              f"{100 * r['snapshot_levels_same'] / max(1, r['snapshot_levels_compared']):.2f}%; problems: {report['problems']}")
 
 
 if __name__ == "__main__":
