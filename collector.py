@@ -303,17 +303,24 @@ def make_uploader(cfg: config_mod.Config, progress: bool = False):
                            progress=progress)
 
 
+def compact_now(cfg: config_mod.Config) -> bool:
+    """`collector.py compact` (and the first step of `upload`), in this process; False if a
+    day failed (each is logged, and named in one error line)."""
+    try:
+        done = compact_all(cfg.collector.data_dir, cfg.collector.compression_level, now_us(),
+                           memory_budget=cfg.collector.compact_memory_mb << 20)
+    except CompactionFailed as e:
+        log.error("%s", e)
+        return False
+    log.info("compacted %d day folders", done)
+    return True
+
+
 def upload_now(cfg: config_mod.Config, day: str | None, progress: bool) -> int:
     """`collector.py upload`: compact what is finished, then upload it; exit 0 only if all went up."""
     from storage.upload import UploadError
 
-    try:
-        compact_all(cfg.collector.data_dir, cfg.collector.compression_level, now_us(),
-                    memory_budget=cfg.collector.compact_memory_mb << 20)
-        compacted = True
-    except CompactionFailed as e:  # the other days still go up; those stay as parts
-        log.error("%s", e)
-        compacted = False
+    compacted = compact_now(cfg)  # the other days still go up; failed ones stay as parts
     try:
         results = make_uploader(cfg, progress).run(only_day=day)
     except UploadError as e:
@@ -416,14 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "upload":
         return upload_now(cfg, args.day, progress=sys.stderr.isatty())
     if args.command == "compact":
-        try:
-            done = compact_all(cfg.collector.data_dir, cfg.collector.compression_level, now_us(),
-                               memory_budget=cfg.collector.compact_memory_mb << 20)
-        except CompactionFailed as e:
-            log.error("%s", e)
-            return EXIT_FAIL
-        log.info("compacted %d day folders", done)
-        return EXIT_OK
+        return EXIT_OK if compact_now(cfg) else EXIT_FAIL
     return run(cfg)
 
 

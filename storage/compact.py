@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 
 from markets import KINDS
 from service.threads import name_os_thread
-from storage.files import US_PER_DAY, day_of, day_start_us, fsync_dir, parquet_options, publish, temp_name
+from storage.files import day_of, fsync_dir, parquet_options, publish, temp_name
 from storage.schemas import SORT_KEYS
 
 log = logging.getLogger("storage.compact")  # also when run as `python -m storage.compact`
@@ -89,7 +89,6 @@ def arrow_bytes(f: pq.ParquetFile) -> int:
     return total
 
 
-
 class Busy(Exception):
     """Another process is compacting this folder (the service's child and `collector.py
     compact` by hand): it is left to that one."""
@@ -125,7 +124,7 @@ def _compact_day(kind_dir: Path, day: str, kind: str, compression_level: int, me
     metadata = {META_KEY: json.dumps([p.name for p in parts]).encode()}
     tmp = temp_name(day_file)
     try:
-        runs = _compact_in_runs(files, tmp, kind, compression_level, memory_budget // 2, metadata,
+        runs = _compact_in_runs(files, rows, size, tmp, kind, compression_level, memory_budget // 2, metadata,
                                 scratch=kind_dir / f".{day}.compact")
         written = pq.ParquetFile(tmp).metadata.num_rows
         if written != rows:
@@ -155,10 +154,11 @@ DISK_RESERVE = 2 << 30  # bytes compaction leaves free for the recorder's part f
 SCRATCH_ROWS = 4_096  # rows per scratch batch: LZ4 holds a compressed copy of a batch
 
 
-def _compact_in_runs(files: list[pq.ParquetFile], tmp: Path, kind: str, level: int, run_bytes: int,
-                     metadata: dict, scratch: Path) -> int:
+def _compact_in_runs(files: list[pq.ParquetFile], rows: int, size: int, tmp: Path, kind: str, level: int,
+                     run_bytes: int, metadata: dict, scratch: Path) -> int:
     """An external merge sort by symbol then time, in memory set by `run_bytes`. Returns
-    the sorted runs made (1: the day was sorted whole, without scratch files).
+    the sorted runs made (1: the day was sorted whole, without scratch files). `size` is
+    the files' `arrow_bytes`, at or above their real size (tests/test_storage.py).
 
     Pass 1 reads the rows in the order of the files (the order the parts were written,
     time order), `run_bytes` of Arrow at a time, sorts each run and writes it to a
@@ -170,8 +170,6 @@ def _compact_in_runs(files: list[pq.ParquetFile], tmp: Path, kind: str, level: i
     is then a few such segments one after another in time, each sorted by symbol."""
     schema = files[0].schema_arrow
     out_schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
-    rows = sum(f.metadata.num_rows for f in files)
-    size = sum(arrow_bytes(f) for f in files)  # at or above the real size (tests/test_storage.py)
     made = 0
     with pq.ParquetWriter(tmp, out_schema, sorting_columns=_sorting(kind, out_schema),
                           **parquet_options(level, out_schema)) as out:
@@ -248,7 +246,7 @@ def _sorted_table(pending: list[pa.RecordBatch], kind: str, schema: pa.Schema) -
     next, so that the rows are held about once, not three times (chunks, joined, sorted)."""
     table = pa.Table.from_batches(pending, schema=pending[0].schema)
     pending.clear()
-    order = pc.sort_indices(table, sort_keys=[(k, "ascending") for k in SORT_KEYS[kind]])
+    order = pc.sort_indices(table, sort_keys=_order(kind))
     columns = table.columns
     del table
     for i, column in enumerate(columns):
@@ -319,9 +317,13 @@ def _check_space(folder: Path) -> None:
                                     f"under the {DISK_RESERVE >> 20} MiB kept for recording")
 
 
+def _order(kind: str) -> list[tuple[str, str]]:
+    return [(k, "ascending") for k in SORT_KEYS[kind]]
+
+
 def _sorting(kind: str, schema: pa.Schema):
-    """Parquet's own record that each row group is sorted by these columns."""
-    return pq.SortingColumn.from_ordering(schema, [(k, "ascending") for k in SORT_KEYS[kind]])
+    """Parquet's own record that each row group is sorted by `_order`."""
+    return pq.SortingColumn.from_ordering(schema, _order(kind))
 
 
 def finished_days(kind_dir: Path, today: str) -> list[str]:
@@ -339,7 +341,7 @@ def due_days(root: Path, now_us: int, grace_us: int = 0) -> list[tuple[Path, str
     for market_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []:
         for kind in KINDS:
             for day in finished_days(market_dir / kind, today):
-                if now_us >= day_start_us(day) + US_PER_DAY + grace_us and parts_of(market_dir / kind, day):
+                if parts_of(market_dir / kind, day):  # days before day_of(now - grace): ended grace_us ago
                     due.append((market_dir / kind, day, kind))
     return due
 
@@ -353,13 +355,11 @@ class CompactionFailed(Exception):
 
 
 def compact_all(root: Path, compression_level: int, now_us: int, grace_us: int = 0,
-                stop: threading.Event | None = None, memory_budget: int = MEMORY_BUDGET) -> int:
+                memory_budget: int = MEMORY_BUDGET) -> int:
     """Compact every finished day under data_dir (every market and kind); returns days done.
     A day that fails is logged and the others are done; then CompactionFailed names it."""
     done, failed = 0, []
     for kind_dir, day, kind in due_days(root, now_us, grace_us):
-        if stop is not None and stop.is_set():
-            break
         try:
             compact_day(kind_dir, day, kind, compression_level, memory_budget)
         except Busy as e:
