@@ -3,6 +3,7 @@ started when a finished day is due; one bad day neither stops the others nor the
 and a child stopped at any moment loses and doubles nothing."""
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import re
@@ -103,12 +104,16 @@ def test_a_child_stopped_at_any_moment_loses_and_doubles_nothing(tmp_path):
 def test_compact_command_does_the_good_days_and_exits_1_naming_the_bad_one(tmp_path):
     config = write_config(tmp_path, ["[spot]\nsymbols = BTCUSDT\n"], compact_memory_mb=64)
     kind_dir = tmp_path / "data" / "spot" / "diff_orderbooks"
-    good = make_parts(kind_dir, "2026-11-23", 2, 50, ["BTCUSDT"])
-    make_parts(kind_dir, "2026-11-24", 1, 50, ["BTCUSDT"])
-    (kind_dir / "2026-11-24" / "part-9999999999999999-000009.parquet").write_bytes(b"not parquet")
+    # the command reads the machine's clock: days it finds finished on any date (two and
+    # three days back, past any grace after midnight)
+    today = dt.datetime.now(dt.timezone.utc).date()
+    good_day, bad_day = ((today - dt.timedelta(days=n)).isoformat() for n in (3, 2))
+    good = make_parts(kind_dir, good_day, 2, 50, ["BTCUSDT"])
+    make_parts(kind_dir, bad_day, 1, 50, ["BTCUSDT"])
+    (kind_dir / bad_day / "part-9999999999999999-000009.parquet").write_bytes(b"not parquet")
     out = subprocess.run([sys.executable, "collector.py", "compact", "--config", str(config)], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1, out.stderr
-    assert "compaction failed for 1 day(s): spot/diff_orderbooks/2026-11-24; their parts stay readable" in out.stderr
-    assert pq.read_table(kind_dir / "2026-11-23.parquet").num_rows == len(good)
-    assert len(list((kind_dir / "2026-11-24").iterdir())) == 2
+    assert f"compaction failed for 1 day(s): spot/diff_orderbooks/{bad_day}; their parts stay readable" in out.stderr
+    assert pq.read_table(kind_dir / f"{good_day}.parquet").num_rows == len(good)
+    assert len(list((kind_dir / bad_day).iterdir())) == 2

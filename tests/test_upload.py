@@ -1,6 +1,7 @@
 """Uploads against a real S3-compatible server (moto's, on 127.0.0.1), read back."""
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -20,6 +21,16 @@ from storage import upload
 from storage.files import write_table_atomic
 from storage.schemas import SCHEMAS
 from tests.helpers import ROOT
+
+# `collector.py upload` in a subprocess reads the machine's clock: the days it uploads are
+# derived from that clock, so that they are finished days whatever the date. Retention, which
+# compares a day's age with that clock, is tested in-process with an injected clock.
+TODAY = dt.datetime.now(dt.timezone.utc).date()
+
+
+def days_ago(n: int, today: dt.date = TODAY) -> str:
+    return (today - dt.timedelta(days=n)).isoformat()
+
 
 BUCKET = "test-orderbooks"
 SECRET = "s3cr3t-VALUE-never-logged"
@@ -59,7 +70,7 @@ def day_table(rows: int, seed: int) -> pa.Table:
     }, schema=SCHEMAS["diff_orderbooks"])
 
 
-def make_data(tmp_path, days=("2026-11-20", "2026-11-21"), rows=2000, retention_days=0):
+def make_data(tmp_path, days=(days_ago(9), days_ago(8)), rows=2000, retention_days=0):
     data = tmp_path / "data"
     files = []
     for i, day in enumerate(days):
@@ -82,6 +93,7 @@ def run_upload(cfg, env, *args):
 
 def test_objects_land_under_the_right_keys_with_the_right_bytes_and_rerun_uploads_nothing(tmp_path, s3):
     cfg, files = make_data(tmp_path)
+    day = days_ago(9)
     first = run_upload(cfg, env_for(s3))
     assert first.returncode == 0, first.stderr
     c = s3["client"]
@@ -91,9 +103,9 @@ def test_objects_land_under_the_right_keys_with_the_right_bytes_and_rerun_upload
         assert body == f.read_bytes()
     keys = sorted(o["Key"] for o in c.list_objects_v2(Bucket=BUCKET)["Contents"])
     assert not any("2099-01-01" in k for k in keys)
-    manifest = json.loads(c.get_object(Bucket=BUCKET, Key="ob/manifests/2026-11-20.json")["Body"].read())
-    entry = next(e for e in manifest["files"] if e["key"] == "ob/spot/diff_orderbooks/2026-11-20.parquet")
-    spot = tmp_path / "data/spot/diff_orderbooks/2026-11-20.parquet"
+    manifest = json.loads(c.get_object(Bucket=BUCKET, Key=f"ob/manifests/{day}.json")["Body"].read())
+    entry = next(e for e in manifest["files"] if e["key"] == f"ob/spot/diff_orderbooks/{day}.parquet")
+    spot = tmp_path / f"data/spot/diff_orderbooks/{day}.parquet"
     assert entry["sha256"] == hashlib.sha256(spot.read_bytes()).hexdigest()
     assert entry["bytes"] == spot.stat().st_size and entry["rows"] == 2000
     assert set(entry["update_ids"]) == {"AUSDT", "BUSDT"}
@@ -105,8 +117,9 @@ def test_objects_land_under_the_right_keys_with_the_right_bytes_and_rerun_upload
 
 
 def test_multipart_upload_interrupted_by_the_server_stopping_completes_next_run(tmp_path, s3):
-    cfg_path, _ = make_data(tmp_path, days=("2026-11-20",))
-    big = tmp_path / "data/spot/diff_orderbooks/2026-11-20.parquet"
+    day = days_ago(9)
+    cfg_path, _ = make_data(tmp_path, days=(day,))
+    big = tmp_path / f"data/spot/diff_orderbooks/{day}.parquet"
     write_table_atomic(big, day_table(200_000, seed=3), 1)  # random doubles: 3+ parts of 5 MiB
     assert big.stat().st_size > 10 << 20
     cfg = config.load(cfg_path)
@@ -130,7 +143,7 @@ def test_multipart_upload_interrupted_by_the_server_stopping_completes_next_run(
     client = boto3.client("s3", endpoint_url=s3["endpoint"], aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET,
                           region_name="us-east-1", config=boto3.session.Config(retries={"max_attempts": 1}))
     first = StopMidway(client, creds, settings, cfg.collector.data_dir, "x").run()
-    assert stopped.is_set() and first["days_failed"] == ["2026-11-20"]
+    assert stopped.is_set() and first["days_failed"] == [day]
     # same port, same (in-process) storage: the server is back
     s3["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=s3["port"], verbose=False)
     s3["server"].start()
@@ -138,52 +151,60 @@ def test_multipart_upload_interrupted_by_the_server_stopping_completes_next_run(
     assert c.list_objects_v2(Bucket=BUCKET, Prefix="ob/manifests/").get("KeyCount", 0) == 0  # day not committed
     second = run_upload(cfg_path, env_for(s3))
     assert second.returncode == 0, second.stderr
-    body = c.get_object(Bucket=BUCKET, Key="ob/spot/diff_orderbooks/2026-11-20.parquet")["Body"].read()
+    body = c.get_object(Bucket=BUCKET, Key=f"ob/spot/diff_orderbooks/{day}.parquet")["Body"].read()
     assert body == big.read_bytes()
     assert c.list_multipart_uploads(Bucket=BUCKET).get("Uploads", []) == []
-    assert c.get_object(Bucket=BUCKET, Key="ob/manifests/2026-11-20.json")["ContentLength"] > 0
+    assert c.get_object(Bucket=BUCKET, Key=f"ob/manifests/{day}.json")["ContentLength"] > 0
 
 
 def test_mismatched_remote_is_detected_and_replaced_corrupt_local_is_kept(tmp_path, s3):
-    cfg, files = make_data(tmp_path, days=("2026-11-01",))
+    day = days_ago(24)  # by the machine's clock, which the subprocess reads: 23 to 24 days old
+    cfg, files = make_data(tmp_path, days=(day,))
     assert run_upload(cfg, env_for(s3)).returncode == 0
     cfg.write_text(cfg.read_text().replace("retention_days = 0", "retention_days = 3"))
     c = s3["client"]
     # someone overwrote the remote object: detected, uploaded again, and then verified
-    c.put_object(Bucket=BUCKET, Key="ob/futures/diff_orderbooks/2026-11-01.parquet", Body=b"not it")
+    c.put_object(Bucket=BUCKET, Key=f"ob/futures/diff_orderbooks/{day}.parquet", Body=b"not it")
     # the local spot file rots on disk: detected, not uploaded, not deleted (retention would allow it)
-    spot = tmp_path / "data/spot/diff_orderbooks/2026-11-01.parquet"
+    spot = tmp_path / f"data/spot/diff_orderbooks/{day}.parquet"
     good = spot.read_bytes()
     raw = bytearray(good)
     raw[len(raw) // 2] ^= 0xFF
     spot.write_bytes(bytes(raw))
-    futures = tmp_path / "data/futures/diff_orderbooks/2026-11-01.parquet"
+    futures = tmp_path / f"data/futures/diff_orderbooks/{day}.parquet"
     futures_bytes = futures.read_bytes()
     result = run_upload(cfg, env_for(s3))
     assert result.returncode == 1
     assert "is corrupt" in result.stderr and "not uploaded, not deleted" in result.stderr
     assert spot.exists()
-    body = c.get_object(Bucket=BUCKET, Key="ob/futures/diff_orderbooks/2026-11-01.parquet")["Body"].read()
+    body = c.get_object(Bucket=BUCKET, Key=f"ob/futures/diff_orderbooks/{day}.parquet")["Body"].read()
     assert body == futures_bytes
     # the good spot object stayed as it was: the rotten local file did not replace it
-    assert c.get_object(Bucket=BUCKET, Key="ob/spot/diff_orderbooks/2026-11-01.parquet")["Body"].read() == good
-    # and the futures file, once its new upload verified, fell to retention (24 days > 3)
+    assert c.get_object(Bucket=BUCKET, Key=f"ob/spot/diff_orderbooks/{day}.parquet")["Body"].read() == good
+    # and the futures file, once its new upload verified, fell to retention (over 20 days > 3)
     assert not futures.exists()
 
 
-def test_retention_deletes_only_verified_files_past_the_period(tmp_path, s3):
-    cfg, files = make_data(tmp_path, days=("2026-11-01", "2026-11-24"), retention_days=3)
-    result = run_upload(cfg, env_for(s3))
-    assert result.returncode == 0, result.stderr
-    old = [f for f in files if "2026-11-01" in f.name]
-    recent = [f for f in files if "2026-11-24" in f.name]
-    assert all(not f.exists() for f in old)  # 24 days old, verified remote: deleted
-    assert all(f.exists() for f in recent)   # within retention_days = 3: kept
-    assert "deleted local" in result.stderr
+def test_retention_deletes_only_verified_files_past_the_period(tmp_path, s3, caplog):
+    # the uploader's clock is injected: the ages are exact whatever the machine's date
+    now = dt.datetime(2031, 3, 10, 0, 0, 5, tzinfo=dt.timezone.utc)  # just after midnight: the edge
+    old, edge = days_ago(4, now.date()), days_ago(3, now.date())
+    cfg_path, files = make_data(tmp_path, days=(old, edge), retention_days=3)
+    cfg = config.load(cfg_path)
+    client = boto3.client("s3", endpoint_url=s3["endpoint"], aws_access_key_id=KEY_ID, aws_secret_access_key=SECRET,
+                          region_name="us-east-1")
+    uploader = upload.Uploader(client, upload.Credentials(s3["endpoint"], KEY_ID, SECRET, BUCKET), cfg.upload,
+                               cfg.collector.data_dir, "x", now=lambda: now)
+    with caplog.at_level("INFO", logger="storage.upload"):
+        results = uploader.run()
+    assert results["uploaded"] == 4 and results["days_failed"] == []
+    assert all(not f.exists() for f in files if old in f.name)  # 4 days old > 3, verified remote: deleted
+    assert all(f.exists() for f in files if edge in f.name)     # 3 days old: within retention_days, kept
+    assert results["deleted"] == 2 and "deleted local" in caplog.text
 
 
 def test_wrong_credentials_one_clear_line_and_no_secret(tmp_path, s3):
-    cfg, _ = make_data(tmp_path, days=("2026-11-20",))
+    cfg, _ = make_data(tmp_path, days=(days_ago(9),))
     from moto import settings as moto_settings
     moto_settings.INITIAL_NO_AUTH_ACTION_COUNT = 0  # the server now checks credentials
     try:
@@ -198,7 +219,7 @@ def test_wrong_credentials_one_clear_line_and_no_secret(tmp_path, s3):
 
 
 def test_missing_environment_is_a_config_error(tmp_path, s3):
-    cfg, _ = make_data(tmp_path, days=("2026-11-20",))
+    cfg, _ = make_data(tmp_path, days=(days_ago(9),))
     env = env_for(s3)
     del env["R2_BUCKET_NAME"]
     result = run_upload(cfg, env)
