@@ -50,7 +50,7 @@ from handlers.frames import FrameProcessor
 from handlers.inbox import Inbox
 from handlers.snapshots import Snapshotter, WeightBudget
 from handlers.stamped import wall_us
-from handlers.websocket import AttemptLimiter, StreamBatch, combined_url
+from handlers.websocket import AttemptLimiter, BatchCopies, StreamBatch, combined_url
 from service import metrics
 from service import status as state_file
 from service.logs import setup_logging
@@ -127,7 +127,8 @@ class MarketPipeline:
     cfg: config_mod.MarketConfig
     inbox: Inbox
     outbox: queue.Queue
-    batches: list[StreamBatch]
+    batches: list[StreamBatch]  # every copy of every batch
+    groups: list[BatchCopies]   # the batches, each with its copies
     snapshotter: Snapshotter
     processor: FrameProcessor
     writer: PartWriter
@@ -139,6 +140,19 @@ class MarketPipeline:
             b.start()
         self.snapshotter.start()
 
+    def connections(self) -> tuple[int, int, list[str]]:
+        """(connections live, connections configured, the batches that run on fewer than
+        configured as "name:live/n"): the one count the status line, the state file, the
+        metrics and systemd's status all show."""
+        degraded = []
+        live = 0
+        for g in self.groups:
+            n = g.live()
+            live += n
+            if n < g.n:
+                degraded.append(f"{g.name}:{n}/{g.n}")
+        return live, sum(g.n for g in self.groups), degraded
+
     def status_line(self, last: dict) -> str:
         """One line: rates since the previous call (state kept in `last`), then totals."""
         p, w = self.processor.stats, self.writer.stats
@@ -147,8 +161,9 @@ class MarketPipeline:
         elapsed = max(1e-3, now - last.get("_t", now - 1e-3))
         rates = " ".join(f"{k.split('_')[0]}={(v - last.get(k, 0)) / elapsed:.1f}/s" for k, v in counts.items())
         last.update(counts, _t=now)
-        live = sum(1 for b in self.batches if b.reader is not None and b.reader.is_alive())
-        return (f"status market={self.cfg.name} {rates} connections={live}/{len(self.batches)} "
+        live, configured, degraded = self.connections()
+        return (f"status market={self.cfg.name} {rates} connections={live}/{configured} "
+                f"degraded={','.join(degraded) or 'none'} "
                 f"snapshots_ok={self.snapshotter.stats.ok} snapshots_failed={self.snapshotter.stats.failed} "
                 f"gaps={p.gaps} duplicates={p.duplicates} malformed={p.malformed} "
                 f"queue={self.inbox.qsize()} rows_written={sum(w.rows.values())} "
@@ -161,15 +176,20 @@ def build_market(cfg: config_mod.MarketConfig, c: config_mod.CollectorConfig, st
     inbox = Inbox(maxsize=c.queue_size)
     outbox: queue.Queue = queue.Queue(maxsize=64)
     m = cfg.market
-    batches = []
+    batches, groups = [], []
     attempts = AttemptLimiter()
-    per = cfg.symbols_per_connection
+    per, copies = cfg.symbols_per_connection, c.ws_redundancy
     for n, i in enumerate(range(0, len(cfg.symbols), per)):
         streams = []
         for sym in cfg.symbols[i:i + per]:
             streams += [m.diff_stream(sym, cfg.diff_speed), m.partial_stream(sym, cfg.partial_levels, cfg.partial_speed)]
-        batches.append(StreamBatch(f"ws-{cfg.name}-{n}", combined_url(cfg.ws_url, streams), inbox, stop,
-                                   now_us, c.ws_dead_after, c.ws_rotate_after, attempts=attempts))
+        name = f"ws-{cfg.name}-{n}"
+        group = BatchCopies(name, copies, c.ws_rotate_after)
+        groups.append(group)
+        for k in range(copies):
+            batches.append(StreamBatch(name + ("abc"[k] if copies > 1 else ""), combined_url(cfg.ws_url, streams),
+                                       inbox, stop, now_us, c.ws_dead_after, c.ws_rotate_after, attempts=attempts,
+                                       copies=group, copy=k))
     budget = WeightBudget(weight_per_minute, c.rest_weight_share)
     snapshotter = Snapshotter(cfg, inbox, stop, budget, now_us, session=session)
     journal = Journal(journal_dir(c.data_dir, cfg.name), run_id)
@@ -177,7 +197,7 @@ def build_market(cfg: config_mod.MarketConfig, c: config_mod.CollectorConfig, st
                                on_server_shutdown=lambda conn: _rotate(batches, conn), journal=journal)
     writer = PartWriter(cfg.name, c.data_dir, outbox, c.compression_level, on_segment_written=journal.delete,
                         now_us=now_us, retry_wait=min(5.0, c.flush_interval), max_pending_bytes=int(c.max_pending_mb * (1 << 20)))
-    return MarketPipeline(cfg, inbox, outbox, batches, snapshotter, processor, writer)
+    return MarketPipeline(cfg, inbox, outbox, batches, groups, snapshotter, processor, writer)
 
 
 def _rotate(batches: list[StreamBatch], conn: int) -> None:

@@ -25,6 +25,7 @@ class CollectorConfig:
     data_dir: Path
     ws_rotate_after: float
     ws_dead_after: float
+    ws_redundancy: int
     flush_interval: float
     status_interval: float
     rest_weight_share: float
@@ -78,7 +79,8 @@ class Config:
 _COLLECTOR_DEFAULTS = {
     "data_dir": "data",
     "ws_rotate_after": "84600",
-    "ws_dead_after": "30",
+    "ws_dead_after": "10",
+    "ws_redundancy": "2",
     "flush_interval": "30",
     "status_interval": "60",
     "rest_weight_share": "0.5",
@@ -218,6 +220,7 @@ def _collector(s: _Section) -> CollectorConfig:
         data_dir=Path(s.text("data_dir", d["data_dir"])),
         ws_rotate_after=s.number("ws_rotate_after", d["ws_rotate_after"], 10, 86000),
         ws_dead_after=s.number("ws_dead_after", d["ws_dead_after"], 1, 600),
+        ws_redundancy=s.number("ws_redundancy", d["ws_redundancy"], 1, 3, int),
         flush_interval=s.number("flush_interval", d["flush_interval"], 0.1, 300),
         status_interval=s.number("status_interval", d["status_interval"], 1, 3600),
         rest_weight_share=s.number("rest_weight_share", d["rest_weight_share"], 0.01, 0.9),

@@ -4,6 +4,7 @@
     .venv/bin/python bench/run.py --step 250,500,1000,2000 --seconds 60     # the last sustained rate
     .venv/bin/python bench/run.py --smoke                                   # CI: it runs, prints, loses nothing
     .venv/bin/python bench/run.py --collector /tmp/old-checkout             # the same load on another version
+    .venv/bin/python bench/run.py --redundancy 1,2 --runs 3                 # ws_redundancy 1 against 2, runs alternating
 
 Starts the simulator in load mode (its own process, both markets; simulator/load.py),
 runs collector.py as a subprocess against it and, over the same window, bench/floor.py
@@ -138,6 +139,8 @@ def write_config(work: Path, ports: dict, symbols: list[str], args) -> tuple[Pat
             urls.append(combined_url(ws_url, streams))
     cfg = work / "config.ini"
     level = f"compression_level = {args.compression_level}\n" if args.compression_level else ""
+    # unless asked for, the collector's own default (an older version may not know the key)
+    level += f"ws_redundancy = {args.ws_redundancy}\n" if args.ws_redundancy else ""
     cfg.write_text("[collector]\ndata_dir = data\nstatus_interval = 5\nmetrics_listen = off\n" + level + "".join(sections))
     return cfg, urls
 
@@ -300,9 +303,13 @@ def main() -> None:
     p.add_argument("--step", help="comma-separated symbol counts: raise the load until the collector falls behind")
     p.add_argument("--queue-limit", type=int, default=20_000, help="step mode: a final queue above this is falling behind")
     p.add_argument("--smoke", action="store_true", help="a short run that fails (exit 1) if anything is lost")
+    p.add_argument("--redundancy", help="comma-separated ws_redundancy values run in turn (e.g. 1,2); prints each "
+                                        "one's medians and its CPU per message against the first (default: the "
+                                        "collector's own ws_redundancy)")
     p.add_argument("--collector", type=Path, default=ROOT,
                    help="folder of the collector.py to run (e.g. a worktree of an older commit, for a before/after)")
     args = p.parse_args()
+    args.ws_redundancy = None
     if args.smoke:
         args.symbols, args.seconds, args.warmup = 10, 5, 4
         r = one_run(args, args.symbols, floor_on=True)
@@ -320,16 +327,27 @@ def main() -> None:
             last = r
         print(f"last sustained rate: {last['recorded/s']:,.0f} msgs/s" if last else "no step was sustained")
         return
-    results = []
+    variants = [int(x) for x in args.redundancy.split(",")] if args.redundancy else [None]
+    results: dict = {v: [] for v in variants}
     for i in range(args.runs):
-        r = one_run(args, args.symbols, floor_on=not args.no_floor)
-        results.append(r)
-        show(f"run {i + 1}", r)
+        for v in variants:  # alternating, so that a noisy minute does not favour one of them
+            args.ws_redundancy = v
+            r = one_run(args, args.symbols, floor_on=not args.no_floor)
+            results[v].append(r)
+            show(f"run {i + 1}" + (f" ws_redundancy={v}" if v else ""), r)
     print(f"load: {args.symbols} symbols per market (diff@100ms + depth20@100ms, {args.symbols * 40:,} msgs/s), "
           f"{args.seconds:.0f} s per run, {args.runs} run(s); medians:")
-    for k in results[0]:
-        if k not in NOT_SCALAR:
-            print(f"  {k:16} {statistics.median(r[k] for r in results):,.2f}")
+    medians = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k not in NOT_SCALAR}
+               for v, rs in results.items()}
+    for v, med in medians.items():
+        if v:
+            print(f" ws_redundancy={v}:")
+        for k, value in med.items():
+            print(f"  {k:16} {value:,.2f}")
+    base = variants[0]
+    for v in variants[1:]:
+        print(f"CPU per message, ws_redundancy={v} / ws_redundancy={base}: "
+              f"{medians[v]['collector_us'] / medians[base]['collector_us']:.2f}")
 
 
 if __name__ == "__main__":

@@ -36,14 +36,15 @@ class _Recent:
     peak RSS there (BENCHMARKS.md, sixth session).
     """
 
-    __slots__ = ("ring", "view", "n", "head", "conn")
+    __slots__ = ("ring", "view", "n", "head", "conn", "head_us")
 
     def __init__(self, size: int):
         self.ring = array("q", bytes(8 * size))
         self.view = np.frombuffer(self.ring, np.int64)
         self.n = 0  # ids ever added; the next goes to ring[n % size]
         self.head: int = 0          # the stream head (last u), kept here by Continuity
-        self.conn: int | None = None  # ... and the connection it came on
+        self.conn: int | None = None  # ... the connection it came on
+        self.head_us = 0              # ... and when it was received
 
     def add(self, u: int) -> None:
         n = self.n
@@ -51,7 +52,14 @@ class _Recent:
         self.n = n + 1
 
     def __contains__(self, u: int) -> bool:
-        return bool((self.view[:self.n] == u).any())
+        # The newest ids first, in Python: a redundant connection's copy trails its first
+        # copy by a few events, and numpy's call costs more than these compares.
+        ring, n = self.ring, self.n
+        size = len(ring)
+        for i in range(n - 1, max(n - 9, -1), -1):
+            if ring[i % size] == u:
+                return True
+        return n > 8 and bool((self.view[:n] == u).any())
 
 
 class Continuity:
@@ -61,17 +69,29 @@ class Continuity:
         self.futures = rule == "futures"
         self.memory = memory
         self.streams: dict[str, _Recent] = {}  # symbol -> its head, connection and recent ids
+        self.since: dict[int, int] = {}  # connection -> when its first read was received (µs)
 
-    def check(self, symbol: str, U: int, u: int, pu: int | None, conn: int) -> tuple[str, int | None]:
+    def saw(self, conn: int, received_us: int) -> None:
+        """A read of connection `conn` (called for every read, before its events)."""
+        if conn not in self.since:
+            self.since[conn] = received_us
+
+    def check(self, symbol: str, U: int, u: int, pu: int | None, conn: int,
+              received_us: int = 0) -> tuple[str, int | None]:
         """Classify one diff event; returns (status, previous u).
 
         ok/start/sequence/reconnect: write the row (and a gap row for the last three);
         duplicate: already written, skip it; stale: older than the stream head and not
         seen before: written (never dropped), but the head does not move back.
+
+        A break is `reconnect` when the event after it came on a connection that was not
+        yet there when the event before it was received (a connection replaced); with
+        several connections reading the stream at once, a break on a connection that was
+        there all along is `sequence`, whichever connection happened to come first.
         """
         st = self.streams.get(symbol)
         if st is None:
-            self._start(symbol, u, conn)
+            self._start(symbol, u, conn, received_us)
             return START, None
         last_u = st.head
         if u <= last_u:
@@ -84,9 +104,13 @@ class Continuity:
         st.n = n + 1
         st.head = u
         last_conn, st.conn = st.conn, conn
+        last_us, st.head_us = st.head_us, received_us
         if (pu == last_u) if self.futures else (U <= last_u + 1):
             return OK, last_u
-        return (RECONNECT if last_conn is not None and conn != last_conn else SEQUENCE), last_u
+        if last_conn is None or conn == last_conn:
+            return SEQUENCE, last_u
+        born = self.since.get(conn)
+        return (RECONNECT if born is None or born > last_us else SEQUENCE), last_u
 
     def head(self, symbol: str) -> int | None:
         """The stream head (last u) of `symbol`, None before its first event."""
@@ -97,9 +121,9 @@ class Continuity:
         """Continue from a stream head known from disk (journal recovery); connection unknown."""
         self._start(symbol, u, None)
 
-    def _start(self, symbol: str, u: int, conn: int | None) -> None:
+    def _start(self, symbol: str, u: int, conn: int | None, received_us: int = 0) -> None:
         st = self.streams[symbol] = _Recent(self.memory)
-        st.head, st.conn = u, conn
+        st.head, st.conn, st.head_us = u, conn, received_us
         st.add(u)
 
 
@@ -135,51 +159,67 @@ class PartialDedup:
 class Hole:
     """A break seen across connections, not yet confirmed as a gap."""
 
-    __slots__ = ("detected_us", "last_u", "start", "end_U", "end_pu", "deadline")
+    __slots__ = ("detected_us", "last_u", "start", "end_U", "end_pu", "deadline", "reason")
 
-    def __init__(self, detected_us: int, last_u: int, U: int, pu: int | None, deadline: float):
+    def __init__(self, detected_us: int, last_u: int, U: int, pu: int | None, deadline: float,
+                 reason: str = RECONNECT):
         self.detected_us, self.last_u, self.start = detected_us, last_u, last_u
-        self.end_U, self.end_pu, self.deadline = U, pu, deadline
+        self.end_U, self.end_pu, self.deadline, self.reason = U, pu, deadline, reason
 
 
 class PendingHoles:
     """Two connections deliver the same events with their own delays, so while they
-    overlap (rotation, serverShutdown) the new one's event k+1 can be processed before the
-    old one's event k. A break whose next event came on another connection is therefore
-    held for `wait` seconds: if the missing events arrive (as stale ones) in that time, it
-    was a reordering and no gap is written; otherwise it becomes a gap row, stamped with
-    the time it was first seen."""
+    overlap (rotation, serverShutdown, redundant connections) one's event k+1 can be
+    processed before the other's event k, and with redundant connections an event one
+    connection lost can still come on another. Every break is therefore held for `wait`
+    seconds: if the missing events arrive (as stale ones) in that time, it was a
+    reordering and no gap is written; otherwise it becomes a gap row with its reason,
+    stamped with the time it was first seen. A symbol may have several holes held at
+    once (one connection losing events here and there while another lags); past
+    `per_symbol` the oldest is confirmed at once, to bound memory."""
 
-    def __init__(self, futures: bool, wait: float = 1.0):
-        self.futures, self.wait = futures, wait
-        self.holes: dict[str, Hole] = {}
+    def __init__(self, futures: bool, wait: float = 1.0, per_symbol: int = 64):
+        self.futures, self.wait, self.per_symbol = futures, wait, per_symbol
+        self.holes: dict[str, list[Hole]] = {}
 
-    def open(self, symbol: str, detected_us: int, last_u: int, U: int, pu: int | None, now: float) -> Hole | None:
-        """Hold a new hole; returns an older hole of the symbol, which must be confirmed now."""
-        older = self.holes.get(symbol)
-        self.holes[symbol] = Hole(detected_us, last_u, U, pu, now + self.wait)
-        return older
+    def open(self, symbol: str, detected_us: int, last_u: int, U: int, pu: int | None, now: float,
+             reason: str = RECONNECT) -> Hole | None:
+        """Hold a new hole; returns a hole of the symbol that must be confirmed now (the
+        oldest, past `per_symbol` held), or None."""
+        held = self.holes.setdefault(symbol, [])
+        held.append(Hole(detected_us, last_u, U, pu, now + self.wait, reason))
+        return held.pop(0) if len(held) > self.per_symbol else None
 
     def fill(self, symbol: str, U: int, u: int, pu: int | None) -> bool:
-        """A stale event arrived; True when it closed the symbol's hole (no gap after all)."""
-        hole = self.holes.get(symbol)
-        if hole is None:
+        """A stale event arrived; True when it closed one of the symbol's holes (no gap after all)."""
+        held = self.holes.get(symbol)
+        if not held:
             return False
-        if self.futures:
-            if pu == hole.start:
-                hole.start = u
-            closed = hole.start == hole.end_pu
-        else:
-            if U <= hole.start + 1:
-                hole.start = max(hole.start, u)
-            closed = hole.start + 1 >= hole.end_U
-        if closed:
-            del self.holes[symbol]
-        return closed
+        for i, hole in enumerate(held):
+            if self.futures:
+                if pu == hole.start:
+                    hole.start = u
+                closed = hole.start == hole.end_pu
+            else:
+                if U <= hole.start + 1:
+                    hole.start = max(hole.start, u)
+                closed = hole.start + 1 >= hole.end_U
+            if closed:
+                del held[i]
+                if not held:
+                    del self.holes[symbol]
+                return True
+        return False
 
     def due(self, now: float | None = None) -> list[tuple[str, Hole]]:
         """Holes to confirm as gaps: those past their deadline (or all, if now is None)."""
-        out = [(s, h) for s, h in self.holes.items() if now is None or h.deadline <= now]
-        for s, _ in out:
-            del self.holes[s]
+        out = []
+        for symbol in list(self.holes):
+            held = self.holes[symbol]
+            keep = [h for h in held if now is not None and h.deadline > now]
+            out += [(symbol, h) for h in held if now is None or h.deadline <= now]
+            if keep:
+                self.holes[symbol] = keep
+            else:
+                del self.holes[symbol]
         return out

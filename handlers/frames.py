@@ -195,13 +195,14 @@ class FrameProcessor(threading.Thread):
         return batch
 
     def _handle(self, batch: list) -> bool:
-        on_frames, journal = self.on_frames, self.journal
+        on_frames, journal, saw = self.on_frames, self.journal, self.continuity.saw
         for item in batch:
             if item is STOP:
                 return True
             if item[0] == WS:
                 if journal is not None:
                     journal.add_ws(item[1], item[2], item[3])
+                saw(item[2], item[1])
                 on_frames(item[1], item[2], item[3])
             else:
                 if journal is not None:
@@ -253,9 +254,9 @@ class FrameProcessor(threading.Thread):
                     if st is not None and u > (last_u := st.head) and ((pu == last_u) if futures else (U <= last_u + 1)):
                         ring, n = st.ring, st.n  # Continuity.check's "ok", written out
                         ring[n % len(ring)] = u
-                        st.n, st.head, st.conn = n + 1, u, conn
+                        st.n, st.head, st.conn, st.head_us = n + 1, u, conn, received_us
                     else:
-                        status, last_u = check(symbol, U, u, pu, conn)
+                        status, last_u = check(symbol, U, u, pu, conn, received_us)
                         if status != OK:
                             if status == DUPLICATE:
                                 stats.duplicates += 1
@@ -346,7 +347,7 @@ class FrameProcessor(threading.Thread):
         """Continuity and duplicates; False for a duplicate (written once, SPEC rule 2)."""
         _, _, U, u, pu, _, _, _ = row
         if kind == DIFF:
-            status, last_u = self.continuity.check(symbol, U, u, pu, conn)
+            status, last_u = self.continuity.check(symbol, U, u, pu, conn, received_us)
             if status == cont.OK:
                 return True
             if status == cont.DUPLICATE:
@@ -371,17 +372,19 @@ class FrameProcessor(threading.Thread):
             return
         if status == cont.START and not self.record_start:
             return  # replaying a later journal segment: the stream began in rows already on disk
-        if status == cont.RECONNECT:
-            older = self.holes.open(symbol, received_us, last_u, U, pu, time.monotonic())
+        if status in (cont.SEQUENCE, cont.RECONNECT):
+            # another connection (a redundant copy, or the other one of a rotation) may
+            # still deliver the missing events: hold the break
+            older = self.holes.open(symbol, received_us, last_u, U, pu, time.monotonic(), status)
             if older is not None:
-                self._gap(symbol, older.detected_us, older.last_u, older.end_U, cont.RECONNECT)
+                self._gap(symbol, older.detected_us, older.last_u, older.end_U, older.reason)
             return
         self._gap(symbol, received_us, last_u, U, status)
 
     def confirm_holes(self, all_now: bool = False) -> None:
         """Holes whose missing events did not turn up in time become gap rows."""
         for symbol, hole in self.holes.due(None if all_now else time.monotonic()):
-            self._gap(symbol, hole.detected_us, hole.last_u, hole.end_U, cont.RECONNECT)
+            self._gap(symbol, hole.detected_us, hole.last_u, hole.end_U, hole.reason)
 
     def _gap(self, symbol: str, detected_us: int, last_u, U: int, status: str) -> None:
         self.gaps.append(detected_us, symbol, last_u, U, status)

@@ -7,18 +7,27 @@ queue: every frame one socket read completed, in one item (one hand-over a read 
 than one a frame). The stamp is the kernel's receive time of the read that completed the
 frames (`handlers.stamped`): exact even while the interpreter is busy elsewhere.
 websocket-client answers server pings itself inside `recv_data()` with the ping's
-payload, as Binance requires; the socket timeout is the dead-connection detector (an
-active depth stream is never quiet for `ws_dead_after` seconds).
+payload, as Binance requires.
 
-The supervisor (`ws-spot-0`) keeps one reader alive: it reconnects with jittered
-backoff after a failure, and replaces a connection older than `ws_rotate_after`
-make-before-break: the new reader must deliver a first frame before the old one is
-closed; the processor drops the frames both delivered (by update id).
+Liveness is judged by data alone: a connection that delivered no data frame for
+`ws_dead_after` seconds is dead and replaced, whatever pings, pongs or control replies
+still arrive (an exchange keeps pinging a connection whose streams stalled; the socket
+timeout, reset by every ping, would never fire).
+
+Every batch of streams is read by `ws_redundancy` connections at once (`BatchCopies`),
+each kept alive by its own supervisor (`ws-spot-0a`, `ws-spot-0b`, ...) with its own
+reader, all into the market's one inbox; the processor writes what several deliver once.
+A supervisor reconnects with jittered backoff after a failure, and replaces a connection
+older than `ws_rotate_after` make-before-break: the new reader must deliver a first frame
+before the old one is closed. The copies of a batch never change at the same moment:
+one connects at a time, and rotations fall on slots spread over `ws_rotate_after`, each
+waiting until the other copies deliver.
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
@@ -37,6 +46,12 @@ log = logging.getLogger(__name__)
 _conn_ids = itertools.count(1)
 _DATA = (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY)
 _CLOSE = websocket.ABNF.OPCODE_CLOSE
+_STREAM_PREFIX = b'{"stream":"'  # a combined stream's data frame; '{"stream":"!' is an event (serverShutdown)
+
+
+def is_data(frame: bytes) -> bool:
+    """A depth stream's frame, not a control reply ({"result":null,"id":1}) or an event."""
+    return frame.startswith(_STREAM_PREFIX) and frame[11:12] != b"!"
 
 
 def combined_url(ws_url: str, streams: list[str]) -> str:
@@ -139,8 +154,10 @@ class Reader(threading.Thread):
         super().__init__(name=f"{name}-c{self.conn_id}", daemon=True)
         self.url, self.out, self.dead_after, self.now_us = url, out, dead_after, now_us
         self.stats, self.put_timeout = stats, put_timeout
-        self.delivering = threading.Event()
+        self.connected = threading.Event()  # set once the WebSocket handshake completed
+        self.delivering = threading.Event()  # set by the first data frame
         self.started_at = time.monotonic()
+        self.last_data = self.started_at  # monotonic time of the last read that brought a data frame
         self.error: str | None = None
         self._ws: websocket.WebSocket | None = None
         self._sock: stamped.StampedSocket | None = None
@@ -151,14 +168,18 @@ class Reader(threading.Thread):
     def run(self) -> None:
         name_os_thread()
         try:
+            # the socket timeout is only a backstop: the supervisor judges liveness by data
+            # frames (pings reset this timeout), within dead_after
+            timeout = 2 * self.dead_after + 1
             if not stamped.via_proxy(self.url):
-                self._sock = stamped.connect(self.url, self.dead_after)
+                self._sock = stamped.connect(self.url, timeout)
             self._ws = websocket.create_connection(
-                self.url, timeout=self.dead_after, socket=self._sock, skip_utf8_validation=True,
+                self.url, timeout=timeout, socket=self._sock, skip_utf8_validation=True,
                 enable_multithread=True)
             ahead = read_ahead(self._ws)
             if self._closing:
                 return
+            self.connected.set()
             log.info("connected conn=%d streams_url_bytes=%d", self.conn_id, len(self.url))
             self._read(self._ws, ahead)
         except (websocket.WebSocketException, OSError) as e:
@@ -174,7 +195,7 @@ class Reader(threading.Thread):
         recv, fast, now_us, put, out = ws.recv_data, ahead.data_frames, self.now_us, self._put, self.out
         # the kernel's stamp, unless a test runs the collector on its own clock
         sock = self._sock if self.now_us is stamped.wall_us else None  # None also through a proxy
-        conn_id, stats = self.conn_id, self.stats
+        conn_id, stats, monotonic = self.conn_id, self.stats, time.monotonic
         first = True
         while True:
             frames = fast()
@@ -192,10 +213,12 @@ class Reader(threading.Thread):
                 out.put_nowait((WS, received, conn_id, frames), len(frames))
             except queue.Full:
                 put((WS, received, conn_id, frames), len(frames))
-            stats.last_frame_us = received
-            if first:
-                first = False
-                self.delivering.set()
+            if is_data(frames[-1]) or any(map(is_data, frames)):
+                self.last_data = monotonic()
+                stats.last_frame_us = received
+                if first:
+                    first = False
+                    self.delivering.set()
 
     def _put(self, item, n: int) -> None:
         """A full queue blocks the reader (TCP back-pressure), loudly; it never drops.
@@ -207,6 +230,10 @@ class Reader(threading.Thread):
                       self.conn_id, self.out.maxsize, self.stats.queue_full - self._full_count)
             self._full_logged, self._full_count = now, self.stats.queue_full
         self.out.put(item, n)
+
+    def silent_for(self, now: float) -> float:
+        """Seconds since the last data frame (or since the connection was started)."""
+        return now - self.last_data
 
     def close(self) -> None:
         """Ask the connection to end (from another thread); recv_data() then returns or raises."""
@@ -232,10 +259,13 @@ class Reader(threading.Thread):
 
 
 class ConnectionStats:
+    """One copy's connection counters (a copy: one of the connections reading a batch)."""
+
     def __init__(self):
         self.connects = 0
         self.failures = 0
         self.rotations = 0
+        self.dead = 0  # connections replaced for delivering no data for ws_dead_after
         self.queue_full = 0
         self.last_frame_us = 0
         self.last_attempt = 0.0  # monotonic
@@ -264,19 +294,79 @@ class AttemptLimiter:
                 return False
 
 
+class BatchCopies:
+    """The `n` connections that read one batch of streams at the same time.
+
+    They coordinate so that two of them are never changing at once:
+    - one copy connects at a time (`opening`): at start they come up one after another,
+      and after a cut that hit all of them they reconnect in turn;
+    - copy k's rotations fall on its own slots, `t0 + (k/n + j) * rotate_after`, so that
+      they are spread evenly over the rotation period and no connection is older than
+      `rotate_after`; a rotation for age waits until every other copy delivers.
+    It also keeps the batch's live count, and logs when the batch runs on fewer
+    connections than configured and when it is whole again."""
+
+    def __init__(self, name: str, n: int, rotate_after: float, clock: Callable[[], float] = time.monotonic):
+        self.name, self.n, self.rotate_after, self.clock = name, n, rotate_after, clock
+        self.t0 = clock()
+        self.opening = threading.Lock()
+        self.members: list[StreamBatch] = []
+        self._lock = threading.Lock()
+        self._reported: int | None = None  # live count last logged; None while the copies first come up
+
+    def next_rotation(self, copy: int, started: float) -> float:
+        """The first of copy `copy`'s rotation slots after `started` (monotonic)."""
+        period = self.rotate_after
+        phase = self.t0 + period * copy / self.n
+        return phase + (math.floor((started - phase) / period) + 1) * period
+
+    def live(self) -> int:
+        return sum(1 for m in self.members if m.live())
+
+    def others_live(self, me: "StreamBatch") -> bool:
+        return all(m.live() for m in self.members if m is not me)
+
+    def note_change(self) -> None:
+        """A copy's connection came or went: say so when the batch's live count changed."""
+        with self._lock:
+            live = self.live()
+            starting = self._reported is None and self.clock() - self.t0 < 30.0
+            if live == self._reported or (starting and live < self.n):
+                return
+            first, self._reported = self._reported is None, live
+        if first and live == self.n:
+            return
+        if live < self.n:
+            log.warning("batch %s runs on %d/%d connections%s", self.name, live, self.n,
+                        "" if live else ": nothing is being received for its streams")
+        else:
+            log.info("batch %s back on %d/%d connections", self.name, live, self.n)
+
+
 class StreamBatch(threading.Thread):
-    """Supervisor of one batch of streams."""
+    """Supervisor of one copy of a batch of streams: keeps one connection reading it."""
 
     def __init__(self, name: str, url: str, out: Inbox, stop: threading.Event,
                  now_us: Callable[[], int], dead_after: float, rotate_after: float,
-                 healthy_after: float = 5.0, attempts: AttemptLimiter | None = None):
+                 healthy_after: float = 5.0, attempts: AttemptLimiter | None = None,
+                 copies: BatchCopies | None = None, copy: int = 0):
         super().__init__(name=name, daemon=True)
         self.url, self.out, self.stop, self.now_us = url, out, stop, now_us
         self.dead_after, self.rotate_after, self.healthy_after = dead_after, rotate_after, healthy_after
         self.attempts = attempts or AttemptLimiter()
+        self.copies = copies or BatchCopies(name, 1, rotate_after)
+        self.copy = copy
+        self.copies.members.append(self)
         self.rotate_now = threading.Event()  # set on serverShutdown
+        self.quiet = 0  # silent replacements in a row with no data between (the batch's streams are quiet)
         self.stats = ConnectionStats()
         self.reader: Reader | None = None
+
+    def live(self) -> bool:
+        """Connected and delivering data within the last `dead_after` seconds."""
+        r = self.reader
+        return (r is not None and r.is_alive() and r.delivering.is_set()
+                and r.silent_for(time.monotonic()) <= self.dead_after)
 
     def run(self) -> None:
         name_os_thread()
@@ -297,6 +387,7 @@ class StreamBatch(threading.Thread):
         while not self.stop.is_set():
             reader = self._open()
             lifetime = 0.0 if reader is None else self._watch(reader)
+            self.copies.note_change()
             if self.stop.is_set():
                 return
             attempt = 0 if lifetime >= self.healthy_after else attempt + 1
@@ -306,14 +397,30 @@ class StreamBatch(threading.Thread):
                 self.stop.wait(delay)
 
     def _open(self, replacing: Reader | None = None) -> Reader | None:
+        """A new connection that delivers, or None. One copy of a batch connects at a time."""
+        while not self.copies.opening.acquire(timeout=0.2):
+            if self.stop.is_set():
+                return None
+        try:
+            return self._connect(replacing)
+        finally:
+            self.copies.opening.release()
+            self.copies.note_change()
+
+    def _connect(self, replacing: Reader | None) -> Reader | None:
+        """Open a connection; it counts once it delivers data, or, when there is nothing to
+        compare it with (a first connection, or one replacing a connection that is silent
+        too: the streams may just be quiet), once its handshake is done. Then the
+        connection it replaces, if any, is closed (make-before-break)."""
         if not self.attempts.acquire(self.stop):
             return None
+        need_data = replacing is not None and replacing.silent_for(time.monotonic()) <= self.dead_after
         reader = Reader(self.name, self.url, self.out, self.dead_after, self.now_us, self.stats)
         self.stats.connects += 1
         self.stats.last_attempt = time.monotonic()
         reader.start()
-        # wait until it delivers, fails, or we are told to stop
-        while not reader.delivering.wait(0.2):
+        ready = reader.delivering if need_data else reader.connected
+        while not ready.wait(0.2):
             if not reader.is_alive() or self.stop.is_set():
                 if reader.error:
                     self.stats.failures += 1
@@ -322,8 +429,8 @@ class StreamBatch(threading.Thread):
                 return None
             if time.monotonic() - reader.started_at > self.dead_after:
                 self.stats.failures += 1
-                log.warning("connection delivered nothing for %.0fs conn=%d; replacing it",
-                            self.dead_after, reader.conn_id)
+                log.warning("connection %s in %.0fs conn=%d; giving up on it", "delivered no data" if need_data
+                            else "not established", self.dead_after, reader.conn_id)
                 reader.close()
                 return None
         self.reader = reader
@@ -333,26 +440,64 @@ class StreamBatch(threading.Thread):
         return reader
 
     def _watch(self, reader: Reader) -> float:
-        """Wait while the reader lives; rotate it when old. Returns its lifetime."""
-        rotate_at = reader.started_at + self.rotate_after
-        while not self.stop.wait(0.5):
+        """Wait while the reader lives and delivers; replace it when it is silent and
+        rotate it when due. Returns its lifetime when it is gone."""
+        rotate_at = self.copies.next_rotation(self.copy, reader.started_at)
+        while not self.stop.wait(0.25):
+            now = time.monotonic()
             if not reader.is_alive():
-                age = time.monotonic() - reader.started_at
                 self.stats.failures += 1
-                log.warning("connection lost conn=%d after %.0fs error=%s", reader.conn_id, age, reader.error)
-                self.reader = None
-                return age
-            if time.monotonic() >= rotate_at or self.rotate_now.is_set():
-                why = "serverShutdown" if self.rotate_now.is_set() else "age"
+                log.warning("connection lost conn=%d after %.0fs error=%s", reader.conn_id,
+                            now - reader.started_at, reader.error)
+                return self._lost(reader, now)
+            self.copies.note_change()
+            if reader.delivering.is_set() and reader.silent_for(now) <= self.dead_after:
+                self.quiet = 0
+            silent = reader.silent_for(now)
+            if silent > self.dead_after * 2 ** self.quiet:
+                self.stats.dead += 1
+                if self.copies.others_live(self):
+                    log.warning("connection dead conn=%d: no data frame for %.1fs (pings and control replies do "
+                                "not count); replacing it", reader.conn_id, silent)
+                    reader.close()
+                    return self._lost(reader, now)
+                new = self._replace_silent(reader, silent)
+                if new is not None:
+                    reader = new
+                    rotate_at = self.copies.next_rotation(self.copy, reader.started_at)
+                continue
+            shutdown = self.rotate_now.is_set()
+            if shutdown or (now >= rotate_at and self.copies.others_live(self)):
+                # serverShutdown cannot wait: the server is about to close this connection
                 self.rotate_now.clear()
                 log.info("rotating conn=%d after %.0fs reason=%s (make-before-break)",
-                         reader.conn_id, time.monotonic() - reader.started_at, why)
+                         reader.conn_id, now - reader.started_at, "serverShutdown" if shutdown else "age")
                 new = self._open(replacing=reader)
                 if new is not None:
                     self.stats.rotations += 1
                     reader = new
-                    rotate_at = reader.started_at + self.rotate_after
+                    rotate_at = self.copies.next_rotation(self.copy, reader.started_at)
                 else:
                     # keep the old connection; try again later
                     rotate_at = time.monotonic() + min(60.0, self.rotate_after / 10)
         return time.monotonic() - reader.started_at
+
+    def _replace_silent(self, reader: Reader, silent: float) -> Reader | None:
+        """A silent connection with no other copy of its batch delivering: either it is
+        dead, or every stream of the batch is quiet. It is replaced make-before-break (the
+        new one counts once connected), so that nothing is lost if the streams were only
+        quiet; if the new one brings nothing either, the next check waits twice as long
+        (up to 32 x ws_dead_after), so that a quiet batch is not reconnected every few
+        seconds."""
+        log.warning("connection dead conn=%d: no data frame for %.1fs (pings and control replies do not count), "
+                    "and no other connection of the batch delivers; replacing it make-before-break",
+                    reader.conn_id, silent)
+        new = self._open(replacing=reader)
+        if new is not None:
+            self.quiet = min(self.quiet + 1, 5)
+        return new
+
+    def _lost(self, reader: Reader, now: float) -> float:
+        self.reader = None
+        # it counts as healthy (reconnect at once) only if it delivered data
+        return now - reader.started_at if reader.delivering.is_set() else 0.0

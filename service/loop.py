@@ -89,8 +89,9 @@ class MainLoop:
     def summary(self) -> str:
         parts = []
         for p in self.pipelines:
-            live = sum(1 for b in p.batches if b.reader is not None and b.reader.is_alive())
-            parts.append(f"{p.cfg.name}: {live}/{len(p.batches)} connections, {self.rates.get(p.cfg.name, 0):.0f} msgs/s, "
+            live, configured, degraded = p.connections()
+            state = " (degraded)" if degraded else ""
+            parts.append(f"{p.cfg.name}: {live}/{configured} connections{state}, {self.rates.get(p.cfg.name, 0):.0f} msgs/s, "
                          f"gaps {p.processor.stats.gaps}, queue {p.inbox.qsize()}")
         return "; ".join(parts)
 

@@ -23,7 +23,8 @@ class PipelineMetrics:
         frames = c("frames", "WebSocket data frames processed", ["market", "kind"])
         rows = c("rows_written", "rows published in part files", ["market", "kind"])
         gaps = c("gaps", "breaks in a symbol's diff stream", ["market", "reason"])
-        dupes = c("duplicates", "frames dropped as already written", ["market"])
+        dupes = c("duplicates", "frames dropped as already written: with ws_redundancy > 1, mostly the other "
+                            "connections' copies", ["market"])
         malformed = c("malformed", "frames or snapshots refused as malformed", ["market"])
         connects = c("connections", "WebSocket connections opened (reconnects and rotations included)", ["market"])
         rotations = c("rotations", "make-before-break replacements", ["market"])
@@ -35,7 +36,12 @@ class PipelineMetrics:
         written = c("bytes_written", "bytes of part files published", ["market"])
         errors = c("write_errors", "failed part-file writes (retried)", ["market"])
         lost = c("rows_lost", "rows dropped from memory past max_pending_mb", ["market"])
-        age = g("last_frame_age_seconds", "seconds since the connection's last frame", ["market", "connection"])
+        age = g("last_frame_age_seconds", "seconds since the connection's last data frame", ["market", "connection"])
+        batch_live = g("batch_connections", "connections of the batch delivering data now", ["market", "batch"])
+        batch_want = g("batch_connections_configured", "connections configured per batch (ws_redundancy)",
+                       ["market", "batch"])
+        degraded = g("batches_degraded", "batches running on fewer connections than configured", ["market"])
+        dead = c("connections_dead", "connections replaced for delivering no data for ws_dead_after", ["market"])
         now = self.now_us()
         for p in self.pipelines:
             m, ps, ws, ss = p.cfg.name, p.processor.stats, p.writer.stats, p.snapshotter.stats
@@ -61,8 +67,13 @@ class PipelineMetrics:
             for b in p.batches:
                 if b.stats.last_frame_us:
                     age.add_metric([m, b.name], max(0.0, (now - b.stats.last_frame_us) / 1e6))
+            for group in p.groups:
+                batch_live.add_metric([m, group.name], group.live())
+                batch_want.add_metric([m, group.name], group.n)
+            degraded.add_metric([m], len(p.connections()[2]))
+            dead.add_metric([m], sum(b.stats.dead for b in p.batches))
         yield from (frames, rows, gaps, dupes, malformed, connects, rotations, snaps, latency, weight, weight_cap,
-                    depth, written, errors, lost, age)
+                    depth, written, errors, lost, age, batch_live, batch_want, degraded, dead)
         if self.upload_job is not None:
             up = c("upload_files", "day files handled by upload runs, by result", ["result"])
             for result in ("uploaded", "skipped", "deleted"):

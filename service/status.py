@@ -14,11 +14,17 @@ def snapshot(pipelines, upload_job, rates: dict, now_us: int) -> dict:
     markets = {}
     for p in pipelines:
         ps, ss = p.processor.stats, p.snapshotter.stats
+        per = p.cfg.symbols_per_connection
+        live, configured, degraded = p.connections()
         markets[p.cfg.name] = {
             "symbols": len(p.cfg.symbols),
-            "streams_live": sum(2 * len(p.cfg.symbols[i * p.cfg.symbols_per_connection:(i + 1) * p.cfg.symbols_per_connection])
-                                for i, b in enumerate(p.batches) if b.reader is not None and b.reader.is_alive()),
+            # a batch's streams are live while at least one of its connections delivers
+            "streams_live": sum(2 * len(p.cfg.symbols[i * per:(i + 1) * per])
+                                for i, g in enumerate(p.groups) if g.live()),
             "streams": 2 * len(p.cfg.symbols),
+            "connections_live": live,
+            "connections": configured,
+            "degraded": degraded,
             "msgs_per_s": rates.get(p.cfg.name, 0.0),
             "gaps": dict(ps.gaps_by_reason),
             "last_snapshot_age_s": round((now_us - ss.last_ok_us) / 1e6, 1) if ss.last_ok_us else None,
@@ -62,7 +68,10 @@ def render(data_dir: Path, now: float | None = None) -> tuple[str, bool]:
     for name, m in state["markets"].items():
         snap = "never" if m["last_snapshot_age_s"] is None else f"{m['last_snapshot_age_s']:.0f}s ago"
         gaps = ", ".join(f"{k}={v}" for k, v in sorted(m["gaps"].items())) or "none"
-        lines.append(f"{name:8} streams {m['streams_live']}/{m['streams']}  {m['msgs_per_s']:.1f} msgs/s  "
+        conns = f"connections {m['connections_live']}/{m['connections']}" if "connections" in m else ""
+        if m.get("degraded"):
+            conns += f" (degraded: {', '.join(m['degraded'])})"
+        lines.append(f"{name:8} streams {m['streams_live']}/{m['streams']}  {conns}  {m['msgs_per_s']:.1f} msgs/s  "
                      f"gaps since start: {gaps}  last snapshot {snap}  queue {m['queue']}  "
                      f"rows written {m['rows_written']}  write errors {m['write_errors']}")
     up = state.get("last_upload")

@@ -10,8 +10,11 @@ REST:
   /fapi/v1/depth, /fapi/v1/exchangeInfo, /fapi/v1/ticker/24hr, /fapi/v1/time (futures)
   request weights as documented, `X-MBX-USED-WEIGHT-1M`, 429 + Retry-After past the limit
 
-`Faults` holds the switches tests flip to make it misbehave; `record=True` keeps every
-frame and REST body it delivered, so tests can compare them with the collector's files.
+`Faults` holds the switches tests flip to make it misbehave, for every connection at
+once; `cut_connection`, `stall_connection` and `server_shutdown(conn_id)` hit one
+connection alone. `record=True` keeps every frame and REST body it delivered, and
+`conn_log` when each connection opened, stalled and closed, so tests can compare them
+with the collector's files.
 """
 from __future__ import annotations
 
@@ -97,6 +100,7 @@ class Conn:
         self.id = next(_conn_ids)
         self.ws, self.combined, self.transport = ws, combined, transport
         self.opened = time.monotonic()
+        self.stalled = False  # this connection alone gets no frames (its pings go on)
         self.streams: set[str] = set()
         self.control_times: list[float] = []
         self.last_pong = time.monotonic()
@@ -129,6 +133,7 @@ class MarketSim:
         self.garbage_sent = 0
         self.rest_sent: list[tuple[str, int, bytes]] = []
         self.rest_log: list[tuple[float, str, int]] = []        # every depth request: (t, symbol, status)
+        self.conn_log: list[tuple[float, int, str]] = []        # (wall time, conn id, open|stall|unstall|close)
         self.faults = Faults()
         self.ping_interval = ping_interval or (20.0 if not self.futures else 180.0)
         self.pong_timeout = pong_timeout or (60.0 if not self.futures else 600.0)
@@ -249,7 +254,7 @@ class MarketSim:
             f.duplicate_frames -= 1
             copies = 2
         for conn in list(s.subscribers):
-            if conn.ws.closed:
+            if conn.ws.closed or conn.stalled:
                 continue
             try:
                 if f.garbage_frames > 0:
@@ -281,10 +286,40 @@ class MarketSim:
                 await conn.ws.close(code=1001, message=b"going away")
         return len(conns)
 
-    async def server_shutdown(self) -> int:
-        """Spot's serverShutdown event, on every connection (combined or raw form)."""
+    def live_conns(self) -> list[int]:
+        """Ids of the open connections, oldest first."""
+        return sorted(c.id for c in self.conns if not c.ws.closed)
+
+    def _conn(self, conn_id: int) -> "Conn | None":
+        return next((c for c in self.conns if c.id == conn_id), None)
+
+    async def cut_connection(self, conn_id: int, abrupt: bool = False) -> bool:
+        """End one connection: a clean close frame, or a TCP reset."""
+        conn = self._conn(conn_id)
+        if conn is None:
+            return False
+        if abrupt and conn.transport is not None:
+            sock = conn.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.transport.abort()
+        else:
+            await conn.ws.close(code=1001, message=b"going away")
+        return True
+
+    async def stall_connection(self, conn_id: int, stalled: bool = True) -> bool:
+        """Stop (or resume) sending frames on one connection; its pings go on, TCP stays open."""
+        conn = self._conn(conn_id)
+        if conn is None:
+            return False
+        conn.stalled = stalled
+        self.conn_log.append((time.time(), conn_id, "stall" if stalled else "unstall"))
+        return True
+
+    async def server_shutdown(self, conn_id: int | None = None) -> int:
+        """Spot's serverShutdown event, on every connection or on one (combined or raw form)."""
         event = orjson.dumps({"e": "serverShutdown", "E": int(time.time() * 1000)})
-        for conn in list(self.conns):
+        for conn in [c for c in self.conns if conn_id is None or c.id == conn_id]:
             frame = b'{"stream":"!serverShutdown","data":' + event + b"}" if conn.combined else event
             try:
                 await conn.ws.send_frame(frame, WSMsgType.TEXT)
@@ -345,6 +380,7 @@ class MarketSim:
         conn = Conn(ws, combined, request.transport)
         self.conns.add(conn)
         self.connections_opened += 1
+        self.conn_log.append((time.time(), conn.id, "open"))
         for s in streams:
             s.subscribers.add(conn)
             conn.streams.add(s.name)
@@ -367,6 +403,7 @@ class MarketSim:
         return ws
 
     def _drop(self, conn: Conn) -> None:
+        self.conn_log.append((time.time(), conn.id, "close"))
         self.conns.discard(conn)
         for name in conn.streams:
             self.streams[name].subscribers.discard(conn)

@@ -70,3 +70,45 @@ def check_run(sim_market, data_dir, snapshot_within_s: float = 5.0, allow_gaps: 
             "dropped_by_fault": len(sim_market.dropped), "gaps": dict(reasons), "snapshots": len(snaps)}
     print(f"{market}: {seen}")  # shown with -s: what each fault test saw, for the record
     return seen
+
+
+def unexplained_gaps(sim_market, data_dir) -> list[dict]:
+    """`gaps` rows (other than `start`) that no outage explains: a gap is explained when some
+    diff event inside it reached no connection at all (the simulator's own log of what it
+    sent on each connection), that is, when every connection that carried the symbol was
+    down, stalled, or had the event dropped at that moment."""
+    reached = set()
+    for s in sim_market.sent:
+        if sim_market.streams[s.stream].kind == "diff":
+            d = orjson.loads(s.data)
+            reached.add((d["s"], d["u"]))
+    emitted: dict[str, list[tuple[int, int]]] = {}
+    for symbol, U, u, _ in sim_market.emitted:
+        emitted.setdefault(symbol, []).append((U, u))
+    out = []
+    for g in read_kind(data_dir, sim_market.market.name, "gaps").to_pylist():
+        if g["reason"] == "start":
+            continue
+        lo, hi = g["last_final_update_id"] or -1, g["next_first_update_id"]
+        inside = [(U, u) for U, u in emitted.get(g["symbol"], []) if lo < u < hi]
+        if not any((g["symbol"], u) not in reached for _, u in inside):
+            out.append(g)
+    return out
+
+
+def distinct_frames(sim_market, kind: str | None = None) -> list:
+    """What the simulator sent, each frame once (`kind`: "diff" or "partial", or both).
+    With several connections reading the same streams every frame went out once per
+    connection; the collector keeps, for each (stream, update id), the frames of the
+    connection that delivered it first (a spot partial frame may repeat its id on an
+    unchanged book: those repeats count on that connection)."""
+    first: dict = {}
+    out = []
+    for s in sim_market.sent:
+        if kind is not None and sim_market.streams[s.stream].kind != kind:
+            continue
+        d = orjson.loads(s.data)
+        key = (s.stream, d.get("u", d.get("lastUpdateId")))
+        if first.setdefault(key, s.conn) == s.conn:
+            out.append(s)
+    return out

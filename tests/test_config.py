@@ -33,6 +33,7 @@ def test_good_config_parses_with_defaults(tmp_path):
     assert futures.ws_url == "wss://fstream.binance.com/public"
     assert futures.rest_url == "https://fapi.binance.com"
     assert (spot.diff_speed, spot.partial_levels, spot.snapshot_limit) == ("100ms", 20, 1000)
+    assert (cfg.collector.ws_redundancy, cfg.collector.ws_dead_after) == (2, 10)
 
 
 def test_shipped_config_is_valid():
@@ -55,6 +56,9 @@ def test_shipped_config_is_valid():
     ("spot", "symbols = BTC-USDT", "symbols", "is not a Binance symbol"),
     ("spot", "symbols = BTCUSDT, BTCUSDT", "symbols", "listed twice"),
     ("collector", "ws_rotate_after = 90000", "ws_rotate_after", "outside"),
+    ("collector", "ws_redundancy = 4", "ws_redundancy", "is outside 1..3"),
+    ("collector", "ws_redundancy = 0", "ws_redundancy", "is outside 1..3"),
+    ("collector", "ws_redundancy = two", "ws_redundancy", "is not an integer"),
     ("collector", "compact_memory_mb = 8", "compact_memory_mb", "outside"),
     ("upload", "checksums = md5", "checksums", "is not one of sha256, none"),
     ("upload", "part_size_mb = 2", "part_size_mb", "outside"),

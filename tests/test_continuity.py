@@ -173,3 +173,31 @@ def test_head_and_seed_for_journal_recovery():
     assert c.check("X", 101, 110, 100, conn=1) == (OK, 100)
     assert c.head("X") == 110
     assert c.check("X", 101, 110, 100, conn=2)[0] == DUPLICATE
+
+
+def test_several_holes_of_one_symbol_are_held_and_filled_apart():
+    from handlers.continuity import PendingHoles
+    spot = PendingHoles(futures=False, wait=1.0)
+    # one connection lost 11-12 and 16 of a stream; the other, a little behind, brings them
+    assert spot.open("X", detected_us=5, last_u=10, U=13, pu=None, now=0.0) is None
+    assert spot.open("X", detected_us=6, last_u=15, U=17, pu=None, now=0.1) is None
+    assert spot.fill("X", 16, 16, None)  # the later hole first
+    assert spot.fill("X", 11, 12, None)
+    assert spot.due(now=None) == []
+    # past per_symbol held holes the oldest is confirmed at once
+    capped = PendingHoles(futures=False, wait=1.0, per_symbol=2)
+    for i in range(3):
+        oldest = capped.open("X", detected_us=i, last_u=10 * i, U=10 * i + 5, pu=None, now=0.0)
+    assert oldest is not None and oldest.detected_us == 0
+    assert [h.detected_us for _, h in capped.due(now=1.0)] == [1, 2]
+
+
+def test_a_break_on_a_connection_that_was_there_all_along_is_sequence():
+    c = Continuity("spot")
+    c.saw(1, 100)
+    c.saw(2, 150)
+    assert c.check("X", 1, 5, None, conn=1, received_us=200)[0] == START
+    assert c.check("X", 6, 9, None, conn=2, received_us=210)[0] == OK       # copies take turns coming first
+    assert c.check("X", 12, 14, None, conn=1, received_us=220) == (SEQUENCE, 9)  # both were there: sequence
+    c.saw(3, 300)                                                           # a new connection, after the head
+    assert c.check("X", 20, 25, None, conn=3, received_us=300) == (RECONNECT, 14)

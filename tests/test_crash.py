@@ -11,7 +11,7 @@ import orjson
 import pyarrow.parquet as pq
 
 from simulator import Simulator
-from tests.faults import check_run
+from tests.faults import check_run, distinct_frames
 from tests.helpers import CollectorProcess, market_section, read_kind, write_config
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
@@ -71,7 +71,7 @@ def test_sigkill_loses_nothing_older_than_one_second(tmp_path):
             t = read_kind(data, market, kind)
             ids = Counter(zip(t.column("symbol").to_pylist(), t.column("final_update_id").to_pylist(), strict=True))
             required, sent = set(), Counter()
-            for s in m.sent:
+            for s in distinct_frames(m):
                 st = m.streams[s.stream]
                 if (st.kind == "diff") != (kind == "diff_orderbooks"):
                     continue

@@ -16,6 +16,7 @@ import trustme
 from simulator import Simulator
 from simulator.server import load_capture
 from storage.schemas import SCHEMAS
+from tests.faults import distinct_frames
 from tests.helpers import SHARED_DATA, CollectorProcess, market_section, read_kind, wait_until, write_config
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT", "BNBUSDT"]
@@ -50,7 +51,7 @@ def assert_schema(table, kind):
 def assert_delivered_on_disk(sim_market, data_dir, started_us, ended_us):
     market = sim_market.market.name
     sent = {"diff_orderbooks": [], "partial_orderbooks": []}
-    for s in sim_market.sent:
+    for s in distinct_frames(sim_market):
         kind = "partial_orderbooks" if sim_market.streams[s.stream].kind == "partial" else "diff_orderbooks"
         sent[kind].append(expected_depth_row(market, kind, s.stream, s.data))
     for kind, rows in sent.items():
@@ -117,8 +118,8 @@ def test_both_markets_every_message_on_disk_exactly_once(tmp_path, tls):
     assert not list((tmp_path / "data" / ".journal").rglob("seg-*"))
     for m in sim.markets():
         assert_delivered_on_disk(m, tmp_path / "data", started, ended)
-        # two connections per market (2 symbols per connection), both used
-        assert m.connections_opened == 2
+        # two batches per market (2 symbols per connection), each read by two connections
+        assert m.connections_opened == 4
         gaps = read_kind(tmp_path / "data", m.market.name, "gaps")
         assert_schema(gaps, "gaps")
         # one "start" row per symbol, nothing else: the streams were unbroken
@@ -137,7 +138,8 @@ def test_replay_of_real_captures(tmp_path, market):
         proc = CollectorProcess(cfg)
         try:
             proc.wait_for_log(f"recording market={market}")
-            wait_until(lambda: m.frames_sent >= len(depth_frames), timeout=60)
+            # every captured frame went out (on each of the batch's connections)
+            wait_until(lambda: len(distinct_frames(m)) >= len(depth_frames), timeout=60, interval=0.5)
             time.sleep(1.0)
             rc = proc.stop()
         finally:

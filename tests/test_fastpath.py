@@ -123,6 +123,7 @@ def run(cls, market: str, frames, cuts: list[int]):
                 items.append((WS, 1_000_000 + i, conn, batch))
         start = end
     p._handle(items)
+    p.confirm_holes(all_now=True)
     p.build()
     tables = {}
     while not p.outbox.empty():
@@ -131,7 +132,7 @@ def run(cls, market: str, frames, cuts: list[int]):
     s = p.stats
     counts = (dict(s.frames), s.duplicates, s.malformed, s.gaps, s.stale, s.reordered, s.control,
               dict(s.gaps_by_reason), s.last_frame_us)
-    return tables, counts, {k: (v.head, v.conn, v.n) for k, v in p.continuity.streams.items()}, p.partial_dedup.seen
+    return tables, counts, {k: (v.head, v.conn, v.n, v.head_us) for k, v in p.continuity.streams.items()}, p.partial_dedup.seen
 
 
 @pytest.mark.parametrize("market", ["spot", "futures"])

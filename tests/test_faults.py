@@ -1,5 +1,8 @@
 """Fault injection: the real collector against a misbehaving simulator, each fault on
-its own and all together, judged from the files on disk (tests/faults.py)."""
+its own and all together, judged from the files on disk (tests/faults.py). The faults hit
+every connection at once; each fault on its own runs at `ws_redundancy = 1` (one
+connection per batch, so that what it costs is seen), the all-faults soak at the default
+redundancy of 2. Faults on single connections: tests/test_redundancy.py."""
 from __future__ import annotations
 
 import os
@@ -15,7 +18,8 @@ from tests.helpers import CollectorProcess, market_section, wait_until, write_co
 SYMBOLS = ["BTCUSDT", "ETHUSDT", "BNBUSDT"]
 
 
-def run_faulty(tmp_path, fault, seconds: float = 6.0, sim_kw=None, collector_kw=None, after=None):
+def run_faulty(tmp_path, fault, seconds: float = 6.0, sim_kw=None, collector_kw=None, after=None,
+               redundancy: int = 1):
     """Start both markets, let them settle, apply `fault(sim)`, run `seconds`, let
     `after(sim)` undo it, settle, pause the simulator, SIGTERM; returns (sim, proc, rc)."""
     kw = dict(symbols=SYMBOLS, record=True, updates_per_s=40, **(sim_kw or {}))
@@ -23,7 +27,7 @@ def run_faulty(tmp_path, fault, seconds: float = 6.0, sim_kw=None, collector_kw=
         cfg = write_config(tmp_path, [
             market_section("spot", sim.spot, SYMBOLS, snapshot_interval=30, snapshot_limit=100, partial_levels=5),
             market_section("futures", sim.futures, SYMBOLS, snapshot_interval=30, snapshot_limit=100),
-        ], ws_dead_after=3, **(collector_kw or {}))
+        ], ws_dead_after=3, ws_redundancy=redundancy, **(collector_kw or {}))
         proc = CollectorProcess(cfg)
         try:
             proc.wait_for_log("recording market=futures")
@@ -82,7 +86,7 @@ def test_silent_connection_is_detected_and_replaced(tmp_path):
     for m in sim.markets():
         seen = check_run(m, tmp_path / "data")
         assert seen["gaps"].get("reconnect", 0) >= 1, seen
-    assert "connection lost" in proc.log and "WebSocketTimeoutException" in proc.log
+    assert "connection dead" in proc.log and "no data frame for" in proc.log
 
 
 def test_server_pings_are_answered(tmp_path):
@@ -204,6 +208,6 @@ def test_all_faults_together(tmp_path):
                 m.faults.max_age = None
             time.sleep(rng.uniform(0.5, 2.0))
 
-    sim, proc = run_faulty(tmp_path, chaos, seconds=0, collector_kw=dict(ws_rotate_after=15))
+    sim, proc = run_faulty(tmp_path, chaos, seconds=0, collector_kw=dict(ws_rotate_after=15), redundancy=2)
     seen = {m.market.name: check_run(m, tmp_path / "data", snapshot_within_s=8) for m in sim.markets()}
     print("faults applied:", counts, "seen:", seen)

@@ -15,6 +15,7 @@ from collector import build_market, stop_all
 from simulator import Simulator
 from storage.compact import Compactor
 from storage.files import day_start_us
+from tests.faults import distinct_frames
 from tests.helpers import market_section, read_kind, write_config
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
@@ -56,8 +57,8 @@ def test_midnight_rollover(tmp_path):
             parts = list((root / kind / "2031-01-01").glob("part-*.parquet"))
             assert parts and all(min(pq.read_table(p).column(col).to_pylist()) >= midnight for p in parts)
     # nothing lost or doubled at the boundary
-    sent = Counter((orjson.loads(s.data)["s"], orjson.loads(s.data)["u"]) for s in sim.futures.sent
-                   if sim.futures.streams[s.stream].kind == "diff")
+    sent = Counter((orjson.loads(s.data)["s"], orjson.loads(s.data)["u"])
+                   for s in distinct_frames(sim.futures, "diff"))
     t = read_kind(cfg.collector.data_dir, "futures", "diff_orderbooks")
     on_disk = Counter(zip(t.column("symbol").to_pylist(), t.column("final_update_id").to_pylist(), strict=True))
     assert on_disk == sent

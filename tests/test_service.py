@@ -16,6 +16,7 @@ from simulator import Simulator
 from tests.helpers import ROOT, CollectorProcess, market_section, read_kind, wait_until, write_config
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
+WS_KINDS = ("diff_orderbooks", "partial_orderbooks")
 
 
 def scrape(port: int) -> dict:
@@ -57,7 +58,7 @@ def test_sd_notify_ready_watchdog_status_stopping(tmp_path, monkeypatch):
         drain()
     assert rc == 0, proc.log
     ready = next(i for i, m in enumerate(messages) if "READY=1" in m)
-    assert "STATUS=spot: 1/1 connections" in messages[ready]
+    assert "STATUS=spot: 2/2 connections" in messages[ready]
     watchdogs = [i for i, m in enumerate(messages) if m == "WATCHDOG=1"]
     assert len(watchdogs) >= 3 and watchdogs[0] > ready
     assert any(m.startswith("STATUS=spot:") and "msgs/s" in m for m in messages)
@@ -97,14 +98,19 @@ def test_metrics_endpoint_matches_the_rows_on_disk(tmp_path):
                 assert written <= on_disk <= written + late[market], (market, kind, late)
             else:
                 assert written == on_disk, (market, kind)
-        frames = metrics[("obc_frames_total", (("kind", "diff_orderbooks"), ("market", market)))]
-        assert frames == read_kind(data, market, "diff_orderbooks").num_rows  # clean run: no duplicates
+        # every frame processed is a row or a copy dropped (two connections per batch)
+        frames = sum(metrics[("obc_frames_total", (("kind", k), ("market", market)))] for k in WS_KINDS)
+        rows = sum(read_kind(data, market, k).num_rows for k in WS_KINDS)
+        copies = metrics[("obc_duplicates_total", (("market", market),))]
+        assert frames == rows + copies and copies > 0, (frames, rows, copies)
+        assert metrics[("obc_batch_connections", (("batch", f"ws-{market}-0"), ("market", market)))] == 2
+        assert metrics[("obc_batches_degraded", (("market", market),))] == 0
         assert metrics[("obc_gaps_total", (("market", market), ("reason", "start")))] == len(SYMBOLS)
         assert metrics[("obc_snapshots_total", (("market", market), ("result", "ok")))] >= len(SYMBOLS)
         assert metrics[("obc_queue_depth", (("market", market),))] == 0
         assert metrics[("obc_rest_weight_cap", (("market", market),))] > 0
         assert metrics[("obc_snapshot_latency_seconds_count", (("market", market),))] >= len(SYMBOLS)
-        assert ("obc_last_frame_age_seconds", (("connection", f"ws-{market}-0"), ("market", market))) in metrics
+        assert ("obc_last_frame_age_seconds", (("connection", f"ws-{market}-0a"), ("market", market))) in metrics
     assert status.returncode == 0, status.stdout + status.stderr
     assert "running" in status.stdout and "spot     streams 4/4" in status.stdout
     assert "gaps since start: start=2" in status.stdout and "upload: disabled" in status.stdout

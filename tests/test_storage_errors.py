@@ -7,7 +7,7 @@ import shutil
 import time
 
 from simulator import Simulator
-from tests.faults import check_run
+from tests.faults import check_run, distinct_frames
 from tests.helpers import CollectorProcess, market_section, read_kind, wait_until, write_config
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
@@ -55,8 +55,8 @@ def partial_ids(data):
 
 def sent_partial_ids(sim):
     import orjson
-    return sorted((orjson.loads(s.data)["s"], orjson.loads(s.data)["u"]) for s in sim.futures.sent
-                  if sim.futures.streams[s.stream].kind == "partial")
+    return sorted((orjson.loads(s.data)["s"], orjson.loads(s.data)["u"])
+                  for s in distinct_frames(sim.futures, "partial"))
 
 
 def test_unwritable_folder_rows_kept_and_written_when_it_returns(tmp_path):
