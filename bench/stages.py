@@ -132,6 +132,15 @@ def stages(market: str, frames: list[bytes], symbols: list[str], repeat: int, wo
 
     out["decode+route+check+append"] = timed(lambda: process(False), repeat)
     out["... + journal"] = timed(lambda: process(True), repeat)
+    # ws_redundancy = 2: every read also comes from a second connection, just after the first
+    twice = [item for first in items for item in (first, (WS, first[1] + 50, 2, first[3]))]
+
+    out["2 connections (redundancy)"] = timed(lambda: run_processor(cfg, twice), repeat)
+
+    def redundant_journaled() -> FrameProcessor:
+        return run_processor(cfg, twice, Journal(work / f"j2-{market}", run_id=time.time_ns(), sync_every=0.0))
+
+    out["2 connections + journal"] = timed(redundant_journaled, repeat)
     procs = [process(False) for _ in range(repeat)]
     built: list = []
 
@@ -177,7 +186,8 @@ def main() -> None:
             n = r.pop("frames")
             size, raw = r.pop("bytes on disk/msg"), r.pop("zstd -19 of the raw JSON/msg")
             day = r.pop("day file bytes/msg")
-            print(f"{market}: {n} frames ({sum(map(len, frames)) / n:.0f} B avg), µs per message (median of {args.repeat}):")
+            print(f"{market}: {n} frames ({sum(map(len, frames)) / n:.0f} B avg), µs per message recorded "
+                  f"(median of {args.repeat}):")
             for k, v in r.items():
                 print(f"  {k:28} {1e6 * v / n:7.2f}")
             print(f"  {'Parquet bytes per message':28} {size:7.1f}   (part files of {n} rows)")

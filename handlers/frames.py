@@ -200,20 +200,27 @@ class FrameProcessor(threading.Thread):
             if item is STOP:
                 return True
             if item[0] == WS:
-                if journal is not None:
-                    journal.add_ws(item[1], item[2], item[3])
                 saw(item[2], item[1])
-                on_frames(item[1], item[2], item[3])
+                kept = on_frames(item[1], item[2], item[3])
+                if journal is not None and kept:
+                    journal.add_ws(item[1], item[2], kept)  # less the duplicates
             else:
                 if journal is not None:
                     journal.add_rest(item[1], *item[2])
                 self.on_snapshot(item[1], *item[2])
         return False
 
-    def on_frames(self, received_us: int, conn: int, frames: list[bytes]) -> None:
-        """The frames of one socket read. The fast path: a well-formed depth frame of a
-        configured stream, typed by msgspec, continuing its stream; anything else goes to
-        `_on_other_frame` (general parsing) or `Continuity.check` (gaps, duplicates).
+    def on_frames(self, received_us: int, conn: int, frames: list[bytes]) -> list[bytes]:
+        """The frames of one socket read; returns them for the journal, less the
+        well-formed duplicates (a redundant connection's copies: they add nothing to
+        replay). The fast path: a well-formed depth frame of a configured stream, typed by
+        msgspec, continuing its stream; anything else goes to `_on_other_frame` (general
+        parsing) or `Continuity.check` (gaps, duplicates).
+
+        A copy is only known as one after its decode: reading its stream name and final id
+        off the head first (byte searches and an int() in Python) cost as much as
+        msgspec's whole decode, which leaves the level lists unparsed, and it ran on every
+        frame (`bench/stages.py`: 14.0 -> 17.2 µs a recorded spot message at redundancy 2).
 
         This loop runs for every frame and holds the GIL throughout, so what would be
         calls is written out here (the profile put ~2 µs a frame in them, more than the
@@ -229,7 +236,10 @@ class FrameProcessor(threading.Thread):
         OK, DUPLICATE = cont.OK, cont.DUPLICATE
         d_rows, d_bids, d_asks, p_rows, p_bids, p_asks = [], [], [], [], [], []
         d_bytes = p_bytes = diffs = partials = 0
-        for raw in frames:
+        kept = None  # the frames to journal, once a duplicate is left out
+        for i, raw in enumerate(frames):
+            if kept is not None:
+                kept.append(raw)
             if len(raw) > MAX_FRAME_BYTES:
                 self._malformed("oversized frame", raw)
                 continue
@@ -260,6 +270,10 @@ class FrameProcessor(threading.Thread):
                         if status != OK:
                             if status == DUPLICATE:
                                 stats.duplicates += 1
+                                if kept is None:
+                                    kept = frames[:i]
+                                else:
+                                    kept.pop()
                                 continue
                             self._irregular(status, received_us, symbol, last_u, U, u, pu)
                     d_rows.append((received_us, d.E, symbol, U, u, pu, T))
@@ -291,6 +305,10 @@ class FrameProcessor(threading.Thread):
                             del ids[order.popleft()]
                     elif first != conn:
                         stats.duplicates += 1
+                        if kept is None:
+                            kept = frames[:i]
+                        else:
+                            kept.pop()
                         continue
                     p_rows.append((received_us, E, symbol, U, u, pu, T))
                     p_bids.append(b)
@@ -313,6 +331,7 @@ class FrameProcessor(threading.Thread):
             self.bufs[DIFF].extend_raw(d_rows, d_bids, d_asks, d_bytes)
         if p_rows:
             self.bufs[PARTIAL].extend_raw(p_rows, p_bids, p_asks, p_bytes)
+        return frames if kept is None else kept
 
     def _on_other_frame(self, received_us: int, conn: int, raw: bytes) -> None:
         """Control replies, serverShutdown, streams known only by name (recovery) and

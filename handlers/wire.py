@@ -51,7 +51,6 @@ class Frame(msgspec.Struct):
 
 decode_frame = msgspec.json.Decoder(Frame).decode
 
-
 def depth_row(d: Data, symbol: str, futures: bool, spot_partial: bool):
     """(event_time, symbol, U, u, pu, T, bids, asks) as `handlers.parse` returns it (the
     levels as JSON text), or None when a field the payload kind needs is missing or the

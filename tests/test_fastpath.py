@@ -29,31 +29,33 @@ class Reference(FrameProcessor):
     `_accept` is the processor's own, which the general path still calls."""
 
     def on_frames(self, received_us, conn, frames):
-        for raw in frames:
-            self.on_frame(received_us, conn, raw)
+        return [raw for raw in frames if self.on_frame(received_us, conn, raw)]
 
-    def on_frame(self, received_us, conn, raw):
+    def on_frame(self, received_us, conn, raw) -> bool:
+        """False for a well-formed duplicate (not journaled)."""
         if len(raw) > MAX_FRAME_BYTES:
             self._malformed("oversized frame", raw)
-            return
+            return True
         try:
             msg = wire.decode_frame(raw)
         except wire.DecodeError:
             self._on_other_frame(received_us, conn, raw)
-            return
+            return True
         route = self.routes.get(msg.stream)
         if route is None:
             self._on_other_frame(received_us, conn, raw)
-            return
+            return True
         kind, symbol = route
         row = wire.depth_row(msg.data, symbol, self._futures, kind == PARTIAL and not self._futures)
         if row is None:
             self._on_other_frame(received_us, conn, raw)
-            return
+            return True
         self.stats.last_frame_us = received_us
         self.stats.frames[kind] += 1
-        if self._accept(kind, received_us, symbol, row, conn):
-            self.bufs[kind].append_raw(received_us, *row)
+        if not self._accept(kind, received_us, symbol, row, conn):
+            return False
+        self.bufs[kind].append_raw(received_us, *row)
+        return True
 
 
 def config(market: str) -> MarketConfig:
@@ -122,7 +124,10 @@ def run(cls, market: str, frames, cuts: list[int]):
             if batch:
                 items.append((WS, 1_000_000 + i, conn, batch))
         start = end
-    p._handle(items)
+    journaled = []
+    for _, received_us, conn, batch in items:  # as FrameProcessor._handle does, with what it journals
+        p.continuity.saw(conn, received_us)
+        journaled.append(p.on_frames(received_us, conn, batch))
     p.confirm_holes(all_now=True)
     p.build()
     tables = {}
@@ -132,11 +137,12 @@ def run(cls, market: str, frames, cuts: list[int]):
     s = p.stats
     counts = (dict(s.frames), s.duplicates, s.malformed, s.gaps, s.stale, s.reordered, s.control,
               dict(s.gaps_by_reason), s.last_frame_us)
-    return tables, counts, {k: (v.head, v.conn, v.n, v.head_us) for k, v in p.continuity.streams.items()}, p.partial_dedup.seen
+    return (tables, counts, {k: (v.head, v.conn, v.n, v.head_us) for k, v in p.continuity.streams.items()},
+            p.partial_dedup.seen, journaled)
 
 
 @pytest.mark.parametrize("market", ["spot", "futures"])
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(evs=events, cuts=st.lists(st.integers(0, 80), max_size=10))
 def test_written_out_loop_matches_the_plain_functions(market, evs, cuts):
     frames = frames_of(market, evs)
@@ -150,7 +156,7 @@ def test_the_random_streams_reach_every_case():
            ("diff", "BTCUSDT", 5, 1, None), ("diff", "BTCUSDT", -3, 1, None), ("partial", "BTCUSDT", 0, 1, None),
            ("partial", "BTCUSDT", 0, 2, None), ("diff", "ETHUSDT", 1, 1, "no_levels"), ("other", "BTCUSDT", 1, 1, None)]
     for market in ("spot", "futures"):
-        tables, counts, _, _ = run(FrameProcessor, market, frames_of(market, evs), [3, 6])
+        tables, counts, *_ = run(FrameProcessor, market, frames_of(market, evs), [3, 6])
         _, duplicates, malformed, gaps, stale, *_ = counts
         assert duplicates == 2 and malformed >= 2 and gaps >= 2 and stale == 1, counts
         assert len(tables[DIFF]) == 4 and len(tables[PARTIAL]) == 1
@@ -164,3 +170,14 @@ def test_every_defect_is_judged_as_the_plain_functions_judge_it(market, kind, de
     evs = [(kind, "BTCUSDT", 1, 1, None), (kind, "BTCUSDT", 1, 1, defect), (kind, "BTCUSDT", 1, 1, None)]
     frames = frames_of(market, evs)
     assert run(FrameProcessor, market, frames, [1]) == run(Reference, market, frames, [1])
+
+
+@pytest.mark.parametrize("market", ["spot", "futures"])
+def test_copies_from_another_connection_are_not_journaled(market):
+    one = frames_of(market, [("diff", "BTCUSDT", 1, 1, None), ("partial", "BTCUSDT", 0, 1, None),
+                             ("diff", "BTCUSDT", 1, 1, None)])
+    twice = one + [(2, raw) for _, raw in one]  # the second connection delivers the same frames later
+    tables, counts, _, _, journaled = run(FrameProcessor, market, twice, [3])
+    assert len(tables[DIFF]) == 2 and len(tables[PARTIAL]) == 1
+    assert counts[1] == 3  # three duplicates, left out of the journal: the second read journals nothing
+    assert journaled == [[raw for _, raw in one], []]
