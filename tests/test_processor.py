@@ -115,3 +115,33 @@ def test_malformed_snapshots_are_counted_and_fetched_again():
     # futures snapshots must carry E and T
     table, again, malformed = snapshot_table("futures", [orjson.dumps(good)])
     assert table.num_rows == 0 and again == ["BTCUSDT"] and malformed == 1
+
+
+def test_a_batch_is_taken_in_arrival_order_across_connections():
+    from handlers.frames import in_arrival_order
+    a1, a2 = (WS, 100, 1, [b"a1"]), (WS, 90, 1, [b"a2"])  # the host clock stepped back: order kept
+    b1, b2 = (WS, 95, 2, [b"b1"]), (WS, 120, 2, [b"b2"])
+    rest = (REST, 97, ("BTCUSDT", 1000, 96, b"{}"))
+    assert in_arrival_order([a1, a2]) == [a1, a2]  # one connection: as queued
+    merged = in_arrival_order([a1, a2, b1, rest, b2, STOP])
+    assert merged == [b1, rest, a1, a2, b2, STOP]
+    assert merged.index(a1) < merged.index(a2)
+
+
+def test_the_copy_kept_is_the_one_stamped_first():
+    """Two connections deliver the same diff; the reader that stamped it later queued it
+    first. The row carries the earlier stamp."""
+    p, inbox, outbox = processor()
+    diff = {"stream": "btcusdt@depth@100ms",
+            "data": {"e": "depthUpdate", "E": 1, "s": "BTCUSDT", "U": 1, "u": 5, "b": [["1.0", "2"]], "a": [["2.0", "1"]]}}
+    frame = orjson.dumps(diff)
+    inbox.put((WS, 2_000, 1, [frame]))
+    inbox.put((WS, 1_000, 2, [frame]))  # arrived first, queued second
+    inbox.put(STOP)
+    p.join(10)
+    tables = {}
+    while not outbox.empty():
+        item = outbox.get_nowait()
+        if item is not STOP and item[0] == DIFF:
+            tables[DIFF] = item[1]
+    assert tables[DIFF].column("received_time").to_pylist() == [1_000]
