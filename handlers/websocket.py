@@ -443,7 +443,7 @@ class StreamBatch(threading.Thread):
         """Wait while the reader lives and delivers; replace it when it is silent and
         rotate it when due. Returns its lifetime when it is gone."""
         rotate_at = self.copies.next_rotation(self.copy, reader.started_at)
-        while not self.stop.wait(0.25):
+        while not self.stop.wait(0.5):
             now = time.monotonic()
             if not reader.is_alive():
                 self.stats.failures += 1
