@@ -27,10 +27,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from stages import make_frames, market_config, run_processor  # noqa: E402
 
-from collector import tune_gc  # noqa: E402
 from handlers.frames import DIFF, PARTIAL  # noqa: E402
+from handlers.inbox import WS  # noqa: E402
+from service.memory import tune_gc  # noqa: E402
 from storage.files import parquet_options, part_options  # noqa: E402
-from storage.journal import WS  # noqa: E402
 from storage.writer import ROW_GROUP_ROWS  # noqa: E402
 
 INTS = ["received_time", "event_time", "first_update_id", "final_update_id", "prev_final_update_id", "transaction_time"]

@@ -27,14 +27,15 @@ import zstandard
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from collector import tune_gc  # noqa: E402
 from config import MarketConfig  # noqa: E402
 from handlers.frames import DIFF, PARTIAL, FrameProcessor  # noqa: E402
+from handlers.inbox import WS  # noqa: E402
 from markets import MARKETS  # noqa: E402
+from service.memory import tune_gc  # noqa: E402
 from simulator.book import Book, IdSource  # noqa: E402
 from storage.compact import ROW_GROUP  # noqa: E402
 from storage.files import parquet_options  # noqa: E402
-from storage.journal import WS, Journal  # noqa: E402
+from storage.journal import Journal  # noqa: E402
 from storage.schemas import SORT_KEYS  # noqa: E402
 
 
@@ -89,7 +90,7 @@ def run_processor(cfg: MarketConfig, items: list, journal: Journal | None = None
     """The real processor fed `items` (as readers queue them) in its own batch size, no thread."""
     p = FrameProcessor(cfg, None, queue.Queue(), flush_interval=30, now_us=time.time_ns, journal=journal)
     for i in range(0, len(items), 2048):
-        p._handle(items[i:i + 2048])
+        p.handle(items[i:i + 2048])
         if journal is not None:
             journal.sync()
     return p

@@ -33,10 +33,10 @@ import pyarrow as pa
 from config import MarketConfig
 from handlers import continuity as cont
 from handlers import parse, wire
-from handlers.inbox import Inbox
-from service.threads import name_os_thread
+from handlers.inbox import WS, Inbox
+from service.threads import PipelineThread
 from storage.columns import DepthColumns, GapColumns, SnapshotColumns, levels_to_arrow, raw_levels
-from storage.journal import WS, Journal
+from storage.journal import Journal
 from storage.writer import STOP
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def in_arrival_order(batch: list) -> list:
     return merged + [STOP] if len(merged) < len(batch) else merged
 
 
-class FrameProcessor(threading.Thread):
+class FrameProcessor(PipelineThread):
     def __init__(self, cfg: MarketConfig, inbox: Inbox | None, outbox,
                  flush_interval: float, now_us: Callable[[], int],
                  request_snapshot: Callable[[str], None] = lambda symbol: None,
@@ -154,22 +154,14 @@ class FrameProcessor(threading.Thread):
         self.stats = ProcessStats()
         self.warn = RateLimitedLog(log)
 
-    def run(self) -> None:
-        name_os_thread()
-        try:
-            self._loop()
-        except Exception:
-            log.critical("processor crashed market=%s", self.cfg.name, exc_info=True)
-            raise
-
-    def _loop(self) -> None:
+    def loop(self) -> None:
         now = time.monotonic()
         next_build, next_flush = now + self.build_interval, now + self.flush_interval
         sync_every = self.journal.sync_every if self.journal else 1.0
         while True:
             now = self.stats.heartbeat = time.monotonic()
             batch = self._take_batch(max(0.0, min(next_build, next_flush, now + sync_every) - now))
-            stopping = self._handle(in_arrival_order(batch))
+            stopping = self.handle(in_arrival_order(batch))
             self.confirm_holes(all_now=stopping)
             if self.journal is not None:
                 self.journal.sync()
@@ -214,7 +206,8 @@ class FrameProcessor(threading.Thread):
                 self._idle.wait(min(timeout, self.poll))
         return batch
 
-    def _handle(self, batch: list) -> bool:
+    def handle(self, batch: list) -> bool:
+        """Process inbox items in order (the thread's loop, and journal recovery); True at STOP."""
         on_frames, journal, saw = self.on_frames, self.journal, self.continuity.saw
         for item in batch:
             if item is STOP:

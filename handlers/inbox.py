@@ -24,6 +24,10 @@ import threading
 import time
 
 FULL_WAIT = 0.005
+# An item: (WS, received_us, conn_id, [frame, ...]), the frames of one socket read, from a
+# reader; (REST, received_us, (symbol, limit, request_us, body)), a snapshot answer; or
+# storage.writer.STOP, the end.
+WS, REST = 0, 1
 
 
 class Inbox:

@@ -26,9 +26,8 @@ import requests
 
 from config import MarketConfig
 from handlers.backoff import backoff_delay
-from handlers.inbox import Inbox
-from service.threads import name_os_thread
-from storage.journal import REST
+from handlers.inbox import REST, Inbox
+from service.threads import PipelineThread, name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +85,7 @@ class SnapshotStats:
 
 
 
-class Snapshotter(threading.Thread):
+class Snapshotter(PipelineThread):
     def __init__(self, cfg: MarketConfig, out: Inbox, stop: threading.Event,
                  budget: WeightBudget, now_us: Callable[[], int],
                  session: requests.Session | None = None, workers: int = 4):
@@ -107,15 +106,7 @@ class Snapshotter(threading.Thread):
         """Fetch a snapshot of `symbol` ahead of the schedule (thread-safe)."""
         self.urgent.put(symbol)
 
-    def run(self) -> None:
-        name_os_thread()
-        try:
-            self._loop()
-        except Exception:
-            log.critical("snapshot scheduler crashed market=%s", self.cfg.name, exc_info=True)
-            raise
-
-    def _loop(self) -> None:
+    def loop(self) -> None:
         n, interval = len(self.cfg.symbols), self.cfg.snapshot_interval
         start = time.monotonic()
         due = [(start + i * interval / n, i, sym) for i, sym in enumerate(self.cfg.symbols)]

@@ -37,9 +37,8 @@ import websocket
 
 from handlers import stamped
 from handlers.backoff import backoff_delay
-from handlers.inbox import Inbox
-from service.threads import name_os_thread
-from storage.journal import WS
+from handlers.inbox import WS, Inbox
+from service.threads import PipelineThread, name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +342,7 @@ class BatchCopies:
             log.info("batch %s back on %d/%d connections", self.name, live, self.n)
 
 
-class StreamBatch(threading.Thread):
+class StreamBatch(PipelineThread):
     """Supervisor of one copy of a batch of streams: keeps one connection reading it."""
 
     def __init__(self, name: str, url: str, out: Inbox, stop: threading.Event,
@@ -369,18 +368,14 @@ class StreamBatch(threading.Thread):
                 and r.silent_for(time.monotonic()) <= self.dead_after)
 
     def run(self) -> None:
-        name_os_thread()
         try:
-            self._loop()
-        except Exception:
-            log.critical("supervisor crashed", exc_info=True)
-            raise
+            super().run()
         finally:
             if self.reader is not None:
                 self.reader.close()
                 self.reader.join(timeout=5)
 
-    def _loop(self) -> None:
+    def loop(self) -> None:
         # A connection that worked for `healthy_after` seconds and then ended is replaced at
         # once (every second offline is data lost); failed attempts back off exponentially.
         attempt = 0

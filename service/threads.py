@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import logging
 import threading
+
+log = logging.getLogger(__name__)
 
 _PR_SET_NAME = 15
 _libc = None
@@ -22,3 +25,21 @@ def name_os_thread(name: str | None = None) -> None:
         _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(text), 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+class PipelineThread(threading.Thread):
+    """A thread of the pipeline: its name given to the kernel, its body `loop()`, and an
+    exception that ends it logged at critical level with the thread's name, then
+    re-raised (the main loop sees the thread dead and stops the collector, so that
+    systemd restarts it): no thread dies silently."""
+
+    def run(self) -> None:
+        name_os_thread()
+        try:
+            self.loop()
+        except Exception:
+            log.critical("thread %s crashed", self.name, exc_info=True)
+            raise
+
+    def loop(self) -> None:
+        raise NotImplementedError

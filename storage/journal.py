@@ -1,6 +1,6 @@
 """Write-ahead journal: the raw frames and snapshot bodies a processor took in, on disk
 within `sync_every` seconds, so that a SIGKILL loses nothing received more than a
-second before it (SPEC rule 7).
+second before it (crash safety).
 
 Why a journal rather than tiny part files: a part file per second per kind would be
 ~700,000 files a day; the journal is one zstd stream per flush period, appended by the
@@ -36,7 +36,10 @@ log = logging.getLogger(__name__)
 _HEAD = struct.Struct("<BqqI")
 _SWAP = sys.byteorder == "big"  # records are little-endian
 assert array("I").itemsize == 4
-WS, REST, WS_MANY = 0, 1, 2
+_WS, _REST, _WS_MANY = 0, 1, 2  # record types on disk
+# what read_segment gives back: ("ws", received_us, conn_id, [frame, ...]) and
+# ("rest", received_us, (symbol, limit, request_us, body))
+WS_RECORD, REST_RECORD = "ws", "rest"
 
 
 def journal_dir(data_dir: Path, market: str) -> Path:
@@ -86,19 +89,19 @@ class Journal:
         pending = self._pending
         if len(frames) == 1:
             raw = frames[0]
-            pending.append(_HEAD.pack(WS, received_us, conn, len(raw)))
+            pending.append(_HEAD.pack(_WS, received_us, conn, len(raw)))
             pending.append(raw)
             return
         lengths = array("I", map(len, frames))  # half the cost of struct.pack(f"<{n}I", ...)
         if _SWAP:
             lengths.byteswap()
-        pending.append(_HEAD.pack(WS_MANY, received_us, conn, 4 + 4 * len(frames) + sum(map(len, frames))))
+        pending.append(_HEAD.pack(_WS_MANY, received_us, conn, 4 + 4 * len(frames) + sum(map(len, frames))))
         pending.append(len(frames).to_bytes(4, "little") + lengths.tobytes())
         pending.extend(frames)
 
     def add_rest(self, received_us: int, symbol: str, limit: int, request_us: int, raw: bytes) -> None:
         payload = f"{symbol} {limit} ".encode() + raw
-        self._pending.append(_HEAD.pack(REST, received_us, request_us, len(payload)))
+        self._pending.append(_HEAD.pack(_REST, received_us, request_us, len(payload)))
         self._pending.append(payload)
 
     def sync(self, force: bool = False) -> None:
@@ -165,7 +168,8 @@ def segments(folder: Path) -> list[tuple[str, Path]]:
 
 
 def read_segment(path: Path) -> tuple[list[tuple], bool]:
-    """Records of a segment, as processor inbox items; (items, complete).
+    """Records of a segment, (WS_RECORD, received_us, conn_id, frames) or (REST_RECORD,
+    received_us, (symbol, limit, request_us, body)), in the order added; (records, complete).
 
     A segment cut short by a crash yields everything up to the last complete block."""
     data = bytearray()
@@ -193,9 +197,9 @@ def read_segment(path: Path) -> tuple[list[tuple], bool]:
             complete = False
             break
         payload = bytes(data[start:pos])
-        if kind == WS:
-            items.append((WS, received, extra, [payload]))
-        elif kind == WS_MANY:
+        if kind == _WS:
+            items.append((WS_RECORD, received, extra, [payload]))
+        elif kind == _WS_MANY:
             n = int.from_bytes(payload[:4], "little") if length >= 4 else -1
             lengths = struct.unpack_from(f"<{n}I", payload, 4) if 0 < n <= (length - 4) // 4 else ()
             if not lengths or 4 + 4 * n + sum(lengths) != length:
@@ -205,10 +209,10 @@ def read_segment(path: Path) -> tuple[list[tuple], bool]:
             for k in lengths:
                 frames.append(payload[at:at + k])
                 at += k
-            items.append((WS, received, extra, frames))
+            items.append((WS_RECORD, received, extra, frames))
         else:
             symbol, limit, body = payload.split(b" ", 2)
-            items.append((REST, received, (symbol.decode(), int(limit), extra, body)))
+            items.append((REST_RECORD, received, (symbol.decode(), int(limit), extra, body)))
     if pos < len(data):
         complete = False  # a record's head cut short
     return items, complete

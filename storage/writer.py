@@ -33,7 +33,6 @@ import itertools
 import logging
 import os
 import queue
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from service.threads import name_os_thread
+from service.threads import PipelineThread
 from storage.files import US_PER_DAY, day_of, fsync_dir, part_options
 from storage.schemas import DAY_COLUMN
 
@@ -260,7 +259,7 @@ class _Segment:
                 sink.discard()
 
 
-class PartWriter(threading.Thread):
+class PartWriter(PipelineThread):
     def __init__(self, market: str, data_dir: Path, inbox: queue.Queue, compression_level: int,
                  on_segment_written: Callable[[str], None] = lambda name: None,
                  now_us: Callable[[], int] = lambda: 0,
@@ -275,15 +274,7 @@ class PartWriter(threading.Thread):
         self._ready: list[_Segment] = []   # ended segments not yet fully written
         self._anonymous = 0
 
-    def run(self) -> None:
-        name_os_thread()
-        try:
-            self._loop()
-        except Exception:
-            log.critical("writer crashed market=%s", self.market, exc_info=True)
-            raise
-
-    def _loop(self) -> None:
+    def loop(self) -> None:
         while True:
             self.stats.heartbeat = time.monotonic()
             try:

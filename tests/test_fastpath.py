@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from config import MarketConfig
 from handlers import wire
 from handlers.frames import DIFF, MAX_FRAME_BYTES, PARTIAL, FrameProcessor
+from handlers.inbox import WS
 from markets import MARKETS
-from storage.journal import WS
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT")
 
@@ -125,7 +125,7 @@ def run(cls, market: str, frames, cuts: list[int]):
                 items.append((WS, 1_000_000 + i, conn, batch))
         start = end
     journaled = []
-    for _, received_us, conn, batch in items:  # as FrameProcessor._handle does, with what it journals
+    for _, received_us, conn, batch in items:  # as FrameProcessor.handle does, with what it journals
         p.continuity.saw(conn, received_us)
         journaled.append(p.on_frames(received_us, conn, batch))
     p.confirm_holes(all_now=True)

@@ -6,7 +6,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from storage.journal import REST, WS, Journal, read_segment
+from storage.journal import REST_RECORD as REST
+from storage.journal import WS_RECORD as WS
+from storage.journal import Journal, read_segment
 
 frame = st.binary(min_size=0, max_size=300)
 ws_item = st.tuples(st.just(WS), st.integers(0, 1 << 62), st.integers(0, 1 << 31), st.lists(frame, min_size=1, max_size=8))

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import requests
 
 import config
-from collector import build_market, stop_all
+from pipeline import build_market, stop_all
 from simulator import Simulator
 from storage.compact import Compactor
 from storage.files import day_start_us

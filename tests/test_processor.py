@@ -11,8 +11,8 @@ import orjson
 
 from config import MarketConfig
 from handlers.frames import BUILD_ROWS, BUILD_SNAPSHOTS, DIFF, STOP, FrameProcessor
+from handlers.inbox import REST, WS
 from markets import MARKETS
-from storage.journal import REST, WS
 from tests.helpers import wait_until
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT")

@@ -14,10 +14,9 @@ import pytest
 import trustme
 
 from handlers import stamped
-from handlers.inbox import Inbox
+from handlers.inbox import WS, Inbox
 from handlers.websocket import ConnectionStats, Reader, combined_url
 from simulator import Simulator
-from storage.journal import WS
 
 
 def test_stamp_is_when_the_bytes_arrived_not_when_they_were_read():

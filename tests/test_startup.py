@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -62,7 +63,8 @@ def test_arrow_allocator_is_jemalloc_returning_pages_within_100ms():
     session), before pyarrow loads, and leaves an operator's own choice alone. A build
     without the allocator asked for is said in the log, and Python's arrays then come
     from the system allocator rather than Arrow's fallback."""
-    probe = ("import collector, logging, os, pyarrow; logging.basicConfig(level='INFO'); collector.check_arrow_pool(); "
+    probe = ("import collector, logging, os, pyarrow; from service.memory import check_arrow_pool; "
+             "logging.basicConfig(level='INFO'); check_arrow_pool(); "
              "print(pyarrow.default_memory_pool().backend_name, os.environ['JE_ARROW_MALLOC_CONF'])")
     env = {k: v for k, v in os.environ.items() if k not in ("ARROW_DEFAULT_MEMORY_POOL", "JE_ARROW_MALLOC_CONF")}
 
@@ -79,3 +81,23 @@ def test_arrow_allocator_is_jemalloc_returning_pages_within_100ms():
     out = run(ARROW_DEFAULT_MEMORY_POOL="nonesuch")  # as a build without it: Arrow falls back
     assert out.stdout.split()[0] == "system"
     assert "this pyarrow has no nonesuch allocator" in out.stderr
+
+
+def test_each_command_has_its_own_help_with_only_its_own_options():
+    own = {"run": set(), "compact": set(), "upload": {"--day"}, "status": set(), "check-config": set(),
+           "verify": {"--market", "--day", "--json"}, "report": {"--day", "--market", "--out"},
+           "export": {"--market", "--symbol", "--format", "--out"}}
+    every = set().union(*own.values())
+    for command, options in own.items():
+        out = subprocess.run([sys.executable, "collector.py", command, "--help"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        shown = set(re.findall(r"(--[a-z-]+)", out.stdout)) - {"--help", "--config"}
+        assert shown == options, (command, shown)
+        assert not (every - options) & shown
+    top = subprocess.run([sys.executable, "collector.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert all(command in top.stdout for command in own)
+    # a command's own option is refused elsewhere, with argparse's one line and exit status 2
+    wrong = subprocess.run([sys.executable, "collector.py", "verify", "--format", "hftbacktest"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "unrecognized arguments: --format" in wrong.stderr

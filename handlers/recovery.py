@@ -20,8 +20,9 @@ import pyarrow.parquet as pq
 
 from config import MarketConfig
 from handlers.frames import FrameProcessor
+from handlers.inbox import REST, WS
 from storage.files import write_table_atomic
-from storage.journal import journal_dir, read_segment, segments
+from storage.journal import WS_RECORD, journal_dir, read_segment, segments
 from storage.schemas import DAY_COLUMN
 from storage.writer import split_by_day
 
@@ -46,8 +47,9 @@ def recover(cfg: MarketConfig, data_dir: Path, compression_level: int, now_us) -
             if int(counter) > 1:
                 _seed(proc, data_dir / cfg.name / "diff_orderbooks", f"{run}-{int(counter) - 1:06d}")
         proc.record_start = int(counter) == 1
-        items, complete = read_segment(path)
-        proc._handle(items)
+        records, complete = read_segment(path)
+        items = [(WS, *r[1:]) if r[0] == WS_RECORD else (REST, *r[1:]) for r in records]
+        proc.handle(items)
         if last_of_run:
             proc.confirm_holes(all_now=True)  # the run ended here: what is still missing is a gap
         proc.build()

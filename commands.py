@@ -1,0 +1,99 @@
+"""The bodies of the one-shot commands (`collector.py compact | upload | status | verify |
+report | export | check-config`); `collector.py` parses the command line and calls them.
+Each returns the exit status."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import config as config_mod
+from handlers.stamped import wall_us as now_us
+from service import status as state_file
+from storage.compact import CompactionFailed, compact_all
+from storage.upload_job import make_uploader
+
+log = logging.getLogger("collector")
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+
+def check_config(cfg: config_mod.Config, args) -> int:
+    print(f"{cfg.path}: ok ({', '.join(f'{m.name}: {len(m.symbols)} symbols' for m in cfg.markets)})")
+    return EXIT_OK
+
+
+def status(cfg: config_mod.Config, args) -> int:
+    text, running = state_file.render(cfg.collector.data_dir)
+    print(text)
+    return EXIT_OK if running else EXIT_FAIL
+
+
+def verify(cfg: config_mod.Config, args) -> int:
+    from tools import verify as verify_mod
+
+    markets = [args.market] if args.market else [m.name for m in cfg.markets]
+    return verify_mod.main(cfg.collector.data_dir, markets, args.day, args.json)
+
+
+def compact(cfg: config_mod.Config, args=None) -> int:
+    return EXIT_OK if compact_now(cfg) else EXIT_FAIL
+
+
+def upload(cfg: config_mod.Config, args) -> int:
+    return upload_now(cfg, args.day, progress=sys.stderr.isatty())
+
+
+def compact_now(cfg: config_mod.Config) -> bool:
+    """`collector.py compact` (and the first step of `upload`), in this process; False if a
+    day failed (each is logged, and named in one error line)."""
+    try:
+        done = compact_all(cfg.collector.data_dir, cfg.collector.compression_level, now_us(),
+                           memory_budget=cfg.collector.compact_memory_mb << 20)
+    except CompactionFailed as e:
+        log.error("%s", e)
+        return False
+    log.info("compacted %d day folders", done)
+    return True
+
+
+def upload_now(cfg: config_mod.Config, day: str | None, progress: bool) -> int:
+    """`collector.py upload`: compact what is finished, then upload it; exit 0 only if all went up."""
+    from storage.upload import UploadError
+
+    compacted = compact_now(cfg)  # the other days still go up; failed ones stay as parts
+    try:
+        results = make_uploader(cfg, progress).run(only_day=day)
+    except UploadError as e:
+        log.error("%s", e)
+        return EXIT_CONFIG if "missing environment" in str(e) else EXIT_FAIL
+    log.info("upload done uploaded=%d skipped=%d deleted=%d failed_days=%s", results["uploaded"],
+             results["skipped"], results["deleted"], ",".join(results["days_failed"]) or "none")
+    return EXIT_FAIL if results["days_failed"] or not compacted else EXIT_OK
+
+
+def report(cfg: config_mod.Config, args) -> int:
+    from tools.report import report
+
+    if not args.day:
+        log.error("report needs --day YYYY-MM-DD")
+        return EXIT_CONFIG
+    for m in [args.market] if args.market else [m.name for m in cfg.markets]:
+        png, summary, _ = report(cfg.collector.data_dir, m, args.day, Path(args.out))
+        print(summary)
+        print(f"plot: {png}")
+    return EXIT_OK
+
+
+def export(cfg: config_mod.Config, args) -> int:
+    from tools.export import EXPORTS
+
+    if not (args.market and args.symbol and args.format):
+        log.error("export needs --market, --symbol and --format")
+        return EXIT_CONFIG
+    fn, suffix = EXPORTS[args.format]
+    out = Path(args.out) / f"{args.market}-{args.symbol}-{args.format}{suffix}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = fn(cfg.collector.data_dir, args.market, args.symbol.upper(), out)
+    print(f"{out}: {n} rows")
+    return EXIT_OK

@@ -1,0 +1,48 @@
+"""The service's periodic upload run (every `every_minutes`), off the recording threads;
+boto3 is only imported when uploads are enabled."""
+from __future__ import annotations
+
+import logging
+import threading
+
+import config as config_mod
+from service.threads import name_os_thread
+
+log = logging.getLogger("collector")
+
+
+def make_uploader(cfg: config_mod.Config, progress: bool = False):
+    from storage import upload  # boto3 is only imported when uploads are used
+
+    creds = upload.Credentials.from_env()
+    client = upload.make_client(creds, cfg.upload)
+    return upload.Uploader(client, creds, cfg.upload, cfg.collector.data_dir, upload.config_hash(cfg.path),
+                           progress=progress)
+
+
+class UploadJob(threading.Thread):
+    """The service's periodic upload run (every `every_minutes`), off the main thread."""
+
+    def __init__(self, cfg: config_mod.Config, stop: threading.Event):
+        super().__init__(name="uploader", daemon=True)
+        self.cfg, self.stop, self.kick = cfg, stop, threading.Event()
+        self.last: dict = {}
+        self.totals: dict[str, int] = {}
+
+    def run(self) -> None:
+        name_os_thread()
+        from storage.upload import UploadError
+
+        while not self.stop.is_set():
+            if self.kick.wait(1.0):
+                self.kick.clear()
+                try:
+                    self.last = make_uploader(self.cfg).run()
+                    for k in ("uploaded", "skipped", "deleted"):
+                        self.totals[k] = self.totals.get(k, 0) + self.last[k]
+                    if self.last["days_failed"]:
+                        log.error("upload: days still not uploaded: %s", ", ".join(self.last["days_failed"]))
+                except UploadError as e:
+                    log.error("%s", e)
+                except Exception:
+                    log.error("upload run failed; retried at the next run", exc_info=True)
