@@ -1,8 +1,10 @@
-"""What differs between Binance Spot and USD-M Futures, as data (STYLE rule 2).
+"""What differs between Binance Spot and USD-M Futures, as data: the one home of every
+market rule.
 
-Everything market-specific the collector needs (paths, stream-name suffixes, REST
-weights, the continuity rule, WebSocket limits) lives in one `Market` record, so
-the handlers and the simulator stay generic.
+Everything market-specific the collector, the simulator and the research tools need
+(paths, stream-name suffixes, REST weights, payload shapes, the continuity rule and how
+a diff joins a snapshot, WebSocket limits) lives in one `Market` record, so that the
+rest stays generic and a new market is a new row.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from typing import Callable
 
 
 def _spot_depth_weight(limit: int) -> int:
-    # GET /api/v3/depth weights since 2023-10-19 (BINANCE.md section 3).
+    # GET /api/v3/depth weights, as Binance documents them since 2023-10-19.
     if limit <= 100:
         return 5
     if limit <= 500:
@@ -41,10 +43,30 @@ class Market:
     snapshot_limits: frozenset[int]
     depth_weight: Callable[[int], int]
     exchange_info_weight: int
-    # "spot": U == previous u + 1; "futures": pu == previous u (ids skip between events)
-    continuity: str
+    # Continuity, as Binance documents it for keeping a local book: a spot diff continues
+    # the one before when `U <= previous u + 1` (normally equal; an overlapping window
+    # after a reconnect is still complete); a futures diff when `pu == previous u` (ids
+    # skip between a symbol's events, so U is never tested there).
+    chains_by_pu: bool
+    # futures depth payloads: diffs carry `T` and `pu`, partial depth is a diff-shaped
+    # event with the top levels (spot partial depth is {lastUpdateId, bids, asks})
+    futures_payloads: bool
     max_control_per_second: int
     max_streams_per_connection: int = 1024
+
+    def continues(self, U: int, pu: int | None, last_u: int) -> bool:
+        """Does the diff (U, pu) follow the diff that ended at `last_u` with nothing between?"""
+        return pu == last_u if self.chains_by_pu else U <= last_u + 1
+
+    def joins(self, U: int, u: int, snapshot_id: int) -> bool:
+        """Is the diff [U, u] the first to apply on a snapshot with lastUpdateId
+        `snapshot_id`? Spot: `U <= id + 1 <= u`; futures: `U <= id <= u`."""
+        return U <= snapshot_id <= u if self.chains_by_pu else U <= snapshot_id + 1 <= u
+
+    def predates(self, u: int, snapshot_id: int) -> bool:
+        """Is the diff ending at `u` already in the snapshot (to be skipped)? Spot `u <= id`,
+        futures `u < id`."""
+        return u < snapshot_id if self.chains_by_pu else u <= snapshot_id
 
     def diff_stream(self, symbol: str, speed: str) -> str:
         return f"{symbol.lower()}@depth{self.diff_speeds[speed]}"
@@ -64,7 +86,8 @@ SPOT = Market(
     snapshot_limits=frozenset(range(1, 5001)),
     depth_weight=_spot_depth_weight,
     exchange_info_weight=20,
-    continuity="spot",
+    chains_by_pu=False,
+    futures_payloads=False,
     max_control_per_second=5,
 )
 
@@ -79,7 +102,8 @@ FUTURES = Market(
     snapshot_limits=frozenset(_FUTURES_DEPTH_WEIGHTS),
     depth_weight=_futures_depth_weight,
     exchange_info_weight=1,
-    continuity="futures",
+    chains_by_pu=True,
+    futures_payloads=True,
     max_control_per_second=10,
 )
 

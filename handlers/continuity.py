@@ -1,11 +1,9 @@
-"""Per-symbol continuity of a diff stream, and duplicate detection (SPEC rules 2 and 4).
+"""Per-symbol continuity of a diff stream, and duplicate detection: the same diff is
+written once, and every break is named.
 
 Pure state, no I/O, so that it can be tested exhaustively. One instance per market,
-owned by that market's processor thread.
-
-Spot: an event continues the stream when `U <= last_u + 1` (normally `U == last_u + 1`;
-an overlapping window after a reconnect is still complete). Futures: `pu == last_u`;
-U is never tested there, since futures ids skip between events.
+owned by that market's processor thread. The rule of when a diff continues the one
+before it is the market's (`Market.continues` in markets.py).
 """
 from __future__ import annotations
 
@@ -13,6 +11,8 @@ from array import array
 from collections import deque
 
 import numpy as np
+
+from markets import Market
 
 OK, START, DUPLICATE, STALE, SEQUENCE, RECONNECT = (
     "ok", "start", "duplicate", "stale", "sequence", "reconnect")
@@ -63,10 +63,8 @@ class _Recent:
 
 
 class Continuity:
-    def __init__(self, rule: str, memory: int = 512):
-        if rule not in ("spot", "futures"):
-            raise ValueError(rule)
-        self.futures = rule == "futures"
+    def __init__(self, market: Market, memory: int = 512):
+        self.continues = market.continues
         self.memory = memory
         self.streams: dict[str, _Recent] = {}  # symbol -> its head, connection and recent ids
         self.since: dict[int, int] = {}  # connection -> when its first read was received (µs)
@@ -105,7 +103,7 @@ class Continuity:
         st.head = u
         last_conn, st.conn = st.conn, conn
         last_us, st.head_us = st.head_us, received_us
-        if (pu == last_u) if self.futures else (U <= last_u + 1):
+        if self.continues(U, pu, last_u):
             return OK, last_u
         if last_conn is None or conn == last_conn:
             return SEQUENCE, last_u
@@ -178,8 +176,8 @@ class PendingHoles:
     once (one connection losing events here and there while another lags); past
     `per_symbol` the oldest is confirmed at once, to bound memory."""
 
-    def __init__(self, futures: bool, wait: float = 1.0, per_symbol: int = 64):
-        self.futures, self.wait, self.per_symbol = futures, wait, per_symbol
+    def __init__(self, market: Market, wait: float = 1.0, per_symbol: int = 64):
+        self.continues, self.wait, self.per_symbol = market.continues, wait, per_symbol
         self.holes: dict[str, list[Hole]] = {}
 
     def open(self, symbol: str, detected_us: int, last_u: int, U: int, pu: int | None, now: float,
@@ -196,15 +194,9 @@ class PendingHoles:
         if not held:
             return False
         for i, hole in enumerate(held):
-            if self.futures:
-                if pu == hole.start:
-                    hole.start = u
-                closed = hole.start == hole.end_pu
-            else:
-                if U <= hole.start + 1:
-                    hole.start = max(hole.start, u)
-                closed = hole.start + 1 >= hole.end_U
-            if closed:
+            if self.continues(U, pu, hole.start):
+                hole.start = max(hole.start, u)
+            if self.continues(hole.end_U, hole.end_pu, hole.start):  # the event after the hole now follows
                 del held[i]
                 if not held:
                     del self.holes[symbol]

@@ -142,12 +142,12 @@ class FrameProcessor(PipelineThread):
         self.poll = 0.2
         self._idle = threading.Event()  # never set: an interruptible sleep (STOP arrives on the queue)
         self.routes = routes_for(cfg)
-        futures = cfg.market.continuity == "futures"
+        futures = cfg.market.futures_payloads
         self._diff_parse = parse.futures_depth if futures else parse.spot_diff
         self._futures = futures
-        self.continuity = cont.Continuity(cfg.market.continuity)
+        self.continuity = cont.Continuity(cfg.market)
         self.partial_dedup = cont.PartialDedup()
-        self.holes = cont.PendingHoles(futures)
+        self.holes = cont.PendingHoles(cfg.market)
         self.bufs = {DIFF: DepthColumns(DIFF), PARTIAL: DepthColumns(PARTIAL)}
         self.snapshots = SnapshotColumns()
         self.gaps = GapColumns()
@@ -243,6 +243,7 @@ class FrameProcessor(PipelineThread):
         against those functions on random streams."""
         decode, DecodeError = wire.decode_frame, wire.DecodeError
         routes, futures, stats = self.routes, self._futures, self.stats
+        chains_by_pu = self.cfg.market.chains_by_pu
         streams, check = self.continuity.streams, self.continuity.check
         dedup = self.partial_dedup
         seen_by_symbol, dedup_memory = dedup.seen, dedup.memory
@@ -274,7 +275,8 @@ class FrameProcessor(PipelineThread):
                         and u is not None and b and a:
                     diffs += 1
                     st = streams.get(symbol)
-                    if st is not None and u > (last_u := st.head) and ((pu == last_u) if futures else (U <= last_u + 1)):
+                    # Market.continues, written out
+                    if st is not None and u > (last_u := st.head) and ((pu == last_u) if chains_by_pu else (U <= last_u + 1)):
                         ring, n = st.ring, st.n  # Continuity.check's "ok", written out
                         ring[n % len(ring)] = u
                         st.n, st.head, st.conn, st.head_us = n + 1, u, conn, received_us

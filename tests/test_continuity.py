@@ -5,6 +5,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from handlers.continuity import DUPLICATE, OK, RECONNECT, SEQUENCE, STALE, START, Continuity, PartialDedup
+from markets import FUTURES, SPOT
 
 
 def spot_events(spans):
@@ -31,7 +32,7 @@ def test_spot_drops_are_gaps_and_repeats_are_duplicates(spans, data):
     events = spot_events(spans)
     dropped = data.draw(st.sets(st.integers(1, len(events) - 1)))
     repeated = data.draw(st.sets(st.integers(0, len(events) - 1)))
-    c = Continuity("spot")
+    c = Continuity(SPOT)
     statuses = []
     for i, (U, u, pu) in enumerate(events):
         if i in dropped:
@@ -60,7 +61,7 @@ def test_spot_drops_are_gaps_and_repeats_are_duplicates(spans, data):
 def test_futures_uses_pu_never_U(spans, skips, data):
     events = futures_events(spans, skips)
     dropped = data.draw(st.sets(st.integers(1, len(events) - 1)))
-    c = Continuity("futures")
+    c = Continuity(FUTURES)
     prev = None
     for i, (U, u, pu) in enumerate(events):
         if i in dropped:
@@ -72,7 +73,7 @@ def test_futures_uses_pu_never_U(spans, skips, data):
 
 
 def test_reconnect_is_named_and_stale_is_kept():
-    c = Continuity("spot")
+    c = Continuity(SPOT)
     assert c.check("X", 1, 5, None, conn=1)[0] == START
     assert c.check("X", 6, 9, None, conn=1)[0] == OK
     assert c.check("X", 20, 25, None, conn=2) == (RECONNECT, 9)
@@ -96,13 +97,13 @@ def test_partial_dedup_across_connections_only():
 
 def test_reordering_across_connections_is_not_a_gap():
     from handlers.continuity import PendingHoles
-    spot = PendingHoles(futures=False, wait=1.0)
+    spot = PendingHoles(SPOT, wait=1.0)
     # head u=10 on the old connection; the new one delivers U=16..20 first
     assert spot.open("X", detected_us=5, last_u=10, U=16, pu=None, now=0.0) is None
     assert not spot.fill("X", 11, 13, None)   # the old connection catches up ...
     assert spot.fill("X", 14, 15, None)       # ... and closes the hole: no gap
     assert spot.due(now=None) == []
-    futures = PendingHoles(futures=True, wait=1.0)
+    futures = PendingHoles(FUTURES, wait=1.0)
     futures.open("X", detected_us=5, last_u=100, U=130, pu=120, now=0.0)
     assert not futures.fill("X", 101, 110, 100)
     assert futures.fill("X", 115, 120, 110)
@@ -150,7 +151,7 @@ def test_duplicate_memory_is_compact():
     symbols)."""
     import tracemalloc
     tracemalloc.start()
-    c = Continuity("spot")
+    c = Continuity(SPOT)
     base = tracemalloc.get_traced_memory()[0]
     for s in range(2000):
         c.check(f"S{s}", 1, 1, None, 1)
@@ -166,7 +167,7 @@ def test_duplicate_memory_is_compact():
 
 
 def test_head_and_seed_for_journal_recovery():
-    c = Continuity("futures")
+    c = Continuity(FUTURES)
     assert c.head("X") is None
     c.seed("X", 100)  # from the part files on disk: connection unknown
     assert c.head("X") == 100
@@ -177,7 +178,7 @@ def test_head_and_seed_for_journal_recovery():
 
 def test_several_holes_of_one_symbol_are_held_and_filled_apart():
     from handlers.continuity import PendingHoles
-    spot = PendingHoles(futures=False, wait=1.0)
+    spot = PendingHoles(SPOT, wait=1.0)
     # one connection lost 11-12 and 16 of a stream; the other, a little behind, brings them
     assert spot.open("X", detected_us=5, last_u=10, U=13, pu=None, now=0.0) is None
     assert spot.open("X", detected_us=6, last_u=15, U=17, pu=None, now=0.1) is None
@@ -185,7 +186,7 @@ def test_several_holes_of_one_symbol_are_held_and_filled_apart():
     assert spot.fill("X", 11, 12, None)
     assert spot.due(now=None) == []
     # past per_symbol held holes the oldest is confirmed at once
-    capped = PendingHoles(futures=False, wait=1.0, per_symbol=2)
+    capped = PendingHoles(SPOT, wait=1.0, per_symbol=2)
     for i in range(3):
         oldest = capped.open("X", detected_us=i, last_u=10 * i, U=10 * i + 5, pu=None, now=0.0)
     assert oldest is not None and oldest.detected_us == 0
@@ -193,7 +194,7 @@ def test_several_holes_of_one_symbol_are_held_and_filled_apart():
 
 
 def test_a_break_on_a_connection_that_was_there_all_along_is_sequence():
-    c = Continuity("spot")
+    c = Continuity(SPOT)
     c.saw(1, 100)
     c.saw(2, 150)
     assert c.check("X", 1, 5, None, conn=1, received_us=200)[0] == START

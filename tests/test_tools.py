@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from markets import FUTURES
 from simulator import Simulator
 from simulator.server import load_capture
 from storage.files import write_table_atomic
@@ -222,7 +223,7 @@ def test_a_snapshot_is_compared_after_the_diff_that_ends_at_its_id():
 
     chain = [diff(5, 10, 4, [(100.0, 1.0)]), diff(11, 20, 10, [(99.0, 2.0)]), diff(21, 30, 20, [(99.0, 3.0)])]
     snaps = [snap(10, [(100.0, 1.0)]), snap(30, [(99.0, 3.0), (100.0, 1.0)])]
-    out = _rebuild(chain, snaps, [], futures=True)
+    out = _rebuild(chain, snaps, [], FUTURES)
     assert out["snapshots_compared"] == 1
     assert out["snapshot_levels_same"] == out["snapshot_levels_compared"] == 3  # 99.0 at 3.0, 100.0 and the ask
 
@@ -233,7 +234,7 @@ def test_book_crossed_and_negative_agree_with_a_full_scan(ops):
     whole book gives, after every diff."""
     from tools.book import Book
 
-    book = Book(futures=True)
+    book = Book(FUTURES)
     book.reset(1, [95.0], [1.0], [105.0], [1.0])
     for i, (bid, price, qty) in enumerate(ops):
         side = ([float(price)], [qty], [], []) if bid else ([], [], [float(price)], [qty])

@@ -1,13 +1,17 @@
 """An order book rebuilt from a REST snapshot plus the diffs after it, following Binance's
-documented procedure for each market (BINANCE.md section 6)."""
+documented procedure for keeping a local book: skip the diffs the snapshot already holds,
+start from the one that joins it, then apply diffs while each continues the one before
+(the market's rules: `Market.predates`, `Market.joins`, `Market.continues`)."""
 from __future__ import annotations
+
+from markets import Market
 
 
 class Book:
-    __slots__ = ("bids", "asks", "last_u", "synced", "snapshot_id", "futures", "_best_bid", "_best_ask", "negatives")
+    __slots__ = ("bids", "asks", "last_u", "synced", "snapshot_id", "market", "_best_bid", "_best_ask", "negatives")
 
-    def __init__(self, futures: bool):
-        self.futures = futures
+    def __init__(self, market: Market):
+        self.market = market
         self.bids: dict[float, float] = {}
         self.asks: dict[float, float] = {}
         self.last_u: int | None = None
@@ -30,16 +34,14 @@ class Book:
         """How a diff relates to the book: 'stale' (skip), 'apply', or 'gap' (resync needed)."""
         if self.snapshot_id is None:
             return "gap"
-        L = self.snapshot_id
+        L, m = self.snapshot_id, self.market
         if not self.synced:
-            if (u < L) if self.futures else (u <= L):
+            if m.predates(u, L):
                 return "stale"
-            joins = (U <= L <= u) if self.futures else (U <= L + 1 <= u)
-            return "apply" if joins else "gap"
+            return "apply" if m.joins(U, u, L) else "gap"
         if u <= self.last_u:
             return "stale"
-        linked = (pu == self.last_u) if self.futures else (U <= self.last_u + 1)
-        return "apply" if linked else "gap"
+        return "apply" if m.continues(U, pu, self.last_u) else "gap"
 
     def apply(self, u: int, bid_p, bid_s, ask_p, ask_s) -> None:
         self._best_bid, neg_bids = _apply_side(self.bids, bid_p, bid_s, self._best_bid, 1)

@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
+from markets import MARKETS
 from tools.book import Book
 
 TIME_COLUMN = {"gaps": "detected_time"}
@@ -70,7 +71,7 @@ def synced_updates(data_dir, market: str, symbol: str, end_us: int | None = None
     when a snapshot (re)syncs the book (yielded just before the first diff that joins it),
     then ("diff", row, book) per applied diff. After a gap nothing is yielded until the
     next snapshot joins the stream again."""
-    book = Book(futures=market == "futures")
+    book = Book(MARKETS[market])
     pending = None
     for _, _, _, what, row in _events(data_dir, market, symbol, end_us):
         if what == "snapshot":
@@ -80,7 +81,7 @@ def synced_updates(data_dir, market: str, symbol: str, end_us: int | None = None
             continue
         verdict = book.offer(row["first_update_id"], row["final_update_id"], row["prev_final_update_id"])
         if verdict == "gap":
-            book, pending = Book(futures=book.futures), None
+            book, pending = Book(book.market), None
             continue
         if verdict == "stale":
             continue

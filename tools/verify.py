@@ -1,7 +1,7 @@
 """`collector.py verify`: what can be proven about recorded days.
 
-Per symbol: rows; the diff chain rebuilt from the data (spot U <= u_prev + 1, futures
-pu == u_prev) with every break matched against the `gaps` rows recorded; duplicates; rows
+Per symbol: rows; the diff chain rebuilt from the data (the market's continuity rule,
+`Market.continues`) with every break matched against the `gaps` rows recorded; duplicates; rows
 out of order; holes in time coverage; and the strongest check: the book rebuilt from each
 REST snapshot plus the diffs after it, compared with the next snapshot (levels both cover)
 and with every partial-depth frame of the same update id (Binance's free checksum).
@@ -13,6 +13,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from markets import MARKETS, Market
 from tools.book import Book, agreement
 from tools.data import load
 
@@ -27,7 +28,7 @@ def _day_range(day: str | None):
     return start, start + US_PER_DAY
 
 
-def verify_symbol(diffs: list, snaps: list, partials: list, gaps: list, futures: bool) -> dict:
+def verify_symbol(diffs: list, snaps: list, partials: list, gaps: list, market: Market) -> dict:
     r = {"diffs": len(diffs), "snapshots": len(snaps), "partials": len(partials), "problems": []}
     ids = Counter(d["final_update_id"] for d in diffs)
     r["duplicates"] = sum(n - 1 for n in ids.values() if n > 1)
@@ -38,9 +39,7 @@ def verify_symbol(diffs: list, snaps: list, partials: list, gaps: list, futures:
     chain = sorted({d["final_update_id"]: d for d in diffs}.values(), key=lambda d: d["final_update_id"])
     breaks = []
     for a, b in zip(chain, chain[1:], strict=False):
-        linked = (b["prev_final_update_id"] == a["final_update_id"]) if futures else \
-            (b["first_update_id"] <= a["final_update_id"] + 1)
-        if not linked:
+        if not market.continues(b["first_update_id"], b["prev_final_update_id"], a["final_update_id"]):
             breaks.append((a["final_update_id"], b["first_update_id"]))
     recorded = [(g["last_final_update_id"], g["next_first_update_id"]) for g in gaps]
     unexplained = [br for br in breaks if not any((lf is None or lf <= br[0]) and nf >= br[1] for lf, nf in recorded)]
@@ -49,11 +48,11 @@ def verify_symbol(diffs: list, snaps: list, partials: list, gaps: list, futures:
         r["problems"].append(f"{len(unexplained)} breaks in the diff chain with no gap row")
     if r["duplicates"]:
         r["problems"].append(f"{r['duplicates']} diffs written more than once")
-    r.update(_rebuild(chain, snaps, partials, futures))
+    r.update(_rebuild(chain, snaps, partials, market))
     return r
 
 
-def _rebuild(chain: list, snaps: list, partials: list, futures: bool) -> dict:
+def _rebuild(chain: list, snaps: list, partials: list, market: Market) -> dict:
     # A snapshot with lastUpdateId L holds every event up to L: it (re)starts an unsynced
     # book before the diff ending at L (which joins it), but a synced book is compared
     # with it only after that diff is applied.
@@ -62,7 +61,7 @@ def _rebuild(chain: list, snaps: list, partials: list, futures: bool) -> dict:
     events += [(d["final_update_id"], 1, "diff", d) for d in chain]
     events += [(p["final_update_id"], 2, "partial", p) for p in partials]
     events.sort(key=lambda e: (e[0], e[1]))
-    book = Book(futures)
+    book = Book(market)
     out = {"snapshot_levels_same": 0, "snapshot_levels_compared": 0, "snapshots_compared": 0,
            "partial_frames_compared": 0, "partial_frames_identical": 0, "crossed": 0, "negative": 0,
            "resyncs": 0}
@@ -92,7 +91,7 @@ def _rebuild(chain: list, snaps: list, partials: list, futures: bool) -> dict:
         if verdict == "gap":
             if book.synced:
                 out["resyncs"] += 1
-            book = Book(futures)
+            book = Book(market)
             continue
         if verdict == "apply":
             book.apply(row["final_update_id"], *levels)
@@ -118,7 +117,7 @@ def verify(data_dir: Path, market: str, day: str | None = None) -> dict:
     group = lambda rows: {s: [r for r in rows if r["symbol"] == s] for s in {r["symbol"] for r in rows}}  # noqa: E731
     d, s, p, g = group(diffs), group(optional["orderbooks"]), group(optional["partial_orderbooks"]), group(optional["gaps"])
     for symbol in sorted(d):
-        r = verify_symbol(d[symbol], s.get(symbol, []), p.get(symbol, []), g.get(symbol, []), market == "futures")
+        r = verify_symbol(d[symbol], s.get(symbol, []), p.get(symbol, []), g.get(symbol, []), MARKETS[market])
         if r["crossed"]:
             r["problems"].append(f"{r['crossed']} crossed books after a diff")
         if r["negative"]:
