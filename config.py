@@ -1,4 +1,4 @@
-"""config.ini -> frozen dataclasses, validated once at start (STYLE rule 8).
+"""config.ini -> frozen dataclasses, validated once at start: unknown keys and bad values are refused, never defaulted.
 
 Every error names the file, the section and the key, in one line, and is raised as
 `ConfigError`; `collector.py` turns it into exit status 2.

@@ -22,6 +22,7 @@ from handlers.inbox import Inbox
 from handlers.snapshots import Snapshotter, WeightBudget
 from handlers.stamped import wall_us
 from handlers.websocket import AttemptLimiter, BatchCopies, StreamBatch, combined_url
+from service.counters import Counters
 from storage.compact import Compactor
 from storage.journal import Journal, journal_dir
 from storage.writer import STOP, PartWriter
@@ -51,34 +52,42 @@ class MarketPipeline:
             b.start()
         self.snapshotter.start()
 
-    def connections(self) -> tuple[int, int, list[str]]:
-        """(connections live, connections configured, the batches that run on fewer than
-        configured as "name:live/n"): the one count the status line, the state file, the
-        metrics and systemd's status all show."""
-        degraded = []
-        live = 0
-        for g in self.groups:
-            n = g.live()
-            live += n
-            if n < g.n:
-                degraded.append(f"{g.name}:{n}/{g.n}")
-        return live, sum(g.n for g in self.groups), degraded
+    def counters(self) -> Counters:
+        """Every counter of this market's threads, at this moment."""
+        p, w, ss, batches = self.processor.stats, self.writer.stats, self.snapshotter.stats, self.batches
+        groups = [(g.name, g.live(), g.n) for g in self.groups]
+        per = self.cfg.symbols_per_connection
+        return Counters(
+            market=self.cfg.name, symbols=len(self.cfg.symbols), streams=2 * len(self.cfg.symbols),
+            streams_live=sum(2 * len(self.cfg.symbols[i * per:(i + 1) * per])
+                             for i, (_, live, _) in enumerate(groups) if live),
+            connections_live=sum(live for _, live, _ in groups), connections=sum(n for _, _, n in groups),
+            degraded=tuple(f"{name}:{live}/{n}" for name, live, n in groups if live < n),
+            batches=tuple(groups), last_data_us=tuple((b.name, b.stats.last_frame_us) for b in batches),
+            connects=sum(b.stats.connects for b in batches), rotations=sum(b.stats.rotations for b in batches),
+            dead=sum(b.stats.dead for b in batches), last_attempt=max((b.stats.last_attempt for b in batches), default=0.0),
+            frames=dict(p.frames), gaps=p.gaps, gaps_by_reason=dict(p.gaps_by_reason), duplicates=p.duplicates,
+            malformed=p.malformed, queue=self.inbox.qsize(), rows_written=dict(w.rows), files=w.files,
+            bytes_written=w.bytes, write_errors=w.errors, rows_lost=w.lost_rows, snapshot_rows=p.snapshots,
+            snapshots_ok=ss.ok, snapshots_failed=ss.failed, snapshots_rate_limited=ss.rate_limited,
+            snapshot_latency_sum=ss.latency_sum, last_snapshot_us=ss.last_ok_us,
+            weight_used=self.snapshotter.budget.used, weight_cap=self.snapshotter.budget.cap,
+            processor_heartbeat=p.heartbeat, writer_heartbeat=w.heartbeat)
 
     def status_line(self, last: dict) -> str:
         """One line: rates since the previous call (state kept in `last`), then totals."""
-        p, w = self.processor.stats, self.writer.stats
-        counts = {**p.frames, "snap": p.snapshots}
+        c = self.counters()
+        counts = {**c.frames, "snap": c.snapshot_rows}
         now = time.monotonic()
         elapsed = max(1e-3, now - last.get("_t", now - 1e-3))
         rates = " ".join(f"{k.split('_')[0]}={(v - last.get(k, 0)) / elapsed:.1f}/s" for k, v in counts.items())
         last.update(counts, _t=now)
-        live, configured, degraded = self.connections()
-        return (f"status market={self.cfg.name} {rates} connections={live}/{configured} "
-                f"degraded={','.join(degraded) or 'none'} "
-                f"snapshots_ok={self.snapshotter.stats.ok} snapshots_failed={self.snapshotter.stats.failed} "
-                f"gaps={p.gaps} duplicates={p.duplicates} malformed={p.malformed} "
-                f"queue={self.inbox.qsize()} rows_written={sum(w.rows.values())} "
-                f"files={w.files} write_errors={w.errors}")
+        return (f"status market={c.market} {rates} connections={c.connections_live}/{c.connections} "
+                f"degraded={','.join(c.degraded) or 'none'} "
+                f"snapshots_ok={c.snapshots_ok} snapshots_failed={c.snapshots_failed} "
+                f"gaps={c.gaps} duplicates={c.duplicates} malformed={c.malformed} "
+                f"queue={c.queue} rows_written={sum(c.rows_written.values())} "
+                f"files={c.files} write_errors={c.write_errors}")
 
 
 def build_market(cfg: config_mod.MarketConfig, c: config_mod.CollectorConfig, stop: threading.Event,

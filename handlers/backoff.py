@@ -1,4 +1,4 @@
-"""Capped, jittered exponential backoff (STYLE rule 6), as a small pure function."""
+"""Capped, jittered exponential backoff for reconnects, as a small pure function."""
 from __future__ import annotations
 
 import random

@@ -378,7 +378,7 @@ class FrameProcessor(PipelineThread):
             self.bufs[kind].append(received_us, *row)
 
     def _accept(self, kind: str, received_us: int, symbol: str, row: tuple, conn: int) -> bool:
-        """Continuity and duplicates; False for a duplicate (written once, SPEC rule 2)."""
+        """Continuity and duplicates; False for a duplicate (the same diff is written once)."""
         _, _, U, u, pu, _, _, _ = row
         if kind == DIFF:
             status, last_u = self.continuity.check(symbol, U, u, pu, conn, received_us)

@@ -1,5 +1,5 @@
 """Binance payloads -> row values. Pure functions, no I/O; each returns None for a
-payload that is not well formed (SPEC rule 3: counted and skipped by the caller).
+payload that is not well formed (a malformed frame is counted and skipped by the caller, never a row).
 
 Unknown fields are ignored (futures added `st` and `ps` in 2026). Levels are passed
 through as sent; storage.columns converts and checks them in bulk.

@@ -1,7 +1,7 @@
 """WebSocket readers: one supervisor thread per batch of symbols, one reader thread
 per open connection.
 
-A reader does the least work possible per frame (STYLE rule 5): `recv_data()`, stamp
+A reader does the least work possible per frame (the hot path only stamps and hands over): `recv_data()`, stamp
 `received_time` in µs, put `(WS, received_us, conn_id, [bytes, ...])` on the market's
 queue: every frame one socket read completed, in one item (one hand-over a read rather
 than one a frame). The stamp is the kernel's receive time of the read that completed the

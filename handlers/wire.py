@@ -6,7 +6,7 @@ decodes the scalars into the shapes below and checks their types while it parses
 C). The level lists it leaves as JSON text (`msgspec.Raw`, no object per level): the
 column buffers check and convert them in bulk (`storage.columns.raw_levels`), and a row
 whose levels are not pairs of decimal strings is dropped there and reported, as the
-general path does (SPEC rule 3; a dropped diff leaves a `malformed` gap row).
+general path does (a malformed frame is never a row; a dropped diff leaves a `malformed` gap row).
 
 Both markets' depth payloads fit one `Data` (a payload's missing fields stay None, a
 missing level list stays an empty Raw):
@@ -16,7 +16,7 @@ missing level list stays an empty Raw):
     futures diff and partial: as the spot diff, plus "T" and "pu"
 
 A frame this refuses (a control reply, serverShutdown, anything malformed) is judged by
-the processor's general path, exactly as before (SPEC rules 1 and 3).
+the processor's general path, exactly as before (a well-formed message is never dropped; a malformed one is counted and skipped).
 """
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ class MainLoop:
         return None
 
     def live(self) -> bool:
-        return all(b.reader is not None and b.reader.delivering.is_set() for p in self.pipelines for b in p.batches)
+        """Every configured connection delivers data."""
+        return all(c.connections_live == c.connections for c in (p.counters() for p in self.pipelines))
 
     def healthy(self) -> tuple[bool, str]:
         """Really moving, not just alive: processor and writer loops turn, and frames arrive
@@ -55,15 +56,15 @@ class MainLoop:
         now = time.monotonic()
         window = max(60.0, 4 * self.cfg.collector.ws_dead_after)
         for p in self.pipelines:
-            if now - p.processor.stats.heartbeat > 15:
-                return False, f"processor-{p.cfg.name} has not turned for {now - p.processor.stats.heartbeat:.0f}s"
-            if now - p.writer.stats.heartbeat > 15:
-                return False, f"writer-{p.cfg.name} has not turned for {now - p.writer.stats.heartbeat:.0f}s"
-            last_frame = max(b.stats.last_frame_us for b in p.batches)
-            frame_age = (self.now_us() - last_frame) / 1e6 if last_frame else now - self.started
-            attempt_age = now - max(b.stats.last_attempt for b in p.batches)
+            c = p.counters()
+            if now - c.processor_heartbeat > 15:
+                return False, f"processor-{c.market} has not turned for {now - c.processor_heartbeat:.0f}s"
+            if now - c.writer_heartbeat > 15:
+                return False, f"writer-{c.market} has not turned for {now - c.writer_heartbeat:.0f}s"
+            frame_age = (self.now_us() - c.last_data) / 1e6 if c.last_data else now - self.started
+            attempt_age = now - c.last_attempt
             if frame_age > window and attempt_age > window:
-                return False, f"{p.cfg.name}: no frame for {frame_age:.0f}s and no reconnect attempt"
+                return False, f"{c.market}: no frame for {frame_age:.0f}s and no reconnect attempt"
         return True, ""
 
     def feed_watchdog(self) -> None:
@@ -80,19 +81,19 @@ class MainLoop:
     def update_rates(self) -> None:
         now = time.monotonic()
         for p in self.pipelines:
-            count = sum(p.processor.stats.frames.values())
-            t0, c0 = self.last_counts.get(p.cfg.name, (self.started, 0))
+            c = p.counters()
+            count = sum(c.frames.values())
+            t0, c0 = self.last_counts.get(c.market, (self.started, 0))
             if now > t0:
-                self.rates[p.cfg.name] = (count - c0) / (now - t0)
-            self.last_counts[p.cfg.name] = (now, count)
+                self.rates[c.market] = (count - c0) / (now - t0)
+            self.last_counts[c.market] = (now, count)
 
     def summary(self) -> str:
         parts = []
-        for p in self.pipelines:
-            live, configured, degraded = p.connections()
-            state = " (degraded)" if degraded else ""
-            parts.append(f"{p.cfg.name}: {live}/{configured} connections{state}, {self.rates.get(p.cfg.name, 0):.0f} msgs/s, "
-                         f"gaps {p.processor.stats.gaps}, queue {p.inbox.qsize()}")
+        for c in (p.counters() for p in self.pipelines):
+            state = " (degraded)" if c.degraded else ""
+            parts.append(f"{c.market}: {c.connections_live}/{c.connections} connections{state}, "
+                         f"{self.rates.get(c.market, 0):.0f} msgs/s, gaps {c.gaps}, queue {c.queue}")
         return "; ".join(parts)
 
     def log_status(self) -> None:

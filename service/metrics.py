@@ -44,34 +44,36 @@ class PipelineMetrics:
         dead = c("connections_dead", "connections replaced for delivering no data for ws_dead_after", ["market"])
         now = self.now_us()
         for p in self.pipelines:
-            m, ps, ws, ss = p.cfg.name, p.processor.stats, p.writer.stats, p.snapshotter.stats
-            for kind, n in ps.frames.items():
+            k = p.counters()
+            m = k.market
+            for kind, n in k.frames.items():
                 frames.add_metric([m, kind], n)
-            for kind, n in ws.rows.items():
+            for kind, n in k.rows_written.items():
                 rows.add_metric([m, kind], n)
-            for reason, n in ps.gaps_by_reason.items():
+            for reason, n in k.gaps_by_reason.items():
                 gaps.add_metric([m, reason], n)
-            dupes.add_metric([m], ps.duplicates)
-            malformed.add_metric([m], ps.malformed)
-            connects.add_metric([m], sum(b.stats.connects for b in p.batches))
-            rotations.add_metric([m], sum(b.stats.rotations for b in p.batches))
-            for result, n in (("ok", ss.ok), ("failed", ss.failed), ("rate_limited", ss.rate_limited)):
+            dupes.add_metric([m], k.duplicates)
+            malformed.add_metric([m], k.malformed)
+            connects.add_metric([m], k.connects)
+            rotations.add_metric([m], k.rotations)
+            for result, n in (("ok", k.snapshots_ok), ("failed", k.snapshots_failed),
+                              ("rate_limited", k.snapshots_rate_limited)):
                 snaps.add_metric([m, result], n)
-            latency.add_metric([m], ss.ok, ss.latency_sum)
-            weight.add_metric([m], p.snapshotter.budget.used)
-            weight_cap.add_metric([m], p.snapshotter.budget.cap)
-            depth.add_metric([m], p.inbox.qsize())
-            written.add_metric([m], ws.bytes)
-            errors.add_metric([m], ws.errors)
-            lost.add_metric([m], ws.lost_rows)
-            for b in p.batches:
-                if b.stats.last_frame_us:
-                    age.add_metric([m, b.name], max(0.0, (now - b.stats.last_frame_us) / 1e6))
-            for group in p.groups:
-                batch_live.add_metric([m, group.name], group.live())
-                batch_want.add_metric([m, group.name], group.n)
-            degraded.add_metric([m], len(p.connections()[2]))
-            dead.add_metric([m], sum(b.stats.dead for b in p.batches))
+            latency.add_metric([m], k.snapshots_ok, k.snapshot_latency_sum)
+            weight.add_metric([m], k.weight_used)
+            weight_cap.add_metric([m], k.weight_cap)
+            depth.add_metric([m], k.queue)
+            written.add_metric([m], k.bytes_written)
+            errors.add_metric([m], k.write_errors)
+            lost.add_metric([m], k.rows_lost)
+            for connection, us in k.last_data_us:
+                if us:
+                    age.add_metric([m, connection], max(0.0, (now - us) / 1e6))
+            for batch, live, configured in k.batches:
+                batch_live.add_metric([m, batch], live)
+                batch_want.add_metric([m, batch], configured)
+            degraded.add_metric([m], len(k.degraded))
+            dead.add_metric([m], k.dead)
         yield from (frames, rows, gaps, dupes, malformed, connects, rotations, snaps, latency, weight, weight_cap,
                     depth, written, errors, lost, age, batch_live, batch_want, degraded, dead)
         if self.upload_job is not None:

@@ -13,24 +13,20 @@ STATE_FILE = ".status.json"
 def snapshot(pipelines, upload_job, rates: dict, now_us: int) -> dict:
     markets = {}
     for p in pipelines:
-        ps, ss = p.processor.stats, p.snapshotter.stats
-        per = p.cfg.symbols_per_connection
-        live, configured, degraded = p.connections()
-        markets[p.cfg.name] = {
-            "symbols": len(p.cfg.symbols),
-            # a batch's streams are live while at least one of its connections delivers
-            "streams_live": sum(2 * len(p.cfg.symbols[i * per:(i + 1) * per])
-                                for i, g in enumerate(p.groups) if g.live()),
-            "streams": 2 * len(p.cfg.symbols),
-            "connections_live": live,
-            "connections": configured,
-            "degraded": degraded,
-            "msgs_per_s": rates.get(p.cfg.name, 0.0),
-            "gaps": dict(ps.gaps_by_reason),
-            "last_snapshot_age_s": round((now_us - ss.last_ok_us) / 1e6, 1) if ss.last_ok_us else None,
-            "queue": p.inbox.qsize(),
-            "rows_written": sum(p.writer.stats.rows.values()),
-            "write_errors": p.writer.stats.errors,
+        c = p.counters()
+        markets[c.market] = {
+            "symbols": c.symbols,
+            "streams_live": c.streams_live,  # a batch's streams are live while one of its connections delivers
+            "streams": c.streams,
+            "connections_live": c.connections_live,
+            "connections": c.connections,
+            "degraded": list(c.degraded),
+            "msgs_per_s": rates.get(c.market, 0.0),
+            "gaps": dict(c.gaps_by_reason),
+            "last_snapshot_age_s": round((now_us - c.last_snapshot_us) / 1e6, 1) if c.last_snapshot_us else None,
+            "queue": c.queue,
+            "rows_written": sum(c.rows_written.values()),
+            "write_errors": c.write_errors,
         }
     return {"pid": os.getpid(), "time": time.time(), "markets": markets,
             "last_upload": upload_job.last if upload_job is not None else None}

@@ -1,4 +1,4 @@
-"""Real Binance captures (../shared/data, from cryptofeed's sample data) as a replay source.
+"""Real Binance captures (tests/data, from cryptofeed's sample data) as a replay source.
 
 `*.ws.1.0`: first line is the URL opened, then `RECEIVE_TIME: {"stream":..,"data":..}`.
 `*.http.0.0`: `URL -> RECEIVE_TIME: BODY`, one REST call per line.

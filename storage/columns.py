@@ -1,10 +1,10 @@
 """Column buffers: rows are appended as plain Python values on the hot path and turned
-into Arrow columns in bulk (STYLE rule 5: batch everything else).
+into Arrow columns in bulk (the hot path hands over; everything else is batched).
 
 Levels arrive as Binance sends them, `[["price", "qty"], ...]` with decimal strings.
 They are converted for many rows at once, one string->double cast per side. A batch that
 fails the bulk conversion is checked row by row so that only the malformed rows are
-dropped (SPEC rule 3), and reported.
+dropped (never a row), and reported.
 
 The fast path (`raw_levels`) never makes a Python object per level: it takes each side's
 JSON text as msgspec left it (`msgspec.Raw`), proves in bulk that every row is a list of

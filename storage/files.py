@@ -1,4 +1,4 @@
-"""Atomic Parquet files and the output tree of SPEC.md.
+"""Atomic Parquet files and the output tree (docs/data.md).
 
     data_dir/<market>/<kind>/YYYY-MM-DD.parquet          a finished (compacted) day
     data_dir/<market>/<kind>/YYYY-MM-DD/part-*.parquet   the current day, in parts

@@ -1,4 +1,4 @@
-"""The Arrow schemas of SPEC.md, one per data kind, and each kind's sort order."""
+"""The Arrow schemas of the output (docs/data.md), one per data kind, and each kind's sort order."""
 from __future__ import annotations
 
 import pyarrow as pa

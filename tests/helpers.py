@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 ROOT = Path(__file__).resolve().parent.parent
-# A copy of ../shared/data (real Binance captures from cryptofeed's sample data), kept in the repo so
+# Real Binance captures (from cryptofeed's sample data), kept in the repo so
 # that CI on a fresh machine has them.
 SHARED_DATA = ROOT / "tests" / "data"
 

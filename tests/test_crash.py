@@ -1,4 +1,4 @@
-"""SIGKILL at random moments, restart, and the 1-second rule (SPEC rule 7): everything
+"""SIGKILL at random moments, restart, and the 1-second rule of crash safety: everything
 received more than 1 s before a kill is on disk and readable, nothing twice, no corrupt file."""
 from __future__ import annotations
 

@@ -52,7 +52,7 @@ def test_sigint_also_stops_cleanly(tmp_path):
         finally:
             proc.kill()
     assert rc == 0, proc.log
-    assert took < 10  # SPEC: within 10 s (generous: the real figure is about 1 s)
+    assert took < 10  # the contract: within 10 s (generous: the real figure is about 1 s)
     assert read_kind(tmp_path / "data", "futures", "diff_orderbooks").num_rows > 0
 
 

@@ -1,0 +1,50 @@
+"""One market pipeline's counters at one moment, typed: the one thing the status line,
+the Prometheus metrics, the state file behind `collector.py status` and systemd's
+STATUS= read. `pipeline.MarketPipeline.counters()` takes it from the threads' own stats
+(nothing is added to the per-message path)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Counters:
+    market: str
+    symbols: int
+    streams: int                    # configured (two per symbol)
+    streams_live: int               # in batches that have at least one connection delivering
+    connections_live: int           # delivering data now
+    connections: int                # configured: batches x ws_redundancy
+    degraded: tuple[str, ...]       # "ws-spot-0:1/2" for each batch on fewer connections than configured
+    batches: tuple[tuple[str, int, int], ...]          # (batch, connections live, configured)
+    last_data_us: tuple[tuple[str, int], ...]          # (connection copy, its last data frame's stamp)
+    connects: int                   # connections opened (reconnects and rotations included)
+    rotations: int
+    dead: int                       # replaced for delivering no data for ws_dead_after
+    last_attempt: float             # monotonic time of the last connection attempt
+    frames: dict[str, int]          # data frames processed, by kind (copies included)
+    gaps: int
+    gaps_by_reason: dict[str, int]
+    duplicates: int                 # frames dropped as already written
+    malformed: int
+    queue: int                      # frames waiting for the processor
+    rows_written: dict[str, int]    # rows published in part files, by kind
+    files: int
+    bytes_written: int
+    write_errors: int
+    rows_lost: int
+    snapshot_rows: int              # snapshots the processor took in
+    snapshots_ok: int
+    snapshots_failed: int
+    snapshots_rate_limited: int
+    snapshot_latency_sum: float     # seconds, over snapshots_ok
+    last_snapshot_us: int
+    weight_used: int
+    weight_cap: int
+    processor_heartbeat: float      # monotonic time of the loop's last turn
+    writer_heartbeat: float
+
+    @property
+    def last_data(self) -> int:
+        """The newest data frame's stamp over every connection (0 before the first)."""
+        return max((us for _, us in self.last_data_us), default=0)
