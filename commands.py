@@ -30,7 +30,7 @@ def status(cfg: config_mod.Config, args) -> int:
 
 
 def verify(cfg: config_mod.Config, args) -> int:
-    from tools import verify as verify_mod
+    from research import verify as verify_mod
 
     markets = [args.market] if args.market else [m.name for m in cfg.markets]
     return verify_mod.main(cfg.collector.data_dir, markets, args.day, args.json)
@@ -73,7 +73,7 @@ def upload_now(cfg: config_mod.Config, day: str | None, progress: bool) -> int:
 
 
 def report(cfg: config_mod.Config, args) -> int:
-    from tools.report import report
+    from research.report import report
 
     if not args.day:
         log.error("report needs --day YYYY-MM-DD")
@@ -86,7 +86,7 @@ def report(cfg: config_mod.Config, args) -> int:
 
 
 def export(cfg: config_mod.Config, args) -> int:
-    from tools.export import EXPORTS
+    from research.export import EXPORTS
 
     if not (args.market and args.symbol and args.format):
         log.error("export needs --market, --symbol and --format")

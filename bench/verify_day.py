@@ -19,9 +19,9 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from research import verify  # noqa: E402
 from storage.files import day_start_us, write_table_atomic  # noqa: E402
 from storage.schemas import SCHEMAS  # noqa: E402
-from tools import verify  # noqa: E402
 
 
 def build(root: Path, n: int) -> None:

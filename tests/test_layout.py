@@ -10,7 +10,7 @@ from graphlib import CycleError, TopologicalSorter
 
 from tests.helpers import ROOT
 
-PACKAGES = ("handlers", "storage", "service", "tools", "simulator")
+PACKAGES = ("handlers", "storage", "service", "research", "simulator")
 MODULES = ("config", "markets", "pipeline", "commands", "collector")
 
 

@@ -14,8 +14,8 @@ from collections import Counter
 from pathlib import Path
 
 from markets import MARKETS, Market
-from tools.book import Book, agreement
-from tools.data import load
+from research.book import Book, agreement
+from research.data import load
 
 HOLE_US = 60_000_000  # a minute without a diff of a symbol is reported as a coverage hole
 

@@ -1,6 +1,6 @@
 """A small API for research code over the recorded files (day files and today's parts).
 
-    from tools.data import load, books, book_at
+    from research.data import load, books, book_at
     t = load("data", "futures", "diff_orderbooks", symbol="BTCUSDT", start="2026-11-24T10:00")
     df = t.to_pandas()
     for when_us, u, bids, asks in books("data", "futures", "BTCUSDT", depth=5, every_us=1_000_000):
@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from markets import MARKETS
-from tools.book import Book
+from research.book import Book
 
 TIME_COLUMN = {"gaps": "detected_time"}
 

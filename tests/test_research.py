@@ -12,12 +12,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from markets import FUTURES
+from research import verify
+from research.data import book_at, books, load
 from simulator import Simulator
 from simulator.server import load_capture
 from storage.files import write_table_atomic
 from tests.helpers import SHARED_DATA, CollectorProcess, market_section, read_kind, wait_until, write_config
-from tools import verify
-from tools.data import book_at, books, load
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
 
@@ -130,7 +130,7 @@ def test_tardis_incremental_l2_round_trip(recorded, tmp_path):
     import csv
     import gzip
 
-    from tools.export import incremental_book_l2
+    from research.export import incremental_book_l2
     out = tmp_path / "l2.csv.gz"
     n = incremental_book_l2(recorded, "futures", "ETHUSDT", out)  # ETHUSDT has gaps: resyncs are exported
     with gzip.open(out, "rt") as f:
@@ -159,7 +159,7 @@ def test_tardis_book_snapshot_25_round_trip(recorded, tmp_path):
     import csv
     import gzip
 
-    from tools.export import book_snapshot_25
+    from research.export import book_snapshot_25
     out = tmp_path / "s25.csv.gz"
     n = book_snapshot_25(recorded, "spot", "BTCUSDT", out)
     expected = _final_book(recorded, "spot", "BTCUSDT", 25)
@@ -175,7 +175,7 @@ def test_tardis_book_snapshot_25_round_trip(recorded, tmp_path):
 def test_hftbacktest_round_trip(recorded, tmp_path):
     import numpy as np
 
-    from tools.export import BUY_EVENT, DEPTH_CLEAR_EVENT, HFT_DTYPE, hftbacktest
+    from research.export import BUY_EVENT, DEPTH_CLEAR_EVENT, HFT_DTYPE, hftbacktest
     out = tmp_path / "h.npz"
     n = hftbacktest(recorded, "futures", "BTCUSDT", out)
     data = np.load(out)["data"]
@@ -198,8 +198,8 @@ def test_hftbacktest_round_trip(recorded, tmp_path):
 def test_report_png_has_its_panels(recorded, tmp_path):
     from PIL import Image
 
+    from research.report import PANELS, report
     from storage.files import day_of
-    from tools.report import PANELS, report
     day = day_of(read_kind(recorded, "spot", "diff_orderbooks").column("received_time")[0].as_py())
     png, summary, titles = report(recorded, "spot", day, tmp_path)
     assert titles == PANELS
@@ -211,7 +211,7 @@ def test_report_png_has_its_panels(recorded, tmp_path):
 def test_a_snapshot_is_compared_after_the_diff_that_ends_at_its_id():
     """A snapshot with lastUpdateId L holds the diff ending at L: a synced book is compared
     with it after applying that diff (verify once compared before, and disagreed)."""
-    from tools.verify import _rebuild
+    from research.verify import _rebuild
 
     def snap(L, bids):
         return {"lastUpdateId": L, "bid_prices": [p for p, _ in bids], "bid_sizes": [q for _, q in bids],
@@ -232,7 +232,7 @@ def test_a_snapshot_is_compared_after_the_diff_that_ends_at_its_id():
 def test_book_crossed_and_negative_agree_with_a_full_scan(ops):
     """The cached best prices and the per-diff negative count give what a scan of the
     whole book gives, after every diff."""
-    from tools.book import Book
+    from research.book import Book
 
     book = Book(FUTURES)
     book.reset(1, [95.0], [1.0], [105.0], [1.0])

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tools.data import synced_updates
+from research.data import synced_updates
 
 EXCH_EVENT, LOCAL_EVENT, BUY_EVENT, SELL_EVENT = 1 << 31, 1 << 30, 1 << 29, 1 << 28
 DEPTH_EVENT, DEPTH_CLEAR_EVENT, DEPTH_SNAPSHOT_EVENT = 1, 3, 4

@@ -14,8 +14,8 @@ matplotlib.use("Agg")  # no screen on a server
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from research.data import load  # noqa: E402
 from storage.files import US_PER_DAY, day_start_us  # noqa: E402
-from tools.data import load  # noqa: E402
 
 PANELS = ["messages per minute per symbol", "gaps", "receive latency (received - event time)",
           "REST snapshots", "bytes on disk per kind"]

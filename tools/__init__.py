@@ -1,1 +1,0 @@
-"""Tools over recorded data: load it, rebuild books, verify a day (collector.py verify)."""
