@@ -24,6 +24,7 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
 
 import requests  # noqa: E402
 
@@ -113,7 +114,8 @@ def run(cfg: config_mod.Config) -> int:
 
 
 # command: (what it does, its body, its own options as (flags, argparse keywords))
-COMMANDS = {
+Option = tuple[tuple[str, ...], dict[str, Any]]
+COMMANDS: dict[str, tuple[str, Callable[[config_mod.Config, argparse.Namespace], int] | None, list[Option]]] = {
     "run": ("record until SIGTERM/SIGINT, then drain, write and exit 0 (the default)", None, []),
     "compact": ("compact every finished day into its day file now", commands.compact, []),
     "upload": ("compact, then upload the finished days (exit 0 only if all went up)", commands.upload, [

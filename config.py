@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import configparser
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -252,8 +253,7 @@ def _symbols(s: _Section) -> tuple[str, ...]:
     for sym in symbols:
         if not _SYMBOL.match(sym):
             raise s.fail("symbols", f"{sym!r} is not a Binance symbol (letters and digits)")
-    seen: set[str] = set()
-    dupes = sorted({x for x in symbols if x in seen or seen.add(x)})
+    dupes = sorted(x for x, n in Counter(symbols).items() if n > 1)
     if dupes:
         raise s.fail("symbols", f"listed twice: {', '.join(dupes)}")
     return tuple(symbols)

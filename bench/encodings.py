@@ -16,6 +16,7 @@ import io
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,8 +36,8 @@ from storage.writer import ROW_GROUP_ROWS  # noqa: E402
 
 INTS = ["received_time", "event_time", "first_update_id", "final_update_id", "prev_final_update_id", "transaction_time"]
 LEVELS = ["bid_prices", "bid_sizes", "ask_prices", "ask_sizes"]
-BASE = dict(compression="zstd", compression_level=9, use_dictionary=["symbol"], write_page_checksum=True)
-CANDIDATES = {
+BASE: dict[str, Any] = dict(compression="zstd", compression_level=9, use_dictionary=["symbol"], write_page_checksum=True)
+CANDIDATES: dict[str, dict[str, Any]] = {
     "zstd-9, dictionary for symbol": {},
     "+ delta for int64": dict(column_encoding={c: "DELTA_BINARY_PACKED" for c in INTS}),
     "+ byte-stream-split for levels": dict(use_byte_stream_split=LEVELS),

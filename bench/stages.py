@@ -51,7 +51,9 @@ def make_frames(market: str, symbols: list[str], seconds: float, updates_per_s: 
     for tick in range(int(seconds * 10)):
         now_ms = 1_764_000_000_000 + tick * 100
         for s, book in books.items():
-            bids, asks, first = {}, {}, None
+            bids: dict = {}
+            asks: dict = {}
+            first = None
             for _ in range(max(1, int(updates_per_s / 10))):
                 uid, b, a = book.update()
                 first = first or uid
@@ -99,7 +101,9 @@ def run_processor(cfg: MarketConfig, items: list, journal: Journal | None = None
 def reads(frames: list[bytes], size: int = 1 << 14) -> list[tuple]:
     """Inbox items as readers make them under load: the frames of one 16 KiB socket read
     (ReadAhead's size) in one item."""
-    items, batch, held = [], [], 0
+    items: list[tuple] = []
+    batch: list[bytes] = []
+    held = 0
     for f in frames:
         if batch and held + len(f) > size:
             items.append((WS, 1_764_000_000_000_000 + len(items), 1, batch))

@@ -27,14 +27,17 @@ from storage.schemas import SCHEMAS  # noqa: E402
 def build(root: Path, n: int) -> None:
     rng = random.Random(5)
     t0 = day_start_us("2026-11-24")
-    book: dict[float, float] = {}
-    cols = {k: [] for k in SCHEMAS["diff_orderbooks"].names}
-    snaps = {k: [] for k in SCHEMAS["orderbooks"].names}
+    book: dict[tuple[bool, float], float] = {}
+    cols: dict[str, list] = {k: [] for k in SCHEMAS["diff_orderbooks"].names}
+    snaps: dict[str, list] = {k: [] for k in SCHEMAS["orderbooks"].names}
     u = 10**9
     for i in range(n):
         U, u_prev = u + 1, u
         u = U + rng.randrange(0, 30)
-        bp, bs, ap, asz = [], [], [], []
+        bp: list[float] = []
+        bs: list[float] = []
+        ap: list[float] = []
+        asz: list[float] = []
         for _ in range(rng.randrange(1, 11)):
             bid = rng.random() < 0.5
             p = round(100 + (-1 if bid else 1) * rng.randrange(1, 200) * 0.01, 2)

@@ -193,6 +193,7 @@ class FrameProcessor(PipelineThread):
         seconds once and look again, rather than block in get(): a blocked get() is woken
         by every single read, and those wake-ups (GIL hand-overs) cost more than decoding
         its frames. Frames are stamped by the readers, so this adds nothing to received_time."""
+        assert self.inbox is not None  # the thread runs on an inbox; recovery calls handle() itself
         get = self.inbox.get_nowait
         batch: list = []
         frames = 0
@@ -281,7 +282,7 @@ class FrameProcessor(PipelineThread):
                         ring[n % len(ring)] = u
                         st.n, st.head, st.conn, st.head_us = n + 1, u, conn, received_us
                     else:
-                        status, last_u = check(symbol, U, u, pu, conn, received_us)
+                        status, last_u = check(symbol, U, u, pu, conn, received_us)  # type: ignore[assignment]
                         if status != OK:
                             if status == DUPLICATE:
                                 stats.duplicates += 1
@@ -312,9 +313,9 @@ class FrameProcessor(PipelineThread):
                     if entry is None:
                         entry = seen_by_symbol[symbol] = ({}, deque())
                     ids, order = entry
-                    first = ids.get(u)
+                    first = ids.get(u)  # type: ignore[arg-type]  # ok above: u is not None
                     if first is None:
-                        ids[u] = conn
+                        ids[u] = conn  # type: ignore[index]
                         order.append(u)
                         if len(order) > dedup_memory:
                             del ids[order.popleft()]

@@ -37,7 +37,8 @@ def recover(cfg: MarketConfig, data_dir: Path, compression_level: int, now_us) -
         return written
 
     out: queue.SimpleQueue = queue.SimpleQueue()
-    proc, run = None, None
+    proc: FrameProcessor | None = None
+    run = None
     for i, (name, path) in enumerate(found):
         seg_run, counter = name.split("-")
         last_of_run = i + 1 == len(found) or found[i + 1][0].split("-")[0] != seg_run
@@ -46,6 +47,7 @@ def recover(cfg: MarketConfig, data_dir: Path, compression_level: int, now_us) -
             proc = FrameProcessor(cfg, None, out, flush_interval=1.0, now_us=now_us, recovering=True)
             if int(counter) > 1:
                 _seed(proc, data_dir / cfg.name / "diff_orderbooks", f"{run}-{int(counter) - 1:06d}")
+        assert proc is not None  # made at the first segment of each run
         proc.record_start = int(counter) == 1
         records, complete = read_segment(path)
         items = [(WS, *r[1:]) if r[0] == WS_RECORD else (REST, *r[1:]) for r in records]

@@ -156,7 +156,7 @@ class Snapshotter(PipelineThread):
 
     def _fetch_once(self, symbol: str) -> bool:
         """One request; True when it must be retried."""
-        params = {"symbol": symbol, "limit": self.cfg.snapshot_limit}
+        params: dict[str, str | int] = {"symbol": symbol, "limit": self.cfg.snapshot_limit}
         request_us = self.now_us()
         try:
             resp = self.session.get(self.url, params=params, timeout=REQUEST_TIMEOUT)

@@ -91,9 +91,11 @@ class StampedSocket:
             self.sock.sendall(out)
 
     def _handshake(self) -> None:
+        tls = self.tls
+        assert tls is not None
         while True:
             try:
-                self.tls.do_handshake()
+                tls.do_handshake()
                 self._flush_tls()
                 return
             except ssl.SSLWantReadError:
@@ -124,7 +126,7 @@ class StampedSocket:
                 return b""
             self._in.write(raw)
 
-    def send(self, data: bytes) -> int:
+    def send(self, data: bytes | memoryview) -> int:
         if self.tls is None:
             return self.sock.send(data)
         n = self.tls.write(data)
@@ -156,7 +158,7 @@ class StampedSocket:
 
     @property
     def _closed(self) -> bool:
-        return self.sock._closed
+        return self.sock._closed  # type: ignore[attr-defined]  # what websocket-client reads
 
 
 def via_proxy(url: str) -> bool:

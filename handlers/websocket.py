@@ -240,7 +240,7 @@ class Reader(threading.Thread):
         ws = self._ws
         if ws is not None:
             try:
-                ws.send_close(timeout=1)
+                ws.send_close()  # bounded by the socket's timeout
             except Exception:
                 pass
         self._abort()

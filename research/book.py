@@ -39,9 +39,11 @@ class Book:
             if m.predates(u, L):
                 return "stale"
             return "apply" if m.joins(U, u, L) else "gap"
-        if u <= self.last_u:
+        last_u = self.last_u
+        assert last_u is not None  # synced: a diff was applied
+        if u <= last_u:
             return "stale"
-        return "apply" if m.continues(U, pu, self.last_u) else "gap"
+        return "apply" if m.continues(U, pu, last_u) else "gap"
 
     def apply(self, u: int, bid_p, bid_s, ask_p, ask_s) -> None:
         self._best_bid, neg_bids = _apply_side(self.bids, bid_p, bid_s, self._best_bid, 1)

@@ -109,8 +109,11 @@ def books(data_dir, market: str, symbol: str, start=None, end=None, depth: int =
 
 def book_at(data_dir, market: str, symbol: str, when, depth: int = 20) -> tuple[list, list]:
     """The book as rebuilt from everything received up to `when`."""
+    end = to_us(when)
+    if end is None:
+        raise ValueError("book_at needs a moment")
     last = None
-    for item in books(data_dir, market, symbol, end=to_us(when) + 1, depth=depth):
+    for item in books(data_dir, market, symbol, end=end + 1, depth=depth):
         last = item
     if last is None:
         raise LookupError(f"no synced book of {symbol} before {when}")

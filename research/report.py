@@ -1,8 +1,13 @@
-"""`collector.py report --day D`: one PNG per market and a short text summary.
+"""`collector.py report --day D`: per market, a PNG of the recording's health, a PNG of the
+books, and a short text summary.
 
-Panels: messages per minute per symbol; gaps on a timeline; receive latency
+The recording: messages per minute per symbol; gaps on a timeline; receive latency
 (received_time - event_time) percentiles per minute; snapshot round trips (and snapshots
 per minute, a proxy of REST weight spent); bytes on disk per kind.
+
+The books (`report-<market>-<day>-books.png`), for the most recorded symbols: mid price
+and spread over the day, and a depth heatmap (size at each price over time, from the
+partial depth frames), with the day's gaps marked on the time axis.
 """
 from __future__ import annotations
 
@@ -65,7 +70,7 @@ def report(data_dir: Path, market: str, day: str, out_dir: Path) -> tuple[Path, 
             axes[1].scatter((r["detected_time"] - start) / 60e6, symbols.index(r["symbol"]),
                             marker="|" if r["reason"] == "start" else "x", color="C3" if r["reason"] != "start" else "C0")
         axes[1].set_yticks(range(len(symbols)), symbols, fontsize=6)
-        reasons = {}
+        reasons: dict[str, int] = {}
         for r in g:
             reasons[r["reason"]] = reasons.get(r["reason"], 0) + 1
         summary.append("gaps: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
@@ -98,4 +103,78 @@ def report(data_dir: Path, market: str, day: str, out_dir: Path) -> tuple[Path, 
     fig.savefig(png, dpi=80)
     titles = [a.get_title() for a in axes]
     plt.close(fig)
+    books_png = books_figure(data_dir, market, day, out_dir)
+    if books_png is not None:
+        summary.append(f"books: {books_png}")
     return png, "\n".join(summary), titles
+
+
+BOOK_PANELS = ("mid price and spread", "depth heatmap")
+
+
+def books_figure(data_dir: Path, market: str, day: str, out_dir: Path, symbols: int = 4,
+                 rows_per_symbol: int = 20_000) -> Path | None:
+    """Per symbol (the `symbols` with the most partial depth frames): mid price and spread
+    over the day, and a heatmap of the size at each price over time; non-`start` gaps are
+    red lines on the time axis. At most `rows_per_symbol` frames a symbol are drawn (evenly
+    spaced), so that a busy day's picture costs what a quiet one's does."""
+    start = day_start_us(day)
+    end = start + US_PER_DAY
+    names = _load(data_dir, market, "partial_orderbooks", start, end, ["symbol"])
+    if names is None or not names.num_rows:
+        return None
+    counts: dict[str, int] = {}
+    for sym in names.column("symbol").to_pylist():
+        counts[sym] = counts.get(sym, 0) + 1
+    chosen = sorted(counts, key=lambda k: -counts[k])[:symbols]
+    gaps = _load(data_dir, market, "gaps", start, end, ["symbol", "detected_time", "reason"])
+    breaks = [(r["symbol"], (r["detected_time"] - start) / 60e6) for r in (gaps.to_pylist() if gaps is not None else [])
+              if r["reason"] != "start"]
+    fig, axes = plt.subplots(len(chosen), 2, figsize=(14, 3.2 * len(chosen)), constrained_layout=True, squeeze=False)
+    fig.suptitle(f"{market} {day}: books")
+    for row, sym in zip(axes, chosen, strict=True):
+        t = load(data_dir, market, "partial_orderbooks", symbol=sym, start=start, end=end,
+                 columns=["received_time", "bid_prices", "bid_sizes", "ask_prices", "ask_sizes"])
+        t = t.take(np.linspace(0, t.num_rows - 1, min(t.num_rows, rows_per_symbol)).astype(np.int64))
+        minutes = (np.array(t.column("received_time").to_pylist()) - start) / 60e6
+        bid_p, ask_p = t.column("bid_prices").to_pylist(), t.column("ask_prices").to_pylist()
+        best_bid = np.array([b[0] if b else np.nan for b in bid_p])
+        best_ask = np.array([a[0] if a else np.nan for a in ask_p])
+        mid, spread = (best_bid + best_ask) / 2, best_ask - best_bid
+        ax = row[0]
+        ax.plot(minutes, mid, linewidth=0.7, color="C0")
+        ax.set_ylabel(f"{sym} mid")
+        twin = ax.twinx()
+        twin.plot(minutes, spread, linewidth=0.5, color="C1", alpha=0.7)
+        twin.set_ylabel("spread", color="C1")
+        ax.set_title(f"{sym}: {BOOK_PANELS[0]}")
+        _heatmap(row[1], minutes, t, f"{sym}: {BOOK_PANELS[1]}")
+        for ax in row:
+            ax.set_xlabel("minute of the day (UTC)")
+            for gap_sym, at in breaks:
+                if gap_sym == sym:
+                    ax.axvline(at, color="C3", linewidth=0.8)
+    png = out_dir / f"report-{market}-{day}-books.png"
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    return png
+
+
+def _heatmap(ax, minutes: np.ndarray, t, title: str) -> None:
+    """Size at each price over time (both sides, log scale), the rows' levels binned."""
+    xs, ys, ws = [], [], []
+    for side in ("bid", "ask"):
+        prices, sizes = t.column(f"{side}_prices").to_pylist(), t.column(f"{side}_sizes").to_pylist()
+        for when, p, q in zip(minutes, prices, sizes, strict=True):
+            xs += [when] * len(p)
+            ys += p
+            ws += q
+    if not xs:
+        ax.set_title(title)
+        return
+    lo, hi = np.percentile(ys, [1, 99])
+    grid, xedges, yedges = np.histogram2d(xs, ys, bins=(200, 80), range=((min(xs), max(xs) or 1), (lo, hi or 1)),
+                                          weights=ws)
+    ax.pcolormesh(xedges, yedges, np.log1p(grid.T), cmap="viridis", shading="auto")
+    ax.set_ylabel("price")
+    ax.set_title(title)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 from markets import MARKETS, Market
 from research.book import Book, agreement
@@ -29,7 +30,7 @@ def _day_range(day: str | None):
 
 
 def verify_symbol(diffs: list, snaps: list, partials: list, gaps: list, market: Market) -> dict:
-    r = {"diffs": len(diffs), "snapshots": len(snaps), "partials": len(partials), "problems": []}
+    r: dict[str, Any] = {"diffs": len(diffs), "snapshots": len(snaps), "partials": len(partials), "problems": []}
     ids = Counter(d["final_update_id"] for d in diffs)
     r["duplicates"] = sum(n - 1 for n in ids.values() if n > 1)
     by_time = sorted(diffs, key=lambda d: (d["received_time"], d["final_update_id"]))
@@ -56,7 +57,7 @@ def _rebuild(chain: list, snaps: list, partials: list, market: Market) -> dict:
     # A snapshot with lastUpdateId L holds every event up to L: it (re)starts an unsynced
     # book before the diff ending at L (which joins it), but a synced book is compared
     # with it only after that diff is applied.
-    events = [(s["lastUpdateId"], 0, "snapshot", s) for s in snaps]
+    events: list[tuple] = [(s["lastUpdateId"], 0, "snapshot", s) for s in snaps]
     events += [(s["lastUpdateId"], 1.5, "check", s) for s in snaps]
     events += [(d["final_update_id"], 1, "diff", d) for d in chain]
     events += [(p["final_update_id"], 2, "partial", p) for p in partials]
@@ -102,7 +103,7 @@ def _rebuild(chain: list, snaps: list, partials: list, market: Market) -> dict:
 
 def verify(data_dir: Path, market: str, day: str | None = None) -> dict:
     start, end = _day_range(day)
-    report = {"market": market, "day": day, "symbols": {}, "problems": []}
+    report: dict[str, Any] = {"market": market, "day": day, "symbols": {}, "problems": []}
     try:
         diffs = load(data_dir, market, "diff_orderbooks", start=start, end=end).to_pylist()
     except FileNotFoundError as e:

@@ -34,7 +34,8 @@ class Capture:
                 stamp, _, body = line.partition(": ")
                 msg = orjson.loads(body)
                 frames.append((float(stamp), msg["stream"], orjson.dumps(msg["data"])))
-        snapshots, limits = {}, {}
+        snapshots: dict[str, bytes] = {}
+        limits: dict[str, int] = {}
         with open(http_file, encoding="utf-8") as f:
             for line in f:
                 if not line.strip():

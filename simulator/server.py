@@ -165,7 +165,7 @@ class MarketSim:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=self.ssl_context)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]
+        self.port = runner_port(site)
         self.host = host
         engine = self._replay() if self.capture else self.load.run() if self.load else self._engine()
         self._tasks.append(asyncio.create_task(engine))
@@ -216,23 +216,26 @@ class MarketSim:
 
     async def _emit(self, s: Stream, now_ms: int) -> None:
         book = s.book
+        assert book is not None  # the engine's streams have a book (replay and load mode have their own senders)
+        payload: dict[str, object]
         if s.kind == "diff":
             if s.first_id is None:
                 return  # "pushed ... (if existing)": nothing changed in the window
             payload = {"e": "depthUpdate", "E": now_ms}
             if self.futures:
                 payload["T"] = now_ms - 3
-            payload.update(s=s.symbol, U=s.first_id, u=book.last_id)
+            first_id = s.first_id
+            payload.update(s=s.symbol, U=first_id, u=book.last_id)
             if self.futures:
                 payload["pu"] = s.prev_u
             payload.update(b=book.render(s.bids, True), a=book.render(s.asks, False))
             if self.record:
-                self.emitted.append((s.symbol, s.first_id, book.last_id, time.time()))
+                self.emitted.append((s.symbol, first_id, book.last_id, time.time()))
             s.bids, s.asks, s.first_id, s.prev_u = {}, {}, None, book.last_id
             f = self.faults
             if f.drop_diffs > 0 and f.drop_symbol in (None, s.symbol) and s.subscribers:
                 f.drop_diffs -= 1
-                self.dropped.append((s.symbol, payload["U"], payload["u"]))
+                self.dropped.append((s.symbol, first_id, book.last_id))
                 return
         elif self.futures:
             payload = {"e": "depthUpdate", "E": now_ms, "T": now_ms - 3, "s": s.symbol,
@@ -330,6 +333,7 @@ class MarketSim:
     async def _replay(self) -> None:
         """Send the captured frames of subscribed streams, paced as captured."""
         cap = self.capture
+        assert cap is not None
         while not any(self.streams.get(name) and self.streams[name].subscribers for name in cap.depth_streams):
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)  # let the collector's first snapshots go out
@@ -372,8 +376,9 @@ class MarketSim:
             names, combined = [n for n in request.match_info.get("streams", "").split("/") if n], False
         if len(names) > self.market.max_streams_per_connection:
             return web.json_response({"code": -1, "msg": "too many streams"}, status=400)
-        streams = [self.parse_stream(n) for n in names]
-        if any(s is None for s in streams):
+        parsed = [self.parse_stream(n) for n in names]
+        streams = [s for s in parsed if s is not None]
+        if len(streams) < len(parsed):
             return web.json_response({"code": -1121, "msg": "Invalid stream name."}, status=400)
         ws = web.WebSocketResponse(autoping=False, max_msg_size=1 << 20)
         await ws.prepare(request)
@@ -446,8 +451,9 @@ class MarketSim:
             return True
         rid, method, params = req.get("id"), req.get("method"), req.get("params", [])
         if method in ("SUBSCRIBE", "UNSUBSCRIBE") and isinstance(params, list):
-            streams = [self.parse_stream(p) if isinstance(p, str) else None for p in params]
-            if any(s is None for s in streams):
+            parsed = [self.parse_stream(p) if isinstance(p, str) else None for p in params]
+            streams = [s for s in parsed if s is not None]
+            if len(streams) < len(parsed):
                 return await self._reply(conn, rid, error=(2, "Invalid request: unknown stream"))
             if method == "SUBSCRIBE" and len(conn.streams | {s.name for s in streams}) > self.market.max_streams_per_connection:
                 return await self._reply(conn, rid, error=(2, "Invalid request: too many streams"))
@@ -518,7 +524,7 @@ class MarketSim:
             body = self.load.snapshot(symbol, limit)
         else:
             book = self.books[symbol]
-            snap = {"lastUpdateId": book.last_id}
+            snap: dict[str, object] = {"lastUpdateId": book.last_id}
             if self.futures:
                 now_ms = int(time.time() * 1000)
                 snap.update(E=now_ms, T=now_ms - 2)
@@ -555,6 +561,13 @@ class MarketSim:
     async def server_time(self, request: web.Request) -> web.Response:
         ok, headers = self._charge(1)
         return web.json_response({"serverTime": int(time.time() * 1000)}, headers=headers)
+
+
+def runner_port(site: web.TCPSite) -> int:
+    """The port a started site listens on (port 0 picks a free one)."""
+    server = site._server
+    assert isinstance(server, asyncio.base_events.Server)
+    return server.sockets[0].getsockname()[1]
 
 
 class Simulator:

@@ -239,6 +239,7 @@ class DepthColumns:
         if rows is None:
             rows, bids, asks = self.rows, self.rbids, self.rasks
             self._clear_rows()
+        assert bids is not None and asks is not None
         try:
             bid_p, bid_s = levels_to_arrow(bids)
             ask_p, ask_s = levels_to_arrow(asks)

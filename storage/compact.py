@@ -216,7 +216,7 @@ def _runs(files: list[pq.ParquetFile], run_bytes: int) -> Iterator[list[pa.Recor
                 pending.append(batch)
                 held += batch.nbytes
         f.close()
-        files[i] = None  # type: ignore[call-overload]  # a reader keeps the whole file's bytes until dropped
+        files[i] = None  # a reader keeps the whole file's bytes until dropped
     if pending:
         yield pending
 
@@ -230,7 +230,8 @@ def _symbol_groups(files: list[pq.ParquetFile], group_rows: int, share: float) -
         for item in vc.to_pylist():
             counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
     names = sorted(counts)
-    groups, group, acc = [], 0, 0
+    groups: list[int] = []
+    group, acc = 0, 0.0
     for name in names:
         expected = counts[name] * share
         if acc and acc + expected > group_rows:
@@ -250,7 +251,7 @@ def _sorted_table(pending: list[pa.RecordBatch], kind: str, schema: pa.Schema) -
     columns = table.columns
     del table
     for i, column in enumerate(columns):
-        columns[i] = None  # type: ignore[call-overload]
+        columns[i] = None  # drop each column's chunks as soon as it is taken
         columns[i] = column.combine_chunks().take(order)
         del column
     return pa.Table.from_arrays(columns, schema=schema)
@@ -398,6 +399,7 @@ class Compactor(threading.Thread):
         name_os_thread()
         while True:
             now = self.now_us()
+            code: int | str  # the child's exit status, or why it could not run
             try:
                 due = due_days(self.root, now, self.grace_us)
                 code = self._child(now) if due else 0

@@ -28,6 +28,7 @@ import sys
 import time
 from array import array
 from pathlib import Path
+from typing import BinaryIO
 
 import zstandard
 
@@ -54,8 +55,8 @@ class Journal:
         self.cctx = zstandard.ZstdCompressor(level=level)
         self.counter = 0
         self.segment = ""
-        self._file = None
-        self._writer = None
+        self._file: BinaryIO | None = None
+        self._writer: zstandard.ZstdCompressionWriter | None = None
         self._pending: list[bytes] = []
         self._last_sync = time.monotonic()
         self.failed = False
@@ -127,7 +128,8 @@ class Journal:
         if self._writer is not None:
             try:
                 self._writer.flush(zstandard.FLUSH_FRAME)
-                os.fsync(self._file.fileno())
+                if self._file is not None:
+                    os.fsync(self._file.fileno())
             except OSError as e:
                 self._fail(e)
         if self._file is not None:
@@ -189,7 +191,8 @@ def read_segment(path: Path) -> tuple[list[tuple], bool]:
             complete = False  # its last block was being written
             break
         raw = d.unused_data
-    items, pos = [], 0
+    items: list[tuple] = []
+    pos = 0
     while pos + _HEAD.size <= len(data):
         kind, received, extra, length = _HEAD.unpack_from(data, pos)
         start, pos = pos + _HEAD.size, pos + _HEAD.size + length

@@ -29,6 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pyarrow.compute as pc
@@ -74,7 +75,7 @@ class Credentials:
 
 
 def make_client(creds: Credentials, settings: UploadSettings):
-    kw = {}
+    kw: dict[str, Any] = {}
     if settings.r2_compat:
         kw.update(request_checksum_calculation="when_required", response_checksum_validation="when_required")
     cfg = BotoConfig(retries={"max_attempts": 8, "mode": "standard"}, connect_timeout=10, read_timeout=60,
@@ -148,7 +149,7 @@ class Uploader:
         self.base = "/".join(x for x in (settings.prefix.strip("/"), host) if x)
         self.transfer = TransferConfig(multipart_threshold=self.part_size, multipart_chunksize=self.part_size,
                                        max_concurrency=settings.concurrency, use_threads=True)
-        self.results = {"uploaded": 0, "skipped": 0, "failed": 0, "deleted": 0, "days_failed": []}
+        self.results: dict[str, Any] = {"uploaded": 0, "skipped": 0, "failed": 0, "deleted": 0, "days_failed": []}
 
     def key(self, market: str, kind: str, day: str) -> str:
         return f"{self.base}/{market}/{kind}/{day}.parquet"
@@ -198,7 +199,7 @@ class Uploader:
         return self.results
 
     def upload_day(self, day: str, files: list[tuple[str, str, Path]]) -> None:
-        manifest = {"day": day, "collector_version": VERSION, "config_sha256": self.config_hash, "files": []}
+        manifest: dict[str, Any] = {"day": day, "collector_version": VERSION, "config_sha256": self.config_hash, "files": []}
         with ThreadPoolExecutor(max_workers=min(4, self.settings.concurrency)) as pool:
             entries = list(pool.map(lambda f: self.upload_file(day, *f), files))
         manifest["files"] = entries

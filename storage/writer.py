@@ -162,6 +162,7 @@ class _Sink:
     def _deleted(self) -> bool:
         """Whether the open temporary file was deleted under us (its bytes can be read back);
         PartLost if its size changed (cut short in place: they cannot)."""
+        assert self._fd is not None  # the temporary file is open while bytes are on disk
         st = os.fstat(self._fd)
         if st.st_size != self.on_disk:
             raise PartLost(f"temporary part file {self.tmp} changed size under the writer")
@@ -169,6 +170,7 @@ class _Sink:
 
     def _recover(self) -> None:
         chunks, pos = [], 0
+        assert self._fd is not None
         while pos < self.on_disk:
             chunk = os.pread(self._fd, min(1 << 24, self.on_disk - pos), pos)
             if not chunk:
