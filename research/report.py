@@ -127,9 +127,7 @@ def books_figure(data_dir: Path, market: str, day: str, out_dir: Path, symbols: 
     for sym in names.column("symbol").to_pylist():
         counts[sym] = counts.get(sym, 0) + 1
     chosen = sorted(counts, key=lambda k: -counts[k])[:symbols]
-    gaps = _load(data_dir, market, "gaps", start, end, ["symbol", "detected_time", "reason"])
-    breaks = [(r["symbol"], (r["detected_time"] - start) / 60e6) for r in (gaps.to_pylist() if gaps is not None else [])
-              if r["reason"] != "start"]
+    breaks = gap_marks(data_dir, market, day)
     fig, axes = plt.subplots(len(chosen), 2, figsize=(14, 3.2 * len(chosen)), constrained_layout=True, squeeze=False)
     fig.suptitle(f"{market} {day}: books")
     for row, sym in zip(axes, chosen, strict=True):
@@ -149,15 +147,27 @@ def books_figure(data_dir: Path, market: str, day: str, out_dir: Path, symbols: 
         twin.set_ylabel("spread", color="C1")
         ax.set_title(f"{sym}: {BOOK_PANELS[0]}")
         _heatmap(row[1], minutes, t, f"{sym}: {BOOK_PANELS[1]}")
+        row[1].plot(minutes, mid, linewidth=0.6, color="white")
+        for ax in (*row, twin):
+            ax.ticklabel_format(axis="y", useOffset=False)
         for ax in row:
             ax.set_xlabel("minute of the day (UTC)")
             for gap_sym, at in breaks:
                 if gap_sym == sym:
                     ax.axvline(at, color="C3", linewidth=0.8)
+    out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"report-{market}-{day}-books.png"
     fig.savefig(png, dpi=80)
     plt.close(fig)
     return png
+
+
+def gap_marks(data_dir: Path, market: str, day: str) -> list[tuple[str, float]]:
+    """(symbol, minute of the day) of each break of the day: its `gaps` rows but `start`."""
+    start = day_start_us(day)
+    gaps = _load(data_dir, market, "gaps", start, start + US_PER_DAY, ["symbol", "detected_time", "reason"])
+    rows = gaps.to_pylist() if gaps is not None else []
+    return [(r["symbol"], (r["detected_time"] - start) / 60e6) for r in rows if r["reason"] != "start"]
 
 
 def _heatmap(ax, minutes: np.ndarray, t, title: str) -> None:

@@ -206,6 +206,39 @@ def test_report_png_has_its_panels(recorded, tmp_path):
     with Image.open(png) as im:
         assert im.format == "PNG" and im.size[0] >= 800 and im.size[1] >= 1000
     assert "diffs:" in summary and "receive latency p50" in summary and "gaps: " in summary
+    # the books: mid and spread, and the depth heatmap, for each of the most recorded symbols
+    books = tmp_path / f"report-spot-{day}-books.png"
+    assert f"books: {books}" in summary
+    with Image.open(books) as im:
+        assert im.format == "PNG" and im.size[0] >= 1000
+
+
+def test_books_picture_marks_the_gaps(tmp_path):
+    """The books picture of a day with a break: drawn, and the break is where it is marked."""
+    from PIL import Image
+
+    from research.report import books_figure, gap_marks
+    from storage.files import day_start_us
+    from storage.schemas import SCHEMAS
+
+    day = "2031-01-02"
+    start = day_start_us(day)
+    n = 50
+    rows = {"received_time": [start + i * 60_000_000 for i in range(n)], "event_time": [None] * n,
+            "symbol": ["BTCUSDT"] * n, "first_update_id": [None] * n, "final_update_id": list(range(n)),
+            "prev_final_update_id": [None] * n, "transaction_time": [None] * n,
+            "bid_prices": [[100.0 + i * 0.1, 99.9 + i * 0.1] for i in range(n)], "bid_sizes": [[1.0, 2.0]] * n,
+            "ask_prices": [[100.2 + i * 0.1, 100.3 + i * 0.1] for i in range(n)], "ask_sizes": [[1.5, 0.5]] * n}
+    write_table_atomic(tmp_path / "spot" / "partial_orderbooks" / f"{day}.parquet",
+                       pa.table(rows, schema=SCHEMAS["partial_orderbooks"]), 3)
+    gaps = {"detected_time": [start + 20 * 60_000_000, start], "symbol": ["BTCUSDT", "BTCUSDT"],
+            "last_final_update_id": [19, None], "next_first_update_id": [25, 0], "reason": ["sequence", "start"]}
+    write_table_atomic(tmp_path / "spot" / "gaps" / f"{day}.parquet", pa.table(gaps, schema=SCHEMAS["gaps"]), 3)
+    assert gap_marks(tmp_path, "spot", day) == [("BTCUSDT", 20.0)]  # `start` is not a break
+    png = books_figure(tmp_path, "spot", day, tmp_path / "out")
+    assert png is not None
+    with Image.open(png) as im:
+        assert im.format == "PNG" and im.size[0] >= 1000
 
 
 def test_a_snapshot_is_compared_after_the_diff_that_ends_at_its_id():
