@@ -3,6 +3,7 @@ report | export | check-config`); `collector.py` parses the command line and cal
 Each returns the exit status."""
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from pathlib import Path
@@ -18,29 +19,29 @@ log = logging.getLogger("collector")
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
 
-def check_config(cfg: config_mod.Config, args) -> int:
+def check_config(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     print(f"{cfg.path}: ok ({', '.join(f'{m.name}: {len(m.symbols)} symbols' for m in cfg.markets)})")
     return EXIT_OK
 
 
-def status(cfg: config_mod.Config, args) -> int:
+def status(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     text, running = state_file.render(cfg.collector.data_dir)
     print(text)
     return EXIT_OK if running else EXIT_FAIL
 
 
-def verify(cfg: config_mod.Config, args) -> int:
+def verify(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from research import verify as verify_mod
 
     markets = [args.market] if args.market else [m.name for m in cfg.markets]
     return verify_mod.main(cfg.collector.data_dir, markets, args.day, args.json)
 
 
-def compact(cfg: config_mod.Config, args=None) -> int:
+def compact(cfg: config_mod.Config, args: argparse.Namespace | None = None) -> int:
     return EXIT_OK if compact_now(cfg) else EXIT_FAIL
 
 
-def upload(cfg: config_mod.Config, args) -> int:
+def upload(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     return upload_now(cfg, args.day, progress=sys.stderr.isatty())
 
 
@@ -72,7 +73,7 @@ def upload_now(cfg: config_mod.Config, day: str | None, progress: bool) -> int:
     return EXIT_FAIL if results["days_failed"] or not compacted else EXIT_OK
 
 
-def report(cfg: config_mod.Config, args) -> int:
+def report(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from research.report import report
 
     if not args.day:
@@ -85,7 +86,7 @@ def report(cfg: config_mod.Config, args) -> int:
     return EXIT_OK
 
 
-def export(cfg: config_mod.Config, args) -> int:
+def export(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from research.export import EXPORTS
 
     if not (args.market and args.symbol and args.format):

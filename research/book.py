@@ -4,7 +4,11 @@ start from the one that joins it, then apply diffs while each continues the one 
 (the market's rules: `Market.predates`, `Market.joins`, `Market.continues`)."""
 from __future__ import annotations
 
+from typing import Sequence
+
 from markets import Market
+
+Levels = Sequence[float]  # one side's prices or sizes, in the order sent
 
 
 class Book:
@@ -23,7 +27,7 @@ class Book:
         self._best_ask: float | None = None
         self.negatives = 0  # negative sizes the last reset() or apply() brought in
 
-    def reset(self, last_update_id: int, bid_p, bid_s, ask_p, ask_s) -> None:
+    def reset(self, last_update_id: int, bid_p: Levels, bid_s: Levels, ask_p: Levels, ask_s: Levels) -> None:
         self.bids = dict(zip(bid_p, bid_s, strict=True))
         self.asks = dict(zip(ask_p, ask_s, strict=True))
         self.snapshot_id, self.last_u, self.synced = last_update_id, last_update_id, False
@@ -45,7 +49,7 @@ class Book:
             return "stale"
         return "apply" if m.continues(U, pu, last_u) else "gap"
 
-    def apply(self, u: int, bid_p, bid_s, ask_p, ask_s) -> None:
+    def apply(self, u: int, bid_p: Levels, bid_s: Levels, ask_p: Levels, ask_s: Levels) -> None:
         self._best_bid, neg_bids = _apply_side(self.bids, bid_p, bid_s, self._best_bid, 1)
         self._best_ask, neg_asks = _apply_side(self.asks, ask_p, ask_s, self._best_ask, -1)
         self.negatives = neg_bids + neg_asks
@@ -70,7 +74,7 @@ class Book:
         return self.negatives > 0
 
 
-def _apply_side(side: dict, prices, sizes, best: float | None, sign: int) -> tuple[float | None, int]:
+def _apply_side(side: dict, prices: Levels, sizes: Levels, best: float | None, sign: int) -> tuple[float | None, int]:
     """Apply one side's levels; returns the side's best price (None: unknown, recomputed
     when asked) and the number of negative sizes applied. `sign` is 1 for bids (higher is
     better), -1 for asks."""
@@ -88,7 +92,7 @@ def _apply_side(side: dict, prices, sizes, best: float | None, sign: int) -> tup
     return best, negatives
 
 
-def agreement(book: Book, bid_p, bid_s, ask_p, ask_s) -> tuple[int, int]:
+def agreement(book: Book, bid_p: Levels, bid_s: Levels, ask_p: Levels, ask_s: Levels) -> tuple[int, int]:
     """(levels that agree, levels compared) within the price range both sides cover."""
     same = total = 0
     for mine, prices, sizes in ((book.bids, bid_p, bid_s), (book.asks, ask_p, ask_s)):

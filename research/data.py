@@ -20,10 +20,14 @@ import pyarrow.dataset as ds
 from markets import MARKETS
 from research.book import Book
 
+PathLike = str | Path
+# a moment: µs since the epoch, a datetime, or an ISO 8601 text (UTC when it names no zone)
+When = int | dt.datetime | str | None
+
 TIME_COLUMN = {"gaps": "detected_time"}
 
 
-def to_us(when) -> int | None:
+def to_us(when: When) -> int | None:
     """µs since the epoch from an int (µs), a datetime, or an ISO string (UTC if naive)."""
     if when is None or isinstance(when, int):
         return when
@@ -34,7 +38,7 @@ def to_us(when) -> int | None:
     return int(when.timestamp() * 1_000_000)
 
 
-def load(data_dir, market: str, kind: str, symbol: str | None = None, start=None, end=None,
+def load(data_dir: PathLike, market: str, kind: str, symbol: str | None = None, start: When = None, end: When = None,
          columns: list[str] | None = None) -> pa.Table:
     """Rows of one market and kind, optionally one symbol and a [start, end) time range."""
     files = sorted(str(p) for p in (Path(data_dir) / market / kind).rglob("*.parquet"))
@@ -51,7 +55,7 @@ def load(data_dir, market: str, kind: str, symbol: str | None = None, start=None
     return dataset.to_table(filter=cond, columns=columns)
 
 
-def _events(data_dir, market: str, symbol: str, end_us: int | None):
+def _events(data_dir: PathLike, market: str, symbol: str, end_us: int | None) -> list[tuple]:
     """Snapshots and diffs of a symbol in update-id order (snapshots first at equal ids)."""
     snaps = load(data_dir, market, "orderbooks", symbol=symbol, end=end_us).to_pylist()
     diffs = load(data_dir, market, "diff_orderbooks", symbol=symbol, end=end_us).to_pylist()
@@ -66,7 +70,8 @@ def _events(data_dir, market: str, symbol: str, end_us: int | None):
     return events
 
 
-def synced_updates(data_dir, market: str, symbol: str, end_us: int | None = None):
+def synced_updates(data_dir: PathLike, market: str, symbol: str,
+                   end_us: int | None = None) -> Iterator[tuple[str, dict, Book]]:
     """Binance's rebuild procedure as a stream, in update-id order: ("snapshot", row, book)
     when a snapshot (re)syncs the book (yielded just before the first diff that joins it),
     then ("diff", row, book) per applied diff. After a gap nothing is yielded until the
@@ -92,7 +97,7 @@ def synced_updates(data_dir, market: str, symbol: str, end_us: int | None = None
         yield "diff", row, book
 
 
-def books(data_dir, market: str, symbol: str, start=None, end=None, depth: int = 10,
+def books(data_dir: PathLike, market: str, symbol: str, start: When = None, end: When = None, depth: int = 10,
           every_us: int | None = None) -> Iterator[tuple[int, int, list, list]]:
     """Rebuilt books: (received_time, update id, bids, asks), top `depth` levels, at every
     update, or at most once per `every_us`; only synced books (see synced_updates)."""
@@ -107,7 +112,7 @@ def books(data_dir, market: str, symbol: str, start=None, end=None, depth: int =
             yield (when, row["final_update_id"], *book.top(depth))
 
 
-def book_at(data_dir, market: str, symbol: str, when, depth: int = 20) -> tuple[list, list]:
+def book_at(data_dir: PathLike, market: str, symbol: str, when: When, depth: int = 20) -> tuple[list, list]:
     """The book as rebuilt from everything received up to `when`."""
     end = to_us(when)
     if end is None:

@@ -35,12 +35,12 @@ HFT_DTYPE = np.dtype([("ev", "u8"), ("exch_ts", "i8"), ("local_ts", "i8"), ("px"
 EXCHANGE = {"spot": "binance", "futures": "binance-futures"}
 
 
-def _exch_us(row, what: str) -> int:
+def _exch_us(row: dict, what: str) -> int:
     e = row.get("event_time")
     return e * 1000 if e is not None else row["received_time"]
 
 
-def incremental_book_l2(data_dir, market: str, symbol: str, out: Path) -> int:
+def incremental_book_l2(data_dir: str | Path, market: str, symbol: str, out: Path) -> int:
     n = 0
     with gzip.open(out, "wt", newline="") as f:
         w = csv.writer(f)
@@ -56,7 +56,7 @@ def incremental_book_l2(data_dir, market: str, symbol: str, out: Path) -> int:
     return n
 
 
-def book_snapshot_25(data_dir, market: str, symbol: str, out: Path) -> int:
+def book_snapshot_25(data_dir: str | Path, market: str, symbol: str, out: Path) -> int:
     n = 0
     head = ["exchange", "symbol", "timestamp", "local_timestamp"]
     for side in ("asks", "bids"):
@@ -78,7 +78,7 @@ def book_snapshot_25(data_dir, market: str, symbol: str, out: Path) -> int:
     return n
 
 
-def hftbacktest(data_dir, market: str, symbol: str, out: Path) -> int:
+def hftbacktest(data_dir: str | Path, market: str, symbol: str, out: Path) -> int:
     rows = []
     base = EXCH_EVENT | LOCAL_EVENT
     for what, row, _ in synced_updates(data_dir, market, symbol):

@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")  # no screen on a server
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 
 from research.data import load  # noqa: E402
 from storage.files import US_PER_DAY, day_start_us  # noqa: E402
@@ -26,7 +28,7 @@ PANELS = ["messages per minute per symbol", "gaps", "receive latency (received -
           "REST snapshots", "bytes on disk per kind"]
 
 
-def _load(data_dir, market, kind, start, end, columns):
+def _load(data_dir: str | Path, market: str, kind: str, start: int, end: int, columns: list[str]) -> pa.Table | None:
     try:
         return load(data_dir, market, kind, start=start, end=end, columns=columns)
     except FileNotFoundError:
@@ -170,7 +172,7 @@ def gap_marks(data_dir: Path, market: str, day: str) -> list[tuple[str, float]]:
     return [(r["symbol"], (r["detected_time"] - start) / 60e6) for r in rows if r["reason"] != "start"]
 
 
-def _heatmap(ax, minutes: np.ndarray, t, title: str) -> None:
+def _heatmap(ax: Axes, minutes: np.ndarray, t: pa.Table, title: str) -> None:
     """Size at each price over time (both sides, log scale), the rows' levels binned."""
     xs, ys, ws = [], [], []
     for side in ("bid", "ask"):

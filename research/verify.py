@@ -21,7 +21,7 @@ from research.data import load
 HOLE_US = 60_000_000  # a minute without a diff of a symbol is reported as a coverage hole
 
 
-def _day_range(day: str | None):
+def _day_range(day: str | None) -> tuple[int | None, int | None]:
     if day is None:
         return None, None
     from storage.files import US_PER_DAY, day_start_us
