@@ -446,9 +446,9 @@ class StreamBatch(PipelineThread):
                             now - reader.started_at, reader.error)
                 return self._lost(reader, now)
             self.copies.note_change()
-            if reader.delivering.is_set() and reader.silent_for(now) <= self.dead_after:
-                self.quiet = 0
             silent = reader.silent_for(now)
+            if reader.delivering.is_set() and silent <= self.dead_after:
+                self.quiet = 0
             if silent > self.dead_after * 2 ** self.quiet:
                 self.stats.dead += 1
                 if self.copies.others_live(self):

@@ -280,14 +280,18 @@ class MarketSim:
         """End every connection: a clean close frame, or a TCP reset with no close at all."""
         conns = list(self.conns)
         for conn in conns:
-            if abrupt and conn.transport is not None:
-                sock = conn.transport.get_extra_info("socket")
-                if sock is not None:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                conn.transport.abort()
-            else:
-                await conn.ws.close(code=1001, message=b"going away")
+            await self._end(conn, abrupt)
         return len(conns)
+
+    @staticmethod
+    async def _end(conn: "Conn", abrupt: bool) -> None:
+        if abrupt and conn.transport is not None:
+            sock = conn.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.transport.abort()
+        else:
+            await conn.ws.close(code=1001, message=b"going away")
 
     def live_conns(self) -> list[int]:
         """Ids of the open connections, oldest first."""
@@ -301,13 +305,7 @@ class MarketSim:
         conn = self._conn(conn_id)
         if conn is None:
             return False
-        if abrupt and conn.transport is not None:
-            sock = conn.transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.transport.abort()
-        else:
-            await conn.ws.close(code=1001, message=b"going away")
+        await self._end(conn, abrupt)
         return True
 
     async def stall_connection(self, conn_id: int, stalled: bool = True) -> bool:

@@ -1,13 +1,42 @@
 """Invariants checked from the files on disk after a run against the (faulty) simulator."""
 from __future__ import annotations
 
+import time
 from collections import Counter
+from contextlib import contextmanager
 
 import orjson
 
-from tests.helpers import read_kind
+from simulator import Simulator
+from tests.helpers import CollectorProcess, market_section, read_kind, write_config
 
 US = 1_000_000
+
+
+@contextmanager
+def both_markets(tmp_path, symbols, sim_kw=None, **collector):
+    """Both markets of a recording simulator and the real collector on them (one batch per
+    market): yields (sim, proc) once the collector records. At the end of the block the
+    simulator pauses, frames in flight land, SIGTERM stops the collector, and it must
+    have exited 0 with no traceback."""
+    kw = dict(symbols=symbols, record=True, updates_per_s=40, **(sim_kw or {}))
+    with Simulator(spot=dict(kw), futures=dict(kw)) as sim:
+        cfg = write_config(tmp_path, [
+            market_section("spot", sim.spot, symbols, snapshot_interval=30, snapshot_limit=100, partial_levels=5),
+            market_section("futures", sim.futures, symbols, snapshot_interval=30, snapshot_limit=100),
+        ], **collector)
+        proc = CollectorProcess(cfg)
+        try:
+            proc.wait_for_log("recording market=futures")
+            yield sim, proc
+            for m in sim.markets():
+                m.faults.paused = True
+            time.sleep(1.5)
+            rc = proc.stop()
+        finally:
+            proc.kill()
+    assert rc == 0, proc.log[-3000:]
+    assert "Traceback" not in proc.log
 
 
 def diff_rows(data_dir, market):

@@ -11,9 +11,8 @@ import time
 
 import pytest
 
-from simulator import Simulator
-from tests.faults import check_run
-from tests.helpers import CollectorProcess, market_section, wait_until, write_config
+from tests.faults import both_markets, check_run
+from tests.helpers import wait_until
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT", "BNBUSDT"]
 
@@ -21,30 +20,15 @@ SYMBOLS = ["BTCUSDT", "ETHUSDT", "BNBUSDT"]
 def run_faulty(tmp_path, fault, seconds: float = 6.0, sim_kw=None, collector_kw=None, after=None,
                redundancy: int = 1):
     """Start both markets, let them settle, apply `fault(sim)`, run `seconds`, let
-    `after(sim)` undo it, settle, pause the simulator, SIGTERM; returns (sim, proc, rc)."""
-    kw = dict(symbols=SYMBOLS, record=True, updates_per_s=40, **(sim_kw or {}))
-    with Simulator(spot=dict(kw), futures=dict(kw)) as sim:
-        cfg = write_config(tmp_path, [
-            market_section("spot", sim.spot, SYMBOLS, snapshot_interval=30, snapshot_limit=100, partial_levels=5),
-            market_section("futures", sim.futures, SYMBOLS, snapshot_interval=30, snapshot_limit=100),
-        ], ws_dead_after=3, ws_redundancy=redundancy, **(collector_kw or {}))
-        proc = CollectorProcess(cfg)
-        try:
-            proc.wait_for_log("recording market=futures")
-            wait_until(lambda: all(m.frames_sent > 50 for m in sim.markets()), timeout=20)
-            fault(sim)
-            time.sleep(seconds)
-            if after:
-                after(sim)
-            time.sleep(3)
-            for m in sim.markets():
-                m.faults.paused = True
-            time.sleep(1.5)
-            rc = proc.stop()
-        finally:
-            proc.kill()
-    assert rc == 0, proc.log[-3000:]
-    assert "Traceback" not in proc.log
+    `after(sim)` undo it, settle, pause the simulator, SIGTERM; returns (sim, proc)."""
+    with both_markets(tmp_path, SYMBOLS, sim_kw, ws_dead_after=3, ws_redundancy=redundancy,
+                      **(collector_kw or {})) as (sim, proc):
+        wait_until(lambda: all(m.frames_sent > 50 for m in sim.markets()), timeout=20)
+        fault(sim)
+        time.sleep(seconds)
+        if after:
+            after(sim)
+        time.sleep(3)
     return sim, proc
 
 

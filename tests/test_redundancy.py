@@ -12,9 +12,8 @@ from collections import Counter
 
 import pytest
 
-from simulator import Simulator
-from tests.faults import check_run, unexplained_gaps
-from tests.helpers import CollectorProcess, market_section, wait_until, write_config
+from tests.faults import both_markets, check_run, unexplained_gaps
+from tests.helpers import wait_until
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT", "BNBUSDT"]
 DEAD_AFTER = 2
@@ -24,28 +23,14 @@ def record(tmp_path, action, seconds: float, redundancy: int = 2, sim_kw=None, c
     """Both markets, one batch each, `redundancy` connections per batch; `action(sim, proc)`
     once every connection delivers, then `seconds` more, settle, pause, SIGTERM."""
     # pings every 0.3 s: a stalled connection is still pinged, so the socket never times out
-    kw = dict(symbols=SYMBOLS, record=True, updates_per_s=40, ping_interval=0.3, pong_timeout=5, **(sim_kw or {}))
-    with Simulator(spot=dict(kw), futures=dict(kw)) as sim:
-        cfg = write_config(tmp_path, [
-            market_section("spot", sim.spot, SYMBOLS, snapshot_interval=30, snapshot_limit=100, partial_levels=5),
-            market_section("futures", sim.futures, SYMBOLS, snapshot_interval=30, snapshot_limit=100),
-        ], ws_dead_after=DEAD_AFTER, ws_redundancy=redundancy, **(collector_kw or {}))
-        proc = CollectorProcess(cfg)
-        try:
-            proc.wait_for_log("recording market=futures")
-            wait_until(lambda: all(len(m.live_conns()) == redundancy and m.frames_sent > 50 for m in sim.markets()),
-                       timeout=20)
-            time.sleep(1)
-            action(sim, proc)
-            time.sleep(seconds)
-            for m in sim.markets():
-                m.faults.paused = True
-            time.sleep(1.5)
-            rc = proc.stop()
-        finally:
-            proc.kill()
-    assert rc == 0, proc.log[-3000:]
-    assert "Traceback" not in proc.log
+    sim_kw = dict(ping_interval=0.3, pong_timeout=5, **(sim_kw or {}))
+    with both_markets(tmp_path, SYMBOLS, sim_kw, ws_dead_after=DEAD_AFTER, ws_redundancy=redundancy,
+                      **(collector_kw or {})) as (sim, proc):
+        wait_until(lambda: all(len(m.live_conns()) == redundancy and m.frames_sent > 50 for m in sim.markets()),
+                   timeout=20)
+        time.sleep(1)
+        action(sim, proc)
+        time.sleep(seconds)
     return sim, proc
 
 
