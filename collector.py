@@ -13,7 +13,7 @@ import os
 # pool, which `pa.set_memory_pool` does not change: only ARROW_DEFAULT_MEMORY_POOL, read
 # when pyarrow loads, chooses it. Arrow's bundled jemalloc, told to give freed pages back
 # to the kernel within 100 ms, keeps the column buffers' churn out of glibc's heap (peak
-# RSS at 2,000 symbols 270 -> 254 MiB, CPU unchanged; BENCHMARKS.md, eighth session). Set
+# RSS at 2,000 symbols 270 -> 254 MiB, CPU unchanged; BENCHMARKS.md, Memory). Set
 # before pyarrow is imported anywhere; an operator's own values are left alone.
 os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
 os.environ.setdefault("JE_ARROW_MALLOC_CONF", "dirty_decay_ms:100,muzzy_decay_ms:0")

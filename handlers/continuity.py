@@ -33,7 +33,7 @@ class _Recent:
     between the two connections. 512 ids are 51 s of a 100 ms stream. An id older than
     that is recorded as stale, never dropped: a memory too short could write a duplicate
     twice, never lose an event. 2,048 ids took 33 MB at 2,000 symbols, a tenth of the
-    peak RSS there (BENCHMARKS.md, sixth session).
+    peak RSS there (BENCHMARKS.md, The recording path).
     """
 
     __slots__ = ("ring", "view", "n", "head", "conn", "head_us")

@@ -36,7 +36,7 @@ def tune_memory() -> None:
         # there: Arrow's ZSTD makes (and frees) a compression workspace of several MiB for
         # every page it compresses; mapped and unmapped each time (or trimmed off the
         # heap and taken back), its pages faulted in again on every page: ZSTD-9 part
-        # files cost 7.4 µs a message instead of 4.3 (BENCHMARKS.md, fifth session).
+        # files cost 7.4 µs a message instead of 4.3 (BENCHMARKS.md, Memory).
         libc.mallopt(_M_MMAP_THRESHOLD, 16 << 20)
         libc.mallopt(_M_TRIM_THRESHOLD, 16 << 20)
     except (OSError, AttributeError):
@@ -46,7 +46,7 @@ def tune_memory() -> None:
 def check_arrow_pool() -> str:
     """The allocator of Arrow's C++ side, logged at start-up. A pyarrow build without
     jemalloc falls back to mimalloc, which held 30-70 MiB more than glibc at 2,000 symbols
-    (BENCHMARKS.md, eighth session): then at least the arrays Python builds come from
+    (BENCHMARKS.md, Memory): then at least the arrays Python builds come from
     glibc, and the log says so."""
     import pyarrow as pa
 

@@ -75,7 +75,7 @@ def arrow_bytes(f: pq.ParquetFile) -> int:
     plain size. Encoded sizes under-count: dictionary pages and delta-encoded ids made
     part files of partial depth a third of their Arrow size, and compacting 30 minutes of
     one market at 1,000 symbols passed 6.7 GB of RSS on a 512 MiB budget (BENCHMARKS.md,
-    eighth session)."""
+    Compaction)."""
     md = f.metadata
     lists = sum(1 for field in f.schema_arrow if pa.types.is_list(field.type))
     total = 0

@@ -16,7 +16,7 @@ One writer per market (`writer-spot`, `writer-futures`). Items on its queue:
 
 Why a temporary file and not memory: at 40,000 msgs/s a segment's encoded parts were
 ~25 MB held in growing buffers (and as much again while each doubled), a tenth of the
-process's peak RSS (BENCHMARKS.md, sixth session).
+process's peak RSS (BENCHMARKS.md, Memory).
 
 A storage error (disk full, folder unwritable) is logged at error level and the encoded
 bytes the disk refused are kept in memory and retried every `retry_wait` seconds (those

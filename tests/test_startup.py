@@ -59,8 +59,8 @@ def test_sigint_also_stops_cleanly(tmp_path):
 def test_arrow_allocator_is_jemalloc_returning_pages_within_100ms():
     """Arrow's C++ parts (Parquet writers, output buffers) use the process default pool,
     which only ARROW_DEFAULT_MEMORY_POOL sets, when pyarrow loads. The collector asks for
-    Arrow's jemalloc with freed pages handed back within 100 ms (BENCHMARKS.md, eighth
-    session), before pyarrow loads, and leaves an operator's own choice alone. A build
+    Arrow's jemalloc with freed pages handed back within 100 ms (BENCHMARKS.md,
+    Memory), before pyarrow loads, and leaves an operator's own choice alone. A build
     without the allocator asked for is said in the log, and Python's arrays then come
     from the system allocator rather than Arrow's fallback."""
     probe = ("import collector, logging, os, pyarrow; from service.memory import check_arrow_pool; "
