@@ -50,7 +50,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.ini"
 def run(cfg: config_mod.Config) -> int:
     stop = threading.Event()
 
-    def on_signal(signum, frame):
+    def on_signal(signum: int, frame: object) -> None:
         log.info("received %s: stopping", signal.Signals(signum).name)
         stop.set()
 

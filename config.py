@@ -10,6 +10,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
 from markets import MARKETS, PARTIAL_LEVELS, Market
@@ -117,7 +118,8 @@ class _Section:
             raise self.fail(key, "is empty")
         return value
 
-    def number(self, key: str, default: str | None, lo: float, hi: float, kind=float):
+    def number(self, key: str, default: str | None, lo: float, hi: float,
+               kind: Callable[[str], Any] = float) -> Any:
         raw = self.text(key, default)
         try:
             value = kind(raw)
@@ -127,7 +129,7 @@ class _Section:
             raise self.fail(key, f"{raw} is outside {lo:g}..{hi:g}")
         return value
 
-    def choice(self, key: str, default: str | None, choices) -> str:
+    def choice(self, key: str, default: str | None, choices: Iterable[str]) -> str:
         value = self.text(key, default)
         if value not in choices:
             raise self.fail(key, f"{value!r} is not one of {', '.join(map(str, choices))}")
@@ -208,7 +210,7 @@ def _upload(s: _Section) -> UploadSettings:
     )
 
 
-def _check_keys(section: _Section, allowed) -> None:
+def _check_keys(section: _Section, allowed: Iterable[str]) -> None:
     for key in section.values:
         if key not in allowed:
             raise section.fail(key, f"unknown key (known: {', '.join(sorted(allowed))})")

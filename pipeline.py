@@ -128,7 +128,8 @@ def _rotate(batches: list[StreamBatch], conn: int) -> None:
             return
 
 
-def resolve_symbols(cfg: config_mod.Config, session: requests.Session, stop: threading.Event):
+def resolve_symbols(cfg: config_mod.Config, session: requests.Session,
+                    stop: threading.Event) -> tuple[list[config_mod.MarketConfig], dict[str, int]]:
     """Drop symbols the exchange does not list as trading; (markets, weight limits)."""
     markets, limits = [], {}
     for m in cfg.markets:

@@ -125,7 +125,7 @@ def count_ws_rows(root: Path, t0_us: int, t1_us: int) -> int:
     return total
 
 
-def write_config(work: Path, ports: dict, symbols: list[str], args) -> tuple[Path, list[str]]:
+def write_config(work: Path, ports: dict, symbols: list[str], args: argparse.Namespace) -> tuple[Path, list[str]]:
     sections, urls = [], []
     for name, port in ports.items():
         ws_url = f"ws://127.0.0.1:{port}" + ("/public" if name == "futures" else "")
@@ -145,7 +145,7 @@ def write_config(work: Path, ports: dict, symbols: list[str], args) -> tuple[Pat
     return cfg, urls
 
 
-def one_run(args, n_symbols: int, floor_on: bool) -> dict:
+def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
     symbols = [f"S{i:04d}USDT" for i in range(n_symbols)]
     work = Path(tempfile.mkdtemp(prefix="ob-bench-"))
     ports = {"spot": free_port(), "futures": free_port()}
@@ -271,7 +271,7 @@ def bytes_per_message(root: Path) -> tuple[float, float]:
 QUEUE_SIZE = int(_COLLECTOR_DEFAULTS["queue_size"])  # the collector's default, which the bench config keeps
 
 
-def sustained(r: dict, args) -> bool:
+def sustained(r: dict, args: argparse.Namespace) -> bool:
     """Kept up: nothing lost, the queue never half full and not growing at the end, what was
     offered recorded (99.5 %: the window's edges cut a few frames either way)."""
     return (r["lost_diffs"] == 0 and r["exit"] == 0 and r["last_queue"] < args.queue_limit

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import orjson
 import pyarrow.parquet as pq
@@ -115,7 +116,7 @@ def reads(frames: list[bytes], size: int = 1 << 14) -> list[tuple]:
     return items
 
 
-def timed(fn, repeat: int) -> float:
+def timed(fn: Callable[[], object], repeat: int) -> float:
     runs = []
     for _ in range(repeat):
         t0 = time.process_time()

@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import orjson
 import pyarrow as pa
@@ -38,6 +38,9 @@ from service.threads import PipelineThread
 from storage.columns import DepthColumns, GapColumns, SnapshotColumns, levels_to_arrow, raw_levels
 from storage.journal import Journal
 from storage.writer import STOP
+
+# (lastUpdateId, (bid prices, sizes), (ask prices, sizes), event time, transaction time)
+SnapshotRow = tuple[int, Any, Any, int | None, int | None]
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +78,7 @@ class RateLimitedLog:
         self.last: dict[str, float] = {}
         self.held: dict[str, int] = {}
 
-    def __call__(self, level: int, key: str, msg: str, *args) -> None:
+    def __call__(self, level: int, key: str, msg: str, *args: object) -> None:
         now = time.monotonic()
         if now - self.last.get(key, -1e9) < self.every:
             self.held[key] = self.held.get(key, 0) + 1
@@ -124,7 +127,7 @@ def in_arrival_order(batch: list) -> list:
 
 
 class FrameProcessor(PipelineThread):
-    def __init__(self, cfg: MarketConfig, inbox: Inbox | None, outbox,
+    def __init__(self, cfg: MarketConfig, inbox: Inbox | None, outbox: queue.Queue | queue.SimpleQueue,
                  flush_interval: float, now_us: Callable[[], int],
                  request_snapshot: Callable[[str], None] = lambda symbol: None,
                  on_server_shutdown: Callable[[int], None] = lambda conn: None,
@@ -395,7 +398,8 @@ class FrameProcessor(PipelineThread):
             return False
         return True
 
-    def _irregular(self, status: str, received_us: int, symbol: str, last_u, U: int, u: int, pu) -> None:
+    def _irregular(self, status: str, received_us: int, symbol: str, last_u: int | None, U: int, u: int,
+                   pu: int | None) -> None:
         if status == cont.STALE:
             if self.holes.fill(symbol, U, u, pu):
                 self.stats.reordered += 1
@@ -408,6 +412,7 @@ class FrameProcessor(PipelineThread):
         if status == cont.START and not self.record_start:
             return  # replaying a later journal segment: the stream began in rows already on disk
         if status in (cont.SEQUENCE, cont.RECONNECT):
+            assert last_u is not None  # a break follows an event already seen
             # another connection (a redundant copy, or the other one of a rotation) may
             # still deliver the missing events: hold the break
             older = self.holes.open(symbol, received_us, last_u, U, pu, time.monotonic(), status)
@@ -421,7 +426,7 @@ class FrameProcessor(PipelineThread):
         for symbol, hole in self.holes.due(None if all_now else time.monotonic()):
             self._gap(symbol, hole.detected_us, hole.last_u, hole.end_U, hole.reason)
 
-    def _gap(self, symbol: str, detected_us: int, last_u, U: int, status: str) -> None:
+    def _gap(self, symbol: str, detected_us: int, last_u: int | None, U: int, status: str) -> None:
         self.gaps.append(detected_us, symbol, last_u, U, status)
         self.stats.gaps += 1
         self.stats.gaps_by_reason[status] = self.stats.gaps_by_reason.get(status, 0) + 1
@@ -446,7 +451,7 @@ class FrameProcessor(PipelineThread):
         self.snapshots.append(request_us, received_us, last, b, a, limit, symbol, E, T)
         self.stats.snapshots += 1
 
-    def _snapshot_fast(self, raw: bytes):
+    def _snapshot_fast(self, raw: bytes) -> SnapshotRow | None:
         try:
             snap = wire.decode_snapshot(raw)
             E, T = (snap.E, snap.T) if self._futures else (None, None)  # spot: not part of the row
@@ -456,7 +461,7 @@ class FrameProcessor(PipelineThread):
         except (wire.DecodeError, ValueError, pa.ArrowException):
             return None
 
-    def _snapshot_general(self, raw: bytes):
+    def _snapshot_general(self, raw: bytes) -> SnapshotRow | None:
         try:
             row = parse.snapshot(orjson.loads(raw), self._futures)
             if row is None:

@@ -22,12 +22,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from typing import Any
 
 FULL_WAIT = 0.005
 # An item: (WS, received_us, conn_id, [frame, ...]), the frames of one socket read, from a
 # reader; (REST, received_us, (symbol, limit, request_us, body)), a snapshot answer; or
 # storage.writer.STOP, the end.
 WS, REST = 0, 1
+Item = Any  # (tag, ...): WS or REST first, the rest as its producer documents; or the writer's STOP
 
 
 class Inbox:
@@ -42,29 +44,29 @@ class Inbox:
         """Frames waiting."""
         return self.frames
 
-    def put_nowait(self, item, n: int = 1) -> None:
+    def put_nowait(self, item: Item, n: int = 1) -> None:
         if self.frames >= self.maxsize:
             raise queue.Full
         self._add(item, n)
 
-    def put(self, item, n: int = 1) -> None:
+    def put(self, item: Item, n: int = 1) -> None:
         """Wait while full, then add `item` of `n` frames (never dropped)."""
         while self.frames >= self.maxsize:
             time.sleep(FULL_WAIT)
         self._add(item, n)
 
-    def _add(self, item, n: int) -> None:
+    def _add(self, item: Item, n: int) -> None:
         with self._lock:
             self.frames += n
         self._q.put((n, item))
 
-    def get_nowait(self):
+    def get_nowait(self) -> Item:
         n, item = self._q.get_nowait()
         with self._lock:
             self.frames -= n
         return item
 
-    def get(self, block: bool = True, timeout: float | None = None):
+    def get(self, block: bool = True, timeout: float | None = None) -> Item:
         n, item = self._q.get(block, timeout)
         with self._lock:
             self.frames -= n

@@ -6,15 +6,20 @@ through as sent; storage.columns converts and checks them in bulk.
 """
 from __future__ import annotations
 
+from typing import Any
+
+# (event_time, symbol, U, u, pu, T, bids, asks); None where the payload kind has no such field
+DepthRow = tuple[int | None, str, int | None, int, int | None, int | None, Any, Any]
+
 _I64_MIN, _I64_MAX = -(1 << 63), (1 << 63) - 1
 
 
-def _int(v) -> bool:
+def _int(v: object) -> bool:
     """An integer the int64 columns can hold (a larger one is malformed, not a crash)."""
     return type(v) is int and _I64_MIN <= v <= _I64_MAX
 
 
-def spot_diff(data):
+def spot_diff(data: Any) -> DepthRow | None:
     """Spot `<symbol>@depth@100ms`:
 
     {"e":"depthUpdate","E":1633998512068,"s":"NKNUSDT","U":499869750,"u":499869752,
@@ -33,7 +38,7 @@ def spot_diff(data):
     return E, s, U, u, None, None, b, a
 
 
-def futures_depth(data):
+def futures_depth(data: Any) -> DepthRow | None:
     """Futures diff `<symbol>@depth@100ms` and partial `<symbol>@depth20@100ms` (same shape):
 
     {"e":"depthUpdate","E":1626992741037,"T":1626992741024,"s":"SUSHIUSDT",
@@ -52,7 +57,7 @@ def futures_depth(data):
     return E, s, U, u, pu, T, b, a
 
 
-def spot_partial(data, symbol: str):
+def spot_partial(data: Any, symbol: str) -> DepthRow | None:
     """Spot `<symbol>@depth20@100ms` carries no symbol, no event time and no U:
 
     {"lastUpdateId":160,"bids":[["0.0024","10"]],"asks":[["0.0026","100"]]}
@@ -68,7 +73,7 @@ def spot_partial(data, symbol: str):
     return None, symbol, None, last, None, None, b, a
 
 
-def snapshot(data, futures: bool):
+def snapshot(data: Any, futures: bool) -> tuple[int, list, list, int | None, int | None] | None:
     """REST depth: {"lastUpdateId":N,"bids":[..],"asks":[..]} plus "E" and "T" on futures.
 
     -> (lastUpdateId, bids, asks, E, T)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import queue
 from pathlib import Path
+from typing import Callable
 
 import pyarrow.parquet as pq
 
@@ -29,7 +30,7 @@ from storage.writer import split_by_day
 log = logging.getLogger(__name__)
 
 
-def recover(cfg: MarketConfig, data_dir: Path, compression_level: int, now_us) -> dict[str, int]:
+def recover(cfg: MarketConfig, data_dir: Path, compression_level: int, now_us: Callable[[], int]) -> dict[str, int]:
     """Replay every leftover segment of one market; returns rows written per kind."""
     found = segments(journal_dir(data_dir, cfg.name))
     written: dict[str, int] = {}

@@ -25,6 +25,7 @@ import ssl
 import struct
 import sys
 import time
+from typing import Any
 from urllib.parse import urlsplit
 
 import certifi
@@ -144,7 +145,7 @@ class StampedSocket:
     def gettimeout(self) -> float | None:
         return self.sock.gettimeout()
 
-    def setsockopt(self, *args) -> None:
+    def setsockopt(self, *args: Any) -> None:
         self.sock.setsockopt(*args)
 
     def fileno(self) -> int:

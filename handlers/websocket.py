@@ -37,7 +37,7 @@ import websocket
 
 from handlers import stamped
 from handlers.backoff import backoff_delay
-from handlers.inbox import WS, Inbox
+from handlers.inbox import WS, Inbox, Item
 from service.threads import PipelineThread, name_os_thread
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class Reader(threading.Thread):
                     first = False
                     self.delivering.set()
 
-    def _put(self, item, n: int) -> None:
+    def _put(self, item: Item, n: int) -> None:
         """A full queue blocks the reader (TCP back-pressure), loudly; it never drops.
         One error line per connection every 10 s, with the count since the last one."""
         self.stats.queue_full += 1
@@ -260,7 +260,7 @@ class Reader(threading.Thread):
 class ConnectionStats:
     """One copy's connection counters (a copy: one of the connections reading a batch)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.connects = 0
         self.failures = 0
         self.rotations = 0

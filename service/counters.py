@@ -4,7 +4,11 @@ STATUS= read. `pipeline.MarketPipeline.counters()` takes it from the threads' ow
 (nothing is added to the per-message path)."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
+from typing import Any, Protocol
+
+from config import MarketConfig
 
 
 @dataclass(frozen=True)
@@ -48,3 +52,44 @@ class Counters:
     def last_data(self) -> int:
         """The newest data frame's stamp over every connection (0 before the first)."""
         return max((us for _, us in self.last_data_us), default=0)
+
+
+class CountedPipeline(Protocol):
+    """What the service side reads of a market pipeline (`pipeline.MarketPipeline`), named
+    here so that `service` need not import the pipeline that imports it."""
+
+    @property
+    def cfg(self) -> MarketConfig: ...
+
+    @property
+    def processor(self) -> threading.Thread: ...
+
+    @property
+    def writer(self) -> threading.Thread: ...
+
+    def counters(self) -> Counters: ...
+
+    def status_line(self, last: dict[str, Any]) -> str: ...
+
+
+class UploadProgress(Protocol):
+    """What the service side reads of the upload job (`storage.upload_job.UploadJob`)."""
+
+    @property
+    def kick(self) -> threading.Event: ...
+
+    @property
+    def last(self) -> dict[str, Any]: ...
+
+    @property
+    def totals(self) -> dict[str, int]: ...
+
+
+class CompactionProgress(Protocol):
+    """What the metrics read of the compactor (`storage.compact.Compactor`)."""
+
+    @property
+    def runs(self) -> dict[str, int]: ...
+
+    @property
+    def failures(self) -> int: ...

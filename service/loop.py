@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable, Sequence
 
 import schedule
 
+from config import Config
 from service import status as state_file
+from service.counters import CountedPipeline, UploadProgress
 from service.notify import Notifier
 
 log = logging.getLogger("collector")
@@ -16,7 +19,8 @@ READY_AFTER_S = 60.0  # READY=1 even if some stream is not live yet (systemd mus
 
 
 class MainLoop:
-    def __init__(self, pipelines, cfg, now_us, upload_job=None, notifier: Notifier | None = None):
+    def __init__(self, pipelines: Sequence[CountedPipeline], cfg: Config, now_us: Callable[[], int],
+                 upload_job: UploadProgress | None = None, notifier: Notifier | None = None):
         self.pipelines, self.cfg, self.now_us, self.upload_job = pipelines, cfg, now_us, upload_job
         self.notifier = notifier or Notifier()
         self.started = time.monotonic()
@@ -27,7 +31,8 @@ class MainLoop:
         self.last_counts: dict[str, tuple[float, int]] = {}
         self.jobs = schedule.Scheduler()
         c = cfg.collector
-        self.jobs.every(c.status_interval).seconds.do(self.log_status)
+        # schedule takes a float interval; its annotation says int
+        self.jobs.every(c.status_interval).seconds.do(self.log_status)  # type: ignore[arg-type]
         self.jobs.every(5).seconds.do(self.publish_state)
         if upload_job is not None:
             self.jobs.every(cfg.upload.every_minutes).minutes.do(upload_job.kick.set)

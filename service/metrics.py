@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
+
+from service.counters import CompactionProgress, CountedPipeline, UploadProgress
 
 log = logging.getLogger(__name__)
 
@@ -14,10 +17,12 @@ log = logging.getLogger(__name__)
 class PipelineMetrics:
     """A prometheus_client collector over MarketPipeline objects (and the upload job)."""
 
-    def __init__(self, pipelines, upload_job=None, now_us=lambda: time.time_ns() // 1000, compactor=None):
+    def __init__(self, pipelines: Sequence[CountedPipeline], upload_job: UploadProgress | None = None,
+                 now_us: Callable[[], int] = lambda: time.time_ns() // 1000,
+                 compactor: CompactionProgress | None = None):
         self.pipelines, self.upload_job, self.now_us, self.compactor = pipelines, upload_job, now_us, compactor
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         c = lambda name, doc, labels: CounterMetricFamily(f"obc_{name}", doc, labels=labels)  # noqa: E731
         g = lambda name, doc, labels: GaugeMetricFamily(f"obc_{name}", doc, labels=labels)  # noqa: E731
         frames = c("frames", "WebSocket data frames processed", ["market", "kind"])
@@ -94,7 +99,8 @@ class PipelineMetrics:
             yield failing
 
 
-def serve(listen: str, pipelines, upload_job=None, compactor=None) -> int:
+def serve(listen: str, pipelines: Sequence[CountedPipeline], upload_job: UploadProgress | None = None,
+          compactor: CompactionProgress | None = None) -> int:
     """Start the HTTP endpoint on host:port; returns the port (0 picks a free one)."""
     host, _, port = listen.rpartition(":")
     registry = CollectorRegistry()

@@ -8,12 +8,13 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import Mapping
 
 log = logging.getLogger(__name__)
 
 
 class Notifier:
-    def __init__(self, env=os.environ):
+    def __init__(self, env: Mapping[str, str] = os.environ):
         path = env.get("NOTIFY_SOCKET", "")
         self.address = ("\0" + path[1:]) if path.startswith("@") else path
         self.sock = None

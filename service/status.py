@@ -6,11 +6,15 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any, Sequence
+
+from service.counters import CountedPipeline, UploadProgress
 
 STATE_FILE = ".status.json"
 
 
-def snapshot(pipelines, upload_job, rates: dict, now_us: int) -> dict:
+def snapshot(pipelines: Sequence[CountedPipeline], upload_job: UploadProgress | None, rates: dict[str, float],
+             now_us: int) -> dict[str, Any]:
     markets = {}
     for p in pipelines:
         c = p.counters()

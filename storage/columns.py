@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import logging
 from itertools import compress
+from typing import Any
 
+import msgspec
 import numpy as np
 import orjson
 import pyarrow as pa
@@ -117,7 +119,7 @@ def raw_levels(raws: list) -> tuple[pa.Array, pa.Array]:
             pa.ListArray.from_arrays(offsets, pa.array(values[1::2])))
 
 
-def _loads_levels(raw):
+def _loads_levels(raw: bytes | msgspec.Raw) -> Any:
     """A side that failed `raw_levels`, as orjson reads it (None if it cannot), for the
     row-by-row check."""
     try:
@@ -126,7 +128,7 @@ def _loads_levels(raw):
         return None
 
 
-def levels_ok(levels) -> bool:
+def levels_ok(levels: Any) -> bool:
     """The slow, exact check of one side of one message (used only after a bulk failure).
     Arrow's own string->double conversion is the judge, so that what passes here converts
     later: Python's float() also takes "1_000", " 1" and non-ASCII digits, which Arrow refuses."""
@@ -175,14 +177,16 @@ class DepthColumns:
     def __len__(self) -> int:
         return len(self.rows) + len(self.raw_rows) + self.chunk_rows
 
-    def append(self, received, event, symbol, first, final, prev, ttime, bids, asks) -> None:
+    def append(self, received: int, event: int | None, symbol: str, first: int | None, final: int, prev: int | None,
+               ttime: int | None, bids: Any, asks: Any) -> None:
         if self.raw_rows:
             self._raw_to_chunk()
         self.rows.append((received, event, symbol, first, final, prev, ttime))
         self.rbids.append(bids)
         self.rasks.append(asks)
 
-    def append_raw(self, received, event, symbol, first, final, prev, ttime, bids, asks) -> None:
+    def append_raw(self, received: int, event: int | None, symbol: str, first: int | None, final: int,
+                   prev: int | None, ttime: int | None, bids: bytes | msgspec.Raw, asks: bytes | msgspec.Raw) -> None:
         """`bids`, `asks`: the JSON text of each side's level list (bytes or msgspec.Raw)."""
         if self.rows:
             self._rows_to_chunk()
@@ -259,14 +263,15 @@ class SnapshotColumns:
     [side]): a snapshot is checked when it arrives (a malformed one is fetched again),
     and held as 16 bytes a level rather than the Python lists of its parsed JSON."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.schema = SCHEMAS["orderbooks"]
         self.rows: list[tuple] = []
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def append(self, request_time, received_time, last_update_id, bids, asks, limit, symbol, event, ttime):
+    def append(self, request_time: int, received_time: int, last_update_id: int, bids: tuple[pa.Array, pa.Array],
+               asks: tuple[pa.Array, pa.Array], limit: int, symbol: str, event: int | None, ttime: int | None) -> None:
         self.rows.append((request_time, received_time, last_update_id, bids, asks, limit, symbol, event, ttime))
 
     def take(self) -> pa.Table:
@@ -287,14 +292,14 @@ class SnapshotColumns:
 
 
 class GapColumns:
-    def __init__(self):
+    def __init__(self) -> None:
         self.schema = SCHEMAS["gaps"]
         self.rows: list[tuple] = []
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def append(self, detected_time, symbol, last_final, next_first, reason) -> None:
+    def append(self, detected_time: int, symbol: str, last_final: int | None, next_first: int | None, reason: str) -> None:
         self.rows.append((detected_time, symbol, last_final, next_first, reason))
 
     def take(self) -> pa.Table:

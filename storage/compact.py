@@ -322,7 +322,7 @@ def _order(kind: str) -> list[tuple[str, str]]:
     return [(k, "ascending") for k in SORT_KEYS[kind]]
 
 
-def _sorting(kind: str, schema: pa.Schema):
+def _sorting(kind: str, schema: pa.Schema) -> list[pq.SortingColumn]:
     """Parquet's own record that each row group is sorted by `_order`."""
     return pq.SortingColumn.from_ordering(schema, _order(kind))
 
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     threading.current_thread().name = "compactor"
     name_os_thread("compactor")
 
-    def on_term(signum, frame):  # unwind, so that the temporary day file is removed
+    def on_term(signum: int, frame: object) -> None:  # unwind, so that the temporary day file is removed
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, on_term)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 from pathlib import Path
+from typing import Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -87,7 +88,7 @@ def publish(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def _write_atomic(final: Path, write) -> None:
+def _write_atomic(final: Path, write: Callable[[Path], object]) -> None:
     """`write(tmp)` makes the file under a temporary name; then it is published (or removed)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_name(final)

@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 import boto3
 import pyarrow.compute as pc
@@ -60,7 +60,7 @@ class Credentials:
     bucket: str
 
     @classmethod
-    def from_env(cls, env=os.environ) -> "Credentials":
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "Credentials":
         missing = [k for k in ENV_KEYS if not env.get(k)]
         if missing:
             raise UploadError(f"upload: missing environment variable(s) {', '.join(missing)} "
@@ -74,7 +74,7 @@ class Credentials:
         return text
 
 
-def make_client(creds: Credentials, settings: UploadSettings):
+def make_client(creds: Credentials, settings: UploadSettings) -> Any:
     kw: dict[str, Any] = {}
     if settings.r2_compat:
         kw.update(request_checksum_calculation="when_required", response_checksum_validation="when_required")
@@ -140,8 +140,9 @@ def file_summary(path: Path, kind: str) -> dict:
 
 
 class Uploader:
-    def __init__(self, client, creds: Credentials, settings: UploadSettings, data_dir: Path, config_hash: str,
-                 progress: bool = False, now=lambda: dt.datetime.now(dt.timezone.utc)):
+    def __init__(self, client: Any, creds: Credentials, settings: UploadSettings, data_dir: Path, config_hash: str,
+                 progress: bool = False,
+                 now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)):
         self.s3, self.creds, self.settings, self.data_dir = client, creds, settings, data_dir
         self.bucket, self.config_hash, self.progress, self.now = creds.bucket, config_hash, progress, now
         self.part_size = settings.part_size_mb << 20

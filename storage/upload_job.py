@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 import config as config_mod
+
+if TYPE_CHECKING:
+    from storage import upload
 from service.threads import name_os_thread
 
 log = logging.getLogger("collector")
 
 
-def make_uploader(cfg: config_mod.Config, progress: bool = False):
+def make_uploader(cfg: config_mod.Config, progress: bool = False) -> "upload.Uploader":
     from storage import upload  # boto3 is only imported when uploads are used
 
     creds = upload.Credentials.from_env()

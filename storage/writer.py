@@ -110,7 +110,7 @@ class _Sink:
         self._fd: int | None = None
 
     # the file-like interface pyarrow writes through
-    def write(self, data) -> int:
+    def write(self, data: bytes | memoryview) -> int:
         self.tail.append(bytes(data))
         self.held += len(data)
         if self.held >= SPILL_BYTES:
