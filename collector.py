@@ -62,7 +62,7 @@ def run(cfg: config_mod.Config) -> int:
         log.info("removed unfinished temporary file %s", leftover)
     session = requests.Session()
     try:
-        markets, limits = resolve_symbols(cfg, session, stop)
+        resolved = resolve_symbols(cfg, session, stop)
     except config_mod.ConfigError as e:
         log.error("%s", e)
         return EXIT_CONFIG
@@ -71,13 +71,13 @@ def run(cfg: config_mod.Config) -> int:
         return EXIT_FAIL
     if stop.is_set():
         return EXIT_OK
-    for m in markets:
+    for m in (r.cfg for r in resolved):
         # before anything new is written: the journal a crash left behind becomes part files
         recovered = recover(m, c.data_dir, c.compression_level, now_us)
         if recovered:
             log.warning("recovered rows from the journal after an unclean stop market=%s rows=%s", m.name, recovered)
     run_id = now_us()
-    pipelines = [build_market(m, c, stop, session, limits[m.name], run_id) for m in markets]
+    pipelines = [build_market(r.cfg, c, stop, session, r.weight_limit, run_id, trading=r.trading) for r in resolved]
     tune_gc()
     tune_memory()
     check_arrow_pool()

@@ -51,6 +51,14 @@ class MarketConfig:
     snapshot_interval: float
     snapshot_limit: int
     symbols_per_connection: int
+    # which symbols: "list" (`symbols` as written), "all" (every TRADING one) or "top"
+    # (the `top_n` with the highest 24h quote volume); with all / top, `symbols` holds the
+    # set resolved at start (empty in the config as read)
+    selection: str = "list"
+    top_n: int = 0
+    quote_assets: tuple[str, ...] = ()
+    symbols_exclude: tuple[str, ...] = ()
+    listing_check: float = 300.0    # seconds; 0: the set is fixed at start
 
     @property
     def name(self) -> str:
@@ -96,7 +104,10 @@ _COLLECTOR_DEFAULTS = {
 _MARKET_KEYS = {
     "enabled", "symbols", "ws_url", "rest_url", "diff_speed", "partial_levels",
     "partial_speed", "snapshot_interval", "snapshot_limit", "symbols_per_connection",
+    "quote_assets", "symbols_exclude", "listing_check",
 }
+_TOP = re.compile(r"^top\s+(\d+)$", re.IGNORECASE)
+_ASSET = re.compile(r"^[A-Z0-9]{1,20}$")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -172,7 +183,7 @@ def load(path: str | Path) -> Config:
         raise ConfigError(f"{path}: not a valid ini file: {first}") from None
     for name in parser.sections():
         if name not in ("collector", "upload") and name not in MARKETS:
-            raise ConfigError(f"{path}: [{name}]: unknown section (expected collector, spot, futures, upload)")
+            raise ConfigError(f"{path}: [{name}]: unknown section (expected collector, {', '.join(MARKETS)}, upload)")
     collector = _collector(_Section(path, "collector", dict(parser["collector"]) if parser.has_section("collector") else {}))
     collector = CollectorConfig(**{**collector.__dict__, "data_dir": (path.parent / collector.data_dir).resolve()})
     markets = tuple(
@@ -180,7 +191,7 @@ def load(path: str | Path) -> Config:
                     for name in MARKETS if parser.has_section(name)) if m is not None
     )
     if not markets:
-        raise ConfigError(f"{path}: no market enabled: add [spot] or [futures] with enabled = true")
+        raise ConfigError(f"{path}: no market enabled: add [spot], [futures] or [delivery] with enabled = true")
     upload = _upload(_Section(path, "upload", dict(parser["upload"]) if parser.has_section("upload") else {}))
     return Config(path=path, collector=collector, markets=markets, upload=upload)
 
@@ -247,18 +258,43 @@ def _listen(s: _Section, key: str, default: str) -> str:
     return value
 
 
-def _symbols(s: _Section) -> tuple[str, ...]:
-    raw = s.values.get("symbols", "")
-    symbols = [x.strip().upper() for x in raw.replace("\n", ",").split(",") if x.strip()]
-    if not symbols:
-        raise s.fail("symbols", "no symbols listed")
-    for sym in symbols:
-        if not _SYMBOL.match(sym):
-            raise s.fail("symbols", f"{sym!r} is not a Binance symbol (letters and digits)")
-    dupes = sorted(x for x, n in Counter(symbols).items() if n > 1)
+def _names(s: _Section, key: str, pattern: re.Pattern[str], what: str) -> tuple[str, ...]:
+    """A comma-separated list of upper-case names, each checked, none twice (may be empty)."""
+    raw = s.values.get(key, "")
+    names = [x.strip().upper() for x in raw.replace("\n", ",").split(",") if x.strip()]
+    for name in names:
+        if not pattern.match(name):
+            raise s.fail(key, f"{name!r} is not {what}")
+    dupes = sorted(x for x, n in Counter(names).items() if n > 1)
     if dupes:
-        raise s.fail("symbols", f"listed twice: {', '.join(dupes)}")
-    return tuple(symbols)
+        raise s.fail(key, f"listed twice: {', '.join(dupes)}")
+    return tuple(names)
+
+
+def _selection(s: _Section) -> tuple[str, int, tuple[str, ...]]:
+    """`symbols`: (selection, top_n, listed symbols)."""
+    raw = " ".join(s.values.get("symbols", "").split())
+    if raw.lower() == "all":
+        return "all", 0, ()
+    top = _TOP.match(raw)
+    if top:
+        n = int(top.group(1))
+        if not 1 <= n <= 5000:
+            raise s.fail("symbols", f"top {n}: N must be 1..5000")
+        return "top", n, ()
+    if raw.lower().startswith("top"):
+        raise s.fail("symbols", f"{raw!r}: write `top N`, N a whole number")
+    symbols = _names(s, "symbols", _SYMBOL, "a Binance symbol (letters and digits), `all` or `top N`")
+    if not symbols:
+        raise s.fail("symbols", "no symbols listed (a list, `all` or `top N`)")
+    return "list", 0, symbols
+
+
+def _listing_check(s: _Section) -> float:
+    value = s.number("listing_check", "300", 0, 86400)
+    if 0 < value < 30:
+        raise s.fail("listing_check", f"{value:g} is too often (exchangeInfo costs weight): 0, or 30..86400")
+    return value
 
 
 def _market(s: _Section, market: Market) -> MarketConfig | None:
@@ -273,9 +309,18 @@ def _market(s: _Section, market: Market) -> MarketConfig | None:
     levels = s.number("partial_levels", "20", 0, 10**6, int)
     if levels not in PARTIAL_LEVELS:
         raise s.fail("partial_levels", f"{levels} is not one of {', '.join(map(str, PARTIAL_LEVELS))}")
+    selection, top_n, symbols = _selection(s)
+    quote_assets = _names(s, "quote_assets", _ASSET, "an asset name (letters and digits)")
+    if quote_assets and selection == "list":
+        raise s.fail("quote_assets", "only applies with symbols = all or top N")
     return MarketConfig(
         market=market,
-        symbols=_symbols(s),
+        symbols=symbols,
+        selection=selection,
+        top_n=top_n,
+        quote_assets=quote_assets,
+        symbols_exclude=_names(s, "symbols_exclude", _SYMBOL, "a Binance symbol (letters and digits)"),
+        listing_check=_listing_check(s),
         ws_url=s.url("ws_url", market.default_ws_url, ("ws", "wss")),
         rest_url=s.url("rest_url", market.default_rest_url, ("http", "https")),
         diff_speed=s.choice("diff_speed", "100ms", tuple(market.diff_speeds)),

@@ -1,5 +1,5 @@
-"""What differs between Binance Spot and USD-M Futures, as data: the one home of every
-market rule.
+"""What differs between Binance Spot, USD-M Futures and COIN-M Futures (`delivery`), as
+data: the one home of every market rule.
 
 Everything market-specific the collector, the simulator and the research tools need
 (paths, stream-name suffixes, REST weights, payload shapes, the continuity rule and how
@@ -43,6 +43,11 @@ class Market:
     snapshot_limits: frozenset[int]
     depth_weight: Callable[[int], int]
     exchange_info_weight: int
+    # GET <ticker_path> with no symbol: every symbol's 24h statistics (ranking for `top N`)
+    ticker_path: str
+    ticker_all_weight: int
+    time_path: str
+    default_weight_limit: int          # REQUEST_WEIGHT per minute when exchangeInfo does not say
     # Continuity, as Binance documents it for keeping a local book: a spot diff continues
     # the one before when `U <= previous u + 1` (normally equal; an overlapping window
     # after a reconnect is still complete); a futures diff when `pu == previous u` (ids
@@ -52,7 +57,16 @@ class Market:
     # event with the top levels (spot partial depth is {lastUpdateId, bids, asks})
     futures_payloads: bool
     max_control_per_second: int
+    # COIN-M's 24h volume is counted in contracts and base asset, not in the quote asset
+    quote_volume_from_base: bool = False
+    ws_path_prefix: str = ""           # USD-M routes market data under /public
     max_streams_per_connection: int = 1024
+
+    def quote_volume(self, ticker: dict) -> float:
+        """A `ticker/24hr` row's traded value in the quote asset (the `top N` ranking)."""
+        if self.quote_volume_from_base:
+            return float(ticker.get("baseVolume") or 0) * float(ticker.get("weightedAvgPrice") or 0)
+        return float(ticker.get("quoteVolume") or 0)
 
     def continues(self, U: int, pu: int | None, last_u: int) -> bool:
         """Does the diff (U, pu) follow the diff that ended at `last_u` with nothing between?"""
@@ -86,6 +100,10 @@ SPOT = Market(
     snapshot_limits=frozenset(range(1, 5001)),
     depth_weight=_spot_depth_weight,
     exchange_info_weight=20,
+    ticker_path="/api/v3/ticker/24hr",
+    ticker_all_weight=80,
+    time_path="/api/v3/time",
+    default_weight_limit=6000,
     chains_by_pu=False,
     futures_payloads=False,
     max_control_per_second=5,
@@ -102,11 +120,39 @@ FUTURES = Market(
     snapshot_limits=frozenset(_FUTURES_DEPTH_WEIGHTS),
     depth_weight=_futures_depth_weight,
     exchange_info_weight=1,
+    ticker_path="/fapi/v1/ticker/24hr",
+    ticker_all_weight=40,
+    time_path="/fapi/v1/time",
+    default_weight_limit=2400,
     chains_by_pu=True,
     futures_payloads=True,
     max_control_per_second=10,
+    ws_path_prefix="/public",
 )
 
-MARKETS: dict[str, Market] = {m.name: m for m in (SPOT, FUTURES)}
+# COIN-M futures: USD-M's rules and payloads (diffs carry `pu`, `T`, and also `ps`, the
+# pair; snapshots also `symbol` and `pair`), symbols such as BTCUSD_PERP and ETHUSD_261225.
+DELIVERY = Market(
+    name="delivery",
+    default_ws_url="wss://dstream.binance.com",
+    default_rest_url="https://dapi.binance.com",
+    depth_path="/dapi/v1/depth",
+    exchange_info_path="/dapi/v1/exchangeInfo",
+    diff_speeds={"100ms": "@100ms", "250ms": "", "500ms": "@500ms"},
+    partial_speeds={"100ms": "@100ms", "250ms": "", "500ms": "@500ms"},
+    snapshot_limits=frozenset(_FUTURES_DEPTH_WEIGHTS),
+    depth_weight=_futures_depth_weight,
+    exchange_info_weight=1,
+    ticker_path="/dapi/v1/ticker/24hr",
+    ticker_all_weight=40,
+    time_path="/dapi/v1/time",
+    default_weight_limit=2400,
+    chains_by_pu=True,
+    futures_payloads=True,
+    max_control_per_second=10,
+    quote_volume_from_base=True,
+)
+
+MARKETS: dict[str, Market] = {m.name: m for m in (SPOT, FUTURES, DELIVERY)}
 PARTIAL_LEVELS = (5, 10, 20)
 KINDS = ("orderbooks", "partial_orderbooks", "diff_orderbooks", "gaps")

@@ -1,8 +1,9 @@
 """A market's pipeline: every thread and queue that records it, built from the config,
-and the order in which they stop.
+the changes of its symbol set while running, and the order in which they stop.
 
     readers (ws-<market>-<batch><copy>) ─┐
-    snapshot-<market> (REST pool) ───────┴─► inbox ─► processor-<market> ─► writer-<market> ─► part files
+    snapshot-<market> (REST pool) ───────┼─► inbox ─► processor-<market> ─► writer-<market> ─► part files
+    listings-<market> (symbol set) ──────┘  (and SUBSCRIBE / UNSUBSCRIBE through the batches)
 """
 from __future__ import annotations
 
@@ -10,18 +11,19 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import requests
 
 import config as config_mod
-from handlers.exchange import check_symbols, fetch_exchange_info, weight_limit
+from handlers import exchange
 from handlers.frames import FrameProcessor
-from handlers.inbox import Inbox
+from handlers.inbox import SYMBOLS, Inbox
+from handlers.listings import ListingWatcher, Removed
 from handlers.snapshots import Snapshotter, WeightBudget
 from handlers.stamped import wall_us
-from handlers.websocket import AttemptLimiter, BatchCopies, StreamBatch, combined_url
+from handlers.websocket import AttemptLimiter, BatchCopies, StreamBatch
 from service.counters import Counters
 from storage.compact import Compactor
 from storage.journal import Journal, journal_dir
@@ -44,6 +46,13 @@ class MarketPipeline:
     snapshotter: Snapshotter
     processor: FrameProcessor
     writer: PartWriter
+    collector: config_mod.CollectorConfig
+    stop: threading.Event
+    attempts: AttemptLimiter
+    now_us: Callable[[], int]
+    symbols: list[str] = field(default_factory=list)   # recorded now (the set changes with listings)
+    watcher: ListingWatcher | None = None
+    _changing: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> None:
         self.writer.start()
@@ -51,16 +60,80 @@ class MarketPipeline:
         for b in self.batches:
             b.start()
         self.snapshotter.start()
+        if self.watcher is not None:
+            self.watcher.start()
+
+    def threads(self) -> list[threading.Thread]:
+        """Every thread whose death stops the collector."""
+        threads: list[threading.Thread] = [self.processor, self.writer]
+        return threads + ([self.watcher] if self.watcher is not None else [])
+
+    def streams_of(self, symbol: str) -> list[str]:
+        cfg, m = self.cfg, self.cfg.market
+        return [m.diff_stream(symbol, cfg.diff_speed), m.partial_stream(symbol, cfg.partial_levels, cfg.partial_speed)]
+
+    def new_batch(self, streams: list[str]) -> BatchCopies:
+        """A batch of streams with its `ws_redundancy` copies (started if the pipeline runs)."""
+        c, cfg = self.collector, self.cfg
+        name = f"ws-{cfg.name}-{len(self.groups)}"
+        group = BatchCopies(name, c.ws_redundancy, c.ws_rotate_after, ws_url=cfg.ws_url, streams=streams,
+                            capacity=2 * cfg.symbols_per_connection)
+        for k in range(c.ws_redundancy):
+            copy = StreamBatch(name + ("abc"[k] if c.ws_redundancy > 1 else ""), group, self.inbox, self.stop,
+                               self.now_us, c.ws_dead_after, c.ws_rotate_after, attempts=self.attempts, copy=k)
+            self.batches.append(copy)
+            if self.processor.is_alive():
+                copy.start()
+        self.groups.append(group)
+        return group
+
+    def change_symbols(self, added: list[str], removed: Removed) -> None:
+        """The symbol set changes while running (from the listings thread), without touching
+        the other symbols' connections.
+        - Added: routed by the processor first, then subscribed on a batch with room (every
+          copy of it, by SUBSCRIBE), or on a new batch; scheduled for snapshots. Its first
+          diff starts its record (a `start` row, and a snapshot at once).
+        - Removed: unsubscribed and unscheduled; once every copy has left its streams (at
+          most 5 s), the processor ends its record with a `gaps` row naming the reason."""
+        with self._changing:
+            if added:
+                self.inbox.put((SYMBOLS, self.now_us(), (tuple(added), ())))
+                streams = [s for sym in added for s in self.streams_of(sym)]
+                for group in self.groups:
+                    if not streams:
+                        break
+                    take = group.room() // 2 * 2
+                    if take > 0 and group.streams:
+                        group.change(add=streams[:take])
+                        streams = streams[take:]
+                per = 2 * self.cfg.symbols_per_connection
+                for i in range(0, len(streams), per):
+                    self.new_batch(streams[i:i + per])
+                for sym in added:
+                    self.snapshotter.add(sym)
+                self.symbols += [s for s in added if s not in self.symbols]
+            if removed:
+                gone = {sym for sym, _ in removed}
+                drop = [s for sym in gone for s in self.streams_of(sym)]
+                for group in self.groups:
+                    group.change(drop=drop)
+                for sym in gone:
+                    self.snapshotter.remove(sym)
+                deadline = time.monotonic() + 5.0
+                while not all(g.in_line() for g in self.groups) and time.monotonic() < deadline:
+                    self.stop.wait(0.1)
+                self.stop.wait(1.0)  # frames already on their way
+                self.inbox.put((SYMBOLS, self.now_us(), ((), tuple(removed))))
+                self.symbols = [s for s in self.symbols if s not in gone]
 
     def counters(self) -> Counters:
         """Every counter of this market's threads, at this moment."""
         p, w, ss, batches = self.processor.stats, self.writer.stats, self.snapshotter.stats, self.batches
-        groups = [(g.name, g.live(), g.n) for g in self.groups]
-        per = self.cfg.symbols_per_connection
+        live_by_group = [(g, g.live()) for g in self.groups if g.streams]
+        groups = [(g.name, live, g.n) for g, live in live_by_group]
         return Counters(
-            market=self.cfg.name, symbols=len(self.cfg.symbols), streams=2 * len(self.cfg.symbols),
-            streams_live=sum(2 * len(self.cfg.symbols[i * per:(i + 1) * per])
-                             for i, (_, live, _) in enumerate(groups) if live),
+            market=self.cfg.name, symbols=len(self.symbols), streams=sum(len(g.streams) for g, _ in live_by_group),
+            streams_live=sum(len(g.streams) for g, live in live_by_group if live),
             connections_live=sum(live for _, live, _ in groups), connections=sum(n for _, _, n in groups),
             degraded=tuple(f"{name}:{live}/{n}" for name, live, n in groups if live < n),
             batches=tuple(groups), last_data_us=tuple((b.name, b.stats.last_frame_us) for b in batches),
@@ -70,7 +143,7 @@ class MarketPipeline:
             malformed=p.malformed, queue=self.inbox.qsize(), rows_written=dict(w.rows), files=w.files,
             bytes_written=w.bytes, write_errors=w.errors, rows_lost=w.lost_rows, snapshot_rows=p.snapshots,
             snapshots_ok=ss.ok, snapshots_failed=ss.failed, snapshots_rate_limited=ss.rate_limited,
-            snapshot_latency_sum=ss.latency_sum, last_snapshot_us=ss.last_ok_us,
+            snapshot_latency_sum=ss.latency_sum, last_snapshot_us=ss.last_ok_us, snapshot_interval=ss.interval,
             weight_used=self.snapshotter.budget.used, weight_cap=self.snapshotter.budget.cap,
             processor_heartbeat=p.heartbeat, writer_heartbeat=w.heartbeat)
 
@@ -92,24 +165,13 @@ class MarketPipeline:
 
 def build_market(cfg: config_mod.MarketConfig, c: config_mod.CollectorConfig, stop: threading.Event,
                  session: requests.Session, weight_per_minute: int, run_id: int,
-                 now_us: Callable[[], int] = now_us) -> MarketPipeline:
+                 now_us: Callable[[], int] = now_us, trading: set[str] | None = None,
+                 clock: Callable[[], float] = time.time) -> MarketPipeline:
+    """`trading`: what traded at start (the listings thread's first reference); the
+    listings thread runs when `listing_check` > 0 and `trading` is given."""
     inbox = Inbox(maxsize=c.queue_size)
     outbox: queue.Queue = queue.Queue(maxsize=64)
-    m = cfg.market
-    batches, groups = [], []
-    attempts = AttemptLimiter()
-    per, copies = cfg.symbols_per_connection, c.ws_redundancy
-    for n, i in enumerate(range(0, len(cfg.symbols), per)):
-        streams = []
-        for sym in cfg.symbols[i:i + per]:
-            streams += [m.diff_stream(sym, cfg.diff_speed), m.partial_stream(sym, cfg.partial_levels, cfg.partial_speed)]
-        name = f"ws-{cfg.name}-{n}"
-        group = BatchCopies(name, copies, c.ws_rotate_after)
-        groups.append(group)
-        for k in range(copies):
-            batches.append(StreamBatch(name + ("abc"[k] if copies > 1 else ""), combined_url(cfg.ws_url, streams),
-                                       inbox, stop, now_us, c.ws_dead_after, c.ws_rotate_after, attempts=attempts,
-                                       copies=group, copy=k))
+    batches: list[StreamBatch] = []
     budget = WeightBudget(weight_per_minute, c.rest_weight_share)
     snapshotter = Snapshotter(cfg, inbox, stop, budget, now_us, session=session)
     journal = Journal(journal_dir(c.data_dir, cfg.name), run_id)
@@ -117,7 +179,14 @@ def build_market(cfg: config_mod.MarketConfig, c: config_mod.CollectorConfig, st
                                on_server_shutdown=lambda conn: _rotate(batches, conn), journal=journal)
     writer = PartWriter(cfg.name, c.data_dir, outbox, c.compression_level, on_segment_written=journal.delete,
                         now_us=now_us, retry_wait=min(5.0, c.flush_interval), max_pending_bytes=int(c.max_pending_mb * (1 << 20)))
-    return MarketPipeline(cfg, inbox, outbox, batches, groups, snapshotter, processor, writer)
+    p = MarketPipeline(cfg, inbox, outbox, batches, [], snapshotter, processor, writer, c, stop, AttemptLimiter(),
+                       now_us, symbols=list(cfg.symbols))
+    per = cfg.symbols_per_connection
+    for i in range(0, len(cfg.symbols), per):
+        p.new_batch([s for sym in cfg.symbols[i:i + per] for s in p.streams_of(sym)])
+    if cfg.listing_check > 0 and trading is not None:
+        p.watcher = ListingWatcher(cfg, cfg.symbols, trading, session, budget, stop, p.change_symbols, clock=clock)
+    return p
 
 
 def _rotate(batches: list[StreamBatch], conn: int) -> None:
@@ -128,18 +197,33 @@ def _rotate(batches: list[StreamBatch], conn: int) -> None:
             return
 
 
-def resolve_symbols(cfg: config_mod.Config, session: requests.Session,
-                    stop: threading.Event) -> tuple[list[config_mod.MarketConfig], dict[str, int]]:
-    """Drop symbols the exchange does not list as trading; (markets, weight limits)."""
-    markets, limits = [], {}
+@dataclass(frozen=True)
+class Resolved:
+    """A market as the exchange lists it at start."""
+
+    cfg: config_mod.MarketConfig    # its `symbols` the set to record
+    weight_limit: int               # REQUEST_WEIGHT per minute
+    trading: set[str]               # every symbol trading at start
+
+
+def resolve_symbols(cfg: config_mod.Config, session: requests.Session, stop: threading.Event) -> list[Resolved]:
+    """Each market's symbol set from exchangeInfo (and, for `top N`, the 24h volumes): a
+    listed symbol that does not trade is named in one error line and left out."""
+    out = []
     for m in cfg.markets:
-        info = fetch_exchange_info(session, m, stop)
-        symbols = check_symbols(m, info)
+        info = exchange.fetch_exchange_info(session, m, stop)
+        if m.selection == "list":
+            symbols = exchange.select(replace(m, symbols=exchange.check_symbols(m, info)), info, None)
+        else:
+            volumes = exchange.fetch_volumes(session, m, stop) if m.selection == "top" else None
+            symbols = exchange.select(m, info, volumes)
+            log.info("[%s] symbols = %s%s: %d symbols", m.name, "all" if m.selection == "all" else f"top {m.top_n}",
+                     f" quoted in {','.join(m.quote_assets)}" if m.quote_assets else "", len(symbols))
         if not symbols:
             raise config_mod.ConfigError(f"{cfg.path}: [{m.name}] symbols: none of them is trading on the exchange")
-        limits[m.name] = weight_limit(info, default=6000 if m.name == "spot" else 2400)
-        markets.append(replace(m, symbols=symbols))
-    return markets, limits
+        limit = exchange.weight_limit(info, default=m.market.default_weight_limit)
+        out.append(Resolved(replace(m, symbols=symbols), limit, exchange.trading_symbols(info)))
+    return out
 
 
 def stop_all(pipelines: list[MarketPipeline], compactor: Compactor | None) -> bool:
@@ -154,8 +238,10 @@ def stop_all(pipelines: list[MarketPipeline], compactor: Compactor | None) -> bo
             log.error("thread did not stop in %.0fs: %s", timeout, t.name)
 
     for p in pipelines:
-        for b in p.batches:
+        for b in list(p.batches):
             join(b, 5)
+        if p.watcher is not None:
+            join(p.watcher, 10)
     for p in pipelines:
         p.snapshotter.shutdown()
         join(p.snapshotter, 5)

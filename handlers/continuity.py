@@ -16,6 +16,10 @@ from markets import Market
 
 OK, START, DUPLICATE, STALE, SEQUENCE, RECONNECT = (
     "ok", "start", "duplicate", "stale", "sequence", "reconnect")
+# Why a symbol's record ends (the `reason` of its last `gaps` row, next_first_update_id
+# null): it stopped trading (HALT, BREAK, ...), left exchangeInfo, or left the top N at
+# the daily ranking. Its record starts again, if ever, with a `start` row.
+HALTED, DELISTED, UNRANKED = "halted", "delisted", "unranked"
 
 
 class _Recent:
@@ -202,6 +206,10 @@ class PendingHoles:
                     del self.holes[symbol]
                 return True
         return False
+
+    def drop(self, symbol: str) -> list[Hole]:
+        """The symbol's held holes, now (its record ends)."""
+        return self.holes.pop(symbol, [])
 
     def due(self, now: float | None = None) -> list[tuple[str, Hole]]:
         """Holes to confirm as gaps: those past their deadline (or all, if now is None)."""

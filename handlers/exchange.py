@@ -1,9 +1,11 @@
-"""Start-up checks against the exchange: which configured symbols trade, and the
-REQUEST_WEIGHT limit per minute (read live, since Binance changes it)."""
+"""What the exchange lists: which symbols trade, the REQUEST_WEIGHT limit per minute (read
+live, since Binance changes it), the 24h volumes `top N` ranks by, and the choice of a
+market's symbols from them (`select`), at start and on every listing check."""
 from __future__ import annotations
 
 import logging
 import threading
+from typing import Any
 
 import requests
 
@@ -12,31 +14,54 @@ from handlers.backoff import backoff_delay
 
 log = logging.getLogger(__name__)
 
+REQUEST_TIMEOUT = (3.05, 20)
+
 
 class ExchangeUnavailable(Exception):
     pass
 
 
-def fetch_exchange_info(session: requests.Session, cfg: MarketConfig, stop: threading.Event,
-                        attempts: int = 6) -> dict:
-    url = cfg.rest_url + cfg.market.exchange_info_path
+def fetch_json(session: requests.Session, cfg: MarketConfig, path: str, stop: threading.Event,
+               attempts: int = 6) -> Any:
+    """GET `rest_url + path`, retried with a backoff; the decoded body."""
+    url = cfg.rest_url + path
+    what = path.rsplit("/", 1)[-1]
     last = ""
     for attempt in range(attempts):
         try:
-            resp = session.get(url, timeout=(3.05, 20))
+            resp = session.get(url, timeout=REQUEST_TIMEOUT)
             if resp.status_code == 200:
                 return resp.json()
             last = f"HTTP {resp.status_code}"
         except (requests.RequestException, ValueError) as e:
             last = type(e).__name__
-        log.warning("exchangeInfo failed market=%s error=%s attempt=%d", cfg.name, last, attempt + 1)
-        if stop.wait(backoff_delay(attempt, base=1.0, cap=20.0)):
+        log.warning("%s failed market=%s error=%s attempt=%d", what, cfg.name, last, attempt + 1)
+        if attempt + 1 < attempts and stop.wait(backoff_delay(attempt, base=1.0, cap=20.0)):
             break
-    raise ExchangeUnavailable(f"[{cfg.name}] exchangeInfo at {url} failed: {last}")
+    raise ExchangeUnavailable(f"[{cfg.name}] {what} at {url} failed: {last}")
+
+
+def fetch_exchange_info(session: requests.Session, cfg: MarketConfig, stop: threading.Event,
+                        attempts: int = 6) -> dict:
+    return fetch_json(session, cfg, cfg.market.exchange_info_path, stop, attempts)
+
+
+def fetch_volumes(session: requests.Session, cfg: MarketConfig, stop: threading.Event,
+                  attempts: int = 6) -> dict[str, float]:
+    """Every symbol's 24h traded value in its quote asset (one `ticker/24hr` call, weight
+    80 on spot, 40 on the futures markets)."""
+    rows = fetch_json(session, cfg, cfg.market.ticker_path, stop, attempts)
+    return {r["symbol"]: cfg.market.quote_volume(r) for r in rows if isinstance(r, dict) and "symbol" in r}
+
+
+def statuses(info: dict) -> dict[str, str]:
+    """symbol -> its status (TRADING, HALT, BREAK, CANCEL_ONLY, ...; futures: `status` or
+    `contractStatus`)."""
+    return {s["symbol"]: s.get("status") or s.get("contractStatus") or "" for s in info.get("symbols", [])}
 
 
 def trading_symbols(info: dict) -> set[str]:
-    return {s["symbol"] for s in info.get("symbols", []) if s.get("status") == "TRADING"}
+    return {sym for sym, status in statuses(info).items() if status == "TRADING"}
 
 
 def weight_limit(info: dict, default: int) -> int:
@@ -44,6 +69,35 @@ def weight_limit(info: dict, default: int) -> int:
         if rl.get("rateLimitType") == "REQUEST_WEIGHT" and rl.get("interval") == "MINUTE":
             return int(rl["limit"]) // max(1, int(rl.get("intervalNum", 1)))
     return default
+
+
+def candidates(cfg: MarketConfig, info: dict) -> list[str]:
+    """The symbols that trade and that the config admits, before any ranking: with a
+    list, the listed ones (in the config's order); with `all` / `top N`, every one quoted
+    in `quote_assets` (any, when empty), by name. `symbols_exclude` is never admitted."""
+    trading = trading_symbols(info)
+    excluded = set(cfg.symbols_exclude)
+    if cfg.selection == "list":
+        return [s for s in cfg.symbols if s in trading and s not in excluded]
+    quotes = set(cfg.quote_assets)
+    return sorted(s["symbol"] for s in info.get("symbols", [])
+                  if s["symbol"] in trading and s["symbol"] not in excluded
+                  and (not quotes or s.get("quoteAsset") in quotes))
+
+
+def rank(symbols: list[str], volumes: dict[str, float], n: int) -> list[str]:
+    """The `n` of `symbols` with the highest 24h quote volume (ties by name), by name."""
+    ranked = sorted(symbols, key=lambda s: (-volumes.get(s, 0.0), s))
+    return sorted(ranked[:n])
+
+
+def select(cfg: MarketConfig, info: dict, volumes: dict[str, float] | None) -> tuple[str, ...]:
+    """The market's symbol set at start; `volumes` is needed for `top N` only."""
+    found = candidates(cfg, info)
+    if cfg.selection == "top":
+        assert volumes is not None
+        found = rank(found, volumes, cfg.top_n)
+    return tuple(found)
 
 
 def check_symbols(cfg: MarketConfig, info: dict) -> tuple[str, ...]:

@@ -33,7 +33,7 @@ import pyarrow as pa
 from config import MarketConfig
 from handlers import continuity as cont
 from handlers import parse, wire
-from handlers.inbox import WS, Inbox
+from handlers.inbox import REST, SYMBOLS, WS, Inbox
 from service.threads import PipelineThread
 from storage.columns import DepthColumns, GapColumns, SnapshotColumns, levels_to_arrow, raw_levels
 from storage.journal import Journal
@@ -221,11 +221,33 @@ class FrameProcessor(PipelineThread):
                 kept = on_frames(item[1], item[2], item[3])
                 if journal is not None and kept:
                     journal.add_ws(item[1], item[2], kept)  # less the duplicates
-            else:
+            elif item[0] == REST:
                 if journal is not None:
                     journal.add_rest(item[1], *item[2])
                 self.on_snapshot(item[1], *item[2])
+            elif item[0] == SYMBOLS:
+                self.on_symbols(item[1], *item[2])
         return False
+
+    def on_symbols(self, received_us: int, added: tuple[str, ...], removed: tuple[tuple[str, str], ...]) -> None:
+        """The market's symbol set changed while running. An added symbol's streams are
+        routed from now on (its record starts with its first diff, a `start` row and a
+        snapshot, as at start-up). A removed one's record ends with a `gaps` row naming
+        why (next_first_update_id null), after its streams were unsubscribed; its routes
+        stay, so that a late frame is still recorded (then as a new start)."""
+        m, cfg = self.cfg.market, self.cfg
+        for symbol in added:
+            self.routes[m.diff_stream(symbol, cfg.diff_speed)] = (DIFF, symbol)
+            self.routes[m.partial_stream(symbol, cfg.partial_levels, cfg.partial_speed)] = (PARTIAL, symbol)
+        for symbol, reason in removed:
+            for hole in self.holes.drop(symbol):  # breaks before the end are gaps still
+                self._gap(symbol, hole.detected_us, hole.last_u, hole.end_U, hole.reason)
+            st = self.continuity.streams.pop(symbol, None)
+            self.partial_dedup.seen.pop(symbol, None)
+            last_u = st.head if st is not None else None
+            self.gaps.append(received_us, symbol, last_u, None, reason)
+            self.stats.gaps_by_reason[reason] = self.stats.gaps_by_reason.get(reason, 0) + 1
+            log.info("record ends market=%s symbol=%s reason=%s last_u=%s", cfg.name, symbol, reason, last_u)
 
     def on_frames(self, received_us: int, conn: int, frames: list[bytes]) -> list[bytes]:
         """The frames of one socket read; returns them for the journal, less the

@@ -27,8 +27,9 @@ from typing import Any
 FULL_WAIT = 0.005
 # An item: (WS, received_us, conn_id, [frame, ...]), the frames of one socket read, from a
 # reader; (REST, received_us, (symbol, limit, request_us, body)), a snapshot answer; or
-# storage.writer.STOP, the end.
-WS, REST = 0, 1
+# (SYMBOLS, received_us, (added symbols, ((symbol, reason), ...) removed)), the market's
+# symbol set changing while running; or storage.writer.STOP, the end.
+WS, REST, SYMBOLS = 0, 1, 2
 Item = Any  # (tag, ...): WS or REST first, the rest as its producer documents; or the writer's STOP
 
 

@@ -6,7 +6,14 @@
                                               market inbox (REST, received_us, ...)
 
 Symbol i of N is first due at i * interval / N, then every `interval`. A symbol named
-by `request(symbol)` (a gap) goes ahead of the schedule. Every request first takes its
+by `request(symbol)` (a gap, or a symbol's first diff) goes ahead of the schedule.
+Symbols come and go while running (`add`, `remove`: listings and halts).
+
+`snapshot_interval` is a target: when N snapshots of the configured limit's weight per
+interval would pass the collector's share of the exchange's weight limit, the interval
+is stretched to what fits (`effective_interval`), evenly for every symbol. For example,
+1,500 spot symbols at limit 1000 (weight 50) against 6,000 a minute at share 0.5 (3,000)
+is one snapshot per symbol every 1,500 * 50 / 3,000 = 25 minutes. Every request first takes its
 weight from `WeightBudget`, which never lets the collector pass its share of the
 exchange's REQUEST_WEIGHT per minute, follows `X-MBX-USED-WEIGHT-1M` (other programs on
 the same IP count too), and pauses everything after a 429 or 418 until `Retry-After`.
@@ -74,6 +81,12 @@ class WeightBudget:
             self.paused_until = max(self.paused_until, self.clock() + seconds)
 
 
+def effective_interval(symbols: int, weight: int, cap_per_minute: int, target: float) -> float:
+    """Seconds between two scheduled snapshots of one symbol: `target`, or longer when
+    `symbols` snapshots of `weight` each per `target` would pass `cap_per_minute`."""
+    return max(target, symbols * weight * 60.0 / max(1, cap_per_minute))
+
+
 @dataclass
 class SnapshotStats:
     requested: int = 0
@@ -82,6 +95,7 @@ class SnapshotStats:
     rate_limited: int = 0
     last_ok_us: int = 0
     latency_sum: float = 0.0  # seconds, over `ok` snapshots
+    interval: float = 0.0     # the effective interval now (seconds)
 
 
 
@@ -101,25 +115,65 @@ class Snapshotter(PipelineThread):
         self.again: set[str] = set()
         self.lock = threading.Lock()
         self.stats = SnapshotStats()
+        self.active: set[str] = set(cfg.symbols)
+        self.stats.interval = self._interval(len(self.active))
+        if self.stats.interval > cfg.snapshot_interval:
+            log.warning("snapshot interval stretched market=%s from %gs to %.0fs: %d symbols x weight %d (limit %d) "
+                        "fit %d weight a minute (rest_weight_share of the exchange's limit); gap and listing "
+                        "snapshots go first", cfg.name, cfg.snapshot_interval, self.stats.interval,
+                        len(self.active), self.weight, cfg.snapshot_limit, budget.cap)
+
+    def _interval(self, symbols: int) -> float:
+        return effective_interval(symbols, self.weight, self.budget.cap, self.cfg.snapshot_interval)
+
+    def add(self, symbol: str) -> None:
+        """Schedule `symbol` too (a listing); its first snapshot comes with its first diff."""
+        self.urgent.put(("add", symbol))
+
+    def remove(self, symbol: str) -> None:
+        """Stop scheduling `symbol` (it stopped trading)."""
+        self.urgent.put(("remove", symbol))
 
     def request(self, symbol: str) -> None:
         """Fetch a snapshot of `symbol` ahead of the schedule (thread-safe)."""
         self.urgent.put(symbol)
 
     def loop(self) -> None:
-        n, interval = len(self.cfg.symbols), self.cfg.snapshot_interval
+        symbols = sorted(self.active, key=self.cfg.symbols.index) if self.cfg.symbols else []
+        n, interval = len(symbols), self.stats.interval
         start = time.monotonic()
-        due = [(start + i * interval / n, i, sym) for i, sym in enumerate(self.cfg.symbols)]
+        due = [(start + i * interval / n, i, sym) for i, sym in enumerate(symbols)]
         heapq.heapify(due)
+        seq = len(due)
         while not self.stop.is_set():
-            at, i, sym = due[0]
+            at = due[0][0] if due else time.monotonic() + 1.0
             try:
-                symbol = self.urgent.get(timeout=max(0.0, at - time.monotonic()))
+                item = self.urgent.get(timeout=max(0.0, at - time.monotonic()))
             except queue.Empty:
-                heapq.heapreplace(due, (at + interval, i, sym))
-                symbol = sym
-            if symbol is not None:
-                self._submit(symbol)
+                if not due:
+                    continue
+                at, i, sym = due[0]
+                if sym not in self.active:
+                    heapq.heappop(due)
+                    continue
+                heapq.heapreplace(due, (at + self.stats.interval, i, sym))
+                item = sym
+            if isinstance(item, tuple):
+                change, sym = item
+                self._change(change, sym)
+                if change == "add":
+                    seq += 1
+                    heapq.heappush(due, (time.monotonic() + self.stats.interval, seq, sym))
+            elif item is not None and item in self.active:
+                self._submit(item)
+
+    def _change(self, change: str, symbol: str) -> None:
+        (self.active.add if change == "add" else self.active.discard)(symbol)
+        interval = self._interval(len(self.active))
+        if interval != self.stats.interval:
+            log.info("snapshot interval market=%s now %.0fs (%d symbols, target %gs)",
+                     self.cfg.name, interval, len(self.active), self.cfg.snapshot_interval)
+            self.stats.interval = interval
 
     def _submit(self, symbol: str) -> None:
         with self.lock:

@@ -26,12 +26,13 @@ waiting until the other copies deliver.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import queue
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import websocket
 
@@ -43,6 +44,7 @@ from service.threads import PipelineThread, name_os_thread
 log = logging.getLogger(__name__)
 
 _conn_ids = itertools.count(1)
+_control_ids = itertools.count(1)
 _DATA = (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY)
 _CLOSE = websocket.ABNF.OPCODE_CLOSE
 _STREAM_PREFIX = b'{"stream":"'  # a combined stream's data frame; '{"stream":"!' is an event (serverShutdown)
@@ -148,10 +150,12 @@ class Reader(threading.Thread):
     """One connection: connect, read until it ends, exit."""
 
     def __init__(self, name: str, url: str, out: Inbox, dead_after: float,
-                 now_us: Callable[[], int], stats: "ConnectionStats", put_timeout: float = 5.0):
+                 now_us: Callable[[], int], stats: "ConnectionStats", put_timeout: float = 5.0,
+                 streams: frozenset[str] = frozenset()):
         self.conn_id = next(_conn_ids)
         super().__init__(name=f"{name}-c{self.conn_id}", daemon=True)
         self.url, self.out, self.dead_after, self.now_us = url, out, dead_after, now_us
+        self.streams = streams  # what the connection is subscribed to: its URL's, then SUBSCRIBE / UNSUBSCRIBE
         self.stats, self.put_timeout = stats, put_timeout
         self.connected = threading.Event()  # set once the WebSocket handshake completed
         self.delivering = threading.Event()  # set by the first data frame
@@ -230,6 +234,18 @@ class Reader(threading.Thread):
             self._full_logged, self._full_count = now, self.stats.queue_full
         self.out.put(item, n)
 
+    def control(self, method: str, streams: list[str]) -> None:
+        """SUBSCRIBE or UNSUBSCRIBE `streams` on this connection (from its supervisor's
+        thread; websocket-client serialises sends). The reply, `{"result":null,"id":N}`,
+        reaches the processor with the data, which logs an error reply."""
+        ws = self._ws
+        if ws is None:
+            return
+        ws.send(json.dumps({"method": method, "params": streams, "id": next(_control_ids)}))
+        self.streams = self.streams | set(streams) if method == "SUBSCRIBE" else self.streams - set(streams)
+        log.info("%s conn=%d streams=%d: %s", method.lower(), self.conn_id, len(streams),
+                 " ".join(streams[:6]) + (" ..." if len(streams) > 6 else ""))
+
     def silent_for(self, now: float) -> float:
         """Seconds since the last data frame (or since the connection was started)."""
         return now - self.last_data
@@ -303,15 +319,45 @@ class BatchCopies:
       they are spread evenly over the rotation period and no connection is older than
       `rotate_after`; a rotation for age waits until every other copy delivers.
     It also keeps the batch's live count, and logs when the batch runs on fewer
-    connections than configured and when it is whole again."""
+    connections than configured and when it is whole again.
 
-    def __init__(self, name: str, n: int, rotate_after: float, clock: Callable[[], float] = time.monotonic):
+    The batch's streams can change while it runs (symbols listed and halted): `streams`
+    is what every copy should read. A copy connects with the streams of that moment in its
+    URL, and its supervisor brings a live connection in line with SUBSCRIBE / UNSUBSCRIBE,
+    one message of each kind per turn (0.5 s), within the exchange's 5 (spot) or 10
+    control messages a second per connection."""
+
+    def __init__(self, name: str, n: int, rotate_after: float, clock: Callable[[], float] = time.monotonic,
+                 ws_url: str = "", streams: list[str] | None = None, capacity: int = 1024):
         self.name, self.n, self.rotate_after, self.clock = name, n, rotate_after, clock
+        self.ws_url, self.capacity = ws_url, capacity
+        self.streams: tuple[str, ...] = tuple(streams or ())
         self.t0 = clock()
         self.opening = threading.Lock()
         self.members: list[StreamBatch] = []
         self._lock = threading.Lock()
         self._reported: int | None = None  # live count last logged; None while the copies first come up
+
+    def url(self) -> tuple[str, frozenset[str]]:
+        """The combined-stream URL for the batch's streams now, and those streams."""
+        streams = self.streams
+        return combined_url(self.ws_url, list(streams)), frozenset(streams)
+
+    def room(self) -> int:
+        """Streams that can still be added."""
+        return self.capacity - len(self.streams)
+
+    def change(self, add: Iterable[str] = (), drop: Iterable[str] = ()) -> None:
+        """What the copies should read from now on (their supervisors follow within a turn)."""
+        with self._lock:
+            gone = set(drop)
+            kept = tuple(s for s in self.streams if s not in gone)
+            self.streams = kept + tuple(s for s in add if s not in kept)
+
+    def in_line(self) -> bool:
+        """Every live copy reads exactly the batch's streams."""
+        want = frozenset(self.streams)
+        return all(m.reader.streams == want for m in self.members if m.reader is not None and m.reader.is_alive())
 
     def next_rotation(self, copy: int, started: float) -> float:
         """The first of copy `copy`'s rotation slots after `started` (monotonic)."""
@@ -345,15 +391,14 @@ class BatchCopies:
 class StreamBatch(PipelineThread):
     """Supervisor of one copy of a batch of streams: keeps one connection reading it."""
 
-    def __init__(self, name: str, url: str, out: Inbox, stop: threading.Event,
+    def __init__(self, name: str, copies: BatchCopies, out: Inbox, stop: threading.Event,
                  now_us: Callable[[], int], dead_after: float, rotate_after: float,
-                 healthy_after: float = 5.0, attempts: AttemptLimiter | None = None,
-                 copies: BatchCopies | None = None, copy: int = 0):
+                 healthy_after: float = 5.0, attempts: AttemptLimiter | None = None, copy: int = 0):
         super().__init__(name=name, daemon=True)
-        self.url, self.out, self.stop, self.now_us = url, out, stop, now_us
+        self.out, self.stop, self.now_us = out, stop, now_us
         self.dead_after, self.rotate_after, self.healthy_after = dead_after, rotate_after, healthy_after
         self.attempts = attempts or AttemptLimiter()
-        self.copies = copies or BatchCopies(name, 1, rotate_after)
+        self.copies = copies
         self.copy = copy
         self.copies.members.append(self)
         self.rotate_now = threading.Event()  # set on serverShutdown
@@ -380,6 +425,9 @@ class StreamBatch(PipelineThread):
         # once (every second offline is data lost); failed attempts back off exponentially.
         attempt = 0
         while not self.stop.is_set():
+            if not self.copies.streams:  # every symbol of the batch stopped trading
+                self.stop.wait(0.5)
+                continue
             reader = self._open()
             lifetime = 0.0 if reader is None else self._watch(reader)
             self.copies.note_change()
@@ -410,7 +458,8 @@ class StreamBatch(PipelineThread):
         if not self.attempts.acquire(self.stop):
             return None
         need_data = replacing is not None and replacing.silent_for(time.monotonic()) <= self.dead_after
-        reader = Reader(self.name, self.url, self.out, self.dead_after, self.now_us, self.stats)
+        url, streams = self.copies.url()
+        reader = Reader(self.name, url, self.out, self.dead_after, self.now_us, self.stats, streams=streams)
         self.stats.connects += 1
         self.stats.last_attempt = time.monotonic()
         reader.start()
@@ -446,6 +495,12 @@ class StreamBatch(PipelineThread):
                             now - reader.started_at, reader.error)
                 return self._lost(reader, now)
             self.copies.note_change()
+            if reader.connected.is_set() and reader.streams != frozenset(self.copies.streams):
+                if not self.copies.streams:
+                    log.info("batch %s has no streams left: closing conn=%d", self.copies.name, reader.conn_id)
+                    reader.close()
+                    return self._lost(reader, now)
+                self._follow(reader)
             silent = reader.silent_for(now)
             if reader.delivering.is_set() and silent <= self.dead_after:
                 self.quiet = 0
@@ -476,6 +531,19 @@ class StreamBatch(PipelineThread):
                     # keep the old connection; try again later
                     rotate_at = time.monotonic() + min(60.0, self.rotate_after / 10)
         return time.monotonic() - reader.started_at
+
+    def _follow(self, reader: Reader) -> None:
+        """SUBSCRIBE what the batch gained, UNSUBSCRIBE what it lost (one message each)."""
+        want = frozenset(self.copies.streams)
+        add, drop = sorted(want - reader.streams), sorted(reader.streams - want)
+        try:
+            if add:
+                reader.control("SUBSCRIBE", add)
+            if drop:
+                reader.control("UNSUBSCRIBE", drop)
+        except (websocket.WebSocketException, OSError) as e:
+            log.warning("subscription change failed conn=%d error=%s; the next connection opens with them",
+                        reader.conn_id, type(e).__name__)
 
     def _replace_silent(self, reader: Reader, silent: float) -> Reader | None:
         """A silent connection with no other copy of its batch delivering: either it is

@@ -43,6 +43,7 @@ class Counters:
     snapshots_rate_limited: int
     snapshot_latency_sum: float     # seconds, over snapshots_ok
     last_snapshot_us: int
+    snapshot_interval: float        # seconds between two scheduled snapshots of a symbol (stretched to the budget)
     weight_used: int
     weight_cap: int
     processor_heartbeat: float      # monotonic time of the loop's last turn
@@ -70,6 +71,8 @@ class CountedPipeline(Protocol):
     def counters(self) -> Counters: ...
 
     def status_line(self, last: dict[str, Any]) -> str: ...
+
+    def threads(self) -> list[threading.Thread]: ...
 
 
 class UploadProgress(Protocol):

@@ -39,7 +39,7 @@ class MainLoop:
 
     def tick(self) -> str | None:
         """One turn (every 0.5 s); returns the name of a dead thread, if any."""
-        dead = [t.name for p in self.pipelines for t in (p.processor, p.writer) if not t.is_alive()]
+        dead = [t.name for p in self.pipelines for t in p.threads() if not t.is_alive()]
         if dead:
             return ", ".join(dead)
         self.jobs.run_pending()

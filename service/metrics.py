@@ -37,6 +37,9 @@ class PipelineMetrics:
         latency = SummaryMetricFamily("obc_snapshot_latency_seconds", "REST snapshot round trip", labels=["market"])
         weight = g("rest_weight_used", "request weight used this minute (ours or the server's count)", ["market"])
         weight_cap = g("rest_weight_cap", "request weight this collector allows itself per minute", ["market"])
+        interval = g("snapshot_interval_seconds", "seconds between two scheduled snapshots of one symbol: "
+                     "snapshot_interval, or longer when the symbols' snapshots would pass the weight budget", ["market"])
+        symbols = g("symbols", "symbols recorded now (all / top N and listing checks change it)", ["market"])
         depth = g("queue_depth", "frames waiting for the processor", ["market"])
         written = c("bytes_written", "bytes of part files published", ["market"])
         errors = c("write_errors", "failed part-file writes (retried)", ["market"])
@@ -67,6 +70,8 @@ class PipelineMetrics:
             latency.add_metric([m], k.snapshots_ok, k.snapshot_latency_sum)
             weight.add_metric([m], k.weight_used)
             weight_cap.add_metric([m], k.weight_cap)
+            interval.add_metric([m], k.snapshot_interval)
+            symbols.add_metric([m], k.symbols)
             depth.add_metric([m], k.queue)
             written.add_metric([m], k.bytes_written)
             errors.add_metric([m], k.write_errors)
@@ -80,7 +85,7 @@ class PipelineMetrics:
             degraded.add_metric([m], len(k.degraded))
             dead.add_metric([m], k.dead)
         yield from (frames, rows, gaps, dupes, malformed, connects, rotations, snaps, latency, weight, weight_cap,
-                    depth, written, errors, lost, age, batch_live, batch_want, degraded, dead)
+                    interval, symbols, depth, written, errors, lost, age, batch_live, batch_want, degraded, dead)
         if self.upload_job is not None:
             up = c("upload_files", "day files handled by upload runs, by result", ["result"])
             for result in ("uploaded", "skipped", "deleted"):

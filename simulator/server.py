@@ -8,13 +8,15 @@ WebSocket (paths as on Binance; futures also under /public):
 REST:
   /api/v3/depth, /api/v3/exchangeInfo, /api/v3/ticker/24hr, /api/v3/time     (spot)
   /fapi/v1/depth, /fapi/v1/exchangeInfo, /fapi/v1/ticker/24hr, /fapi/v1/time (futures)
+  /dapi/v1/depth, /dapi/v1/exchangeInfo, /dapi/v1/ticker/24hr, /dapi/v1/time (delivery: COIN-M)
   request weights as documented, `X-MBX-USED-WEIGHT-1M`, 429 + Retry-After past the limit
 
 `Faults` holds the switches tests flip to make it misbehave, for every connection at
 once; `cut_connection`, `stall_connection` and `server_shutdown(conn_id)` hit one
 connection alone. `record=True` keeps every frame and REST body it delivered, and
 `conn_log` when each connection opened, stalled and closed, so tests can compare them
-with the collector's files.
+with the collector's files. `list_symbol`, `halt_symbol` and `delist_symbol` change what
+exchangeInfo lists while running.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ from pathlib import Path
 import orjson
 from aiohttp import WSMsgType, web
 
-from markets import FUTURES, MARKETS, Market
+from markets import DELIVERY, MARKETS, Market
 from simulator.book import Book, IdSource
 from simulator.load import LoadEngine
 from simulator.replay import Capture
@@ -114,15 +116,18 @@ class MarketSim:
                  load: bool = False, ssl_context=None):
         self.market: Market = MARKETS[market]
         self.ssl_context = ssl_context  # an ssl.SSLContext (server side): wss:// and https://
-        self.futures = self.market is FUTURES
+        self.futures = self.market.futures_payloads  # USD-M and COIN-M
+        self.coin_m = self.market is DELIVERY
         self.rng = random.Random(seed)
         self.capture = capture
         if capture is not None:
             symbols = capture.symbols
         self.symbols = [s.upper() for s in (symbols or ["BTCUSDT", "ETHUSDT"])]
         self.not_trading = set(not_trading)
-        ids = IdSource(self.futures, self.rng)
-        self.books = {} if capture or load else {s: Book.create(s, ids, self.rng, self.futures) for s in self.symbols}
+        self.status: dict[str, str] = {}  # symbol -> status other than TRADING (halt_symbol)
+        self.volumes: dict[str, float] = {}  # symbol -> 24h quote volume, where a test sets it
+        self.ids = IdSource(self.futures, self.rng)
+        self.books = {} if capture or load else {s: Book.create(s, self.ids, self.rng, self.futures) for s in self.symbols}
         self.load = LoadEngine(self) if load else None  # benchmark traffic (simulator/load.py)
         self.updates_per_s = updates_per_s
         self.replay_speed = replay_speed
@@ -140,6 +145,7 @@ class MarketSim:
         self.weight_limit = weight_limit or (6000 if not self.futures else 2400)
         self.weight_minute, self.weight_used = -1, 0
         self.streams: dict[str, Stream] = {}
+        self.halted_books: dict[str, Book | None] = {}
         self.conns: set[Conn] = set()
         self.connections_opened = 0
         self.frames_sent = 0
@@ -151,16 +157,16 @@ class MarketSim:
     # ---- life cycle -------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
         app = web.Application()
-        prefixes = ["", "/public"] if self.futures else [""]
+        prefixes = ["", self.market.ws_path_prefix] if self.market.ws_path_prefix else [""]
         for p in prefixes:
             app.router.add_get(p + "/stream", self.ws_handler)
             app.router.add_get(p + "/ws", self.ws_handler)
             app.router.add_get(p + "/ws/{streams:.*}", self.ws_handler)
-        api = "/fapi/v1" if self.futures else "/api/v3"
-        app.router.add_get(api + "/depth", self.depth)
-        app.router.add_get(api + "/exchangeInfo", self.exchange_info)
-        app.router.add_get(api + "/ticker/24hr", self.ticker)
-        app.router.add_get(api + "/time", self.server_time)
+        m = self.market
+        app.router.add_get(m.depth_path, self.depth)
+        app.router.add_get(m.exchange_info_path, self.exchange_info)
+        app.router.add_get(m.ticker_path, self.ticker)
+        app.router.add_get(m.time_path, self.server_time)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=self.ssl_context)
@@ -181,7 +187,7 @@ class MarketSim:
     @property
     def ws_url(self) -> str:
         scheme = "wss" if self.ssl_context else "ws"
-        return f"{scheme}://{self.host}:{self.port}" + ("/public" if self.futures else "")
+        return f"{scheme}://{self.host}:{self.port}" + self.market.ws_path_prefix
 
     @property
     def rest_url(self) -> str:
@@ -197,7 +203,7 @@ class MarketSim:
             if self.faults.paused:
                 continue
             for sym, book in self.books.items():
-                carry[sym] += self.updates_per_s * TICK_S
+                carry[sym] = carry.get(sym, 0.0) + self.updates_per_s * TICK_S
                 n = int(carry[sym])
                 carry[sym] -= n
                 streams = [s for s in self.streams.values() if s.symbol == sym and s.kind == "diff"]
@@ -228,6 +234,8 @@ class MarketSim:
             payload.update(s=s.symbol, U=first_id, u=book.last_id)
             if self.futures:
                 payload["pu"] = s.prev_u
+            if self.coin_m:
+                payload["ps"] = s.symbol.split("_")[0]
             payload.update(b=book.render(s.bids, True), a=book.render(s.asks, False))
             if self.record:
                 self.emitted.append((s.symbol, first_id, book.last_id, time.time()))
@@ -521,11 +529,14 @@ class MarketSim:
         elif self.load is not None:
             body = self.load.snapshot(symbol, limit)
         else:
-            book = self.books[symbol]
+            book = self.books.get(symbol) or self.halted_books[symbol]
+            assert book is not None
             snap: dict[str, object] = {"lastUpdateId": book.last_id}
             if self.futures:
                 now_ms = int(time.time() * 1000)
                 snap.update(E=now_ms, T=now_ms - 2)
+            if self.coin_m:
+                snap.update(symbol=symbol, pair=symbol.split("_")[0])
             snap.update(bids=book.levels("bids", limit), asks=book.levels("asks", limit))
             body = orjson.dumps(snap)
         if self.record:
@@ -540,10 +551,37 @@ class MarketSim:
                 {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": self.weight_limit},
                 {"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE", "intervalNum": 5, "limit": 300000},
             ],
-            "symbols": [{"symbol": s, "status": "BREAK" if s in self.not_trading else "TRADING",
-                         "baseAsset": s[:-4], "quoteAsset": s[-4:]} for s in self.symbols],
+            "symbols": [self._symbol_info(s) for s in self.symbols],
         }
         return web.json_response(info, headers=headers)
+
+    def _symbol_info(self, s: str) -> dict:
+        status = "BREAK" if s in self.not_trading else self.status.get(s, "TRADING")
+        if self.coin_m:  # BTCUSD_PERP, ETHUSD_261225: quoted in USD
+            pair = s.split("_")[0]
+            return {"symbol": s, "pair": pair, "contractStatus": status, "baseAsset": pair[:-3], "quoteAsset": "USD"}
+        quote = next((q for q in ("USDT", "USDC", "FDUSD", "BTC", "ETH", "EUR") if s.endswith(q)), s[-4:])
+        return {"symbol": s, "status": status, "baseAsset": s[:-len(quote)], "quoteAsset": quote}
+
+    # ---- listings while running (tests) --------------------------------------------------
+    async def list_symbol(self, symbol: str) -> None:
+        """A new symbol starts trading: in exchangeInfo, and its book moves from now on."""
+        if symbol not in self.symbols:
+            self.symbols.append(symbol)
+        self.status.pop(symbol, None)
+        if self.capture is None and self.load is None and symbol not in self.books:
+            self.books[symbol] = Book.create(symbol, self.ids, self.rng, self.futures)
+
+    async def halt_symbol(self, symbol: str, status: str = "HALT") -> None:
+        """A symbol stops trading: its status changes and its book stops moving."""
+        self.status[symbol] = status
+        self.halted_books[symbol] = self.books.pop(symbol, None)
+
+    async def delist_symbol(self, symbol: str) -> None:
+        """A symbol is gone from exchangeInfo (and its book stops)."""
+        if symbol in self.symbols:
+            self.symbols.remove(symbol)
+        self.halted_books[symbol] = self.books.pop(symbol, None)
 
     async def ticker(self, request: web.Request) -> web.Response:
         symbol = request.query.get("symbol")
@@ -552,8 +590,13 @@ class MarketSim:
         for s in ([symbol.upper()] if symbol else self.symbols):
             if s not in self.symbols:
                 return web.json_response({"code": -1121, "msg": "Invalid symbol."}, status=400, headers=headers)
-            rows.append({"symbol": s, "volume": "1000.0", "quoteVolume": str(1e6 * (1 + self.symbols.index(s))),
-                         "count": 1000, "lastPrice": "1.0"})
+            quote_volume = self.volumes.get(s, 1e6 * (1 + self.symbols.index(s)))
+            if self.coin_m:  # COIN-M: volume in contracts, baseVolume in the base asset
+                rows.append({"symbol": s, "pair": s.split("_")[0], "volume": "1000", "baseVolume": str(quote_volume / 2),
+                             "weightedAvgPrice": "2.0", "count": 1000, "lastPrice": "2.0"})
+            else:
+                rows.append({"symbol": s, "volume": "1000.0", "quoteVolume": str(quote_volume),
+                             "count": 1000, "lastPrice": "1.0"})
         return web.json_response(rows[0] if symbol else rows, headers=headers)
 
     async def server_time(self, request: web.Request) -> web.Response:
@@ -575,10 +618,11 @@ class Simulator:
         sim.spot.ws_url, sim.futures.rest_url, sim.spot.faults.paused = True, ...
     """
 
-    def __init__(self, spot: dict | None = None, futures: dict | None = None):
+    def __init__(self, spot: dict | None = None, futures: dict | None = None, delivery: dict | None = None):
         self.loop = asyncio.new_event_loop()
         self.spot = MarketSim("spot", **spot) if spot is not None else None
         self.futures = MarketSim("futures", **futures) if futures is not None else None
+        self.delivery = MarketSim("delivery", **delivery) if delivery is not None else None
         self.thread = threading.Thread(target=self.loop.run_forever, name="simulator", daemon=True)
 
     def call(self, coro, timeout: float = 10):
@@ -587,22 +631,20 @@ class Simulator:
 
     def __enter__(self) -> "Simulator":
         self.thread.start()
-        for m in (self.spot, self.futures):
-            if m is not None:
-                self.call(m.start())
+        for m in self.markets():
+            self.call(m.start())
         return self
 
     def __exit__(self, *exc) -> None:
-        for m in (self.spot, self.futures):
-            if m is not None:
-                self.call(m.stop())
+        for m in self.markets():
+            self.call(m.stop())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
     def markets(self) -> list[MarketSim]:
-        return [m for m in (self.spot, self.futures) if m is not None]
+        return [m for m in (self.spot, self.futures, self.delivery) if m is not None]
 
 
 def load_capture(data_dir: Path, market: str) -> Capture:
-    prefix = "BINANCE" if market == "spot" else "BINANCE_FUTURES"
+    prefix = {"spot": "BINANCE", "futures": "BINANCE_FUTURES", "delivery": "BINANCE_DELIVERY"}[market]
     return Capture.load(data_dir / f"{prefix}.ws.1.0", data_dir / f"{prefix}.http.0.0")

@@ -83,7 +83,7 @@ def test_empty_symbol_list(tmp_path):
     path = write(tmp_path, GOOD.replace("symbols = BTCUSDT, ethusdt", "symbols = ,"))
     result = run_to_exit(path)
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {path}: [spot] symbols: no symbols listed"
+    assert result.stderr.strip() == f"error: {path}: [spot] symbols: no symbols listed (a list, `all` or `top N`)"
 
 
 def test_missing_file_and_unknown_section(tmp_path):
