@@ -29,6 +29,7 @@ from typing import Any, Callable  # noqa: E402
 import requests  # noqa: E402
 
 import commands  # noqa: E402
+from markets import MARKETS  # noqa: E402
 import config as config_mod  # noqa: E402
 from commands import EXIT_CONFIG, EXIT_FAIL, EXIT_OK  # noqa: E402
 from handlers.exchange import ExchangeUnavailable  # noqa: E402
@@ -123,15 +124,15 @@ COMMANDS: dict[str, tuple[str, Callable[[config_mod.Config, argparse.Namespace],
     "status": ("what the running collector is doing (exit 1 if it is not running)", commands.status, []),
     "check-config": ("validate the config file and exit", commands.check_config, []),
     "verify": ("check recorded data: continuity, duplicates, books rebuilt against snapshots", commands.verify, [
-        (("--market",), dict(choices=["spot", "futures"], help="only this market")),
+        (("--market",), dict(choices=list(MARKETS), help="only this market")),
         (("--day",), dict(help="only this day (YYYY-MM-DD)")),
         (("--json",), dict(action="store_true", help="the report as JSON"))]),
     "report": ("a PNG and a text summary of one day, per market", commands.report, [
         (("--day",), dict(required=True, help="the day (YYYY-MM-DD)")),
-        (("--market",), dict(choices=["spot", "futures"], help="only this market")),
+        (("--market",), dict(choices=list(MARKETS), help="only this market")),
         (("--out",), dict(default=".", help="output folder (default: the current folder)"))]),
     "export": ("one symbol's data in another tool's format", commands.export, [
-        (("--market",), dict(required=True, choices=["spot", "futures"])),
+        (("--market",), dict(required=True, choices=list(MARKETS))),
         (("--symbol",), dict(required=True)),
         (("--format",), dict(required=True, choices=["tardis-l2", "tardis-snap25", "hftbacktest"])),
         (("--out",), dict(default=".", help="output folder (default: the current folder)"))]),

@@ -292,8 +292,8 @@ def _selection(s: _Section) -> tuple[str, int, tuple[str, ...]]:
 
 def _listing_check(s: _Section) -> float:
     value = s.number("listing_check", "300", 0, 86400)
-    if 0 < value < 30:
-        raise s.fail("listing_check", f"{value:g} is too often (exchangeInfo costs weight): 0, or 30..86400")
+    if 0 < value < 1:
+        raise s.fail("listing_check", f"{value:g}: 0 (the set fixed at start), or 1..86400 seconds")
     return value
 
 

@@ -32,7 +32,7 @@ EXCH_EVENT, LOCAL_EVENT, BUY_EVENT, SELL_EVENT = 1 << 31, 1 << 30, 1 << 29, 1 <<
 DEPTH_EVENT, DEPTH_CLEAR_EVENT, DEPTH_SNAPSHOT_EVENT = 1, 3, 4
 HFT_DTYPE = np.dtype([("ev", "u8"), ("exch_ts", "i8"), ("local_ts", "i8"), ("px", "f8"), ("qty", "f8"),
                       ("order_id", "u8"), ("ival", "i8"), ("fval", "f8")])
-EXCHANGE = {"spot": "binance", "futures": "binance-futures"}
+EXCHANGE = {"spot": "binance", "futures": "binance-futures", "delivery": "binance-delivery"}
 
 
 def _exch_us(row: dict, what: str) -> int:

@@ -43,7 +43,9 @@ def verify_symbol(diffs: list, snaps: list, partials: list, gaps: list, market: 
         if not market.continues(b["first_update_id"], b["prev_final_update_id"], a["final_update_id"]):
             breaks.append((a["final_update_id"], b["first_update_id"]))
     recorded = [(g["last_final_update_id"], g["next_first_update_id"]) for g in gaps]
-    unexplained = [br for br in breaks if not any((lf is None or lf <= br[0]) and nf >= br[1] for lf, nf in recorded)]
+    # a row with next_first_update_id null ends the symbol's record (halted, delisted, unranked)
+    unexplained = [br for br in breaks
+                   if not any((lf is None or lf <= br[0]) and (nf is None or nf >= br[1]) for lf, nf in recorded)]
     r["breaks_in_data"], r["gap_rows"], r["unexplained_breaks"] = len(breaks), len(gaps), unexplained[:10]
     if unexplained:
         r["problems"].append(f"{len(unexplained)} breaks in the diff chain with no gap row")

@@ -144,6 +144,7 @@ class MarketSim:
         self.pong_timeout = pong_timeout or (60.0 if not self.futures else 600.0)
         self.weight_limit = weight_limit or (6000 if not self.futures else 2400)
         self.weight_minute, self.weight_used = -1, 0
+        self.weight_by_minute: dict[int, int] = {}  # UTC minute -> request weight used in it
         self.streams: dict[str, Stream] = {}
         self.halted_books: dict[str, Book | None] = {}
         self.conns: set[Conn] = set()
@@ -202,11 +203,15 @@ class MarketSim:
             await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
             if self.faults.paused:
                 continue
+            diff_streams: dict[str, list[Stream]] = {}
+            for s in self.streams.values():
+                if s.kind == "diff":
+                    diff_streams.setdefault(s.symbol, []).append(s)
             for sym, book in self.books.items():
                 carry[sym] = carry.get(sym, 0.0) + self.updates_per_s * TICK_S
                 n = int(carry[sym])
                 carry[sym] -= n
-                streams = [s for s in self.streams.values() if s.symbol == sym and s.kind == "diff"]
+                streams = diff_streams.get(sym, [])
                 for _ in range(n):
                     uid, bids, asks = book.update()
                     for s in streams:
@@ -457,7 +462,9 @@ class MarketSim:
             return True
         rid, method, params = req.get("id"), req.get("method"), req.get("params", [])
         if method in ("SUBSCRIBE", "UNSUBSCRIBE") and isinstance(params, list):
-            parsed = [self.parse_stream(p) if isinstance(p, str) else None for p in params]
+            # a stream already subscribed can always be left, even once its symbol is delisted
+            parsed = [(self.streams.get(p) if method == "UNSUBSCRIBE" and p in conn.streams else self.parse_stream(p))
+                      if isinstance(p, str) else None for p in params]
             streams = [s for s in parsed if s is not None]
             if len(streams) < len(parsed):
                 return await self._reply(conn, rid, error=(2, "Invalid request: unknown stream"))
@@ -495,6 +502,7 @@ class MarketSim:
         if minute != self.weight_minute:
             self.weight_minute, self.weight_used = minute, 0
         self.weight_used += weight
+        self.weight_by_minute[minute] = self.weight_used
         headers = {"X-MBX-USED-WEIGHT-1M": str(self.weight_used)}
         if self.weight_used > self.weight_limit:
             headers["Retry-After"] = str(60 - int(time.time()) % 60)

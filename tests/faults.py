@@ -80,13 +80,16 @@ def check_run(sim_market, data_dir, snapshot_within_s: float = 5.0, allow_gaps: 
         if (s, u) in on_disk or s not in first_u or not first_u[s] < u < last_u[s]:
             continue
         not_recorded += 1
-        if not any((g["last_final_update_id"] or -1) < U and u < g["next_first_update_id"]
+        if not any((g["last_final_update_id"] or -1) < U and (g["next_first_update_id"] is None
+                                                              or u < g["next_first_update_id"])
                    for g in by_symbol.get(s, [])):
             uncovered.append((s, U, u))
     assert not uncovered, f"{market}: diffs missing with no gap row: {uncovered[:5]}"
     snaps = read_kind(data_dir, market, "orderbooks").to_pylist()
     late = []
     for g in gaps:
+        if g["next_first_update_id"] is None:
+            continue  # the end of a symbol's record (it stopped trading): no snapshot follows
         t0 = g["detected_time"]
         if not any(sn["symbol"] == g["symbol"] and t0 <= sn["request_time"] <= t0 + snapshot_within_s * US
                    for sn in snaps):
@@ -116,7 +119,7 @@ def unexplained_gaps(sim_market, data_dir) -> list[dict]:
         emitted.setdefault(symbol, []).append((U, u))
     out = []
     for g in read_kind(data_dir, sim_market.market.name, "gaps").to_pylist():
-        if g["reason"] == "start":
+        if g["reason"] == "start" or g["next_first_update_id"] is None:
             continue
         lo, hi = g["last_final_update_id"] or -1, g["next_first_update_id"]
         inside = [(U, u) for U, u in emitted.get(g["symbol"], []) if lo < u < hi]

@@ -55,6 +55,12 @@ def test_shipped_config_is_valid():
     ("spot", "enabled = maybe", "enabled", "is not true or false"),
     ("spot", "symbols = BTC-USDT", "symbols", "is not a Binance symbol"),
     ("spot", "symbols = BTCUSDT, BTCUSDT", "symbols", "listed twice"),
+    ("spot", "symbols = top ten", "symbols", "write `top N`, N a whole number"),
+    ("spot", "symbols = top 0", "symbols", "N must be 1..5000"),
+    ("spot", "quote_assets = USDT", "quote_assets", "only applies with symbols = all or top N"),
+    ("spot", "symbols_exclude = BTC/USDT", "symbols_exclude", "is not a Binance symbol"),
+    ("spot", "listing_check = 0.5", "listing_check", "0 (the set fixed at start), or 1..86400 seconds"),
+    ("spot", "listing_check = often", "listing_check", "not a number"),
     ("collector", "ws_rotate_after = 90000", "ws_rotate_after", "outside"),
     ("collector", "ws_redundancy = 4", "ws_redundancy", "is outside 1..3"),
     ("collector", "ws_redundancy = 0", "ws_redundancy", "is outside 1..3"),
@@ -77,6 +83,19 @@ def test_bad_value_names_section_and_key(tmp_path, section, line, key, why):
     result = run_to_exit(path)
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {msg}"
+
+
+def test_symbol_sets_and_the_delivery_market(tmp_path):
+    text = GOOD.replace("symbols = BTCUSDT, ethusdt\n", "symbols = top 100\nquote_assets = usdt, USDC\n"
+                        "symbols_exclude = usdcusdt\nlisting_check = 60\n")
+    text = text.replace("[futures]\nsymbols = BTCUSDT\n", "[futures]\nsymbols = ALL\n") + "[delivery]\nsymbols = BTCUSD_PERP\n"
+    spot, futures, delivery = config.load(write(tmp_path, text)).markets
+    assert (spot.selection, spot.top_n, spot.symbols) == ("top", 100, ())
+    assert (spot.quote_assets, spot.symbols_exclude, spot.listing_check) == (("USDT", "USDC"), ("USDCUSDT",), 60)
+    assert (futures.selection, futures.listing_check) == ("all", 300)
+    assert delivery.symbols == ("BTCUSD_PERP",)
+    assert (delivery.ws_url, delivery.rest_url) == ("wss://dstream.binance.com", "https://dapi.binance.com")
+    assert delivery.market.depth_path == "/dapi/v1/depth" and delivery.market.chains_by_pu
 
 
 def test_empty_symbol_list(tmp_path):

@@ -126,13 +126,15 @@ def test_both_markets_every_message_on_disk_exactly_once(tmp_path, tls):
         assert sorted(gaps.column("reason").to_pylist()) == ["start"] * len(SYMBOLS)
 
 
-@pytest.mark.parametrize("market", ["spot", "futures"])
+@pytest.mark.parametrize("market", ["spot", "futures", "delivery"])
 def test_replay_of_real_captures(tmp_path, market):
+    """Real traffic of each market (COIN-M: `delivery`) through the simulator: every captured
+    depth frame recorded exactly, the snapshots as sent."""
     capture = load_capture(SHARED_DATA, market)
     sim_kw = dict(capture=capture, record=True, replay_speed=8.0)
     depth_frames = [f for f in capture.frames if "@depth" in f[1]]
     with Simulator(**{market: sim_kw}) as sim:
-        m = sim.spot or sim.futures
+        m = sim.markets()[0]
         cfg = write_config(tmp_path, [market_section(market, m, capture.symbols, snapshot_interval=60,
                                                      snapshot_limit=1000, diff_speed="100ms")])
         proc = CollectorProcess(cfg)
