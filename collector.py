@@ -29,11 +29,11 @@ from typing import Any, Callable  # noqa: E402
 import requests  # noqa: E402
 
 import commands  # noqa: E402
-from markets import MARKETS  # noqa: E402
 import config as config_mod  # noqa: E402
 from commands import EXIT_CONFIG, EXIT_FAIL, EXIT_OK  # noqa: E402
 from handlers.exchange import ExchangeUnavailable  # noqa: E402
 from handlers.recovery import recover  # noqa: E402
+from markets import MARKETS  # noqa: E402
 from pipeline import build_market, now_us, resolve_symbols, stop_all  # noqa: E402
 from service import metrics  # noqa: E402
 from service.logs import setup_logging  # noqa: E402
