@@ -5,6 +5,13 @@
     .venv/bin/python bench/run.py --smoke                                   # CI: it runs, prints, loses nothing
     .venv/bin/python bench/run.py --collector /tmp/old-checkout             # the same load on another version
     .venv/bin/python bench/run.py --redundancy 1,2 --runs 3                 # ws_redundancy 1 against 2, runs alternating
+    .venv/bin/python bench/run.py --universe 1500,550,50 --redundancy 2     # the real universe's shape, three markets
+
+`--universe S,F,D` runs spot, USD-M and COIN-M with S, F and D symbols, shaped like the
+real exchange (simulator/load.py, profile `universe`): every partial depth stream every
+100 ms, the diffs of each market's first 100 symbols every 100 ms and the rest every
+300 ms. `--process-per-market` then runs one collector per market (figures summed, peak
+RSS the largest), the alternative when one interpreter cannot hold the load.
 
 Starts the simulator in load mode (its own process, both markets; simulator/load.py),
 runs collector.py as a subprocess against it and, over the same window, bench/floor.py
@@ -47,7 +54,7 @@ from config import _COLLECTOR_DEFAULTS  # noqa: E402
 from handlers.websocket import combined_url  # noqa: E402
 from markets import MARKETS  # noqa: E402
 
-MARKET_NAMES = ("spot", "futures")
+MARKET_NAMES = ("spot", "futures", "delivery")
 WS_KINDS = ("diff_orderbooks", "partial_orderbooks")
 
 
@@ -125,19 +132,22 @@ def count_ws_rows(root: Path, t0_us: int, t1_us: int) -> int:
     return total
 
 
-def write_config(work: Path, ports: dict, symbols: list[str], args: argparse.Namespace) -> tuple[Path, list[str]]:
+def write_config(work: Path, ports: dict[str, int], plan: dict[str, list[str]], args: argparse.Namespace,
+                 name: str = "config.ini") -> tuple[Path, list[str]]:
+    """A collector config for the markets in `ports`; the combined-stream URLs it opens."""
     sections, urls = [], []
-    for name, port in ports.items():
-        ws_url = f"ws://127.0.0.1:{port}" + ("/public" if name == "futures" else "")
-        sections.append(f"[{name}]\nsymbols = {', '.join(symbols)}\nws_url = {ws_url}\n"
+    for market, port in ports.items():
+        m = MARKETS[market]
+        ws_url = f"ws://127.0.0.1:{port}" + m.ws_path_prefix
+        symbols = plan[market]
+        sections.append(f"[{market}]\nsymbols = {', '.join(symbols)}\nws_url = {ws_url}\n"
                         f"rest_url = http://127.0.0.1:{port}\nsnapshot_interval = {args.snapshot_interval}\n"
-                        f"symbols_per_connection = {args.per_connection}\n")
-        m = MARKETS[name]
+                        f"symbols_per_connection = {args.per_connection}\nlisting_check = 0\n")
         for i in range(0, len(symbols), args.per_connection):
             streams = [s for sym in symbols[i:i + args.per_connection]
                        for s in (m.diff_stream(sym, "100ms"), m.partial_stream(sym, 20, "100ms"))]
             urls.append(combined_url(ws_url, streams))
-    cfg = work / "config.ini"
+    cfg = work / name
     level = f"compression_level = {args.compression_level}\n" if args.compression_level else ""
     # unless asked for, the collector's own default (an older version may not know the key)
     level += f"ws_redundancy = {args.ws_redundancy}\n" if args.ws_redundancy else ""
@@ -145,39 +155,78 @@ def write_config(work: Path, ports: dict, symbols: list[str], args: argparse.Nam
     return cfg, urls
 
 
+def wait_connected(logs: list[Path], expected: int, since: float, at_least: float, at_most: float) -> float:
+    """Wait `at_least` seconds, and up to `at_most` for `expected` connections to deliver
+    (their "connected" lines; a connection counts once its handshake is done, and each
+    batch carries 100 ms partial depth streams); seconds from `since` to the last one, or
+    nan if they did not all come up."""
+    done = float("nan")
+    deadline = since + max(at_least, at_most)
+    while time.monotonic() < deadline:
+        n = sum(log.read_text(errors="replace").count("connected conn=") for log in logs if log.exists())
+        if n >= expected and done != done:
+            done = time.monotonic() - since
+        if done == done and time.monotonic() >= since + at_least:
+            break
+        time.sleep(0.2)
+    return done
+
+
+def universe_plan(counts: str) -> dict[str, list[str]]:
+    """Generated symbols of the three markets (the simulator makes the same names)."""
+    spot, futures, delivery = (int(x) for x in counts.split(","))
+    return {"spot": [f"S{i:04d}USDT" for i in range(spot)], "futures": [f"S{i:04d}USDT" for i in range(futures)],
+            "delivery": [f"S{i:04d}USD_PERP" for i in range(delivery)]}
+
+
 def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
     symbols = [f"S{i:04d}USDT" for i in range(n_symbols)]
+    plan = universe_plan(args.universe) if args.universe else {"spot": symbols, "futures": symbols}
     work = Path(tempfile.mkdtemp(prefix="ob-bench-"))
-    ports = {"spot": free_port(), "futures": free_port()}
+    ports = {m: free_port() for m in plan}
     stats_file = work / "sim-stats.json"
-    sim = subprocess.Popen([sys.executable, "-m", "simulator", "--load", "--spot-port", str(ports["spot"]),
-                            "--futures-port", str(ports["futures"]), "--symbols", ",".join(symbols),
-                            "--stats", str(stats_file)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sim_args = ["--load", "--spot-port", str(ports["spot"]), "--futures-port", str(ports["futures"])]
+    if args.universe:
+        sim_args += ["--delivery-port", str(ports["delivery"]), "--profile", "universe", "--market-symbols",
+                     ",".join(f"{m}={len(s)}" for m, s in plan.items())]
+    else:
+        sim_args += ["--symbols", ",".join(symbols)]
+    sim = subprocess.Popen([sys.executable, "-m", "simulator", *sim_args, "--stats", str(stats_file)],
+                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for port in ports.values():
             wait_port(port)
-        cfg, urls = write_config(work, ports, symbols, args)
-        log = open(work / "collector.log", "wb")
-        col = subprocess.Popen([sys.executable, str(args.collector / "collector.py"), "--config", str(cfg)],
-                               cwd=work, stderr=log)
-        time.sleep(args.warmup)  # start-up (exchangeInfo, connections, first snapshots) is not steady state
+        groups = [[m] for m in plan] if args.process_per_market else [list(plan)]
+        cols, urls, logs = [], [], []
+        launched = time.monotonic()
+        for i, markets in enumerate(groups):
+            cfg, u = write_config(work, {m: ports[m] for m in markets}, plan, args, name=f"config-{i}.ini")
+            urls += u
+            logs.append(work / f"collector-{i}.log")
+            cols.append(subprocess.Popen([sys.executable, str(args.collector / "collector.py"), "--config", str(cfg)],
+                                         cwd=work, stderr=open(logs[-1], "wb")))
+        # start-up (exchangeInfo, connections, first snapshots) is not steady state; with --universe
+        # the warm-up lasts at least until every connection is up, and how long that took is a figure
+        expected = sum(-(-len(plan[m]) // args.per_connection) for m in plan) * (args.ws_redundancy or 2)
+        startup_s = wait_connected(logs, expected, launched, args.warmup, 180.0 if args.universe else 0.0)
         floor = None
         if floor_on:
             floor = subprocess.Popen([sys.executable, str(ROOT / "bench" / "floor.py"), str(args.seconds), *urls],
                                      stdout=subprocess.PIPE, text=True)
-        cpu0, t0, wall0 = cpu_seconds(col.pid), time.monotonic(), time.time_ns() // 1000
+        cpu0, t0, wall0 = sum(cpu_seconds(c.pid) for c in cols), time.monotonic(), time.time_ns() // 1000
         sim0 = cpu_seconds(sim.pid)
-        threads0 = thread_cpu(col.pid)
+        threads0 = {c.pid: thread_cpu(c.pid) for c in cols}
         rss_series = []  # MiB, sampled through the window (a leak shows as a climb)
         while time.monotonic() < t0 + args.seconds:
             time.sleep(min(args.rss_every, max(0.0, t0 + args.seconds - time.monotonic())))
-            rss_series.append(round(rss_kib(col.pid) / 1024))
-        cpu1, t1, wall1 = cpu_seconds(col.pid), time.monotonic(), time.time_ns() // 1000
+            rss_series.append(round(max(rss_kib(c.pid) for c in cols) / 1024))
+        cpu1, t1, wall1 = sum(cpu_seconds(c.pid) for c in cols), time.monotonic(), time.time_ns() // 1000
         sim1 = cpu_seconds(sim.pid)
-        threads1 = thread_cpu(col.pid)
-        peak = peak_rss_kib(col.pid)
-        col.send_signal(signal.SIGTERM)
-        rc = col.wait(120)
+        threads1 = {c.pid: thread_cpu(c.pid) for c in cols}
+        peaks = [peak_rss_kib(c.pid) for c in cols]
+        for c in cols:
+            c.send_signal(signal.SIGTERM)
+        rc = max(c.wait(120) for c in cols)
         floor_frames, floor_cpu = (0.0, 0.0)
         if floor is not None:
             floor_frames, floor_cpu = (float(x) for x in floor.communicate(timeout=60)[0].split())
@@ -185,28 +234,36 @@ def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
         sim.send_signal(signal.SIGTERM)
         sim.wait(30)
     elapsed = t1 - t0
-    offered = n_symbols * 2 * 2 * 10  # streams x 10 frames/s
-    recorded = count_ws_rows(work / "data", wall0, wall1)  # rows received in the window
-    text = (work / "collector.log").read_text()
-    queues = [int(q) for q in re.findall(r"queue=(\d+)", text)]
     sent = json.loads(stats_file.read_text()) if stats_file.exists() else {}
+    offered = (sum(m.get("offered_per_s", 0.0) for m in sent.values()) if args.universe
+               else n_symbols * 2 * 2 * 10)  # streams x 10 frames/s
+    recorded = count_ws_rows(work / "data", wall0, wall1)  # rows received in the window
+    texts = [log.read_text() for log in logs]
+    queues = [int(q) for text in texts for q in re.findall(r"queue=(\d+)", text)]
     delays = stamp_delays(work / "data", sent, wall0, wall1)
     lost = lost_diffs(work / "data")
     disk, raw = bytes_per_message(work / "data")
     col_us = 1e6 * (cpu1 - cpu0) / max(1, offered * elapsed)
     r = {"offered/s": offered, "recorded/s": recorded / elapsed, "collector_us": col_us,
          "collector_cpu_%": 100 * (cpu1 - cpu0) / elapsed, "simulator_cpu_%": 100 * (sim1 - sim0) / elapsed,
-         "peak_rss_MiB": peak / 1024,
-         "max_queue": max(queues or [0]), "last_queue": max(queues[-2:] or [0]),
+         "peak_rss_MiB": max(peaks) / 1024,
+         "max_queue": max(queues or [0]), "last_queue": max(queues[-2 * len(cols):] or [0]),
          "delay_p50_ms": delays[0], "delay_p99_ms": delays[1], "lost_diffs": lost,
          "disk_B/msg": disk, "zstd19_B/msg": raw, "exit": rc,
          # simulator ticks (10 ms) skipped rather than sent late in a burst, over the whole run
          "sim_skipped_ticks": sum(m.get("skipped_ticks", 0) for m in sent.values())}
+    if args.universe:
+        # from launch to every connection up and delivering, and the most REST weight the
+        # exchange counted in any minute (per market: its limit is per market)
+        r["startup_s"] = startup_s
+        for m, stats in sent.items():
+            r[f"weight_max_{m}"] = max(stats.get("weight_by_minute", {}).values(), default=0)
     if floor_on:
         floor_us = 1e6 * floor_cpu / max(1, floor_frames)
         r.update({"floor/s": floor_frames / args.seconds, "floor_us": floor_us,
                   "ratio": col_us / floor_us if floor_us else float("nan")})
-    r["thread_us"] = cpu_by_group(threads0, threads1, offered * elapsed)
+    r["thread_us"] = cpu_by_group({k: v for t in threads0.values() for k, v in t.items()},
+                                  {k: v for t in threads1.values() for k, v in t.items()}, offered * elapsed)
     r["queue_series"] = queues
     r["rss_series"] = rss_series
     if args.keep:
@@ -214,7 +271,6 @@ def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
     else:  # a 30-minute run at 2,000 symbols leaves ~3 GB
         shutil.rmtree(work, ignore_errors=True)
     return r
-
 
 def stamp_delays(root: Path, sent: dict, since_us: int, until_us: int) -> tuple[float, float]:
     """received_time - the simulator's write time of the same frame (diff rows, whose E
@@ -306,6 +362,9 @@ def main() -> None:
     p.add_argument("--redundancy", help="comma-separated ws_redundancy values run in turn (e.g. 1,2); prints each "
                                         "one's medians and its CPU per message against the first (default: the "
                                         "collector's own ws_redundancy)")
+    p.add_argument("--universe", metavar="S,F,D", help="spot, USD-M and COIN-M symbol counts, shaped like the real "
+                                                       "exchange (e.g. 1500,550,50); replaces --symbols")
+    p.add_argument("--process-per-market", action="store_true", help="one collector process per market")
     p.add_argument("--collector", type=Path, default=ROOT,
                    help="folder of the collector.py to run (e.g. a worktree of an older commit, for a before/after)")
     args = p.parse_args()

@@ -3,6 +3,8 @@
     python -m simulator [--symbols BTCUSDT,ETHUSDT] [--rate 20] [--spot-port 0] [--futures-port 0]
     python -m simulator --replay tests/data           # replay the real captures
     python -m simulator --load --symbols S0000USDT,...  # benchmark traffic (simulator/load.py)
+    python -m simulator --load --profile universe --market-symbols spot=1500,futures=550,delivery=50 \
+        --spot-port P --futures-port Q --delivery-port R  # the real universe's shape
 """
 from __future__ import annotations
 
@@ -18,12 +20,23 @@ from simulator.server import MarketSim, load_capture
 
 async def serve(args: argparse.Namespace) -> None:
     sims = []
-    for market, port in (("spot", args.spot_port), ("futures", args.futures_port)):
-        kw = dict(updates_per_s=args.rate, seed=args.seed)
+    counts = dict(kv.split("=") for kv in args.market_symbols.split(",")) if args.market_symbols else {}
+    ports = [("spot", args.spot_port), ("futures", args.futures_port)]
+    if args.delivery_port is not None or "delivery" in counts:
+        ports.append(("delivery", args.delivery_port or 0))
+    for market, port in ports:
+        if counts and market not in counts:
+            continue
+        kw: dict = dict(updates_per_s=args.rate, seed=args.seed)
         if args.replay:
             kw.update(capture=load_capture(Path(args.replay), market), replay_speed=args.replay_speed)
+        elif market in counts:  # generated names: S0000USDT, ... (COIN-M: S0000USD_PERP, ...)
+            suffix = "USD_PERP" if market == "delivery" else "USDT"
+            kw.update(symbols=[f"S{i:04d}{suffix}" for i in range(int(counts[market]))], load=args.load,
+                      load_profile=args.profile)
         else:
-            kw.update(symbols=[s.strip().upper() for s in args.symbols.split(",") if s.strip()], load=args.load)
+            kw.update(symbols=[s.strip().upper() for s in args.symbols.split(",") if s.strip()], load=args.load,
+                      load_profile=args.profile)
         sim = MarketSim(market, **kw)
         await sim.start(args.host, port)
         sims.append(sim)
@@ -38,6 +51,8 @@ async def serve(args: argparse.Namespace) -> None:
     if args.stats:
         # what was sent, for the benchmark: frames, and the µs time of each write by its E (ms)
         stats = {sim.market.name: {"frames": sim.load.frames if sim.load else sim.frames_sent,
+                                   "offered_per_s": sim.load.offered_per_s() if sim.load else 0.0,
+                                   "weight_by_minute": sim.weight_by_minute,
                                    "skipped_ticks": sim.load.skipped_ticks if sim.load else 0,
                                    "sent_us": sim.load.sent_us if sim.load else {}} for sim in sims}
         Path(args.stats).write_text(json.dumps(stats))
@@ -48,6 +63,10 @@ def main() -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     p.add_argument("--spot-port", type=int, default=0)
     p.add_argument("--futures-port", type=int, default=0)
+    p.add_argument("--delivery-port", type=int, help="also serve COIN-M (delivery) on this port")
+    p.add_argument("--market-symbols", help="market=count,...: generated symbols per market, instead of --symbols")
+    p.add_argument("--profile", default="flat", choices=["flat", "universe"],
+                   help="load mode: every stream every 100 ms, or shaped like the real exchange")
     p.add_argument("--symbols", default="BTCUSDT,ETHUSDT,BNBUSDT,SOLUSDT,XRPUSDT")
     p.add_argument("--rate", type=float, default=20.0, help="engine updates per second per symbol")
     p.add_argument("--seed", type=int, default=1)

@@ -11,6 +11,9 @@ box. In load mode:
   global counter, chained by `pu`), so the collector's continuity checks see real work;
 - every 10 ms a tenth of the streams emit (each stream every 100 ms), and each
   connection gets its frames as WebSocket frames built here, in one transport write;
+- profile `universe` is shaped like the real exchange instead: every partial depth stream
+  every 100 ms, the diffs of the market's first 100 symbols (its most traded) every
+  100 ms, and the long tail's every 300 ms (about 3 a second);
 - `E` is the millisecond of that write, and `sent_us[E]` its exact µs time, from which
   the benchmark computes each diff's stamp delay (received_time - sent time).
 
@@ -31,6 +34,8 @@ if TYPE_CHECKING:
 
 POOL = 8
 TICKS_PER_PERIOD = 10  # 10 ms ticks, every stream once per 100 ms
+TAIL_TICKS = 30  # profile `universe`: the long tail's diffs every 300 ms
+TOP_SYMBOLS = 100  # profile `universe`: the symbols whose diffs come every 100 ms
 MAX_LAG = 0.1  # s behind the tick schedule past which missed ticks are skipped, not sent in a burst
 
 
@@ -50,8 +55,11 @@ def _levels(rng: random.Random, mid: int, n: int, side: int) -> bytes:
 
 
 class LoadEngine:
-    def __init__(self, sim: "MarketSim"):
+    def __init__(self, sim: "MarketSim", profile: str = "flat"):
         self.sim = sim
+        self.profile = profile
+        self.cycle = TAIL_TICKS if profile == "universe" else TICKS_PER_PERIOD
+        self.rank = {s: i for i, s in enumerate(sim.symbols)}
         self.rng = random.Random(11)
         self.futures = sim.futures
         self.global_id = 600_000_000_000
@@ -125,18 +133,33 @@ class LoadEngine:
             await asyncio.sleep(max(0.0, next_tick - now))
             if self.sim.faults.paused:
                 continue
-            tick = (tick + 1) % TICKS_PER_PERIOD
+            tick = (tick + 1) % self.cycle
             k += 1
             self.emit(tick, k)
 
+    def period(self, s: "Stream") -> int:
+        """Ticks between two frames of the stream."""
+        if self.profile == "universe" and s.kind == "diff" and self.rank.get(s.symbol, 0) >= TOP_SYMBOLS:
+            return TAIL_TICKS
+        return TICKS_PER_PERIOD
+
+    def offered_per_s(self) -> float:
+        """Frames a second over every stream the collector reads (diff + partial per symbol)."""
+        ticks_per_s = 100
+        diffs = [ticks_per_s / (TAIL_TICKS if self.profile == "universe" and i >= TOP_SYMBOLS else TICKS_PER_PERIOD)
+                 for i in range(len(self.sim.symbols))]
+        return ticks_per_s / TICKS_PER_PERIOD * len(self.sim.symbols) + sum(diffs)
+
     def _slice(self, tick: int) -> list["Stream"]:
-        """The streams that emit at `tick` (a tenth of them), recomputed when streams are
-        added: looking at every stream every 10 ms was most of the simulator's CPU."""
+        """The streams that emit at `tick`, recomputed when streams are added: looking at
+        every stream every 10 ms was most of the simulator's CPU."""
         streams = self.sim.streams
         if len(streams) != self._sliced:
-            self._slices = [[] for _ in range(TICKS_PER_PERIOD)]
+            self._slices = [[] for _ in range(self.cycle)]
             for s in streams.values():
-                self._slices[hash(s.name) % TICKS_PER_PERIOD].append(s)
+                period = self.period(s)
+                for at in range(hash(s.name) % period, self.cycle, period):
+                    self._slices[at].append(s)
             self._sliced = len(streams)
         return self._slices[tick]
 

@@ -113,7 +113,7 @@ class MarketSim:
                  seed: int = 1, record: bool = False, ping_interval: float | None = None,
                  pong_timeout: float | None = None, not_trading: tuple[str, ...] = (),
                  capture: Capture | None = None, replay_speed: float = 1.0, weight_limit: int | None = None,
-                 load: bool = False, ssl_context=None):
+                 load: bool = False, ssl_context=None, load_profile: str = "flat"):
         self.market: Market = MARKETS[market]
         self.ssl_context = ssl_context  # an ssl.SSLContext (server side): wss:// and https://
         self.futures = self.market.futures_payloads  # USD-M and COIN-M
@@ -128,7 +128,7 @@ class MarketSim:
         self.volumes: dict[str, float] = {}  # symbol -> 24h quote volume, where a test sets it
         self.ids = IdSource(self.futures, self.rng)
         self.books = {} if capture or load else {s: Book.create(s, self.ids, self.rng, self.futures) for s in self.symbols}
-        self.load = LoadEngine(self) if load else None  # benchmark traffic (simulator/load.py)
+        self.load = LoadEngine(self, load_profile) if load else None  # benchmark traffic (simulator/load.py)
         self.updates_per_s = updates_per_s
         self.replay_speed = replay_speed
         self.record = record
