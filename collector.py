@@ -23,6 +23,7 @@ import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
@@ -36,6 +37,7 @@ from handlers.recovery import recover  # noqa: E402
 from markets import MARKETS  # noqa: E402
 from pipeline import build_market, now_us, resolve_symbols, stop_all  # noqa: E402
 from service import metrics  # noqa: E402
+from service import status as state_file  # noqa: E402
 from service.logs import setup_logging  # noqa: E402
 from service.loop import MainLoop  # noqa: E402
 from service.memory import check_arrow_pool, tune_gc, tune_memory  # noqa: E402
@@ -48,7 +50,12 @@ log = logging.getLogger("collector")
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.ini"
 
 
-def run(cfg: config_mod.Config) -> int:
+def run(cfg: config_mod.Config, market: str | None = None) -> int:
+    """Record every enabled market, or only `market` (one process per market: its own state
+    file, and the uploads only in the process of the config's first market)."""
+    uploads = cfg.upload.enabled and (market is None or market == cfg.markets[0].name)
+    if market is not None:
+        cfg = replace(cfg, markets=tuple(m for m in cfg.markets if m.name == market))
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -89,7 +96,7 @@ def run(cfg: config_mod.Config) -> int:
     compactor = Compactor(c.data_dir, c.compression_level, stop, now_us, grace_s=c.flush_interval + 20,
                           memory_budget=c.compact_memory_mb << 20)
     compactor.start()
-    uploader = UploadJob(cfg, stop) if cfg.upload.enabled else None
+    uploader = UploadJob(cfg, stop) if uploads else None
     if uploader is not None:
         uploader.start()
         uploader.kick.set()
@@ -98,7 +105,7 @@ def run(cfg: config_mod.Config) -> int:
             metrics.serve(c.metrics_listen, pipelines, uploader, compactor)
         except OSError as e:  # recording matters more than its metrics
             log.error("metrics endpoint %s not started: %s", c.metrics_listen, e)
-    loop = MainLoop(pipelines, cfg, now_us, uploader)
+    loop = MainLoop(pipelines, cfg, now_us, uploader, state_name=state_file.name_for(market))
     while not stop.wait(0.5):
         dead = loop.tick()
         if dead:
@@ -117,7 +124,9 @@ def run(cfg: config_mod.Config) -> int:
 # command: (what it does, its body, its own options as (flags, argparse keywords))
 Option = tuple[tuple[str, ...], dict[str, Any]]
 COMMANDS: dict[str, tuple[str, Callable[[config_mod.Config, argparse.Namespace], int] | None, list[Option]]] = {
-    "run": ("record until SIGTERM/SIGINT, then drain, write and exit 0 (the default)", None, []),
+    "run": ("record until SIGTERM/SIGINT, then drain, write and exit 0 (the default)", None, [
+        (("--market",), dict(choices=list(MARKETS), help="record only this market of the config (one process per "
+                                                         "market: systemd's orderbook-collector@MARKET)"))]),
     "compact": ("compact every finished day into its day file now", commands.compact, []),
     "upload": ("compact, then upload the finished days (exit 0 only if all went up)", commands.upload, [
         (("--day",), dict(help="only this day (YYYY-MM-DD)"))]),
@@ -164,7 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     setup_logging(cfg.collector.log_level)
     body = COMMANDS[command][1]
-    return run(cfg) if body is None else body(cfg, args)
+    if body is not None:
+        return body(cfg, args)
+    market = getattr(args, "market", None)
+    if market is not None and market not in (m.name for m in cfg.markets):
+        print(f"error: {cfg.path}: [{market}]: not enabled in this config (--market {market})", file=sys.stderr)
+        return EXIT_CONFIG
+    return run(cfg, market)
 
 
 if __name__ == "__main__":

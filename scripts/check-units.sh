@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Check the systemd unit: `systemd-analyze verify` clean, and `systemd-analyze security`
-# exposure 2.0 or lower ("OK"). Needs systemd-analyze (Debian/Ubuntu package: systemd).
+# Check the systemd units (the main one and the per-market template made from it):
+# `systemd-analyze verify` clean, and `systemd-analyze security` exposure 2.0 or lower
+# ("OK"). Needs systemd-analyze (Debian/Ubuntu package: systemd).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 unit=systemd/orderbook-collector.service
@@ -12,7 +13,9 @@ fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 sed "s|/opt/orderbook-collector/.venv/bin/python|$(command -v python3)|" "$unit" > "$tmp/orderbook-collector.service"
-out=$(SYSTEMD_LOG_LEVEL=warning systemd-analyze verify "$tmp/orderbook-collector.service" 2>&1 | grep -v "Failed to connect\|Transport endpoint\|Cannot find unit for notify" || true)
+scripts/template-unit.sh | sed "s|/opt/orderbook-collector/.venv/bin/python|$(command -v python3)|" > "$tmp/orderbook-collector@.service"
+grep -q -- "run --market %i" "$tmp/orderbook-collector@.service" || { echo "error: the template unit's ExecStart was not rewritten" >&2; exit 1; }
+out=$(SYSTEMD_LOG_LEVEL=warning systemd-analyze verify "$tmp/orderbook-collector.service" "$tmp/orderbook-collector@spot.service" 2>&1 | grep -v "Failed to connect\|Transport endpoint\|Cannot find unit for notify" || true)
 if [ -n "$out" ]; then
   echo "systemd-analyze verify:" >&2
   echo "$out" >&2

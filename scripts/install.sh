@@ -43,6 +43,9 @@ if [ ! -f "$etc/env" ]; then
 fi
 install -d -m 0750 "$data"
 install -m 0644 "$src/systemd/orderbook-collector.service" "$units/orderbook-collector.service"
+# one market per process: orderbook-collector@spot, @futures, @delivery (instead of the unit above)
+"$src/scripts/template-unit.sh" > "$units/orderbook-collector@.service"
+chmod 0644 "$units/orderbook-collector@.service"
 if [ -z "$root" ]; then
   chgrp orderbook "$etc" "$etc/config.ini"
   chown orderbook:orderbook "$data"

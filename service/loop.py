@@ -20,8 +20,10 @@ READY_AFTER_S = 60.0  # READY=1 even if some stream is not live yet (systemd mus
 
 class MainLoop:
     def __init__(self, pipelines: Sequence[CountedPipeline], cfg: Config, now_us: Callable[[], int],
-                 upload_job: UploadProgress | None = None, notifier: Notifier | None = None):
+                 upload_job: UploadProgress | None = None, notifier: Notifier | None = None,
+                 state_name: str = state_file.STATE_FILE):
         self.pipelines, self.cfg, self.now_us, self.upload_job = pipelines, cfg, now_us, upload_job
+        self.state_name = state_name
         self.notifier = notifier or Notifier()
         self.started = time.monotonic()
         self.ready = False
@@ -110,7 +112,8 @@ class MainLoop:
         self.notifier.status(self.summary())
         try:
             state_file.write(self.cfg.collector.data_dir,
-                             state_file.snapshot(self.pipelines, self.upload_job, self.rates, self.now_us()))
+                             state_file.snapshot(self.pipelines, self.upload_job, self.rates, self.now_us()),
+                             self.state_name)
         except OSError as e:
             log.warning("cannot write the status file: %s", e)
 

@@ -1,5 +1,6 @@
-"""A state file the running collector rewrites every few seconds (data_dir/.status.json),
-and `collector.py status`, which prints it for a human."""
+"""A state file the running collector rewrites every few seconds (data_dir/.status.json;
+`.status-<market>.json` for a process that records one market), and `collector.py
+status`, which prints them for a human."""
 from __future__ import annotations
 
 import json
@@ -36,10 +37,15 @@ def snapshot(pipelines: Sequence[CountedPipeline], upload_job: UploadProgress | 
             "last_upload": upload_job.last if upload_job is not None else None}
 
 
-def write(data_dir: Path, state: dict) -> None:
-    tmp = data_dir / f".{STATE_FILE}.tmp"
+def name_for(market: str | None) -> str:
+    """The state file of a process recording every market, or only `market`."""
+    return STATE_FILE if market is None else f".status-{market}.json"
+
+
+def write(data_dir: Path, state: dict, name: str = STATE_FILE) -> None:
+    tmp = data_dir / f".{name}.tmp"
     tmp.write_text(json.dumps(state))
-    os.replace(tmp, data_dir / STATE_FILE)
+    os.replace(tmp, data_dir / name)
 
 
 def disk_used(root: Path) -> int:
@@ -54,8 +60,14 @@ def disk_used(root: Path) -> int:
 
 
 def render(data_dir: Path, now: float | None = None) -> tuple[str, bool]:
-    """(text, running) from the state file."""
-    path = data_dir / STATE_FILE
+    """(text, running) from every state file (one per collector process); running only
+    if every process that wrote one is."""
+    paths = sorted(data_dir.glob(".status*.json")) or [data_dir / STATE_FILE]
+    parts = [_render_one(data_dir, path, now) for path in paths]
+    return "\n".join(text for text, _ in parts), all(running for _, running in parts)
+
+
+def _render_one(data_dir: Path, path: Path, now: float | None) -> tuple[str, bool]:
     try:
         state = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -17,6 +17,8 @@ def test_install_upgrade_uninstall_keeps_config_secrets_and_data(tmp_path):
     assert "data_dir = /var/lib/orderbook-collector/data" in (etc / "config.ini").read_text()
     assert stat.S_IMODE((etc / "env").stat().st_mode) == 0o600
     assert (root / "etc/systemd/system/orderbook-collector.service").exists()
+    template = (root / "etc/systemd/system/orderbook-collector@.service").read_text()
+    assert "collector.py run --market %i --config /etc/orderbook-collector/config.ini" in template
     assert (root / "opt/orderbook-collector/.venv/bin/python").exists()
     assert not (root / "opt/orderbook-collector/tests").exists()
     check = subprocess.run([str(root / "opt/orderbook-collector/.venv/bin/python"),

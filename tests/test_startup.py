@@ -84,7 +84,7 @@ def test_arrow_allocator_is_jemalloc_returning_pages_within_100ms():
 
 
 def test_each_command_has_its_own_help_with_only_its_own_options():
-    own = {"run": set(), "compact": set(), "upload": {"--day"}, "status": set(), "check-config": set(),
+    own = {"run": {"--market"}, "compact": set(), "upload": {"--day"}, "status": set(), "check-config": set(),
            "verify": {"--market", "--day", "--json"}, "report": {"--day", "--market", "--out"},
            "export": {"--market", "--symbol", "--format", "--out"}}
     every = set().union(*own.values())
@@ -101,3 +101,28 @@ def test_each_command_has_its_own_help_with_only_its_own_options():
     wrong = subprocess.run([sys.executable, "collector.py", "verify", "--format", "hftbacktest"], cwd=ROOT,
                            capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "unrecognized arguments: --format" in wrong.stderr
+
+
+def test_one_process_per_market(tmp_path):
+    """`run --market M` records only M of a config that enables several (systemd's
+    orderbook-collector@M), writes its own state file, and `status` shows every process;
+    a market the config does not enable is refused with exit 2."""
+    with Simulator(spot=dict(symbols=["BTCUSDT"]), futures=dict(symbols=["ETHUSDT"])) as sim:
+        cfg = write_config(tmp_path, [market_section("spot", sim.spot, ["BTCUSDT"]),
+                                      market_section("futures", sim.futures, ["ETHUSDT"])])
+        refused = run_to_exit(cfg, "run", "--market", "delivery")
+        proc = CollectorProcess(cfg, "run", "--market", "futures")
+        try:
+            proc.wait_for_log("recording market=futures")
+            wait_until(lambda: (tmp_path / "data" / ".status-futures.json").exists(), timeout=15)
+            status = run_to_exit(cfg, "status")
+            rc = proc.stop()
+        finally:
+            proc.kill()
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == f"error: {cfg}: [delivery]: not enabled in this config (--market delivery)"
+    assert rc == 0, proc.log
+    assert "recording market=spot" not in proc.log
+    assert read_kind(tmp_path / "data", "futures", "diff_orderbooks").num_rows > 0
+    assert not (tmp_path / "data" / "spot").exists()
+    assert status.returncode == 0 and "futures" in status.stdout and "spot " not in status.stdout
