@@ -140,6 +140,10 @@ COMMANDS: dict[str, tuple[str, Callable[[config_mod.Config, argparse.Namespace],
         (("--day",), dict(required=True, help="the day (YYYY-MM-DD)")),
         (("--market",), dict(choices=list(MARKETS), help="only this market")),
         (("--out",), dict(default=".", help="output folder (default: the current folder)"))]),
+    "merge": ("merge several recordings (hosts, runs; local or s3://) into one gap-free set", commands.merge, [
+        (("sources",), dict(nargs="+", metavar="SRC", help="a data_dir, or s3://bucket/prefix (R2_* credentials)")),
+        (("--out",), dict(required=True, help="the merged data_dir (created; never one of the sources)")),
+        (("--day",), dict(help="only this day (YYYY-MM-DD)"))]),
     "export": ("one symbol's data in another tool's format", commands.export, [
         (("--market",), dict(required=True, choices=list(MARKETS))),
         (("--symbol",), dict(required=True)),

@@ -1,5 +1,5 @@
 """The bodies of the one-shot commands (`collector.py compact | upload | status | verify |
-report | export | check-config`); `collector.py` parses the command line and calls them.
+report | export | merge | check-config`); `collector.py` parses the command line and calls them.
 Each returns the exit status."""
 from __future__ import annotations
 
@@ -97,4 +97,32 @@ def export(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     n = fn(cfg.collector.data_dir, args.market, args.symbol.upper(), out)
     print(f"{out}: {n} rows")
+    return EXIT_OK
+
+
+def merge(cfg: config_mod.Config, args: argparse.Namespace) -> int:
+    """`collector.py merge SRC [SRC ...] --out DIR [--day D]`: several recordings into one set."""
+    import time
+
+    from storage import merge as merge_mod
+
+    s3 = None
+    if any(src.startswith("s3://") for src in args.sources):
+        from storage.upload import Credentials, s3_filesystem
+        s3 = s3_filesystem(Credentials.from_env())
+    try:
+        sources = [merge_mod.open_source(src, s3) for src in args.sources]
+    except ValueError as e:
+        log.error("merge: %s", e)
+        return EXIT_CONFIG
+    out = Path(args.out).resolve()
+    if any(s.root == str(out) for s in sources):
+        log.error("merge: --out %s is one of the sources", out)
+        return EXIT_CONFIG
+    t0 = time.monotonic()
+    written = merge_mod.merge(sources, out, day=args.day, compression_level=cfg.collector.compression_level)
+    took = time.monotonic() - t0
+    total = sum(written.values())
+    log.info("merged %d sources into %s: %s (%d rows in %.1fs, %.0f rows/s)", len(sources), out,
+             ", ".join(f"{k}={v}" for k, v in sorted(written.items())) or "nothing", total, took, total / max(took, 1e-9))
     return EXIT_OK

@@ -8,7 +8,7 @@ from __future__ import annotations
 import configparser
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
@@ -37,6 +37,7 @@ class CollectorConfig:
     compact_memory_mb: int
     metrics_listen: str
     log_level: str
+    shard: tuple[int, int] = (1, 1)  # (i, n): this host records shard i of n of every market's symbols
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class MarketConfig:
     quote_assets: tuple[str, ...] = ()
     symbols_exclude: tuple[str, ...] = ()
     listing_check: float = 300.0    # seconds; 0: the set is fixed at start
+    shard: tuple[int, int] = (1, 1)  # [collector] shard, here where the symbol set is chosen
 
     @property
     def name(self) -> str:
@@ -100,6 +102,7 @@ _COLLECTOR_DEFAULTS = {
     "compact_memory_mb": "256",
     "metrics_listen": "127.0.0.1:9108",
     "log_level": "info",
+    "shard": "1/1",
 }
 _MARKET_KEYS = {
     "enabled", "symbols", "ws_url", "rest_url", "diff_speed", "partial_levels",
@@ -187,8 +190,8 @@ def load(path: str | Path) -> Config:
     collector = _collector(_Section(path, "collector", dict(parser["collector"]) if parser.has_section("collector") else {}))
     collector = CollectorConfig(**{**collector.__dict__, "data_dir": (path.parent / collector.data_dir).resolve()})
     markets = tuple(
-        m for m in (_market(_Section(path, name, dict(parser[name])), MARKETS[name])
-                    for name in MARKETS if parser.has_section(name)) if m is not None
+        replace(m, shard=collector.shard) for m in (_market(_Section(path, name, dict(parser[name])), MARKETS[name])
+                                                    for name in MARKETS if parser.has_section(name)) if m is not None
     )
     if not markets:
         raise ConfigError(f"{path}: no market enabled: add [spot], [futures] or [delivery] with enabled = true")
@@ -244,7 +247,17 @@ def _collector(s: _Section) -> CollectorConfig:
         compact_memory_mb=s.number("compact_memory_mb", d["compact_memory_mb"], 32, 1 << 20, int),
         metrics_listen=_listen(s, "metrics_listen", d["metrics_listen"]),
         log_level=s.choice("log_level", d["log_level"], _LOG_LEVELS),
+        shard=_shard(s, d["shard"]),
     )
+
+
+def _shard(s: _Section, default: str) -> tuple[int, int]:
+    """`i/n`, 1 <= i <= n."""
+    value = s.text("shard", default)
+    m = re.fullmatch(r"(\d+)\s*/\s*(\d+)", value)
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)) <= 1024:
+        raise s.fail("shard", f"{value!r} is not i/n with 1 <= i <= n <= 1024 (e.g. 1/2)")
+    return int(m.group(1)), int(m.group(2))
 
 
 def _listen(s: _Section, key: str, default: str) -> str:

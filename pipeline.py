@@ -220,7 +220,8 @@ def resolve_symbols(cfg: config_mod.Config, session: requests.Session, stop: thr
             log.info("[%s] symbols = %s%s: %d symbols", m.name, "all" if m.selection == "all" else f"top {m.top_n}",
                      f" quoted in {','.join(m.quote_assets)}" if m.quote_assets else "", len(symbols))
         if not symbols:
-            raise config_mod.ConfigError(f"{cfg.path}: [{m.name}] symbols: none of them is trading on the exchange")
+            where = f" in shard {m.shard[0]}/{m.shard[1]}" if m.shard[1] > 1 else ""
+            raise config_mod.ConfigError(f"{cfg.path}: [{m.name}] symbols: none of them is trading on the exchange{where}")
         limit = exchange.weight_limit(info, default=m.market.default_weight_limit)
         out.append(Resolved(replace(m, symbols=symbols), limit, exchange.trading_symbols(info)))
     return out

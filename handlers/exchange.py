@@ -3,6 +3,7 @@ live, since Binance changes it), the 24h volumes `top N` ranks by, and the choic
 market's symbols from them (`select`), at start and on every listing check."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from typing import Any
@@ -71,10 +72,19 @@ def weight_limit(info: dict, default: int) -> int:
     return default
 
 
+def shard_of(symbol: str, n: int) -> int:
+    """Which of `n` shards records `symbol` (1..n): 1 + the first 8 bytes of the SHA-256 of
+    its name (upper case, UTF-8), read as a big-endian unsigned integer, modulo n. Stable
+    across hosts, versions and Python runs, and easy to compute in any tool:
+    `1 + int.from_bytes(hashlib.sha256(symbol.encode()).digest()[:8], "big") % n`."""
+    return 1 + int.from_bytes(hashlib.sha256(symbol.encode()).digest()[:8], "big") % n
+
+
 def candidates(cfg: MarketConfig, info: dict) -> list[str]:
     """The symbols that trade and that the config admits, before any ranking: with a
     list, the listed ones (in the config's order); with `all` / `top N`, every one quoted
-    in `quote_assets` (any, when empty), by name. `symbols_exclude` is never admitted."""
+    in `quote_assets` (any, when empty), by name. `symbols_exclude` is never admitted.
+    The shard is applied after this (and after the ranking): `mine`."""
     trading = trading_symbols(info)
     excluded = set(cfg.symbols_exclude)
     if cfg.selection == "list":
@@ -83,6 +93,12 @@ def candidates(cfg: MarketConfig, info: dict) -> list[str]:
     return sorted(s["symbol"] for s in info.get("symbols", [])
                   if s["symbol"] in trading and s["symbol"] not in excluded
                   and (not quotes or s.get("quoteAsset") in quotes))
+
+
+def mine(cfg: MarketConfig, symbols: list[str]) -> list[str]:
+    """The symbols of this host's shard (`shard = i/n`; all of them at 1/1)."""
+    i, n = cfg.shard
+    return symbols if n == 1 else [s for s in symbols if shard_of(s, n) == i]
 
 
 def rank(symbols: list[str], volumes: dict[str, float], n: int) -> list[str]:
@@ -97,7 +113,7 @@ def select(cfg: MarketConfig, info: dict, volumes: dict[str, float] | None) -> t
     if cfg.selection == "top":
         assert volumes is not None
         found = rank(found, volumes, cfg.top_n)
-    return tuple(found)
+    return tuple(mine(cfg, found))
 
 
 def check_symbols(cfg: MarketConfig, info: dict) -> tuple[str, ...]:

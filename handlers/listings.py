@@ -30,7 +30,7 @@ import requests
 
 from config import MarketConfig
 from handlers import continuity as cont
-from handlers.exchange import ExchangeUnavailable, candidates, fetch_exchange_info, fetch_volumes, rank, statuses
+from handlers.exchange import ExchangeUnavailable, candidates, fetch_exchange_info, fetch_volumes, mine, rank, statuses
 from handlers.snapshots import WeightBudget
 from service.threads import PipelineThread
 
@@ -108,5 +108,6 @@ class ListingWatcher(PipelineThread):
                     gone = {s for s, _ in removed}
                     removed += [(s, cont.UNRANKED) for s in self.current if s not in top and s not in gone]
                     self.ranked_day = today
+        added = mine(self.cfg, added)
         self.trading = trading_now  # only once the check succeeded: a listing is never missed
         return added, removed

@@ -84,6 +84,11 @@ class PipelineMetrics:
                 batch_want.add_metric([m, batch], configured)
             degraded.add_metric([m], len(k.degraded))
             dead.add_metric([m], k.dead)
+        if self.pipelines:
+            i, n = self.pipelines[0].cfg.shard
+            shard = g("shard", "this host records shard i of n of every market's symbols (shard = i/n)", ["shard"])
+            shard.add_metric([f"{i}/{n}"], 1)
+            yield shard
         yield from (frames, rows, gaps, dupes, malformed, connects, rotations, snaps, latency, weight, weight_cap,
                     interval, symbols, depth, written, errors, lost, age, batch_live, batch_want, degraded, dead)
         if self.upload_job is not None:

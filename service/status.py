@@ -33,7 +33,8 @@ def snapshot(pipelines: Sequence[CountedPipeline], upload_job: UploadProgress | 
             "rows_written": sum(c.rows_written.values()),
             "write_errors": c.write_errors,
         }
-    return {"pid": os.getpid(), "time": time.time(), "markets": markets,
+    shard = pipelines[0].cfg.shard if pipelines else (1, 1)
+    return {"pid": os.getpid(), "time": time.time(), "markets": markets, "shard": f"{shard[0]}/{shard[1]}",
             "last_upload": upload_job.last if upload_job is not None else None}
 
 
@@ -75,7 +76,8 @@ def _render_one(data_dir: Path, path: Path, now: float | None) -> tuple[str, boo
     now = time.time() if now is None else now
     age = now - state["time"]
     running = age < 30
-    lines = [f"collector pid {state['pid']}: " + ("running" if running else f"NOT RUNNING (last seen {age:.0f}s ago)"),
+    lines = [f"collector pid {state['pid']}" + (f" (shard {state['shard']})" if state.get("shard", "1/1") != "1/1" else "")
+             + ": " + ("running" if running else f"NOT RUNNING (last seen {age:.0f}s ago)"),
              f"data_dir {data_dir}: {disk_used(data_dir) / 2**30:.2f} GiB"]
     for name, m in state["markets"].items():
         snap = "never" if m["last_snapshot_age_s"] is None else f"{m['last_snapshot_age_s']:.0f}s ago"

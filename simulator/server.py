@@ -63,6 +63,8 @@ class Faults:
     garbage_frames: int = 0         # the next N frames are preceded by a garbage frame
     rest_statuses: list = field(default_factory=list)  # next REST depth replies: (status, retry_after|None)
     rest_delay: float = 0.0         # seconds added to every REST depth reply
+    withhold_diffs: float = 0.0     # each diff frame is withheld from each connection with this chance
+                                    # (independently: another connection may still get it)
 
 
 @dataclass
@@ -147,6 +149,7 @@ class MarketSim:
         self.weight_by_minute: dict[int, int] = {}  # UTC minute -> request weight used in it
         self.streams: dict[str, Stream] = {}
         self.halted_books: dict[str, Book | None] = {}
+        self.withheld: list[tuple[int, str, bytes]] = []  # (conn, stream, payload) not sent (Faults.withhold_diffs)
         self.conns: set[Conn] = set()
         self.connections_opened = 0
         self.frames_sent = 0
@@ -271,6 +274,9 @@ class MarketSim:
             copies = 2
         for conn in list(s.subscribers):
             if conn.ws.closed or conn.stalled:
+                continue
+            if f.withhold_diffs and s.kind == "diff" and self.rng.random() < f.withhold_diffs:
+                self.withheld.append((conn.id, s.name, data))
                 continue
             try:
                 if f.garbage_frames > 0:

@@ -84,6 +84,18 @@ def make_client(creds: Credentials, settings: UploadSettings) -> Any:
                         aws_secret_access_key=creds.secret, region_name="us-east-1", config=cfg)
 
 
+def s3_filesystem(creds: Credentials) -> Any:
+    """The bucket as a pyarrow filesystem, for reading uploaded days in place (merge; a
+    `pyarrow.dataset` over `bucket/prefix/...`). Same credentials as the uploads."""
+    from urllib.parse import urlsplit
+
+    import pyarrow.fs as pafs
+
+    url = urlsplit(creds.endpoint)
+    return pafs.S3FileSystem(access_key=creds.key_id, secret_key=creds.secret, region="us-east-1",
+                             endpoint_override=url.netloc, scheme=url.scheme or "https")
+
+
 def sha256_file(path: Path, part_size: int) -> tuple[str, str]:
     """(hex SHA-256 of the file, the S3 composite SHA-256 for `part_size` parts, base64)."""
     whole, parts = hashlib.sha256(), []
@@ -142,9 +154,10 @@ def file_summary(path: Path, kind: str) -> dict:
 class Uploader:
     def __init__(self, client: Any, creds: Credentials, settings: UploadSettings, data_dir: Path, config_hash: str,
                  progress: bool = False,
-                 now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc)):
+                 now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.timezone.utc), shard: str = "1/1"):
         self.s3, self.creds, self.settings, self.data_dir = client, creds, settings, data_dir
         self.bucket, self.config_hash, self.progress, self.now = creds.bucket, config_hash, progress, now
+        self.shard = shard  # named in every manifest: which part of the market this host recorded
         self.part_size = settings.part_size_mb << 20
         host = socket.gethostname() if settings.include_hostname else None
         self.base = "/".join(x for x in (settings.prefix.strip("/"), host) if x)
@@ -200,7 +213,8 @@ class Uploader:
         return self.results
 
     def upload_day(self, day: str, files: list[tuple[str, str, Path]]) -> None:
-        manifest: dict[str, Any] = {"day": day, "collector_version": VERSION, "config_sha256": self.config_hash, "files": []}
+        manifest: dict[str, Any] = {"day": day, "collector_version": VERSION, "config_sha256": self.config_hash,
+                                    "shard": self.shard, "files": []}
         with ThreadPoolExecutor(max_workers=min(4, self.settings.concurrency)) as pool:
             entries = list(pool.map(lambda f: self.upload_file(day, *f), files))
         manifest["files"] = entries

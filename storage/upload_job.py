@@ -21,7 +21,7 @@ def make_uploader(cfg: config_mod.Config, progress: bool = False) -> "upload.Upl
     creds = upload.Credentials.from_env()
     client = upload.make_client(creds, cfg.upload)
     return upload.Uploader(client, creds, cfg.upload, cfg.collector.data_dir, upload.config_hash(cfg.path),
-                           progress=progress)
+                           progress=progress, shard="{}/{}".format(*cfg.collector.shard))
 
 
 class UploadJob(threading.Thread):

@@ -46,10 +46,11 @@ def diff_rows(data_dir, market):
 
 
 def check_run(sim_market, data_dir, snapshot_within_s: float = 5.0, allow_gaps: bool = True,
-              exempt=lambda t: False) -> dict:
+              exempt=lambda t: False, only: set[str] | None = None) -> dict:
     """Every delivered diff recorded once; every diff not recorded covered by a gap row;
     a snapshot of the symbol within `snapshot_within_s` of each gap. Returns counts.
-    Frames sent at a time for which `exempt(t)` holds need not be on disk (crash tests)."""
+    Frames sent at a time for which `exempt(t)` holds need not be on disk (crash tests);
+    `only`: the symbols this collector records (several collectors on one simulator)."""
     market = sim_market.market.name
     rows = diff_rows(data_dir, market)
     ids = [(s, u) for s, _, u in rows]
@@ -60,10 +61,11 @@ def check_run(sim_market, data_dir, snapshot_within_s: float = 5.0, allow_gaps: 
     for s in sim_market.sent:
         if sim_market.streams[s.stream].kind == "diff" and not exempt(s.t):
             d = orjson.loads(s.data)
-            delivered.add((d["s"], d["u"]))
+            if only is None or d["s"] in only:
+                delivered.add((d["s"], d["u"]))
     missing = delivered - on_disk
     assert not missing, f"{market}: delivered but not on disk: {sorted(missing)[:5]}"
-    emitted = {(s, u): U for s, U, u, _ in sim_market.emitted}
+    emitted = {(s, u): U for s, U, u, _ in sim_market.emitted if only is None or s in only}
     assert on_disk <= set(emitted), f"{market}: rows the exchange never sent"
     gaps = read_kind(data_dir, market, "gaps").to_pylist()
     by_symbol: dict[str, list] = {}
