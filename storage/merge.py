@@ -15,8 +15,10 @@ whole, once per batch):
   `unranked`) stays where no later diff of the symbol exists;
 - the output day file is written to a temporary name and renamed when complete.
 
-Memory: one batch of `batch_symbols` symbols from every source at a time, plus one
-output row group per kind (the writer's), whatever the number of symbols or days.
+Memory: one batch of symbols from every source at a time, sized from the files' row
+counts so that a batch is about `rows_budget` rows of the busiest kind (all sources
+together), one kind at a time, plus the writers' row groups: bounded whatever the number
+of symbols or days (BENCHMARKS.md, Merge).
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ KINDS = ("diff_orderbooks", "partial_orderbooks", "orderbooks", "gaps")
 KEYS = {"diff_orderbooks": "final_update_id", "partial_orderbooks": "final_update_id", "orderbooks": "lastUpdateId"}
 _DAY = re.compile(r"^(\d{4}-\d{2}-\d{2})(\.parquet)?$")
 ROW_GROUP = 131_072
+ROWS_BUDGET = 100_000  # rows of the busiest kind read a batch, all sources together (~70 MB of depth20 rows)
 
 
 @dataclass(frozen=True)
@@ -91,36 +94,45 @@ def open_source(text: str, s3: pafs.FileSystem | None = None) -> Source:
 
 
 def merge(sources: list[Source], out: Path, day: str | None = None, markets: tuple[str, ...] = tuple(MARKETS),
-          compression_level: int = 9, batch_symbols: int = 64) -> dict[str, int]:
+          compression_level: int = 9, rows_budget: int = ROWS_BUDGET) -> dict[str, int]:
     """Merge every market and day found in `sources` (or only `day`) into `out`; rows
     written by kind."""
     written: dict[str, int] = {}
     for market in markets:
         days = sorted(set().union(*(s.days(market) for s in sources)))
         for d in days if day is None else [x for x in days if x == day]:
-            for kind, n in merge_day(sources, out, MARKETS[market], d, compression_level, batch_symbols).items():
+            for kind, n in merge_day(sources, out, MARKETS[market], d, compression_level, rows_budget).items():
                 written[kind] = written.get(kind, 0) + n
     return written
 
 
 def merge_day(sources: list[Source], out: Path, market: Market, day: str, compression_level: int,
-              batch_symbols: int) -> dict[str, int]:
+              rows_budget: int = 0) -> dict[str, int]:
     files = {kind: [(s.fs, f) for s in sources for f in s.files(market.name, kind, day)] for kind in KINDS}
     symbols = sorted(set().union(*(_symbols(fs, f) for kind in KINDS for fs, f in files[kind])))
+    busiest = max(sum(_rows(fs, f) for fs, f in files[kind]) for kind in KINDS)
+    per_batch = max(1, min(512, int((rows_budget or ROWS_BUDGET) * len(symbols) / max(1, busiest))))
+    log.info("merge market=%s day=%s: %d symbols from %d sources, %d a batch", market.name, day, len(symbols),
+             len(sources), per_batch)
     writers = _Writers(out / market.name, day, compression_level)
     try:
-        for i in range(0, len(symbols), batch_symbols):
-            batch = symbols[i:i + batch_symbols]
-            tables = {kind: _read(files[kind], kind, batch) for kind in KINDS}
-            diffs = _dedup(tables["diff_orderbooks"], "diff_orderbooks")
+        for i in range(0, len(symbols), per_batch):
+            batch = symbols[i:i + per_batch]
+            diffs = _dedup(_read(files["diff_orderbooks"], "diff_orderbooks", batch), "diff_orderbooks")
             writers.write("diff_orderbooks", diffs)
-            writers.write("partial_orderbooks", _dedup(tables["partial_orderbooks"], "partial_orderbooks"))
-            writers.write("orderbooks", _dedup(tables["orderbooks"], "orderbooks"))
-            writers.write("gaps", recompute_gaps(diffs, tables["gaps"], market))
+            writers.write("gaps", recompute_gaps(diffs, _read(files["gaps"], "gaps", batch), market))
+            del diffs
+            for kind in ("partial_orderbooks", "orderbooks"):
+                writers.write(kind, _dedup(_read(files[kind], kind, batch), kind))
         return writers.close()
     except BaseException:
         writers.abort()
         raise
+
+
+def _rows(fs: pafs.FileSystem, path: str) -> int:
+    with fs.open_input_file(path) as f:
+        return pq.ParquetFile(f).metadata.num_rows
 
 
 def _symbols(fs: pafs.FileSystem, path: str) -> set[str]:

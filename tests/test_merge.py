@@ -116,6 +116,17 @@ def test_merge_from_s3_equals_merge_from_local(tmp_path, s3):  # noqa: F811
         for f in d.rglob("*.parquet"):
             if not any(part.startswith(".") for part in f.relative_to(d).parts):
                 s3["client"].upload_file(str(f), BUCKET, f"fleet/host{i}/{f.relative_to(d)}")
+    # the documented one-line read of the fleet's data in place (pyarrow's S3 dataset)
+    import pyarrow.dataset as ds
+
+    from storage.upload import Credentials, s3_filesystem
+    from tests.test_upload import KEY_ID, SECRET
+    fs = s3_filesystem(Credentials(s3["endpoint"], KEY_ID, SECRET, BUCKET))
+    in_place = ds.dataset(f"{BUCKET}/fleet/host1/futures/diff_orderbooks", filesystem=fs).to_table(
+        filter=ds.field("symbol") == "BTCUSDT")
+    on_disk = read_kind(dirs[0], "futures", "diff_orderbooks").filter(ds.field("symbol") == "BTCUSDT")
+    assert in_place.num_rows > 0 and sorted(in_place.column("final_update_id").to_pylist()) == sorted(
+        on_disk.column("final_update_id").to_pylist())
     local, remote = tmp_path / "from-local", tmp_path / "from-s3"
     a = run_to_exit(cfgs[0], "merge", str(dirs[0]), str(dirs[1]), "--out", str(local))
     b = subprocess_merge(cfgs[0], [f"s3://{BUCKET}/fleet/host1", f"s3://{BUCKET}/fleet/host2"], remote, env_for(s3))
