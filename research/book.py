@@ -92,15 +92,24 @@ def _apply_side(side: dict, prices: Levels, sizes: Levels, best: float | None, s
     return best, negatives
 
 
-def agreement(book: Book, bid_p: Levels, bid_s: Levels, ask_p: Levels, ask_s: Levels) -> tuple[int, int]:
-    """(levels that agree, levels compared) within the price range both sides cover."""
+def agreement(book: Book, bid_p: Levels, bid_s: Levels, ask_p: Levels, ask_s: Levels,
+              skip: tuple[Levels, Levels] = ((), ())) -> tuple[int, int, list[tuple[str, float, float | None, float | None]]]:
+    """(levels that agree, levels compared, the ones that do not: (side, price, book's size,
+    snapshot's size)) within the price range the snapshot covers, leaving out the prices in
+    `skip` (bids, asks): the levels a diff straddling the snapshot's id may have changed."""
     same = total = 0
-    for mine, prices, sizes in ((book.bids, bid_p, bid_s), (book.asks, ask_p, ask_s)):
+    wrong = []
+    for side, mine, prices, sizes, left_out in (("bid", book.bids, bid_p, bid_s, skip[0]),
+                                                ("ask", book.asks, ask_p, ask_s, skip[1])):
         if not prices:
             continue
         lo, hi = min(prices), max(prices)
         theirs = dict(zip(prices, sizes, strict=True))
-        keys = set(theirs) | {p for p in mine if lo <= p <= hi}
+        keys = (set(theirs) | {p for p in mine if lo <= p <= hi}) - set(left_out)
         total += len(keys)
-        same += sum(1 for p in keys if mine.get(p) == theirs.get(p))
-    return same, total
+        for p in keys:
+            if mine.get(p) == theirs.get(p):
+                same += 1
+            else:
+                wrong.append((side, p, mine.get(p), theirs.get(p)))
+    return same, total, wrong

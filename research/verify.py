@@ -52,6 +52,12 @@ def verify_symbol(diffs: list, snaps: list, partials: list, gaps: list, market: 
     if r["duplicates"]:
         r["problems"].append(f"{r['duplicates']} diffs written more than once")
     r.update(_rebuild(chain, snaps, partials, market))
+    wrong = r["snapshot_levels_compared"] - r["snapshot_levels_same"]
+    if wrong:
+        first = r["snapshot_disagreements"][0]
+        r["problems"].append(f"{wrong} rebuilt levels disagree with the snapshots (first: lastUpdateId "
+                             f"{first['lastUpdateId']} {first['side']} {first['price']:g}: rebuilt "
+                             f"{first['rebuilt']}, snapshot {first['snapshot']})")
     return r
 
 
@@ -65,9 +71,21 @@ def _rebuild(chain: list, snaps: list, partials: list, market: Market) -> dict:
     events += [(p["final_update_id"], 2, "partial", p) for p in partials]
     events.sort(key=lambda e: (e[0], e[1]))
     book = Book(market)
-    out = {"snapshot_levels_same": 0, "snapshot_levels_compared": 0, "snapshots_compared": 0,
-           "partial_frames_compared": 0, "partial_frames_identical": 0, "crossed": 0, "negative": 0,
-           "resyncs": 0}
+    out: dict[str, Any] = {
+        "snapshot_levels_same": 0, "snapshot_levels_compared": 0, "snapshots_compared": 0,
+        "snapshots_straddled": 0, "snapshots_not_comparable": 0, "snapshot_disagreements": [],
+        "partial_frames_compared": 0, "partial_frames_identical": 0, "crossed": 0, "negative": 0, "resyncs": 0}
+    pending = None  # a snapshot whose id falls inside the next diff's range: compared when that diff comes
+
+    def compare(snap: dict, skip: tuple = ((), ())) -> None:
+        same, total, wrong = agreement(book, snap["bid_prices"], snap["bid_sizes"], snap["ask_prices"],
+                                       snap["ask_sizes"], skip)
+        out["snapshot_levels_same"] += same
+        out["snapshot_levels_compared"] += total
+        out["snapshots_compared"] += 1
+        out["snapshot_disagreements"] += [{"lastUpdateId": snap["lastUpdateId"], "side": s, "price": p, "rebuilt": a,
+                                           "snapshot": b} for s, p, a, b in wrong][:10 - len(out["snapshot_disagreements"])]
+
     for _, _, what, row in events:
         levels = (row["bid_prices"], row["bid_sizes"], row["ask_prices"], row["ask_sizes"])
         if what == "snapshot":
@@ -75,12 +93,17 @@ def _rebuild(chain: list, snaps: list, partials: list, market: Market) -> dict:
                 book.reset(row["lastUpdateId"], *levels)
             continue
         if what == "check":
-            # a book synced from an earlier snapshot (not from this one, nor reset since)
+            # a book synced from an earlier snapshot (not from this one, nor reset since),
+            # compared where both describe the same update id: the book's last diff ends at
+            # the snapshot's id; if the id falls inside the next diff's [U, u] instead, at
+            # the levels that diff does not touch (decided when it comes)
             if book.synced and book.snapshot_id != row["lastUpdateId"]:
-                same, total = agreement(book, *levels)
-                out["snapshot_levels_same"] += same
-                out["snapshot_levels_compared"] += total
-                out["snapshots_compared"] += 1
+                if book.last_u == row["lastUpdateId"]:
+                    compare(row)
+                else:
+                    if pending is not None:
+                        out["snapshots_not_comparable"] += 1
+                    pending = row
             continue
         if what == "partial":
             if book.synced and book.last_u == row["final_update_id"]:
@@ -90,6 +113,15 @@ def _rebuild(chain: list, snaps: list, partials: list, market: Market) -> dict:
                 mine = ([p for p, _ in bids], [q for _, q in bids], [p for p, _ in asks], [q for _, q in asks])
                 out["partial_frames_identical"] += mine == tuple(list(x) for x in levels)
             continue
+        if pending is not None:
+            L = pending["lastUpdateId"]
+            if book.synced and row["first_update_id"] <= L < row["final_update_id"] and \
+                    book.offer(row["first_update_id"], row["final_update_id"], row["prev_final_update_id"]) == "apply":
+                compare(pending, (row["bid_prices"], row["ask_prices"]))
+                out["snapshots_straddled"] += 1
+            else:
+                out["snapshots_not_comparable"] += 1
+            pending = None
         verdict = book.offer(row["first_update_id"], row["final_update_id"], row["prev_final_update_id"])
         if verdict == "gap":
             if book.synced:
@@ -134,7 +166,9 @@ def render(report: dict) -> str:
     lines = [f"{report['market']} {report['day'] or 'all days'}"]
     for sym, r in report["symbols"].items():
         snap = (f"{100 * r['snapshot_levels_same'] / r['snapshot_levels_compared']:.2f}% of "
-                f"{r['snapshot_levels_compared']} levels over {r['snapshots_compared']} snapshots"
+                f"{r['snapshot_levels_compared']} comparable levels over {r['snapshots_compared']} snapshots "
+                f"({r['snapshots_straddled']} of them without the levels of the diff straddling their id), "
+                f"{r['snapshots_not_comparable']} not comparable"
                 if r["snapshot_levels_compared"] else "no snapshot pair")
         part = (f"{r['partial_frames_identical']}/{r['partial_frames_compared']} identical"
                 if r["partial_frames_compared"] else "none compared")

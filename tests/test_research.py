@@ -56,8 +56,38 @@ def test_clean_recording_verifies(recorded):
             assert r["partial_frames_identical"] == r["partial_frames_compared"], (market, sym)
         compared = [r for r in report["symbols"].values() if r["snapshot_levels_compared"]]
         assert compared
-        for r in compared:  # snapshots fall inside a 100 ms window, so a few touched levels differ
-            assert r["snapshot_levels_same"] / r["snapshot_levels_compared"] > 0.95
+        for r in compared:
+            # compared only where both describe the same update id (or without the levels of the
+            # diff whose [U, u] holds the snapshot's id): then the rebuilt book agrees 100 %
+            assert r["snapshot_levels_same"] == r["snapshot_levels_compared"], (market, r["snapshot_disagreements"])
+        assert sum(r["snapshots_compared"] for r in compared) >= 4
+        assert "100.00% of" in verify.render(report) and "comparable levels" in verify.render(report)
+
+
+def test_a_planted_wrong_level_is_named(recorded, tmp_path):
+    """One size changed in the snapshots of one symbol (a copy of the clean recording):
+    verify names the disagreement, with the snapshot's id, the side and the price."""
+    data = tmp_path / "data"
+    shutil.copytree(recorded, data)
+    folder = data / "futures" / "orderbooks"
+    files = sorted(folder.rglob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    for f in files:
+        f.unlink()
+    rows = table.to_pylist()
+    btc = sorted((r for r in rows if r["symbol"] == "BTCUSDT"), key=lambda r: r["lastUpdateId"])
+    for r in btc[1:]:  # every snapshot but the one a book starts from
+        r["bid_sizes"] = [q + 1.0 for q in r["bid_sizes"]]  # every bid: some are outside any straddling diff
+    write_table_atomic(folder / "planted.parquet", pa.Table.from_pylist(rows, schema=table.schema), 9)
+    report = verify.verify(data, "futures")
+    problems = [x for x in report["problems"] if x.startswith("BTCUSDT: ") and "rebuilt levels disagree" in x]
+    assert problems, report["problems"]
+    first = report["symbols"]["BTCUSDT"]["snapshot_disagreements"][0]
+    planted = next(r for r in btc if r["lastUpdateId"] == first["lastUpdateId"])
+    planted_sizes = dict(zip(planted["bid_prices"], planted["bid_sizes"], strict=True))
+    assert first["side"] == "bid" and first["snapshot"] == planted_sizes[first["price"]] == first["rebuilt"] + 1.0
+    assert not any(x.startswith("ETHUSDT: ") and "disagree" in x for x in report["problems"])
+    assert verify.main(data, ["futures"], None, as_json=True) == 1
 
 
 def test_tampered_files_are_found(recorded, tmp_path):
@@ -257,7 +287,7 @@ def test_a_snapshot_is_compared_after_the_diff_that_ends_at_its_id():
     chain = [diff(5, 10, 4, [(100.0, 1.0)]), diff(11, 20, 10, [(99.0, 2.0)]), diff(21, 30, 20, [(99.0, 3.0)])]
     snaps = [snap(10, [(100.0, 1.0)]), snap(30, [(99.0, 3.0), (100.0, 1.0)])]
     out = _rebuild(chain, snaps, [], FUTURES)
-    assert out["snapshots_compared"] == 1
+    assert out["snapshots_compared"] == 1 and out["snapshots_not_comparable"] == 0
     assert out["snapshot_levels_same"] == out["snapshot_levels_compared"] == 3  # 99.0 at 3.0, 100.0 and the ask
 
 
