@@ -34,7 +34,7 @@ def verify(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     from research import verify as verify_mod
 
     markets = [args.market] if args.market else [m.name for m in cfg.markets]
-    return verify_mod.main(cfg.collector.data_dir, markets, args.day, args.json)
+    return verify_mod.main(cfg.collector.data_dir, markets, args.day, args.json, cfg.collector.clock_max_offset_ms)
 
 
 def compact(cfg: config_mod.Config, args: argparse.Namespace | None = None) -> int:

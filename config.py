@@ -38,6 +38,7 @@ class CollectorConfig:
     metrics_listen: str
     log_level: str
     shard: tuple[int, int] = (1, 1)  # (i, n): this host records shard i of n of every market's symbols
+    clock_max_offset_ms: float = 100.0  # the local clock this far off the exchange's is a warning
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ _COLLECTOR_DEFAULTS = {
     "metrics_listen": "127.0.0.1:9108",
     "log_level": "info",
     "shard": "1/1",
+    "clock_max_offset_ms": "100",
 }
 _MARKET_KEYS = {
     "enabled", "symbols", "ws_url", "rest_url", "diff_speed", "partial_levels",
@@ -248,6 +250,7 @@ def _collector(s: _Section) -> CollectorConfig:
         metrics_listen=_listen(s, "metrics_listen", d["metrics_listen"]),
         log_level=s.choice("log_level", d["log_level"], _LOG_LEVELS),
         shard=_shard(s, d["shard"]),
+        clock_max_offset_ms=s.number("clock_max_offset_ms", d["clock_max_offset_ms"], 1, 600_000),
     )
 
 

@@ -155,4 +155,4 @@ DELIVERY = Market(
 
 MARKETS: dict[str, Market] = {m.name: m for m in (SPOT, FUTURES, DELIVERY)}
 PARTIAL_LEVELS = (5, 10, 20)
-KINDS = ("orderbooks", "partial_orderbooks", "diff_orderbooks", "gaps")
+KINDS = ("orderbooks", "partial_orderbooks", "diff_orderbooks", "gaps", "clock")

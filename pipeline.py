@@ -18,6 +18,7 @@ import requests
 
 import config as config_mod
 from handlers import exchange
+from handlers.clock import ClockSampler
 from handlers.frames import FrameProcessor
 from handlers.inbox import SYMBOLS, Inbox
 from handlers.listings import ListingWatcher, Removed
@@ -52,6 +53,7 @@ class MarketPipeline:
     now_us: Callable[[], int]
     symbols: list[str] = field(default_factory=list)   # recorded now (the set changes with listings)
     watcher: ListingWatcher | None = None
+    clock: ClockSampler | None = None
     _changing: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> None:
@@ -62,11 +64,13 @@ class MarketPipeline:
         self.snapshotter.start()
         if self.watcher is not None:
             self.watcher.start()
+        if self.clock is not None:
+            self.clock.start()
 
     def threads(self) -> list[threading.Thread]:
         """Every thread whose death stops the collector."""
         threads: list[threading.Thread] = [self.processor, self.writer]
-        return threads + ([self.watcher] if self.watcher is not None else [])
+        return threads + [t for t in (self.watcher, self.clock) if t is not None]
 
     def streams_of(self, symbol: str) -> list[str]:
         cfg, m = self.cfg, self.cfg.market
@@ -144,6 +148,10 @@ class MarketPipeline:
             bytes_written=w.bytes, write_errors=w.errors, rows_lost=w.lost_rows, snapshot_rows=p.snapshots,
             snapshots_ok=ss.ok, snapshots_failed=ss.failed, snapshots_rate_limited=ss.rate_limited,
             snapshot_latency_sum=ss.latency_sum, last_snapshot_us=ss.last_ok_us, snapshot_interval=ss.interval,
+            clock_synced=self.clock.stats.synced if self.clock else None,
+            clock_offset_us=self.clock.stats.offset_us if self.clock else None,
+            clock_rtt_us=self.clock.stats.rtt_us if self.clock else None,
+            clock_max_error_us=self.clock.stats.max_error_us if self.clock else None,
             weight_used=self.snapshotter.budget.used, weight_cap=self.snapshotter.budget.cap,
             processor_heartbeat=p.heartbeat, writer_heartbeat=w.heartbeat)
 
@@ -184,6 +192,7 @@ def build_market(cfg: config_mod.MarketConfig, c: config_mod.CollectorConfig, st
     per = cfg.symbols_per_connection
     for i in range(0, len(cfg.symbols), per):
         p.new_batch([s for sym in cfg.symbols[i:i + per] for s in p.streams_of(sym)])
+    p.clock = ClockSampler(cfg, inbox, stop, budget, now_us, session, max_offset_ms=c.clock_max_offset_ms)
     if cfg.listing_check > 0 and trading is not None:
         p.watcher = ListingWatcher(cfg, cfg.symbols, trading, session, budget, stop, p.change_symbols, clock=clock)
     return p
@@ -241,8 +250,9 @@ def stop_all(pipelines: list[MarketPipeline], compactor: Compactor | None) -> bo
     for p in pipelines:
         for b in list(p.batches):
             join(b, 5)
-        if p.watcher is not None:
-            join(p.watcher, 10)
+        for t in (p.watcher, p.clock):
+            if t is not None:
+                join(t, 10)
     for p in pipelines:
         p.snapshotter.shutdown()
         join(p.snapshotter, 5)

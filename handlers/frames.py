@@ -33,10 +33,11 @@ import pyarrow as pa
 from config import MarketConfig
 from handlers import continuity as cont
 from handlers import parse, wire
-from handlers.inbox import REST, SYMBOLS, WS, Inbox
+from handlers.inbox import CLOCK, REST, SYMBOLS, WS, Inbox
 from service.threads import PipelineThread
 from storage.columns import DepthColumns, GapColumns, SnapshotColumns, levels_to_arrow, raw_levels
 from storage.journal import Journal
+from storage.schemas import SCHEMAS
 from storage.writer import STOP
 
 # (lastUpdateId, (bid prices, sizes), (ask prices, sizes), event time, transaction time)
@@ -154,6 +155,7 @@ class FrameProcessor(PipelineThread):
         self.bufs = {DIFF: DepthColumns(DIFF), PARTIAL: DepthColumns(PARTIAL)}
         self.snapshots = SnapshotColumns()
         self.gaps = GapColumns()
+        self.clock_rows: list[dict] = []  # `clock` samples (handlers/clock.py), one a minute
         self.stats = ProcessStats()
         self.warn = RateLimitedLog(log)
 
@@ -227,6 +229,8 @@ class FrameProcessor(PipelineThread):
                 self.on_snapshot(item[1], *item[2])
             elif item[0] == SYMBOLS:
                 self.on_symbols(item[1], *item[2])
+            elif item[0] == CLOCK:
+                self.clock_rows.append(item[2])
         return False
 
     def on_symbols(self, received_us: int, added: tuple[str, ...], removed: tuple[tuple[str, str], ...]) -> None:
@@ -549,3 +553,6 @@ class FrameProcessor(PipelineThread):
             self.outbox.put(("orderbooks", self.snapshots.take()))
         if len(self.gaps):
             self.outbox.put(("gaps", self.gaps.take()))
+        if self.clock_rows:
+            rows, self.clock_rows = self.clock_rows, []
+            self.outbox.put(("clock", pa.Table.from_pylist(rows, schema=SCHEMAS["clock"])))

@@ -28,8 +28,9 @@ FULL_WAIT = 0.005
 # An item: (WS, received_us, conn_id, [frame, ...]), the frames of one socket read, from a
 # reader; (REST, received_us, (symbol, limit, request_us, body)), a snapshot answer; or
 # (SYMBOLS, received_us, (added symbols, ((symbol, reason), ...) removed)), the market's
-# symbol set changing while running; or storage.writer.STOP, the end.
-WS, REST, SYMBOLS = 0, 1, 2
+# symbol set changing while running; (CLOCK, sample_us, row), a `clock` sample (a dict of
+# the clock schema's columns); or storage.writer.STOP, the end.
+WS, REST, SYMBOLS, CLOCK = 0, 1, 2, 3
 Item = Any  # (tag, ...): WS or REST first, the rest as its producer documents; or the writer's STOP
 
 

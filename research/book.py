@@ -12,7 +12,8 @@ Levels = Sequence[float]  # one side's prices or sizes, in the order sent
 
 
 class Book:
-    __slots__ = ("bids", "asks", "last_u", "synced", "snapshot_id", "market", "_best_bid", "_best_ask", "negatives")
+    __slots__ = ("bids", "asks", "last_u", "synced", "snapshot_id", "market", "_best_bid", "_best_ask", "negatives",
+                 "bid_floor", "ask_ceiling", "known_beyond")
 
     def __init__(self, market: Market):
         self.market = market
@@ -26,6 +27,11 @@ class Book:
         self._best_bid: float | None = None
         self._best_ask: float | None = None
         self.negatives = 0  # negative sizes the last reset() or apply() brought in
+        # how deep the book is known: the snapshot it started from held no bid below its
+        # deepest bid and no ask above its highest ask; past them only what a diff touched is known
+        self.bid_floor: float | None = None
+        self.ask_ceiling: float | None = None
+        self.known_beyond: set[float] = set()  # prices past them that a diff set
 
     def reset(self, last_update_id: int, bid_p: Levels, bid_s: Levels, ask_p: Levels, ask_s: Levels) -> None:
         self.bids = dict(zip(bid_p, bid_s, strict=True))
@@ -33,6 +39,9 @@ class Book:
         self.snapshot_id, self.last_u, self.synced = last_update_id, last_update_id, False
         self._best_bid = self._best_ask = None
         self.negatives = sum(1 for q in bid_s if q < 0) + sum(1 for q in ask_s if q < 0)
+        self.bid_floor = min(bid_p) if bid_p else None
+        self.ask_ceiling = max(ask_p) if ask_p else None
+        self.known_beyond = set()
 
     def offer(self, U: int, u: int, pu: int | None) -> str:
         """How a diff relates to the book: 'stale' (skip), 'apply', or 'gap' (resync needed)."""
@@ -54,6 +63,10 @@ class Book:
         self._best_ask, neg_asks = _apply_side(self.asks, ask_p, ask_s, self._best_ask, -1)
         self.negatives = neg_bids + neg_asks
         self.last_u, self.synced = u, True
+        if self.bid_floor is not None:
+            self.known_beyond.update(p for p in bid_p if p < self.bid_floor)
+        if self.ask_ceiling is not None:
+            self.known_beyond.update(p for p in ask_p if p > self.ask_ceiling)
 
     def top(self, n: int) -> tuple[list, list]:
         bids = sorted(self.bids.items(), key=lambda kv: -kv[0])[:n]
@@ -95,8 +108,10 @@ def _apply_side(side: dict, prices: Levels, sizes: Levels, best: float | None, s
 def agreement(book: Book, bid_p: Levels, bid_s: Levels, ask_p: Levels, ask_s: Levels,
               skip: tuple[Levels, Levels] = ((), ())) -> tuple[int, int, list[tuple[str, float, float | None, float | None]]]:
     """(levels that agree, levels compared, the ones that do not: (side, price, book's size,
-    snapshot's size)) within the price range the snapshot covers, leaving out the prices in
-    `skip` (bids, asks): the levels a diff straddling the snapshot's id may have changed."""
+    snapshot's size)) within the price range both books know: the snapshot's, and no deeper
+    than the snapshot the rebuilt book started from (`bid_floor`, `ask_ceiling`); leaving
+    out the prices in `skip` (bids, asks): the levels a diff straddling the snapshot's id
+    may have changed."""
     same = total = 0
     wrong = []
     for side, mine, prices, sizes, left_out in (("bid", book.bids, bid_p, bid_s, skip[0]),
@@ -104,8 +119,14 @@ def agreement(book: Book, bid_p: Levels, bid_s: Levels, ask_p: Levels, ask_s: Le
         if not prices:
             continue
         lo, hi = min(prices), max(prices)
-        theirs = dict(zip(prices, sizes, strict=True))
-        keys = (set(theirs) | {p for p in mine if lo <= p <= hi}) - set(left_out)
+        known_lo, known_hi = lo, hi  # the part of the snapshot's range the rebuilt book knows whole
+        if side == "bid" and book.bid_floor is not None:
+            known_lo = max(lo, book.bid_floor)
+        if side == "ask" and book.ask_ceiling is not None:
+            known_hi = min(hi, book.ask_ceiling)
+        known = lambda p: known_lo <= p <= known_hi or (lo <= p <= hi and p in book.known_beyond)  # noqa: E731
+        theirs = {p: q for p, q in zip(prices, sizes, strict=True) if known(p)}
+        keys = (set(theirs) | {p for p in mine if known(p)}) - set(left_out)
         total += len(keys)
         for p in keys:
             if mine.get(p) == theirs.get(p):

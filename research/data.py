@@ -19,12 +19,12 @@ import pyarrow.dataset as ds
 
 from markets import MARKETS
 from research.book import Book
+from storage.schemas import DAY_COLUMN
 
 PathLike = str | Path
 # a moment: µs since the epoch, a datetime, or an ISO 8601 text (UTC when it names no zone)
 When = int | dt.datetime | str | None
 
-TIME_COLUMN = {"gaps": "detected_time"}
 
 
 def to_us(when: When) -> int | None:
@@ -45,7 +45,7 @@ def load(data_dir: PathLike, market: str, kind: str, symbol: str | None = None, 
     if not files:
         raise FileNotFoundError(f"no Parquet files under {Path(data_dir) / market / kind}")
     dataset = ds.dataset(files, format="parquet")
-    col = TIME_COLUMN.get(kind, "received_time")
+    col = DAY_COLUMN[kind]  # the time that puts a row in its day
     cond = None
     for c in ((pc.field("symbol") == symbol) if symbol else None,
               (pc.field(col) >= to_us(start)) if start is not None else None,

@@ -25,7 +25,7 @@ from research.data import load  # noqa: E402
 from storage.files import US_PER_DAY, day_start_us  # noqa: E402
 
 PANELS = ["messages per minute per symbol", "gaps", "receive latency (received - event time)",
-          "REST snapshots", "bytes on disk per kind"]
+          "REST snapshots", "clock: local minus exchange time", "bytes on disk per kind"]
 
 
 def _load(data_dir: str | Path, market: str, kind: str, start: int, end: int, columns: list[str]) -> pa.Table | None:
@@ -38,7 +38,7 @@ def _load(data_dir: str | Path, market: str, kind: str, start: int, end: int, co
 def report(data_dir: Path, market: str, day: str, out_dir: Path) -> tuple[Path, str, list[str]]:
     start = day_start_us(day)
     end = start + US_PER_DAY
-    fig, axes = plt.subplots(len(PANELS), 1, figsize=(12, 16), constrained_layout=True)
+    fig, axes = plt.subplots(len(PANELS), 1, figsize=(12, 19), constrained_layout=True)
     fig.suptitle(f"{market} {day}")
     summary = [f"{market} {day}"]
     diffs = _load(data_dir, market, "diff_orderbooks", start, end, ["symbol", "received_time", "event_time"])
@@ -88,17 +88,19 @@ def report(data_dir: Path, market: str, day: str, out_dir: Path) -> tuple[Path, 
         summary.append(f"snapshots: {snaps.num_rows}, round trip p50 {np.percentile(rtt, 50):.1f} ms, "
                        f"max {rtt.max():.1f} ms")
     axes[3].set_title(PANELS[3])
+    summary.append(_clock_panel(axes[4], data_dir, market, start, end))
+    axes[4].set_title(PANELS[4])
     sizes = {}
     for kind in ("diff_orderbooks", "partial_orderbooks", "orderbooks", "gaps"):
         folder = Path(data_dir) / market / kind
         sizes[kind] = sum(f.stat().st_size for f in folder.glob(f"{day}*.parquet")) + \
             sum(f.stat().st_size for f in (folder / day).glob("*.parquet")) if folder.exists() else 0
-    for a in axes[:4]:
+    for a in axes[:5]:
         a.set_xlim(0, 1440)
         a.set_xlabel("minute of the day (UTC)")
-    axes[4].bar(list(sizes), [v / 2**20 for v in sizes.values()])
-    axes[4].set_ylabel("MiB")
-    axes[4].set_title(PANELS[4])
+    axes[5].bar(list(sizes), [v / 2**20 for v in sizes.values()])
+    axes[5].set_ylabel("MiB")
+    axes[5].set_title(PANELS[5])
     summary.append("bytes: " + ", ".join(f"{k}={v}" for k, v in sizes.items()))
     out_dir.mkdir(parents=True, exist_ok=True)
     png = out_dir / f"report-{market}-{day}.png"
@@ -109,6 +111,29 @@ def report(data_dir: Path, market: str, day: str, out_dir: Path) -> tuple[Path, 
     if books_png is not None:
         summary.append(f"books: {books_png}")
     return png, "\n".join(summary), titles
+
+
+def _clock_panel(ax: Axes, data_dir: Path, market: str, start: int, end: int) -> str:
+    """The offset of the local clock from the exchange's, a point a minute (its round trip as
+    the error bar), minutes the kernel called the clock unsynchronised marked red; the
+    summary's line."""
+    clock = _load(data_dir, market, "clock", start, end, ["sample_time", "synced", "offset_us", "rtt_us"])
+    if clock is None or clock.num_rows == 0:
+        return "clock: no samples"
+    rows = [r for r in clock.to_pylist() if r["offset_us"] is not None]
+    unsynced = sum(1 for r in clock.to_pylist() if r["synced"] is False)
+    if rows:
+        minutes = [(r["sample_time"] - start) / 60e6 for r in rows]
+        offsets = [r["offset_us"] / 1000 for r in rows]
+        ax.errorbar(minutes, offsets, yerr=[(r["rtt_us"] or 0) / 2000 for r in rows], fmt=".", markersize=3)
+        bad = [(m, o) for m, o, r in zip(minutes, offsets, rows, strict=True) if r["synced"] is False]
+        if bad:
+            ax.scatter([m for m, _ in bad], [o for _, o in bad], color="C3", s=8, label="kernel: not synchronised")
+            ax.legend(fontsize=7)
+        ax.set_ylabel("ms")
+    worst = max((abs(r["offset_us"]) for r in rows), default=0) / 1000
+    return (f"clock: {clock.num_rows} samples, offset at most {worst:.1f} ms, "
+            f"not synchronised in {unsynced}")
 
 
 BOOK_PANELS = ("mid price and spread", "depth heatmap")

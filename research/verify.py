@@ -135,20 +135,39 @@ def _rebuild(chain: list, snaps: list, partials: list, market: Market) -> dict:
     return out
 
 
-def verify(data_dir: Path, market: str, day: str | None = None) -> dict:
+def clock_check(rows: list[dict], max_offset_ms: float) -> dict:
+    """The `clock` samples: how many, how many the kernel called unsynchronised, the largest
+    offset from the exchange, and how many were beyond the bound (after half the round trip)."""
+    offsets = [(r["offset_us"], r["rtt_us"] or 0) for r in rows if r["offset_us"] is not None]
+    beyond = [o for o, rtt in offsets if abs(o) - rtt / 2 > max_offset_ms * 1000]
+    return {"samples": len(rows), "unsynced": sum(1 for r in rows if r["synced"] is False),
+            "offset_max_ms": max((abs(o) for o, _ in offsets), default=0) / 1000, "beyond_bound": len(beyond),
+            "bound_ms": max_offset_ms}
+
+
+def verify(data_dir: Path, market: str, day: str | None = None, max_offset_ms: float = 100.0) -> dict:
     start, end = _day_range(day)
-    report: dict[str, Any] = {"market": market, "day": day, "symbols": {}, "problems": []}
+    report: dict[str, Any] = {"market": market, "day": day, "symbols": {}, "problems": [], "warnings": []}
     try:
         diffs = load(data_dir, market, "diff_orderbooks", start=start, end=end).to_pylist()
     except FileNotFoundError as e:
         report["problems"].append(str(e))
         return report
     optional = {}
-    for kind in ("orderbooks", "partial_orderbooks", "gaps"):
+    for kind in ("orderbooks", "partial_orderbooks", "gaps", "clock"):
         try:
             optional[kind] = load(data_dir, market, kind, start=start, end=end).to_pylist()
         except FileNotFoundError:
             optional[kind] = []
+    # the clock's health is a warning about the stamps, not a fault of the data: it does not
+    # change verify's exit status
+    report["clock"] = clock = clock_check(optional["clock"], max_offset_ms)
+    if clock["unsynced"]:
+        report["warnings"].append(f"clock: the kernel called the clock unsynchronised in {clock['unsynced']} of "
+                                  f"{clock['samples']} samples: received_time may be off")
+    if clock["beyond_bound"]:
+        report["warnings"].append(f"clock: {clock['beyond_bound']} samples off the exchange by more than "
+                                  f"{max_offset_ms:g} ms (at most {clock['offset_max_ms']:.1f} ms)")
     group = lambda rows: {s: [r for r in rows if r["symbol"] == s] for s in {r["symbol"] for r in rows}}  # noqa: E731
     d, s, p, g = group(diffs), group(optional["orderbooks"]), group(optional["partial_orderbooks"]), group(optional["gaps"])
     for symbol in sorted(d):
@@ -164,6 +183,10 @@ def verify(data_dir: Path, market: str, day: str | None = None) -> dict:
 
 def render(report: dict) -> str:
     lines = [f"{report['market']} {report['day'] or 'all days'}"]
+    c = report.get("clock")
+    if c:
+        lines.append(f"  clock: {c['samples']} samples, not synchronised in {c['unsynced']}, offset from the exchange "
+                     f"at most {c['offset_max_ms']:.1f} ms, {c['beyond_bound']} beyond {c['bound_ms']:g} ms")
     for sym, r in report["symbols"].items():
         snap = (f"{100 * r['snapshot_levels_same'] / r['snapshot_levels_compared']:.2f}% of "
                 f"{r['snapshot_levels_compared']} comparable levels over {r['snapshots_compared']} snapshots "
@@ -177,11 +200,12 @@ def render(report: dict) -> str:
                      f"duplicates={r['duplicates']} out_of_order={r['out_of_order']} holes={len(r['coverage_holes'])} "
                      f"rebuilt-vs-snapshot: {snap}; partial frames: {part}; crossed={r['crossed']} "
                      f"negative={r['negative']}")
+    lines += [f"  WARNING {x}" for x in report.get("warnings", [])]
     lines += [f"  PROBLEM {x}" for x in report["problems"]] or ["  no problems found"]
     return "\n".join(lines)
 
 
-def main(data_dir: Path, markets: list[str], day: str | None, as_json: bool) -> int:
-    reports = [verify(data_dir, m, day) for m in markets]
+def main(data_dir: Path, markets: list[str], day: str | None, as_json: bool, max_offset_ms: float = 100.0) -> int:
+    reports = [verify(data_dir, m, day, max_offset_ms) for m in markets]
     print(json.dumps(reports, indent=1) if as_json else "\n".join(render(r) for r in reports))
     return 1 if any(r["problems"] for r in reports) else 0

@@ -44,6 +44,10 @@ class Counters:
     snapshot_latency_sum: float     # seconds, over snapshots_ok
     last_snapshot_us: int
     snapshot_interval: float        # seconds between two scheduled snapshots of a symbol (stretched to the budget)
+    clock_synced: bool | None       # the kernel's view at the last clock sample (None: unknown)
+    clock_offset_us: int | None     # local minus exchange time at the last sample
+    clock_rtt_us: int | None
+    clock_max_error_us: int | None
     weight_used: int
     weight_cap: int
     processor_heartbeat: float      # monotonic time of the loop's last turn

@@ -39,6 +39,11 @@ class PipelineMetrics:
         weight_cap = g("rest_weight_cap", "request weight this collector allows itself per minute", ["market"])
         interval = g("snapshot_interval_seconds", "seconds between two scheduled snapshots of one symbol: "
                      "snapshot_interval, or longer when the symbols' snapshots would pass the weight budget", ["market"])
+        clock_offset = g("clock_offset_seconds", "local clock minus the exchange's, at the last sample (once a "
+                         "minute; uncertain by half the round trip)", ["market"])
+        clock_rtt = g("clock_rtt_seconds", "round trip of the last exchange time request", ["market"])
+        clock_synced = g("clock_synced", "1 if the kernel says the clock is synchronised (adjtimex)", ["market"])
+        clock_error = g("clock_max_error_seconds", "the kernel's maximum error of the clock (adjtimex)", ["market"])
         symbols = g("symbols", "symbols recorded now (all / top N and listing checks change it)", ["market"])
         depth = g("queue_depth", "frames waiting for the processor", ["market"])
         written = c("bytes_written", "bytes of part files published", ["market"])
@@ -72,6 +77,13 @@ class PipelineMetrics:
             weight_cap.add_metric([m], k.weight_cap)
             interval.add_metric([m], k.snapshot_interval)
             symbols.add_metric([m], k.symbols)
+            if k.clock_offset_us is not None:
+                clock_offset.add_metric([m], k.clock_offset_us / 1e6)
+                clock_rtt.add_metric([m], (k.clock_rtt_us or 0) / 1e6)
+            if k.clock_synced is not None:
+                clock_synced.add_metric([m], int(k.clock_synced))
+            if k.clock_max_error_us is not None:
+                clock_error.add_metric([m], k.clock_max_error_us / 1e6)
             depth.add_metric([m], k.queue)
             written.add_metric([m], k.bytes_written)
             errors.add_metric([m], k.write_errors)
@@ -90,7 +102,8 @@ class PipelineMetrics:
             shard.add_metric([f"{i}/{n}"], 1)
             yield shard
         yield from (frames, rows, gaps, dupes, malformed, connects, rotations, snaps, latency, weight, weight_cap,
-                    interval, symbols, depth, written, errors, lost, age, batch_live, batch_want, degraded, dead)
+                    interval, symbols, clock_offset, clock_rtt, clock_synced, clock_error,
+                    depth, written, errors, lost, age, batch_live, batch_want, degraded, dead)
         if self.upload_job is not None:
             up = c("upload_files", "day files handled by upload runs, by result", ["result"])
             for result in ("uploaded", "skipped", "deleted"):

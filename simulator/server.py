@@ -115,9 +115,10 @@ class MarketSim:
                  seed: int = 1, record: bool = False, ping_interval: float | None = None,
                  pong_timeout: float | None = None, not_trading: tuple[str, ...] = (),
                  capture: Capture | None = None, replay_speed: float = 1.0, weight_limit: int | None = None,
-                 load: bool = False, ssl_context=None, load_profile: str = "flat"):
+                 load: bool = False, ssl_context=None, load_profile: str = "flat", clock_skew_ms: float = 0.0):
         self.market: Market = MARKETS[market]
         self.ssl_context = ssl_context  # an ssl.SSLContext (server side): wss:// and https://
+        self.clock_skew_ms = clock_skew_ms  # the exchange's clock this far ahead of ours (the time endpoint)
         self.futures = self.market.futures_payloads  # USD-M and COIN-M
         self.coin_m = self.market is DELIVERY
         self.rng = random.Random(seed)
@@ -615,7 +616,7 @@ class MarketSim:
 
     async def server_time(self, request: web.Request) -> web.Response:
         ok, headers = self._charge(1)
-        return web.json_response({"serverTime": int(time.time() * 1000)}, headers=headers)
+        return web.json_response({"serverTime": int(time.time() * 1000 + self.clock_skew_ms)}, headers=headers)
 
 
 def runner_port(site: web.TCPSite) -> int:

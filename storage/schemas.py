@@ -41,11 +41,23 @@ GAP = pa.schema([
     ("reason", pa.string()),
 ])
 
+# one row per market a minute: how far the local stamps can be trusted (handlers/clock.py)
+CLOCK = pa.schema([
+    ("sample_time", pa.int64()),
+    ("synced", pa.bool_()),
+    ("max_error_us", pa.int64()),
+    ("est_error_us", pa.int64()),
+    ("exchange_time", pa.int64()),
+    ("rtt_us", pa.int64()),
+    ("offset_us", pa.int64()),
+])
+
 SCHEMAS: dict[str, pa.Schema] = {
     "diff_orderbooks": DEPTH,
     "partial_orderbooks": DEPTH,
     "orderbooks": SNAPSHOT,
     "gaps": GAP,
+    "clock": CLOCK,
 }
 
 # Column that assigns a row to its UTC day, and the order of rows in a day file.
@@ -54,10 +66,12 @@ DAY_COLUMN = {
     "partial_orderbooks": "received_time",
     "orderbooks": "received_time",
     "gaps": "detected_time",
+    "clock": "sample_time",
 }
 SORT_KEYS = {
     "diff_orderbooks": ["symbol", "received_time", "final_update_id"],
     "partial_orderbooks": ["symbol", "received_time", "final_update_id"],
     "orderbooks": ["symbol", "received_time"],
     "gaps": ["symbol", "detected_time"],
+    "clock": ["sample_time"],
 }
