@@ -124,9 +124,9 @@ def agreement(book: Book, bid_p: Levels, bid_s: Levels, ask_p: Levels, ask_s: Le
             known_lo = max(lo, book.bid_floor)
         if side == "ask" and book.ask_ceiling is not None:
             known_hi = min(hi, book.ask_ceiling)
-        known = lambda p: known_lo <= p <= known_hi or (lo <= p <= hi and p in book.known_beyond)  # noqa: E731
-        theirs = {p: q for p, q in zip(prices, sizes, strict=True) if known(p)}
-        keys = (set(theirs) | {p for p in mine if known(p)}) - set(left_out)
+        beyond = {p for p in book.known_beyond if lo <= p <= hi}
+        theirs = {p: q for p, q in zip(prices, sizes, strict=True) if known_lo <= p <= known_hi or p in beyond}
+        keys = (set(theirs) | {p for p in mine if known_lo <= p <= known_hi or p in beyond}) - set(left_out)
         total += len(keys)
         for p in keys:
             if mine.get(p) == theirs.get(p):
