@@ -142,7 +142,7 @@ def write_config(work: Path, ports: dict[str, int], plan: dict[str, list[str]], 
         symbols = plan[market]
         sections.append(f"[{market}]\nsymbols = {', '.join(symbols)}\nws_url = {ws_url}\n"
                         f"rest_url = http://127.0.0.1:{port}\nsnapshot_interval = {args.snapshot_interval}\n"
-                        f"symbols_per_connection = {args.per_connection}\nlisting_check = 0\n")
+                        f"symbols_per_connection = {args.per_connection}\n")
         for i in range(0, len(symbols), args.per_connection):
             streams = [s for sym in symbols[i:i + args.per_connection]
                        for s in (m.diff_stream(sym, "100ms"), m.partial_stream(sym, 20, "100ms"))]
