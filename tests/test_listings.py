@@ -138,7 +138,9 @@ def test_snapshots_fit_the_weight_budget_at_a_few_hundred_symbols(tmp_path):
         try:
             proc.wait_for_log("recording market=spot symbols=300", timeout=30)
             wait_until(lambda: len(recorded_symbols(tmp_path / "data", "spot")) >= 250, timeout=40, interval=1)
-            time.sleep(3)
+            state = tmp_path / "data" / ".status.json"
+            wait_until(state.exists, timeout=15)  # rewritten every 5 s
+            status = orjson.loads(state.read_bytes())
             rc = proc.stop()
         finally:
             proc.kill()
@@ -146,7 +148,6 @@ def test_snapshots_fit_the_weight_budget_at_a_few_hundred_symbols(tmp_path):
     assert "snapshot interval stretched market=spot from 60s to 1500s" in proc.log
     assert max(sim.spot.weight_by_minute.values()) <= 600 + 20  # the share, plus exchangeInfo at start
     assert all(status == 200 for _, _, status in sim.spot.rest_log)
-    status = orjson.loads((tmp_path / "data" / ".status.json").read_bytes())
     assert status["markets"]["spot"]["symbols"] == 300
 
 
