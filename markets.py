@@ -8,7 +8,7 @@ rest stays generic and a new market is a new row.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 
@@ -132,24 +132,17 @@ FUTURES = Market(
 
 # COIN-M futures: USD-M's rules and payloads (diffs carry `pu`, `T`, and also `ps`, the
 # pair; snapshots also `symbol` and `pair`), symbols such as BTCUSD_PERP and ETHUSD_261225.
-DELIVERY = Market(
+# Only what differs from USD-M is written here.
+DELIVERY = replace(
+    FUTURES,
     name="delivery",
     default_ws_url="wss://dstream.binance.com",
     default_rest_url="https://dapi.binance.com",
     depth_path="/dapi/v1/depth",
     exchange_info_path="/dapi/v1/exchangeInfo",
-    diff_speeds={"100ms": "@100ms", "250ms": "", "500ms": "@500ms"},
-    partial_speeds={"100ms": "@100ms", "250ms": "", "500ms": "@500ms"},
-    snapshot_limits=frozenset(_FUTURES_DEPTH_WEIGHTS),
-    depth_weight=_futures_depth_weight,
-    exchange_info_weight=1,
     ticker_path="/dapi/v1/ticker/24hr",
-    ticker_all_weight=40,
     time_path="/dapi/v1/time",
-    default_weight_limit=2400,
-    chains_by_pu=True,
-    futures_payloads=True,
-    max_control_per_second=10,
+    ws_path_prefix="",
     quote_volume_from_base=True,
 )
 

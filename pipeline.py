@@ -194,7 +194,8 @@ def build_market(cfg: config_mod.MarketConfig, c: config_mod.CollectorConfig, st
         p.new_batch([s for sym in cfg.symbols[i:i + per] for s in p.streams_of(sym)])
     p.clock = ClockSampler(cfg, inbox, stop, budget, now_us, session, max_offset_ms=c.clock_max_offset_ms)
     if cfg.listing_check > 0 and trading is not None:
-        p.watcher = ListingWatcher(cfg, cfg.symbols, trading, session, budget, stop, p.change_symbols, clock=clock)
+        p.watcher = ListingWatcher(cfg, lambda: p.symbols, trading, session, budget, stop, p.change_symbols,
+                                   clock=clock)
     return p
 
 

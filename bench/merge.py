@@ -21,7 +21,6 @@ from pathlib import Path
 import pyarrow.dataset as ds
 
 ROOT = Path(__file__).resolve().parent.parent
-KINDS = ("diff_orderbooks", "partial_orderbooks", "orderbooks", "gaps")
 
 
 def rows_in(tree: Path) -> int:

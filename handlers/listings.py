@@ -44,13 +44,13 @@ def utc_day(t: float) -> int:
 
 
 class ListingWatcher(PipelineThread):
-    def __init__(self, cfg: MarketConfig, symbols: tuple[str, ...], trading: set[str], session: requests.Session,
+    def __init__(self, cfg: MarketConfig, recorded: Callable[[], list[str]], trading: set[str], session: requests.Session,
                  budget: WeightBudget, stop: threading.Event,
                  on_change: Callable[[list[str], Removed], None], clock: Callable[[], float] = time.time):
         super().__init__(name=f"listings-{cfg.name}", daemon=True)
         self.cfg, self.session, self.budget, self.stop, self.on_change = cfg, session, budget, stop, on_change
         self.clock = clock
-        self.current: list[str] = list(symbols)
+        self.recorded = recorded  # the symbols recorded now (the pipeline's, which on_change changes)
         self.trading = set(trading)  # what traded at the last look (a new listing is one that did not)
         self.ranked_day = utc_day(clock())
         self.checks = self.failures = 0
@@ -78,20 +78,19 @@ class ListingWatcher(PipelineThread):
         if added:
             log.info("symbols join the record market=%s symbols=%s", self.cfg.name, ",".join(added))
         self.on_change(added, removed)
-        gone = {s for s, _ in removed}
-        self.current = [s for s in self.current if s not in gone] + added
 
     def changes(self, info: dict) -> tuple[list[str], Removed]:
         """(symbols to add, (symbol, reason) to remove) against the current set."""
         status = statuses(info)
         removed: Removed = []
-        for symbol in self.current:
+        recorded = self.recorded()
+        for symbol in recorded:
             if symbol not in status:
                 removed.append((symbol, cont.DELISTED))
             elif status[symbol] != "TRADING":
                 removed.append((symbol, cont.HALTED))
         admitted = candidates(self.cfg, info)
-        current = set(self.current)
+        current = set(recorded)
         added = [s for s in admitted if s not in current]
         trading_now = {s for s, st in status.items() if st == "TRADING"}
         if self.cfg.selection == "top":
@@ -106,7 +105,7 @@ class ListingWatcher(PipelineThread):
                 added = [s for s in added if s in top]
                 if rerank:
                     gone = {s for s, _ in removed}
-                    removed += [(s, cont.UNRANKED) for s in self.current if s not in top and s not in gone]
+                    removed += [(s, cont.UNRANKED) for s in recorded if s not in top and s not in gone]
                     self.ranked_day = today
         added = mine(self.cfg, added)
         self.trading = trading_now  # only once the check succeeded: a listing is never missed

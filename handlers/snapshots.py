@@ -139,7 +139,7 @@ class Snapshotter(PipelineThread):
         self.urgent.put(symbol)
 
     def loop(self) -> None:
-        symbols = sorted(self.active, key=self.cfg.symbols.index) if self.cfg.symbols else []
+        symbols = list(self.cfg.symbols)  # `active` at start, in the config's order
         n, interval = len(symbols), self.stats.interval
         start = time.monotonic()
         due = [(start + i * interval / n, i, sym) for i, sym in enumerate(symbols)]

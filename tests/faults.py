@@ -13,6 +13,15 @@ from tests.helpers import CollectorProcess, market_section, read_kind, write_con
 US = 1_000_000
 
 
+def pause_and_stop(sim, *procs: CollectorProcess) -> list[int]:
+    """The end of a run: the simulator stops sending, the frames in flight land, SIGTERM
+    stops each collector; their exit statuses."""
+    for m in sim.markets():
+        m.faults.paused = True
+    time.sleep(1.5)
+    return [p.stop() for p in procs]
+
+
 @contextmanager
 def both_markets(tmp_path, symbols, sim_kw=None, **collector):
     """Both markets of a recording simulator and the real collector on them (one batch per
@@ -29,10 +38,7 @@ def both_markets(tmp_path, symbols, sim_kw=None, **collector):
         try:
             proc.wait_for_log("recording market=futures")
             yield sim, proc
-            for m in sim.markets():
-                m.faults.paused = True
-            time.sleep(1.5)
-            rc = proc.stop()
+            rc, = pause_and_stop(sim, proc)
         finally:
             proc.kill()
     assert rc == 0, proc.log[-3000:]

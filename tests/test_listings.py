@@ -9,7 +9,7 @@ import time
 import orjson
 
 from simulator import Simulator
-from tests.faults import check_run
+from tests.faults import check_run, pause_and_stop
 from tests.helpers import CollectorProcess, market_section, read_kind, run_to_exit, wait_until, write_config
 
 
@@ -90,9 +90,7 @@ def test_listing_and_halt_while_running(tmp_path):
             proc.wait_for_log("record ends market=spot symbol=XRPUSDT reason=delisted", timeout=check + 20)
             proc.wait_for_log("record ends market=spot symbol=ETHUSDT reason=halted", timeout=5)
             time.sleep(2)
-            m.faults.paused = True
-            time.sleep(1.5)
-            rc = proc.stop()
+            rc, = pause_and_stop(sim, proc)
         finally:
             proc.kill()
     assert rc == 0, proc.log[-3000:]
@@ -168,6 +166,12 @@ def test_top_n_changes_only_at_the_daily_ranking_but_admits_a_new_listing_at_onc
     day0 = 20_000 * 86400.0 + 3600  # some UTC day, 01:00
     now = [day0]
     changes: list = []
+    recorded = ["AUSDT", "BUSDT"]
+
+    def change(added: list, removed: list) -> None:  # what the pipeline does with the set
+        changes.append((added, removed))
+        recorded[:] = [s for s in recorded if s not in {s for s, _ in removed}] + added
+
     with Simulator(futures=dict(symbols=["AUSDT", "BUSDT", "CUSDT", "DUSDT"])) as sim:
         f = sim.futures
         f.volumes.update(AUSDT=4e9, BUSDT=3e9, CUSDT=2e9, DUSDT=1e9)
@@ -175,10 +179,9 @@ def test_top_n_changes_only_at_the_daily_ranking_but_admits_a_new_listing_at_onc
                            diff_speed="100ms", partial_levels=5, partial_speed="100ms", snapshot_interval=60,
                            snapshot_limit=100, symbols_per_connection=10, selection="top", top_n=2,
                            listing_check=60)
-        cfg = replace(cfg, symbols=("AUSDT", "BUSDT"))
-        w = ListingWatcher(cfg, cfg.symbols, {"AUSDT", "BUSDT", "CUSDT", "DUSDT"}, requests.Session(),
-                           WeightBudget(2400, 0.5), threading.Event(), lambda a, r: changes.append((a, r)),
-                           clock=lambda: now[0])
+        cfg = replace(cfg, symbols=tuple(recorded))
+        w = ListingWatcher(cfg, lambda: recorded, {"AUSDT", "BUSDT", "CUSDT", "DUSDT"}, requests.Session(),
+                           WeightBudget(2400, 0.5), threading.Event(), change, clock=lambda: now[0])
         f.volumes.update(CUSDT=9e9)  # C now ranks first, but the day's ranking stands
         w.check()
         assert changes == []
@@ -193,4 +196,4 @@ def test_top_n_changes_only_at_the_daily_ranking_but_admits_a_new_listing_at_onc
         now[0] += 86400  # the next UTC day: ranked again (C and E lead; B leaves)
         w.check()
         assert changes[-1] == (["CUSDT"], [("BUSDT", "unranked")])
-        assert sorted(w.current) == ["CUSDT", "EUSDT"]
+        assert sorted(recorded) == ["CUSDT", "EUSDT"]

@@ -10,6 +10,7 @@ import orjson
 import pyarrow.parquet as pq
 
 from simulator import Simulator
+from tests.faults import pause_and_stop
 from tests.helpers import CollectorProcess, market_section, read_kind, run_to_exit, wait_until, write_config
 from tests.test_upload import BUCKET, env_for, s3  # noqa: F401  (s3: the fixture)
 
@@ -37,10 +38,7 @@ def record_two_hosts(tmp_path: Path, seconds: float = 12.0, withhold: float = 0.
             for d in dirs:
                 wait_until(lambda d=d: read_kind(d, "futures", "diff_orderbooks").num_rows > 0, timeout=30)
             time.sleep(seconds)
-            for m in sim.markets():
-                m.faults.paused = True
-            time.sleep(1.5)
-            rcs = [p.stop() for p in procs]
+            rcs = pause_and_stop(sim, *procs)
         finally:
             for p in procs:
                 p.kill()

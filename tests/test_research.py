@@ -156,6 +156,13 @@ def _final_book(data, market, symbol, depth):
     return list(books(data, market, symbol, depth=depth))
 
 
+def _assert_top_10_is_the_rebuilt_book(bids: dict, asks: dict, data, symbol: str) -> None:
+    """A book replayed from an export agrees with the last book rebuilt from the recording."""
+    last = _final_book(data, "futures", symbol, 10)[-1]
+    assert sorted(bids.items(), reverse=True)[:10] == [tuple(x) for x in last[2]]
+    assert sorted(asks.items())[:10] == [tuple(x) for x in last[3]]
+
+
 def test_tardis_incremental_l2_round_trip(recorded, tmp_path):
     import csv
     import gzip
@@ -180,9 +187,7 @@ def test_tardis_incremental_l2_round_trip(recorded, tmp_path):
             side.pop(p, None)
         else:
             side[p] = q
-    last = _final_book(recorded, "futures", "ETHUSDT", 10)[-1]
-    assert sorted(bids.items(), reverse=True)[:10] == [tuple(x) for x in last[2]]
-    assert sorted(asks.items())[:10] == [tuple(x) for x in last[3]]
+    _assert_top_10_is_the_rebuilt_book(bids, asks, recorded, "ETHUSDT")
 
 
 def test_tardis_book_snapshot_25_round_trip(recorded, tmp_path):
@@ -220,9 +225,7 @@ def test_hftbacktest_round_trip(recorded, tmp_path):
             side.pop(px, None)
         else:
             side[px] = qty
-    last = _final_book(recorded, "futures", "BTCUSDT", 10)[-1]
-    assert sorted(bids.items(), reverse=True)[:10] == [tuple(x) for x in last[2]]
-    assert sorted(asks.items())[:10] == [tuple(x) for x in last[3]]
+    _assert_top_10_is_the_rebuilt_book(bids, asks, recorded, "BTCUSDT")
 
 
 def test_report_png_has_its_panels(recorded, tmp_path):

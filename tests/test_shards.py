@@ -3,13 +3,12 @@ of the name, so that n collectors record the union exactly once."""
 from __future__ import annotations
 
 import hashlib
-import time
 
 import orjson
 
 from handlers.exchange import shard_of
 from simulator import Simulator
-from tests.faults import check_run
+from tests.faults import check_run, pause_and_stop
 from tests.helpers import CollectorProcess, market_section, read_kind, wait_until, write_config
 
 SYMBOLS = ["BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT", "ADAUSDT", "TRXUSDT", "LINKUSDT"]
@@ -43,9 +42,7 @@ def test_two_hosts_on_shards_record_disjoint_sets_whose_union_is_all(tmp_path):
                     read_kind(d, "spot", "diff_orderbooks").column("symbol").to_pylist()) >= w, timeout=30)
             wait_until(lambda: (dirs[0] / ".status.json").exists(), timeout=15)  # written every 5 s
             state = orjson.loads((dirs[0] / ".status.json").read_bytes())
-            sim.spot.faults.paused = True
-            time.sleep(1.5)
-            rcs = [p.stop() for p in procs]
+            rcs = pause_and_stop(sim, *procs)
         finally:
             for p in procs:
                 p.kill()
