@@ -121,6 +121,19 @@ def run(cfg: config_mod.Config, market: str | None = None) -> int:
     return EXIT_OK if clean else EXIT_FAIL
 
 
+def day_arg(text: str) -> str:
+    """A --day value: a date written YYYY-MM-DD (argparse turns the error into exit 2)."""
+    import datetime as dt
+
+    try:
+        dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day written YYYY-MM-DD") from None
+    if len(text) != 10:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day written YYYY-MM-DD")
+    return text
+
+
 # command: (what it does, its body, its own options as (flags, argparse keywords))
 Option = tuple[tuple[str, ...], dict[str, Any]]
 COMMANDS: dict[str, tuple[str, Callable[[config_mod.Config, argparse.Namespace], int] | None, list[Option]]] = {
@@ -129,27 +142,44 @@ COMMANDS: dict[str, tuple[str, Callable[[config_mod.Config, argparse.Namespace],
                                                          "market: systemd's orderbook-collector@MARKET)"))]),
     "compact": ("compact every finished day into its day file now", commands.compact, []),
     "upload": ("compact, then upload the finished days (exit 0 only if all went up)", commands.upload, [
-        (("--day",), dict(help="only this day (YYYY-MM-DD)"))]),
+        (("--day",), dict(type=day_arg, help="only this day (YYYY-MM-DD)"))]),
     "status": ("what the running collector is doing (exit 1 if it is not running)", commands.status, []),
     "check-config": ("validate the config file and exit", commands.check_config, []),
     "verify": ("check recorded data: continuity, duplicates, books rebuilt against snapshots", commands.verify, [
         (("--market",), dict(choices=list(MARKETS), help="only this market")),
-        (("--day",), dict(help="only this day (YYYY-MM-DD)")),
+        (("--day",), dict(type=day_arg, help="only this day (YYYY-MM-DD)")),
         (("--json",), dict(action="store_true", help="the report as JSON"))]),
     "report": ("a PNG and a text summary of one day, per market", commands.report, [
-        (("--day",), dict(required=True, help="the day (YYYY-MM-DD)")),
+        (("--day",), dict(required=True, type=day_arg, help="the day (YYYY-MM-DD)")),
         (("--market",), dict(choices=list(MARKETS), help="only this market")),
         (("--out",), dict(default=".", help="output folder (default: the current folder)"))]),
     "merge": ("merge several recordings (hosts, runs; local or s3://) into one gap-free set", commands.merge, [
         (("sources",), dict(nargs="+", metavar="SRC", help="a data_dir, or s3://bucket/prefix (R2_* credentials)")),
         (("--out",), dict(required=True, help="the merged data_dir (created; never one of the sources)")),
-        (("--day",), dict(help="only this day (YYYY-MM-DD)"))]),
+        (("--day",), dict(type=day_arg, help="only this day (YYYY-MM-DD)"))]),
+    "replay": ("serve a recorded day as a Binance-compatible exchange (WebSocket + REST) until SIGTERM",
+               None, [
+        (("--data",), dict(required=True, help="a data_dir, or s3://bucket/prefix (R2_* credentials)")),
+        (("--day",), dict(required=True, type=day_arg, help="the day (YYYY-MM-DD)")),
+        (("--spot-port",), dict(required=True, type=int, help="port of the spot exchange (0: any free one, logged)")),
+        (("--futures-port",), dict(required=True, type=int, help="port of USD-M futures (0: any free one)")),
+        (("--delivery-port",), dict(type=int, help="port of COIN-M futures (not served without it)")),
+        (("--speed",), dict(type=float, default=1.0, help="X times as fast as recorded; 0: as fast as the "
+                                                         "clients read (default: 1)")),
+        (("--host",), dict(default="127.0.0.1", help="address to listen on (default: loopback only)")),
+        (("--start-delay",), dict(type=float, default=0.0, help="seconds between the first subscription and the "
+                                                                "first frame, for other clients to subscribe")),
+        (("--scratch",), dict(help="folder for the day's time-ordered copy (default: the system's temp folder)"))]),
     "export": ("one symbol's data in another tool's format", commands.export, [
         (("--market",), dict(required=True, choices=list(MARKETS))),
         (("--symbol",), dict(required=True)),
         (("--format",), dict(required=True, choices=["tardis-l2", "tardis-snap25", "hftbacktest"])),
         (("--out",), dict(default=".", help="output folder (default: the current folder)"))]),
 }
+
+
+# commands that read no config.ini: their options say all they need
+NO_CONFIG: dict[str, Callable[[argparse.Namespace], int]] = {"replay": commands.replay}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -160,8 +190,9 @@ def parser() -> argparse.ArgumentParser:
     sub = top.add_subparsers(dest="command", metavar="COMMAND")
     for name, (text, _, options) in COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text)
-        # SUPPRESS: a --config given before the command is not overwritten by this default
-        p.add_argument("--config", default=argparse.SUPPRESS, help="config.ini (default: %s)" % DEFAULT_CONFIG)
+        if name not in NO_CONFIG:
+            # SUPPRESS: a --config given before the command is not overwritten by this default
+            p.add_argument("--config", default=argparse.SUPPRESS, help="config.ini (default: %s)" % DEFAULT_CONFIG)
         for flags, kw in options:
             p.add_argument(*flags, **kw)
     return top
@@ -170,6 +201,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     command = args.command or "run"
+    if command in NO_CONFIG:
+        setup_logging("INFO")
+        return NO_CONFIG[command](args)
     try:
         cfg = config_mod.load(args.config)
     except config_mod.ConfigError as e:

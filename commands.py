@@ -126,3 +126,46 @@ def merge(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     log.info("merged %d sources into %s: %s (%d rows in %.1fs, %.0f rows/s)", len(sources), out,
              ", ".join(f"{k}={v}" for k, v in sorted(written.items())) or "nothing", total, took, total / max(took, 1e-9))
     return EXIT_OK
+
+
+def replay(args: argparse.Namespace) -> int:
+    """`collector.py replay --data DIR --day D --spot-port P --futures-port Q ...`: serve a
+    recorded day as a Binance-compatible exchange until SIGTERM/SIGINT."""
+    import asyncio
+    import signal
+
+    from research import replay as replay_mod
+    from storage import merge as merge_mod
+
+    if args.speed < 0:
+        log.error("replay: --speed %s: must be 0 (as fast as the client reads) or more", args.speed)
+        return EXIT_CONFIG
+    if args.start_delay < 0:
+        log.error("replay: --start-delay %s: must be 0 or more", args.start_delay)
+        return EXIT_CONFIG
+    s3 = None
+    if args.data.startswith("s3://"):
+        from storage.upload import Credentials, s3_filesystem
+        s3 = s3_filesystem(Credentials.from_env())
+    try:
+        data = merge_mod.open_source(args.data, s3)
+    except ValueError as e:
+        log.error("replay: --data %s", e)
+        return EXIT_CONFIG
+    ports = {"spot": args.spot_port, "futures": args.futures_port}
+    if args.delivery_port is not None:
+        ports["delivery"] = args.delivery_port
+    scratch = Path(args.scratch) if args.scratch else None
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        return await replay_mod.serve(data, args.day, ports, args.host, args.speed, args.start_delay, scratch, stop)
+
+    try:
+        return asyncio.run(main())
+    except OSError as e:  # a port taken, an unreadable file
+        log.error("replay: %s", e)
+        return EXIT_FAIL

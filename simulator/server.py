@@ -115,8 +115,13 @@ class MarketSim:
                  seed: int = 1, record: bool = False, ping_interval: float | None = None,
                  pong_timeout: float | None = None, not_trading: tuple[str, ...] = (),
                  capture: Capture | None = None, replay_speed: float = 1.0, weight_limit: int | None = None,
-                 load: bool = False, ssl_context=None, load_profile: str = "flat", clock_skew_ms: float = 0.0):
+                 load: bool = False, ssl_context=None, load_profile: str = "flat", clock_skew_ms: float = 0.0,
+                 feed=None):
         self.market: Market = MARKETS[market]
+        # a recorded day (research/replay.py) as the source of frames, snapshots and time:
+        # it sends the frames itself; `feed.snapshot(market, symbol, limit)` answers REST
+        # depth (bytes, or None: none recorded) and `feed.server_time_ms()` the time endpoint
+        self.feed = feed
         self.ssl_context = ssl_context  # an ssl.SSLContext (server side): wss:// and https://
         self.clock_skew_ms = clock_skew_ms  # the exchange's clock this far ahead of ours (the time endpoint)
         self.futures = self.market.futures_payloads  # USD-M and COIN-M
@@ -125,12 +130,15 @@ class MarketSim:
         self.capture = capture
         if capture is not None:
             symbols = capture.symbols
-        self.symbols = [s.upper() for s in (symbols or ["BTCUSDT", "ETHUSDT"])]
+        if not symbols and feed is None:  # (a replayed day may have no symbol of a market)
+            symbols = ["BTCUSDT", "ETHUSDT"]
+        self.symbols = [s.upper() for s in symbols or []]
         self.not_trading = set(not_trading)
         self.status: dict[str, str] = {}  # symbol -> status other than TRADING (halt_symbol)
         self.volumes: dict[str, float] = {}  # symbol -> 24h quote volume, where a test sets it
         self.ids = IdSource(self.futures, self.rng)
-        self.books = {} if capture or load else {s: Book.create(s, self.ids, self.rng, self.futures) for s in self.symbols}
+        self.books = {} if capture or load or feed else {s: Book.create(s, self.ids, self.rng, self.futures)
+                                                         for s in self.symbols}
         self.load = LoadEngine(self, load_profile) if load else None  # benchmark traffic (simulator/load.py)
         self.updates_per_s = updates_per_s
         self.replay_speed = replay_speed
@@ -178,8 +186,9 @@ class MarketSim:
         await site.start()
         self.port = runner_port(site)
         self.host = host
-        engine = self._replay() if self.capture else self.load.run() if self.load else self._engine()
-        self._tasks.append(asyncio.create_task(engine))
+        if self.feed is None:
+            engine = self._replay() if self.capture else self.load.run() if self.load else self._engine()
+            self._tasks.append(asyncio.create_task(engine))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -539,7 +548,12 @@ class MarketSim:
             return web.json_response({"code": -1003, "msg": "Too much request weight used."}, status=429, headers=headers)
         if symbol not in self.symbols:
             return web.json_response({"code": -1121, "msg": "Invalid symbol."}, status=400, headers=headers)
-        if self.capture is not None:
+        if self.feed is not None:
+            body = self.feed.snapshot(self.market, symbol, limit)
+            if body is None:
+                return web.json_response({"code": -1121, "msg": f"No snapshot of {symbol} was recorded that day."},
+                                         status=404, headers=headers)
+        elif self.capture is not None:
             body = self.capture.snapshots[symbol]
         elif self.load is not None:
             body = self.load.snapshot(symbol, limit)
@@ -616,7 +630,8 @@ class MarketSim:
 
     async def server_time(self, request: web.Request) -> web.Response:
         ok, headers = self._charge(1)
-        return web.json_response({"serverTime": int(time.time() * 1000 + self.clock_skew_ms)}, headers=headers)
+        now_ms = self.feed.server_time_ms() if self.feed is not None else int(time.time() * 1000 + self.clock_skew_ms)
+        return web.json_response({"serverTime": now_ms}, headers=headers)
 
 
 def runner_port(site: web.TCPSite) -> int:

@@ -1,0 +1,507 @@
+"""`collector.py replay`: one recorded day served back as a Binance-compatible exchange.
+
+    collector.py replay --data DIR --day D --spot-port P --futures-port Q [--delivery-port R]
+                        [--speed X] [--host 127.0.0.1] [--start-delay S]
+
+Each market is served on its own port by the loopback exchange's protocol server
+(`simulator/server.py`: combined and raw streams, SUBSCRIBE / UNSUBSCRIBE /
+LIST_SUBSCRIPTIONS, pings, request weights), with the day as its source:
+
+    data tree (local or s3://)           scratch folder                      event loop
+    day files + part files ──sort──► time-ordered runs ──merge by time──► driver ──► spot port
+    of diff, partial and snapshot    (RUN_BYTES of rows each,   (one row group    │  ► futures port
+    rows of every market              ZSTD, row groups of        per run held)    │  ► delivery port
+                                      BATCH_BYTES)                                └─ latest snapshot per symbol
+                                                                                     (REST depth)
+
+- **Order.** Day files are sorted by symbol, so the rows are first put in time order:
+  every RUN_BYTES of input is sorted by `received_time` (then update id) into a run on
+  the scratch disk, and the runs of every market and kind are merged: each round takes,
+  from every run's current row group, the rows up to the earliest last time among them.
+  Memory is a row group per run plus one round, whatever the day's size
+  (BENCHMARKS.md, Replay).
+- **Pacing.** The clock starts when the first client subscribes (plus `--start-delay`);
+  a row recorded at `received_time` t is sent at start + (t - first row's time) / X.
+  X = 0 sends as fast as the slowest subscribed client reads (TCP back-pressure). Frames
+  due together go out in one write per connection. How late each frame left is counted
+  and logged when the day ends (p50, p99, max).
+- **Frames.** Each diff or partial row becomes the payload Binance sends for it (spot
+  `depthUpdate` and `{lastUpdateId, bids, asks}`; futures `depthUpdate` with `T` and `pu`,
+  COIN-M with `ps`), to every subscribed stream of its symbol and kind, at any speed
+  suffix; a partial stream of fewer levels than recorded gets the top ones.
+- **Numbers.** Levels are stored as doubles, so the exchange's text is rebuilt: spot
+  writes 8 decimals; futures write a symbol's own number of decimals, taken here from
+  the symbol's first snapshot (or first frame). A value that text would not read back
+  as the same double is written in its shortest exact form instead: a parser always
+  reads the recorded value.
+- **REST.** `depth` answers with the latest recorded snapshot of the symbol at or before
+  the replay clock (its first one before that), truncated to `limit` levels, with its
+  recorded `lastUpdateId` (and `E`, `T`); `exchangeInfo` lists the day's symbols as
+  TRADING; the time endpoint tells the replay clock.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from markets import DELIVERY, MARKETS, Market
+from simulator.load import ws_frame
+from storage.merge import Source
+
+if TYPE_CHECKING:
+    from simulator.server import Conn, MarketSim, Stream
+
+log = logging.getLogger(__name__)
+
+DIFF, PARTIAL, SNAPSHOTS = "diff_orderbooks", "partial_orderbooks", "orderbooks"
+KINDS = (DIFF, PARTIAL, SNAPSHOTS)
+ID = {DIFF: "final_update_id", PARTIAL: "final_update_id", SNAPSHOTS: "lastUpdateId"}
+RUN_BYTES = 64 << 20      # Arrow bytes of input sorted into one run
+BATCH_BYTES = 1 << 20     # Arrow bytes of a run's row group (what the merge holds per run)
+FLUSH_FRAMES = 512        # at speed 0: frames written per connection at a time
+HIGH_WATER = 4 << 20      # at speed 0: bytes queued to a client before the replay waits for it
+LATE_BIN_US = 10          # pacing histogram: 10 µs bins up to 10 s
+
+
+# ---- the day in time order -------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    path: Path
+    source: int           # index into Day.sources: (market, kind)
+
+
+@dataclass
+class Day:
+    """A recorded day as time-ordered runs on the scratch disk, plus what the server
+    needs to know before the first frame: the symbols and each one's first snapshot."""
+
+    sources: list[tuple[Market, str]] = field(default_factory=list)
+    runs: list[Run] = field(default_factory=list)
+    symbols: dict[str, set[str]] = field(default_factory=dict)           # market -> symbols
+    first_snapshot: dict[tuple[str, str], pa.Table] = field(default_factory=dict)
+    first_time: int | None = None                                        # µs, the day's earliest row
+    rows: dict[str, int] = field(default_factory=dict)                   # kind -> rows
+
+
+def order_day(data: Source, day: str, markets: list[Market], scratch: Path) -> Day:
+    """Sort every diff, partial and snapshot row of `day` into time-ordered runs."""
+    out = Day()
+    for market in markets:
+        out.symbols[market.name] = set()
+        for kind in KINDS:
+            files = data.files(market.name, kind, day)
+            if not files:
+                continue
+            source = len(out.sources)
+            out.sources.append((market, kind))
+            pending: list[pa.RecordBatch] = []
+            size = 0
+            for path in files:
+                with data.fs.open_input_file(path) as f:
+                    for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536):
+                        pending.append(batch)
+                        size += batch.nbytes
+                        if size >= RUN_BYTES:
+                            _write_run(out, pending, source, scratch)
+                            pending, size = [], 0
+            if pending:
+                _write_run(out, pending, source, scratch)
+    return out
+
+
+def _write_run(day: Day, batches: list[pa.RecordBatch], source: int, scratch: Path) -> None:
+    market, kind = day.sources[source]
+    table = pa.Table.from_batches(batches)
+    if table.num_rows == 0:
+        return
+    table = table.take(pc.sort_indices(table, sort_keys=[("received_time", "ascending"), (ID[kind], "ascending")]))
+    day.rows[kind] = day.rows.get(kind, 0) + table.num_rows
+    first = table.column("received_time")[0].as_py()
+    day.first_time = first if day.first_time is None else min(day.first_time, first)
+    symbols = table.column("symbol")
+    day.symbols[market.name].update(pc.unique(symbols).to_pylist())
+    if kind == SNAPSHOTS:  # each symbol's first snapshot: REST answers with it before the clock reaches one
+        names = symbols.to_pylist()
+        for i, name in enumerate(names):
+            key = (market.name, name)
+            known = day.first_snapshot.get(key)
+            if known is None or known.column("received_time")[0].as_py() > table.column("received_time")[i].as_py():
+                day.first_snapshot[key] = table.take([i])
+    rows_per_group = max(16, int(BATCH_BYTES * table.num_rows / max(1, table.nbytes)))
+    path = scratch / f"run-{len(day.runs):05d}.parquet"
+    pq.write_table(table, path, row_group_size=rows_per_group, compression="zstd", compression_level=1)
+    day.runs.append(Run(path, source))
+
+
+class _Cursor:
+    """One run, a row group at a time."""
+
+    def __init__(self, run: Run):
+        self.source = run.source
+        self.file = pq.ParquetFile(run.path)
+        self.group = 0
+        self.table: pa.Table | None = None
+        self.times = np.empty(0, dtype=np.int64)
+        self.pos = 0
+
+    def load(self) -> bool:
+        if self.group >= self.file.num_row_groups:
+            return False
+        self.table = self.file.read_row_group(self.group)
+        self.group += 1
+        self.times = self.table.column("received_time").to_numpy()
+        self.pos = 0
+        return True
+
+
+@dataclass
+class Piece:
+    source: int
+    table: pa.Table       # rows of one run, in time order
+    times: np.ndarray
+
+
+def merged(day: Day) -> Iterator[list[Piece]]:
+    """Rounds of rows in time order across every run: each round holds, from every run,
+    its rows up to the earliest last time of the runs' current row groups (so no row
+    of a later round is earlier than one of this round)."""
+    cursors = [c for c in (_Cursor(r) for r in day.runs) if c.load()]
+    while cursors:
+        horizon = min(int(c.times[-1]) for c in cursors)
+        pieces = []
+        for c in cursors:
+            end = int(np.searchsorted(c.times, horizon, side="right"))
+            if end > c.pos:
+                assert c.table is not None
+                pieces.append(Piece(c.source, c.table.slice(c.pos, end - c.pos), c.times[c.pos:end]))
+                c.pos = end
+        cursors = [c for c in cursors if c.pos < len(c.times) or c.load()]
+        yield pieces
+
+
+# ---- numbers as the exchange writes them -----------------------------------------------
+def shortest(x: float) -> str:
+    """The shortest positional text that reads back as exactly `x`."""
+    return np.format_float_positional(x, trim="-")
+
+
+def decimals(values: list[float]) -> int:
+    """The most decimals any of `values` needs (a symbol's precision, as recorded)."""
+    most = 0
+    for x in values:
+        text = shortest(x)
+        dot = text.find(".")
+        if dot >= 0:
+            most = max(most, len(text) - dot - 1)
+    return most
+
+
+def number(x: float, fmt: str) -> str:
+    """`x` with the symbol's decimals, or its shortest exact text if those would change it."""
+    text = fmt % x
+    return text if float(text) == x else shortest(x)
+
+
+def levels_text(prices: list[float], sizes: list[float], price_fmt: str, size_fmt: str) -> str:
+    return ",".join(['["%s","%s"]' % (number(p, price_fmt), number(s, size_fmt)) for p, s in zip(prices, sizes, strict=True)])
+
+
+# ---- the replay ---------------------------------------------------------------------------
+@dataclass
+class Pacing:
+    """How late frames left against their schedule (speed > 0), as a histogram."""
+
+    bins: np.ndarray = field(default_factory=lambda: np.zeros(1_000_001, dtype=np.int64))
+    frames: int = 0
+
+    def add(self, late_us: float, n: int) -> None:
+        self.bins[min(len(self.bins) - 1, max(0, int(late_us) // LATE_BIN_US))] += n
+        self.frames += n
+
+    def quantile(self, q: float) -> float:
+        """µs (to the bin's upper edge)."""
+        if not self.frames:
+            return 0.0
+        at = int(np.searchsorted(np.cumsum(self.bins), q * self.frames, side="left"))
+        return float((at + 1) * LATE_BIN_US)
+
+
+class Replay:
+    """The driver: walks the merged day, keeps the latest snapshot of each symbol, and
+    sends each frame to the streams subscribed to it on its market's server."""
+
+    def __init__(self, day: Day, day_name: str, speed: float, start_delay: float = 0.0):
+        self.day, self.day_name, self.speed, self.start_delay = day, day_name, speed, start_delay
+        self.sims: dict[str, MarketSim] = {}
+        self.t0 = day.first_time or 0
+        self.started: float | None = None       # monotonic time of the replay clock's start
+        self.clock_us = self.t0                 # at speed 0: the last row's time
+        self.latest: dict[tuple[str, str], pa.Table] = {}
+        self.formats: dict[tuple[str, str], tuple[str, str]] = {}
+        self.sent = 0
+        self.pacing = Pacing()
+        self.done = asyncio.Event()
+        self._index: dict[str, dict[tuple[str, str], list[Stream]]] = {}
+        self._indexed: dict[str, int] = {}
+
+    # the server side asks these (simulator/server.py, MarketSim with feed=...)
+    def now_us(self) -> int:
+        if self.started is None or self.speed == 0:
+            return self.clock_us
+        return self.t0 + max(0, int((time.monotonic() - self.started) * self.speed * 1e6))
+
+    def server_time_ms(self) -> int:
+        return self.now_us() // 1000
+
+    def symbols(self, market: str) -> list[str]:
+        return sorted(self.day.symbols.get(market, ()))
+
+    def snapshot(self, market: Market, symbol: str, limit: int) -> bytes | None:
+        """REST depth: the latest recorded snapshot at or before the replay clock (the
+        symbol's first before it reaches one), `limit` levels a side at most."""
+        key = (market.name, symbol)
+        row = self.latest.get(key)
+        if row is None:
+            row = self.day.first_snapshot.get(key)
+        if row is None:
+            return None
+        r = row.to_pylist()[0]
+        pf, sf = self._formats(market, symbol)
+        head = '{"lastUpdateId":%d,' % r["lastUpdateId"]
+        if market.futures_payloads:
+            head += '"E":%d,"T":%d,' % (r["event_time"] or 0, r["transaction_time"] or 0)
+        if market is DELIVERY:
+            head += '"symbol":"%s","pair":"%s",' % (symbol, symbol.split("_")[0])
+        bids = levels_text(r["bid_prices"][:limit], r["bid_sizes"][:limit], pf, sf)
+        asks = levels_text(r["ask_prices"][:limit], r["ask_sizes"][:limit], pf, sf)
+        return (head + '"bids":[' + bids + '],"asks":[' + asks + "]}").encode()
+
+    def _formats(self, market: Market, symbol: str, prices: list[float] | None = None,
+                 sizes: list[float] | None = None) -> tuple[str, str]:
+        """The symbol's number formats: spot 8 decimals; futures the symbol's own, from
+        its first snapshot or, without one, the first levels it is asked for."""
+        key = (market.name, symbol)
+        fmts = self.formats.get(key)
+        if fmts is None:
+            if not market.futures_payloads:
+                fmts = ("%.8f", "%.8f")
+            else:
+                snap = self.day.first_snapshot.get(key)
+                if snap is not None:
+                    r = snap.to_pylist()[0]
+                    prices, sizes = r["bid_prices"][:50] + r["ask_prices"][:50], r["bid_sizes"][:50] + r["ask_sizes"][:50]
+                fmts = ("%%.%df" % decimals(prices or []), "%%.%df" % decimals(sizes or []))
+            self.formats[key] = fmts
+        return fmts
+
+    # ---- the walk ------------------------------------------------------------------------
+    async def run(self) -> None:
+        while not any(c.streams for sim in self.sims.values() for c in sim.conns):
+            await asyncio.sleep(0.01)
+        log.info("a client subscribed; the clock starts in %.1fs at %s", self.start_delay,
+                 time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.t0 / 1e6)))
+        await asyncio.sleep(self.start_delay)
+        self.started = time.monotonic()
+        began = time.monotonic()
+        pending: dict[Conn, list[bytes]] = {}
+        due_of: list[tuple[float, int]] = []  # (due monotonic time, frames) of what is pending
+        queued = 0
+        for pieces in merged(self.day):
+            for source, cols, rows, times in self._ordered(pieces):
+                market, kind = self.day.sources[source]
+                for i in rows:
+                    t = int(times[i])
+                    if self.speed > 0:
+                        due = self.started + (t - self.t0) / self.speed / 1e6
+                        if due > time.monotonic():
+                            self._flush(pending, due_of)
+                            queued = 0
+                            await asyncio.sleep(due - time.monotonic())
+                    else:
+                        due = 0.0
+                    self.clock_us = t
+                    if kind == SNAPSHOTS:
+                        self.latest[(market.name, cols["symbol"][i])] = cols["_row"][i]
+                        continue
+                    n = self._frame(market, kind, cols, i, pending)
+                    if n:
+                        due_of.append((due, n))
+                        queued += n
+                    if queued >= FLUSH_FRAMES:
+                        self._flush(pending, due_of)
+                        queued = 0
+                        await self._drain()
+        self._flush(pending, due_of)
+        took = time.monotonic() - began
+        pace = (f"; pacing: late p50 {self.pacing.quantile(0.5) / 1000:.2f} ms, p99 "
+                f"{self.pacing.quantile(0.99) / 1000:.2f} ms, max {self.pacing.quantile(1.0) / 1000:.2f} ms"
+                if self.speed > 0 else "")
+        log.info("day %s done: %d frames sent in %.1fs (%.0f frames/s)%s", self.day_name, self.sent, took,
+                 self.sent / max(took, 1e-9), pace)
+        self.done.set()
+
+    def _ordered(self, pieces: list[Piece]) -> Iterator[tuple[int, dict, list[int], np.ndarray]]:
+        """A round's rows in time order (update id within a time), as runs of rows of one
+        piece: (source, columns as Python lists, row indices, times)."""
+        times = np.concatenate([p.times for p in pieces])
+        ids = np.concatenate([p.table.column(ID[self.day.sources[p.source][1]]).to_numpy() for p in pieces])
+        which = np.concatenate([np.full(len(p.times), k) for k, p in enumerate(pieces)])
+        rows = np.concatenate([np.arange(len(p.times)) for p in pieces])
+        order = np.lexsort((ids, times))
+        which, rows = which[order], rows[order]
+        columns = [self._columns(p) for p in pieces]
+        bounds = np.flatnonzero(np.diff(which)) + 1
+        for seg in np.split(np.arange(len(order)), bounds):
+            k = int(which[seg[0]])
+            yield pieces[k].source, columns[k], rows[seg].tolist(), pieces[k].times
+
+    def _columns(self, piece: Piece) -> dict:
+        kind = self.day.sources[piece.source][1]
+        t = piece.table
+        if kind == SNAPSHOTS:  # kept as one-row tables (copies, so that the run's row group can go)
+            return {"symbol": t.column("symbol").to_pylist(), "_row": _RowTaker(t)}
+        return {name: t.column(name).to_pylist() for name in
+                ("event_time", "symbol", "first_update_id", "final_update_id", "prev_final_update_id",
+                 "transaction_time", "bid_prices", "bid_sizes", "ask_prices", "ask_sizes")}
+
+    def _streams(self, market: str) -> dict[tuple[str, str], list[Stream]]:
+        """(symbol, kind) -> the server's streams of it (rebuilt when streams are added)."""
+        sim = self.sims[market]
+        if self._indexed.get(market) != len(sim.streams):
+            index: dict[tuple[str, str], list[Stream]] = {}
+            for s in sim.streams.values():
+                index.setdefault((s.symbol, DIFF if s.kind == "diff" else PARTIAL), []).append(s)
+            self._index[market], self._indexed[market] = index, len(sim.streams)
+        return self._index[market]
+
+    def _frame(self, market: Market, kind: str, c: dict, i: int, pending: dict[Conn, list[bytes]]) -> int:
+        """Row i as a frame to every subscriber of its symbol's streams of that kind;
+        the frames queued."""
+        if market.name not in self.sims:
+            return 0
+        symbol = c["symbol"][i]
+        streams = [s for s in self._streams(market.name).get((symbol, kind), ()) if s.subscribers]
+        if not streams:
+            return 0
+        pf, sf = self._formats(market, symbol, c["bid_prices"][i] + c["ask_prices"][i],
+                               c["bid_sizes"][i] + c["ask_sizes"][i])
+        queued = 0
+        rendered: dict[int, bytes] = {}
+        for s in streams:
+            cut = s.levels if kind == PARTIAL else 0
+            payload = rendered.get(cut)
+            if payload is None:
+                payload = rendered[cut] = self._payload(market, kind, c, i, pf, sf, cut or None)
+            wrapped = None
+            for conn in s.subscribers:
+                if conn.ws.closed or conn.transport is None or conn.transport.is_closing():
+                    continue
+                if conn.combined:
+                    if wrapped is None:
+                        wrapped = ws_frame(b'{"stream":"' + s.name.encode() + b'","data":' + payload + b"}")
+                    pending.setdefault(conn, []).append(wrapped)
+                else:
+                    pending.setdefault(conn, []).append(ws_frame(payload))
+                queued += 1
+        return queued
+
+    @staticmethod
+    def _payload(market: Market, kind: str, c: dict, i: int, pf: str, sf: str, cut: int | None) -> bytes:
+        bp, bs, ap, as_ = c["bid_prices"][i], c["bid_sizes"][i], c["ask_prices"][i], c["ask_sizes"][i]
+        if cut is not None:
+            bp, bs, ap, as_ = bp[:cut], bs[:cut], ap[:cut], as_[:cut]
+        b, a = levels_text(bp, bs, pf, sf), levels_text(ap, as_, pf, sf)
+        symbol = c["symbol"][i]
+        if market.futures_payloads:
+            ps = ',"ps":"%s"' % symbol.split("_")[0] if market is DELIVERY else ""
+            text = ('{"e":"depthUpdate","E":%d,"T":%d,"s":"%s"%s,"U":%d,"u":%d,"pu":%d,"b":[%s],"a":[%s]}'
+                    % (c["event_time"][i], c["transaction_time"][i], symbol, ps, c["first_update_id"][i],
+                       c["final_update_id"][i], c["prev_final_update_id"][i], b, a))
+        elif kind == DIFF:
+            text = ('{"e":"depthUpdate","E":%d,"s":"%s","U":%d,"u":%d,"b":[%s],"a":[%s]}'
+                    % (c["event_time"][i], symbol, c["first_update_id"][i], c["final_update_id"][i], b, a))
+        else:
+            text = '{"lastUpdateId":%d,"bids":[%s],"asks":[%s]}' % (c["final_update_id"][i], b, a)
+        return text.encode()
+
+    def _flush(self, pending: dict[Conn, list[bytes]], due_of: list[tuple[float, int]]) -> None:
+        """One write per connection of everything queued."""
+        now = time.monotonic()
+        for conn, frames in pending.items():
+            if conn.transport is not None and not conn.transport.is_closing():
+                conn.transport.write(b"".join(frames))
+                self.sent += len(frames)
+        if self.speed > 0:
+            for due, n in due_of:
+                self.pacing.add((now - due) * 1e6, n)
+        pending.clear()
+        due_of.clear()
+
+    async def _drain(self) -> None:
+        """Let the loop run (pings, control messages, REST), and wait while a client has
+        more than HIGH_WATER bytes it has not read."""
+        await asyncio.sleep(0)
+        while any(c.transport is not None and not c.transport.is_closing()
+                  and c.transport.get_write_buffer_size() > HIGH_WATER
+                  for sim in self.sims.values() for c in sim.conns):
+            await asyncio.sleep(0.001)
+
+
+class _RowTaker:
+    """row i of a table as a one-row copy (`table.take`), made only when asked."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    def __getitem__(self, i: int) -> pa.Table:
+        return self.table.take([i])
+
+
+# ---- the command ---------------------------------------------------------------------------
+async def serve(data: Source, day: str, ports: dict[str, int], host: str, speed: float, start_delay: float,
+                scratch: Path | None, stop: asyncio.Event, ready: asyncio.Event | None = None) -> int:
+    """Order the day, serve it on `ports` (market -> port; 0 picks one) until `stop`."""
+    from simulator.server import MarketSim
+
+    markets = [MARKETS[m] for m in ports]
+    began = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="replay-", dir=scratch) as tmp:
+        ordered = await asyncio.to_thread(order_day, data, day, list(MARKETS.values()), Path(tmp))
+        if ordered.first_time is None:
+            log.error("nothing recorded on %s under %s", day, data.name)
+            return 2
+        log.info("day %s of %s ordered in %.1fs: %s; symbols: %s", day, data.name, time.monotonic() - began,
+                 ", ".join(f"{k}={v}" for k, v in sorted(ordered.rows.items())),
+                 ", ".join(f"{m}={len(s)}" for m, s in ordered.symbols.items() if s))
+        for m, s in ordered.symbols.items():
+            if s and m not in ports:
+                log.warning("%d symbols of %s recorded but not served (no --%s-port)", len(s), m, m)
+        replay = Replay(ordered, day, speed, start_delay)
+        for market in markets:
+            sim = MarketSim(market.name, symbols=replay.symbols(market.name), feed=replay)
+            await sim.start(host, ports[market.name])
+            replay.sims[market.name] = sim
+            log.info("replay market=%s ws_url=%s rest_url=%s (%d symbols)", market.name, sim.ws_url, sim.rest_url,
+                     len(sim.symbols))
+        if ready is not None:
+            ready.set()
+        driver = asyncio.create_task(replay.run())
+        waiter = asyncio.create_task(stop.wait())
+        await asyncio.wait([driver, waiter], return_when=asyncio.FIRST_COMPLETED)
+        if driver.done() and driver.exception() is not None:
+            raise driver.exception()  # type: ignore[misc]
+        await waiter
+        driver.cancel()
+        for sim in replay.sims.values():
+            await sim.stop()
+    return 0

@@ -1,0 +1,292 @@
+"""`collector.py replay`: a recorded day served back over the Binance protocol.
+
+A collector pointed at the replay re-records the day (every diff and partial row, all
+columns but `received_time`), for spot, USD-M and COIN-M, on simulated data and on the
+real captures; the books it rebuilds agree with the recorded snapshots; Binance's own
+Python connector, given only the replay's URLs, builds a book equal to the recording's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from research import verify
+from research.data import books, load
+from research.replay import decimals, number
+from simulator import Simulator
+from simulator.server import load_capture
+from tests.faults import pause_and_stop
+from tests.helpers import ROOT, SHARED_DATA, CollectorProcess, market_section, wait_until, write_config
+
+MARKETS = ("spot", "futures", "delivery")
+SYMBOLS = {"spot": ["BTCUSDT", "ETHUSDT", "BNBUSDT"], "futures": ["BTCUSDT", "ETHUSDT", "BNBUSDT"],
+           "delivery": ["BTCUSD_PERP", "ETHUSD_PERP"]}
+DEPTH_KINDS = ("diff_orderbooks", "partial_orderbooks")
+
+
+def day_of_recording(data: Path) -> str:
+    """The recorded day (the one with the most diff rows, should a run cross midnight)."""
+    days = {}
+    for folder in data.glob("*/diff_orderbooks/*"):
+        days[folder.name] = days.get(folder.name, 0) + sum(1 for _ in folder.glob("*.parquet"))
+    return max(days, key=days.get)
+
+
+def rows_of(data: Path, market: str, kind: str, day: str | None = None) -> list[dict]:
+    """A market's rows of a kind (of one day), without received_time, in a stable order."""
+    folder = data / market / kind
+    files = sorted((folder / day).glob("*.parquet") if day else folder.rglob("*.parquet"))
+    if not files:
+        return []
+    rows = ds.dataset(files, format="parquet").to_table().drop_columns(["received_time"]).to_pylist()
+    return sorted(rows, key=lambda r: (r["symbol"], r["final_update_id"]))
+
+
+class ReplayProcess(CollectorProcess):
+    """`collector.py replay` on free ports; `urls[market]` = (ws_url, rest_url) from its log."""
+
+    def __init__(self, folder: Path, data: Path, day: str, *extra: str, markets=MARKETS):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log_path = folder / "replay.log"
+        self.log_file = open(self.log_path, "wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.pop("JOURNAL_STREAM", None)
+        ports = [a for m in markets for a in (f"--{m}-port", "0")]
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "collector.py"), "replay", "--data", str(data),
+                                      "--day", day, *ports, *extra], stdout=subprocess.PIPE, stderr=self.log_file,
+                                     env=env, cwd=folder)
+        self.urls: dict[str, tuple[str, str]] = {}
+        for m in markets:
+            self.wait_for_log(f"replay market={m} ", timeout=60)
+        for line in self.log.splitlines():
+            if "replay market=" in line:
+                words = dict(w.split("=", 1) for w in line.split() if "=" in w)
+                self.urls[words["market"]] = (words["ws_url"], words["rest_url"])
+
+
+def run_replay(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "collector.py"), "replay", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def rerecord(tmp: Path, data: Path, day: str, symbols: dict[str, list[str]], markets=MARKETS, **market_keys) -> Path:
+    """Replay `day` of `data` at speed 0 to a fresh collector; returns the new data_dir."""
+    rp = ReplayProcess(tmp / "replay", data, day, "--speed", "0", "--start-delay", "1",
+                       markets=markets)
+    try:
+        sections = []
+        for m in markets:
+            ws, rest = rp.urls[m]
+            sim = type("Urls", (), {"ws_url": ws, "rest_url": rest})
+            sections.append(market_section(m, sim, symbols[m], snapshot_interval=600, **market_keys))
+        (tmp / "again").mkdir()
+        cfg = write_config(tmp / "again", sections)
+        proc = CollectorProcess(cfg)
+        try:
+            rp.wait_for_log("done:", timeout=120)
+            time.sleep(1.5)  # the last frames land
+            assert proc.stop() == 0, proc.log[-3000:]
+        finally:
+            proc.kill()
+        assert "Traceback" not in proc.log
+        assert rp.stop() == 0, rp.log[-3000:]
+    finally:
+        rp.kill()
+    assert "Traceback" not in rp.log, rp.log
+    return tmp / "again" / "data"
+
+
+def assert_same_rows(original: Path, again: Path, day: str, markets=MARKETS) -> None:
+    for m in markets:
+        for kind in DEPTH_KINDS:
+            before, after = rows_of(original, m, kind, day), rows_of(again, m, kind)
+            assert before, (m, kind)
+            assert len(after) == len(before), (m, kind, len(after), len(before))
+            assert after == before, (m, kind)
+
+
+def assert_books_agree_with_recorded_snapshots(original: Path, again: Path, day: str, tmp: Path,
+                                               markets=MARKETS) -> None:
+    """verify over the re-recorded diffs and partial frames with the original snapshots:
+    every comparable level agrees."""
+    check = tmp / "check"
+    for m in markets:
+        for kind in ("diff_orderbooks", "partial_orderbooks", "gaps"):
+            shutil.copytree(again / m / kind, check / m / kind)
+        shutil.copytree(original / m / "orderbooks" / day, check / m / "orderbooks" / day)
+        report = verify.verify(check, m, day=None)
+        assert report["problems"] == [], (m, report["problems"])
+        compared = [r for r in report["symbols"].values() if r["snapshot_levels_compared"]]
+        assert compared, m
+        for r in compared:
+            assert r["snapshot_levels_same"] == r["snapshot_levels_compared"], (m, r)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """All three markets from the simulator for ~6 s, snapshots every 2 s."""
+    tmp = tmp_path_factory.mktemp("rec")
+    kw = dict(updates_per_s=40)
+    with Simulator(**{m: dict(symbols=SYMBOLS[m], **kw) for m in MARKETS}) as sim:
+        cfg = write_config(tmp, [market_section(m, getattr(sim, m), SYMBOLS[m], snapshot_interval=2,
+                                                snapshot_limit=100) for m in MARKETS])
+        proc = CollectorProcess(cfg)
+        try:
+            proc.wait_for_log("recording market=delivery")
+            wait_until(lambda: all(m.frames_sent > 300 for m in sim.markets()), timeout=30)
+            time.sleep(3)
+            rc, = pause_and_stop(sim, proc)
+        finally:
+            proc.kill()
+    assert rc == 0, proc.log[-3000:]
+    return tmp / "data"
+
+
+def test_a_collector_re_records_a_simulated_day(recorded, tmp_path):
+    day = day_of_recording(recorded)
+    again = rerecord(tmp_path, recorded, day, SYMBOLS, snapshot_limit=100)
+    assert_same_rows(recorded, again, day)
+    assert_books_agree_with_recorded_snapshots(recorded, again, day, tmp_path)
+
+
+def test_a_collector_re_records_the_real_captures(tmp_path):
+    """The real Binance traffic of each market, recorded, replayed and recorded again."""
+    captures = {m: load_capture(SHARED_DATA, m) for m in MARKETS}
+    (tmp_path / "first").mkdir()
+    with Simulator(**{m: dict(capture=c, record=True, replay_speed=8.0) for m, c in captures.items()}) as sim:
+        cfg = write_config(tmp_path / "first", [market_section(m, getattr(sim, m), c.symbols, snapshot_interval=600,
+                                                               snapshot_limit=1000, diff_speed="100ms")
+                                                for m, c in captures.items()])
+        proc = CollectorProcess(cfg)
+        try:
+            proc.wait_for_log("recording market=delivery")
+            wanted = {m: {d for _, n, d in c.frames if "@depth" in n} for m, c in captures.items()}
+            wait_until(lambda: all(wanted[m.market.name] <= {s.data for s in m.sent} for m in sim.markets()),
+                       timeout=90, interval=0.5)
+            time.sleep(1.0)
+            assert proc.stop() == 0, proc.log[-3000:]
+        finally:
+            proc.kill()
+    original = tmp_path / "first" / "data"
+    day = day_of_recording(original)
+    again = rerecord(tmp_path, original, day, {m: c.symbols for m, c in captures.items()}, snapshot_limit=1000,
+                     diff_speed="100ms")
+    for m in MARKETS:  # the real captures carry diffs only
+        before, after = rows_of(original, m, "diff_orderbooks", day), rows_of(again, m, "diff_orderbooks")
+        assert before and after == before, m
+    # each capture holds one snapshot a symbol: the replay serves it, and it joins the replayed diffs
+    for m in MARKETS:
+        served = {r["symbol"]: r for r in load(again, m, "orderbooks").to_pylist()}
+        for r in load(original, m, "orderbooks").to_pylist():
+            got = served[r["symbol"]]
+            assert {k: got[k] for k in ("lastUpdateId", "bid_prices", "bid_sizes", "ask_prices", "ask_sizes")} == \
+                   {k: r[k] for k in ("lastUpdateId", "bid_prices", "bid_sizes", "ask_prices", "ask_sizes")}
+        report = verify.verify(again, m)
+        assert report["problems"] == [], (m, report["problems"])
+
+
+def test_binance_connector_builds_the_recorded_book(recorded, tmp_path):
+    """Binance's official Python connector (binance-connector), given only the replay's URLs:
+    its diff stream and REST depth build, by Binance's documented procedure, the same book
+    as the recording at every update."""
+    from binance.spot import Spot
+    from binance.websocket.spot.websocket_stream import SpotWebsocketStreamClient
+
+    day = day_of_recording(recorded)
+    symbol = "BTCUSDT"
+    rp = ReplayProcess(tmp_path, recorded, day, "--speed", "4", "--start-delay", "1",
+                       markets=("spot", "futures"))
+    ws_url, rest_url = rp.urls["spot"]
+    events: list[dict] = []
+    subscribed = threading.Event()
+
+    def on_message(_, text):
+        msg = json.loads(text)
+        if "result" in msg:
+            subscribed.set()
+        elif msg.get("e") == "depthUpdate":
+            events.append(msg)
+
+    client = SpotWebsocketStreamClient(stream_url=ws_url, on_message=on_message)
+    try:
+        client.diff_book_depth(symbol, speed=100, id=1)
+        assert subscribed.wait(10), rp.log
+        snapshot = Spot(base_url=rest_url).depth(symbol, limit=100)
+        rp.wait_for_log("done:", timeout=60)
+        time.sleep(1.0)
+    finally:
+        client.stop()
+        rp.stop()
+        rp.kill()
+    assert "pacing: late p50" in rp.log  # speed > 0: how late frames left is reported
+    # the REST answer is the recorded snapshot, as Binance writes it (8 decimals on spot)
+    first = load(recorded, "spot", "orderbooks", symbol=symbol).to_pylist()[0]
+    assert snapshot["lastUpdateId"] == first["lastUpdateId"]
+    assert [[float(p), float(q)] for p, q in snapshot["bids"]] == [list(x) for x in zip(first["bid_prices"],
+                                                                                          first["bid_sizes"], strict=True)]
+    assert all(len(p.split(".")[1]) == 8 for p, _ in snapshot["bids"] + snapshot["asks"])
+    # the documented local book: drop diffs the snapshot holds, the first must straddle it, then chain
+    bids = {float(p): float(q) for p, q in snapshot["bids"]}
+    asks = {float(p): float(q) for p, q in snapshot["asks"]}
+    last = snapshot["lastUpdateId"]
+    mine: dict[int, tuple] = {}
+    synced = False
+    for e in events:
+        if e["u"] <= last:
+            continue
+        if not synced:
+            assert e["U"] <= last + 1 <= e["u"], (e["U"], e["u"], last)
+            synced = True
+        else:
+            assert e["U"] == last + 1
+        for side, levels in ((bids, e["b"]), (asks, e["a"])):
+            for p, q in levels:
+                if float(q) == 0:
+                    side.pop(float(p), None)
+                else:
+                    side[float(p)] = float(q)
+        last = e["u"]
+        mine[last] = (sorted(bids.items(), reverse=True)[:10], sorted(asks.items())[:10])
+    rebuilt = {u: ([tuple(x) for x in b], [tuple(x) for x in a]) for _, u, b, a in books(recorded, "spot", symbol, depth=10)}
+    common = set(mine) & set(rebuilt)
+    assert len(common) > 50, (len(mine), len(rebuilt))
+    assert all(mine[u] == rebuilt[u] for u in common)
+    assert max(mine) == max(rebuilt)  # to the day's last update
+
+
+def test_bad_input_is_refused(recorded, tmp_path):
+    ports = ("--spot-port", "0", "--futures-port", "0")
+    r = run_replay("--data", str(recorded), "--day", "2026-13-01", *ports)
+    assert r.returncode == 2 and "not a day written YYYY-MM-DD" in r.stderr
+    r = run_replay("--data", str(tmp_path / "nowhere"), "--day", "2026-01-01", *ports)
+    assert r.returncode == 2 and "not a folder" in r.stderr
+    r = run_replay("--data", str(recorded), "--day", "1999-01-01", *ports)
+    assert r.returncode == 2 and "nothing recorded on 1999-01-01" in r.stderr
+    r = run_replay("--data", str(recorded), "--day", "2026-01-01", "--speed", "-1", *ports)
+    assert r.returncode == 2 and "--speed" in r.stderr
+
+
+@given(st.floats(min_value=0, max_value=1e12, allow_nan=False, allow_infinity=False), st.integers(0, 8))
+def test_a_number_reads_back_as_the_recorded_double(x, places):
+    assert float(number(x, "%%.%df" % places)) == x
+
+
+@given(st.integers(0, 10**15 - 1), st.integers(0, 8))
+def test_a_number_comes_back_as_the_exchange_wrote_it(digits, places):
+    """Text written with the symbol's decimals (≤ 15 significant digits, as Binance's are)
+    comes back exactly: "0.35130000" is not "0.3513"."""
+    text = f"{digits / 10**places:.{places}f}" if places else str(digits)
+    x = float(text)
+    assert number(x, "%%.%df" % places) == text
+    assert decimals([x]) <= places
