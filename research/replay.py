@@ -42,6 +42,7 @@ LIST_SUBSCRIPTIONS, pings, request weights), with the day as its source:
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import tempfile
 import time
@@ -52,11 +53,13 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from markets import DELIVERY, MARKETS, Market
 from simulator.load import ws_frame
 from storage.merge import Source
+from storage.schemas import SCHEMAS
 
 if TYPE_CHECKING:
     from simulator.server import Conn, MarketSim, Stream
@@ -67,10 +70,12 @@ DIFF, PARTIAL, SNAPSHOTS = "diff_orderbooks", "partial_orderbooks", "orderbooks"
 KINDS = (DIFF, PARTIAL, SNAPSHOTS)
 ID = {DIFF: "final_update_id", PARTIAL: "final_update_id", SNAPSHOTS: "lastUpdateId"}
 RUN_BYTES = 64 << 20      # Arrow bytes of input sorted into one run
-BATCH_BYTES = 1 << 20     # Arrow bytes of a run's row group (what the merge holds per run)
+BATCH_BYTES = 256 << 10   # Arrow bytes of a run's row group (what the merge holds per run)
+FAN_IN = 64               # runs merged at once
 FLUSH_FRAMES = 512        # at speed 0: frames written per connection at a time
 HIGH_WATER = 4 << 20      # at speed 0: bytes queued to a client before the replay waits for it
 LATE_BIN_US = 10          # pacing histogram: 10 µs bins up to 10 s
+_run_ids = itertools.count()
 
 
 # ---- the day in time order -------------------------------------------------------------
@@ -94,7 +99,8 @@ class Day:
 
 
 def order_day(data: Source, day: str, markets: list[Market], scratch: Path) -> Day:
-    """Sort every diff, partial and snapshot row of `day` into time-ordered runs."""
+    """Sort every diff, partial and snapshot row of `day` into time-ordered runs, then
+    merge runs of the same kind until the final merge holds at most about FAN_IN."""
     out = Day()
     for market in markets:
         out.symbols[market.name] = set()
@@ -107,16 +113,27 @@ def order_day(data: Source, day: str, markets: list[Market], scratch: Path) -> D
             pending: list[pa.RecordBatch] = []
             size = 0
             for path in files:
-                with data.fs.open_input_file(path) as f:
-                    for batch in pq.ParquetFile(f).iter_batches(batch_size=65_536):
-                        pending.append(batch)
-                        size += batch.nbytes
-                        if size >= RUN_BYTES:
-                            _write_run(out, pending, source, scratch)
-                            pending, size = [], 0
+                dataset = ds.dataset(path, filesystem=data.fs, format="parquet", schema=SCHEMAS[kind])
+                for batch in dataset.to_batches(batch_size=65_536):
+                    pending.append(batch)
+                    size += batch.nbytes
+                    if size >= RUN_BYTES:
+                        _write_run(out, pending, source, scratch)
+                        pending, size = [], 0
             if pending:
                 _write_run(out, pending, source, scratch)
+    _reduce(out, scratch)
     return out
+
+
+def _time_order(table: pa.Table, kind: str) -> np.ndarray:
+    """Row order by received_time, then update id (a symbol's frames of one read share a time)."""
+    return np.lexsort((table.column(ID[kind]).to_numpy(), table.column("received_time").to_numpy()))
+
+
+def _group_rows(table: pa.Table) -> int:
+    """Rows in a run's row group: about BATCH_BYTES (what the merge holds of each run)."""
+    return max(16, int(BATCH_BYTES * table.num_rows / max(1, table.nbytes)))
 
 
 def _write_run(day: Day, batches: list[pa.RecordBatch], source: int, scratch: Path) -> None:
@@ -124,23 +141,54 @@ def _write_run(day: Day, batches: list[pa.RecordBatch], source: int, scratch: Pa
     table = pa.Table.from_batches(batches)
     if table.num_rows == 0:
         return
-    table = table.take(pc.sort_indices(table, sort_keys=[("received_time", "ascending"), (ID[kind], "ascending")]))
+    table = table.take(_time_order(table, kind))
     day.rows[kind] = day.rows.get(kind, 0) + table.num_rows
     first = table.column("received_time")[0].as_py()
     day.first_time = first if day.first_time is None else min(day.first_time, first)
     symbols = table.column("symbol")
     day.symbols[market.name].update(pc.unique(symbols).to_pylist())
     if kind == SNAPSHOTS:  # each symbol's first snapshot: REST answers with it before the clock reaches one
-        names = symbols.to_pylist()
-        for i, name in enumerate(names):
-            key = (market.name, name)
-            known = day.first_snapshot.get(key)
-            if known is None or known.column("received_time")[0].as_py() > table.column("received_time")[i].as_py():
-                day.first_snapshot[key] = table.take([i])
-    rows_per_group = max(16, int(BATCH_BYTES * table.num_rows / max(1, table.nbytes)))
-    path = scratch / f"run-{len(day.runs):05d}.parquet"
-    pq.write_table(table, path, row_group_size=rows_per_group, compression="zstd", compression_level=1)
+        times = table.column("received_time").to_pylist()
+        for i, name in enumerate(symbols.to_pylist()):
+            known = day.first_snapshot.get((market.name, name))
+            if known is None or known.column("received_time")[0].as_py() > times[i]:
+                day.first_snapshot[(market.name, name)] = table.take([i])
+    path = scratch / f"run-{next(_run_ids):06d}.parquet"
+    pq.write_table(table, path, row_group_size=_group_rows(table), compression="zstd", compression_level=1)
     day.runs.append(Run(path, source))
+
+
+def _reduce(day: Day, scratch: Path) -> None:
+    """Merge each kind's runs FAN_IN at a time into longer runs until every kind has at
+    most FAN_IN / (number of kinds) runs: the final merge then holds about FAN_IN row
+    groups, however long the day (a day of 2,000 symbols is thousands of runs)."""
+    limit = max(2, FAN_IN // max(1, len(day.sources)))
+    for source in range(len(day.sources)):
+        while len(runs := [r for r in day.runs if r.source == source]) > limit:
+            others = [r for r in day.runs if r.source != source]
+            day.runs = others + [_combine(runs[i:i + FAN_IN], day, scratch) for i in range(0, len(runs), FAN_IN)]
+
+
+def _combine(runs: list[Run], day: Day, scratch: Path) -> Run:
+    """Runs of one kind merged by time into one."""
+    if len(runs) == 1:
+        return runs[0]
+    kind = day.sources[runs[0].source][1]
+    path = scratch / f"run-{next(_run_ids):06d}.parquet"
+    writer: pq.ParquetWriter | None = None
+    group = 0
+    for pieces in merged(runs):
+        table = pa.concat_tables([p.table for p in pieces])
+        table = table.take(_time_order(table, kind))
+        if writer is None:
+            writer = pq.ParquetWriter(path, table.schema, compression="zstd", compression_level=1)
+            group = _group_rows(table)
+        writer.write_table(table, row_group_size=group)
+    assert writer is not None
+    writer.close()
+    for r in runs:
+        r.path.unlink()
+    return Run(path, runs[0].source)
 
 
 class _Cursor:
@@ -156,6 +204,7 @@ class _Cursor:
 
     def load(self) -> bool:
         if self.group >= self.file.num_row_groups:
+            self.file.close()
             return False
         self.table = self.file.read_row_group(self.group)
         self.group += 1
@@ -171,11 +220,11 @@ class Piece:
     times: np.ndarray
 
 
-def merged(day: Day) -> Iterator[list[Piece]]:
-    """Rounds of rows in time order across every run: each round holds, from every run,
-    its rows up to the earliest last time of the runs' current row groups (so no row
-    of a later round is earlier than one of this round)."""
-    cursors = [c for c in (_Cursor(r) for r in day.runs) if c.load()]
+def merged(runs: list[Run]) -> Iterator[list[Piece]]:
+    """Rounds of rows in time order across `runs`: each round holds, from every run, its
+    rows up to the earliest last time of the runs' current row groups (so no row of a
+    later round is earlier than one of this round)."""
+    cursors = [c for c in (_Cursor(r) for r in runs) if c.load()]
     while cursors:
         horizon = min(int(c.times[-1]) for c in cursors)
         pieces = []
@@ -316,7 +365,7 @@ class Replay:
         pending: dict[Conn, list[bytes]] = {}
         due_of: list[tuple[float, int]] = []  # (due monotonic time, frames) of what is pending
         queued = 0
-        for pieces in merged(self.day):
+        for pieces in merged(self.day.runs):
             for source, cols, rows, times in self._ordered(pieces):
                 market, kind = self.day.sources[source]
                 for i in rows:

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from markets import MARKETS as MARKETS_BY_NAME
 from research import verify
 from research.data import books, load
 from research.replay import decimals, number
@@ -205,7 +206,7 @@ def test_binance_connector_builds_the_recorded_book(recorded, tmp_path):
 
     day = day_of_recording(recorded)
     symbol = "BTCUSDT"
-    rp = ReplayProcess(tmp_path, recorded, day, "--speed", "4", "--start-delay", "1",
+    rp = ReplayProcess(tmp_path, recorded, day, "--speed", "4", "--start-delay", "2",
                        markets=("spot", "futures"))
     ws_url, rest_url = rp.urls["spot"]
     events: list[dict] = []
@@ -219,24 +220,33 @@ def test_binance_connector_builds_the_recorded_book(recorded, tmp_path):
             events.append(msg)
 
     client = SpotWebsocketStreamClient(stream_url=ws_url, on_message=on_message)
+    rest = Spot(base_url=rest_url)
+    snapshots = []
     try:
         client.diff_book_depth(symbol, speed=100, id=1)
         assert subscribed.wait(10), rp.log
-        snapshot = Spot(base_url=rest_url).depth(symbol, limit=100)
-        rp.wait_for_log("done:", timeout=60)
+        # Binance's procedure: a snapshot that the first diff after it does not join is
+        # fetched again; here one is fetched a few times a replayed second, and the
+        # first that joins is used
+        while "done:" not in rp.log:
+            snapshots.append(rest.depth(symbol, limit=100))
+            time.sleep(0.1)
         time.sleep(1.0)
     finally:
         client.stop()
         rp.stop()
         rp.kill()
     assert "pacing: late p50" in rp.log  # speed > 0: how late frames left is reported
-    # the REST answer is the recorded snapshot, as Binance writes it (8 decimals on spot)
-    first = load(recorded, "spot", "orderbooks", symbol=symbol).to_pylist()[0]
-    assert snapshot["lastUpdateId"] == first["lastUpdateId"]
-    assert [[float(p), float(q)] for p, q in snapshot["bids"]] == [list(x) for x in zip(first["bid_prices"],
-                                                                                          first["bid_sizes"], strict=True)]
-    assert all(len(p.split(".")[1]) == 8 for p, _ in snapshot["bids"] + snapshot["asks"])
-    # the documented local book: drop diffs the snapshot holds, the first must straddle it, then chain
+    # the REST answers are the recorded snapshots, as Binance writes them (8 decimals on spot)
+    recorded_snaps = {r["lastUpdateId"]: r for r in load(recorded, "spot", "orderbooks", symbol=symbol).to_pylist()}
+    for snap in snapshots:
+        r = recorded_snaps[snap["lastUpdateId"]]
+        assert [[float(p), float(q)] for p, q in snap["bids"]] == [list(x) for x in zip(r["bid_prices"],
+                                                                                      r["bid_sizes"], strict=True)]
+        assert all(len(p.split(".")[1]) == 8 for p, _ in snap["bids"] + snap["asks"])
+    assert snapshots[0]["lastUpdateId"] == min(recorded_snaps)  # before the clock reaches one: the day's first
+    snapshot = next(s for s in snapshots if any(e["U"] <= s["lastUpdateId"] + 1 <= e["u"] for e in events))
+    # the documented local book: drop diffs the snapshot holds, the first joins it, then each chains
     bids = {float(p): float(q) for p, q in snapshot["bids"]}
     asks = {float(p): float(q) for p, q in snapshot["asks"]}
     last = snapshot["lastUpdateId"]
@@ -263,6 +273,38 @@ def test_binance_connector_builds_the_recorded_book(recorded, tmp_path):
     assert len(common) > 50, (len(mine), len(rebuilt))
     assert all(mine[u] == rebuilt[u] for u in common)
     assert max(mine) == max(rebuilt)  # to the day's last update
+
+
+def test_a_long_day_is_merged_in_order_a_few_runs_at_a_time(recorded, tmp_path, monkeypatch):
+    """Tiny runs (hundreds of them, merged 3 at a time, then at most 3 kinds x 1 run
+    each... ) give every row once, in time order, and hold only a row group per run."""
+    from research import replay
+    from storage.merge import open_source
+
+    monkeypatch.setattr(replay, "RUN_BYTES", 16 << 10)
+    monkeypatch.setattr(replay, "BATCH_BYTES", 4 << 10)
+    monkeypatch.setattr(replay, "FAN_IN", 3)
+    day = day_of_recording(recorded)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    ordered = replay.order_day(open_source(str(recorded)), day, [MARKETS_BY_NAME[m] for m in MARKETS], scratch)
+    assert len(ordered.runs) <= 2 * len(ordered.sources)  # reduced: the final merge holds few row groups
+    assert len(list(scratch.iterdir())) == len(ordered.runs)  # merged runs are deleted
+    seen: dict[tuple[str, str], list[tuple[str, int]]] = {}
+    last = 0
+    for pieces in replay.merged(ordered.runs):
+        first_of_round = min(int(p.times[0]) for p in pieces)
+        assert first_of_round >= last
+        last = max(int(p.times[-1]) for p in pieces)
+        for p in pieces:
+            market, kind = ordered.sources[p.source]
+            ids = p.table.column(replay.ID[kind]).to_pylist()
+            seen.setdefault((market.name, kind), []).extend(zip(p.table.column("symbol").to_pylist(), ids, strict=True))
+    for (market, kind), got in seen.items():
+        expected = ds.dataset(sorted((recorded / market / kind / day).glob("*.parquet"))).to_table()
+        assert sorted(got) == sorted(zip(expected.column("symbol").to_pylist(),
+                                         expected.column(replay.ID[kind]).to_pylist(), strict=True)), (market, kind)
+    assert {m for m, _ in seen} == set(MARKETS)
 
 
 def test_bad_input_is_refused(recorded, tmp_path):
