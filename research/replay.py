@@ -47,8 +47,9 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -255,14 +256,62 @@ def decimals(values: list[float]) -> int:
     return most
 
 
-def number(x: float, fmt: str) -> str:
-    """`x` with the symbol's decimals, or its shortest exact text if those would change it."""
-    text = fmt % x
-    return text if float(text) == x else shortest(x)
+EXACT_BELOW = 2 ** 52  # a p-decimal text of at most this many units of 10^-p is the only one reading as its double
 
 
-def levels_text(prices: list[float], sizes: list[float], price_fmt: str, size_fmt: str) -> str:
-    return ",".join(['["%s","%s"]' % (number(p, price_fmt), number(s, size_fmt)) for p, s in zip(prices, sizes, strict=True)])
+def number(x: float, places: int) -> str:
+    """`x` with `places` decimals (a symbol's own), or its shortest exact text if those
+    would read back as another double."""
+    if x == 0:
+        x = 0.0  # not "-0.0..."
+    if x >= 0 and places <= 15 and round(x * 10.0 ** places) < EXACT_BELOW:
+        text = "%.*f" % (places, x)
+        if float(text) == x:
+            return text
+    return shortest(x)
+
+
+def levels_text(prices: list[float], sizes: list[float], price_places: int, size_places: int) -> str:
+    """One side's levels as Binance writes them: `["0.35130000","6195.00000000"],...`."""
+    return ",".join(['["%s","%s"]' % (number(p, price_places), number(s, size_places))
+                     for p, s in zip(prices, sizes, strict=True)])
+
+
+def levels_texts(prices: pa.Array, sizes: pa.Array, price_places: np.ndarray, size_places: np.ndarray) -> list[str]:
+    """`levels_text` of every row of list columns (places per row), written out for speed:
+    Arrow's and numpy's bulk operations instead of a Python loop per level, which was
+    most of the replay's time (BENCHMARKS.md, Replay). tests/test_replay.py holds it to
+    `levels_text` for any levels."""
+    lengths = pc.list_value_length(prices).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    row_of = np.repeat(np.arange(len(lengths)), lengths)
+    p = _numbers(prices.flatten().to_numpy(zero_copy_only=False), price_places[row_of])
+    s = _numbers(sizes.flatten().to_numpy(zero_copy_only=False), size_places[row_of])
+    levels = pc.binary_join_element_wise('["', p, '","', s, '"]', "")
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    return pc.binary_join(pa.ListArray.from_arrays(offsets, levels), ",").to_pylist()
+
+
+def _numbers(x: np.ndarray, places: np.ndarray) -> pa.Array:
+    """`number` of each value, in bulk: the integer count of 10^-places units, split
+    into its whole and decimal digits; the values that are not exact that way (or need
+    more than 15 decimals) get `shortest` one by one."""
+    places = places.astype(np.int64)
+    capped = np.minimum(places, 15)
+    scale = 10.0 ** capped
+    with np.errstate(invalid="ignore", over="ignore"):
+        units = np.rint(x * scale)
+        exact = (x >= 0) & (places <= 15) & (units < EXACT_BELOW) & (units / scale == x)
+    count = np.where(exact, units, 0).astype(np.int64)
+    unit = (10 ** capped).astype(np.int64)
+    whole = pc.cast(pa.array(count // unit), pa.string())
+    digits = pc.utf8_slice_codeunits(pc.cast(pa.array(count % unit + unit), pa.string()), 1)  # zero-padded
+    text = pc.if_else(pa.array(places == 0), whole, pc.binary_join_element_wise(whole, digits, "."))
+    if not exact.all():
+        out = text.to_numpy(zero_copy_only=False)
+        for k in np.flatnonzero(~exact):
+            out[k] = shortest(float(x[k]))
+        text = pa.array(out, pa.string())
+    return text
 
 
 # ---- the replay ---------------------------------------------------------------------------
@@ -296,7 +345,7 @@ class Replay:
         self.started: float | None = None       # monotonic time of the replay clock's start
         self.clock_us = self.t0                 # at speed 0: the last row's time
         self.latest: dict[tuple[str, str], pa.Table] = {}
-        self.formats: dict[tuple[str, str], tuple[str, str]] = {}
+        self.places: dict[tuple[str, str], tuple[int, int]] = {}
         self.sent = 0
         self.pacing = Pacing()
         self.done = asyncio.Event()
@@ -325,33 +374,34 @@ class Replay:
         if row is None:
             return None
         r = row.to_pylist()[0]
-        pf, sf = self._formats(market, symbol)
+        pp, sp = self._places(market, symbol)
         head = '{"lastUpdateId":%d,' % r["lastUpdateId"]
         if market.futures_payloads:
             head += '"E":%d,"T":%d,' % (r["event_time"] or 0, r["transaction_time"] or 0)
         if market is DELIVERY:
             head += '"symbol":"%s","pair":"%s",' % (symbol, symbol.split("_")[0])
-        bids = levels_text(r["bid_prices"][:limit], r["bid_sizes"][:limit], pf, sf)
-        asks = levels_text(r["ask_prices"][:limit], r["ask_sizes"][:limit], pf, sf)
+        bids = levels_text(r["bid_prices"][:limit], r["bid_sizes"][:limit], pp, sp)
+        asks = levels_text(r["ask_prices"][:limit], r["ask_sizes"][:limit], pp, sp)
         return (head + '"bids":[' + bids + '],"asks":[' + asks + "]}").encode()
 
-    def _formats(self, market: Market, symbol: str, prices: list[float] | None = None,
-                 sizes: list[float] | None = None) -> tuple[str, str]:
-        """The symbol's number formats: spot 8 decimals; futures the symbol's own, from
-        its first snapshot or, without one, the first levels it is asked for."""
+    def _places(self, market: Market, symbol: str, first_row: Callable[[], dict] | None = None) -> tuple[int, int]:
+        """The symbol's decimals (prices, sizes) as the exchange writes them: spot 8;
+        futures the symbol's own, as many as its first snapshot needs or, without one,
+        its first frame (`first_row`)."""
         key = (market.name, symbol)
-        fmts = self.formats.get(key)
-        if fmts is None:
+        places = self.places.get(key)
+        if places is None:
             if not market.futures_payloads:
-                fmts = ("%.8f", "%.8f")
+                places = (8, 8)
             else:
                 snap = self.day.first_snapshot.get(key)
-                if snap is not None:
-                    r = snap.to_pylist()[0]
-                    prices, sizes = r["bid_prices"][:50] + r["ask_prices"][:50], r["bid_sizes"][:50] + r["ask_sizes"][:50]
-                fmts = ("%%.%df" % decimals(prices or []), "%%.%df" % decimals(sizes or []))
-            self.formats[key] = fmts
-        return fmts
+                r = snap.to_pylist()[0] if snap is not None else first_row() if first_row else None
+                if r is None:
+                    return 8, 8
+                places = (decimals(r["bid_prices"][:50] + r["ask_prices"][:50]),
+                          decimals(r["bid_sizes"][:50] + r["ask_sizes"][:50]))
+            self.places[key] = places
+        return places
 
     # ---- the walk ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -415,13 +465,26 @@ class Replay:
             yield pieces[k].source, columns[k], rows[seg].tolist(), pieces[k].times
 
     def _columns(self, piece: Piece) -> dict:
-        kind = self.day.sources[piece.source][1]
+        """A piece's columns as Python lists, its levels already as text (`levels_texts`)."""
+        market, kind = self.day.sources[piece.source]
         t = piece.table
+        symbols = t.column("symbol").to_pylist()
         if kind == SNAPSHOTS:  # kept as one-row tables (copies, so that the run's row group can go)
-            return {"symbol": t.column("symbol").to_pylist(), "_row": _RowTaker(t)}
-        return {name: t.column(name).to_pylist() for name in
-                ("event_time", "symbol", "first_update_id", "final_update_id", "prev_final_update_id",
-                 "transaction_time", "bid_prices", "bid_sizes", "ask_prices", "ask_sizes")}
+            return {"symbol": symbols, "_row": _RowTaker(t)}
+        out = {name: t.column(name).to_pylist() for name in
+               ("event_time", "first_update_id", "final_update_id", "prev_final_update_id", "transaction_time")}
+        out["symbol"], out["_table"] = symbols, t
+        known = self.places
+        places = [known.get((market.name, sym)) or self._places(market, sym, partial(_row, t, i))
+                  for i, sym in enumerate(symbols)]
+        pp = np.array([p for p, _ in places], dtype=np.int64)
+        sp = np.array([q for _, q in places], dtype=np.int64)
+        out["levels"] = np.maximum(pc.list_value_length(t.column("bid_prices")).to_numpy(),
+                                   pc.list_value_length(t.column("ask_prices")).to_numpy()).tolist()
+        for side in ("bid", "ask"):
+            out[side] = levels_texts(t.column(f"{side}_prices").combine_chunks(),
+                                     t.column(f"{side}_sizes").combine_chunks(), pp, sp)
+        return out
 
     def _streams(self, market: str) -> dict[tuple[str, str], list[Stream]]:
         """(symbol, kind) -> the server's streams of it (rebuilt when streams are added)."""
@@ -442,15 +505,13 @@ class Replay:
         streams = [s for s in self._streams(market.name).get((symbol, kind), ()) if s.subscribers]
         if not streams:
             return 0
-        pf, sf = self._formats(market, symbol, c["bid_prices"][i] + c["ask_prices"][i],
-                               c["bid_sizes"][i] + c["ask_sizes"][i])
         queued = 0
         rendered: dict[int, bytes] = {}
         for s in streams:
             cut = s.levels if kind == PARTIAL else 0
             payload = rendered.get(cut)
             if payload is None:
-                payload = rendered[cut] = self._payload(market, kind, c, i, pf, sf, cut or None)
+                payload = rendered[cut] = self._payload(market, kind, c, i, cut)
             wrapped = None
             for conn in s.subscribers:
                 if conn.ws.closed or conn.transport is None or conn.transport.is_closing():
@@ -464,12 +525,14 @@ class Replay:
                 queued += 1
         return queued
 
-    @staticmethod
-    def _payload(market: Market, kind: str, c: dict, i: int, pf: str, sf: str, cut: int | None) -> bytes:
-        bp, bs, ap, as_ = c["bid_prices"][i], c["bid_sizes"][i], c["ask_prices"][i], c["ask_sizes"][i]
-        if cut is not None:
-            bp, bs, ap, as_ = bp[:cut], bs[:cut], ap[:cut], as_[:cut]
-        b, a = levels_text(bp, bs, pf, sf), levels_text(ap, as_, pf, sf)
+    def _payload(self, market: Market, kind: str, c: dict, i: int, cut: int) -> bytes:
+        """Row i as Binance's payload; `cut`: a partial stream's levels (0: all recorded)."""
+        b, a = c["bid"][i], c["ask"][i]
+        if cut and c["levels"][i] > cut:  # a depth5 stream of a depth20 record: the top levels
+            row = _row(c["_table"], i)
+            pp, sp = self._places(market, row["symbol"])
+            b = levels_text(row["bid_prices"][:cut], row["bid_sizes"][:cut], pp, sp)
+            a = levels_text(row["ask_prices"][:cut], row["ask_sizes"][:cut], pp, sp)
         symbol = c["symbol"][i]
         if market.futures_payloads:
             ps = ',"ps":"%s"' % symbol.split("_")[0] if market is DELIVERY else ""
@@ -504,6 +567,10 @@ class Replay:
                   and c.transport.get_write_buffer_size() > HIGH_WATER
                   for sim in self.sims.values() for c in sim.conns):
             await asyncio.sleep(0.001)
+
+
+def _row(table: pa.Table, i: int) -> dict:
+    return table.slice(i, 1).to_pylist()[0]
 
 
 class _RowTaker:

@@ -319,9 +319,31 @@ def test_bad_input_is_refused(recorded, tmp_path):
     assert r.returncode == 2 and "--speed" in r.stderr
 
 
-@given(st.floats(min_value=0, max_value=1e12, allow_nan=False, allow_infinity=False), st.integers(0, 8))
+VALUES = st.one_of(st.floats(min_value=-1e20, max_value=1e20, allow_nan=False, allow_infinity=False),
+                   st.integers(0, 10**12).map(lambda n: n / 10**8), st.integers(0, 10**9).map(lambda n: n / 1000.0),
+                   st.sampled_from([0.0, -0.0, 1e-8, 0.1, 2**52, 2**53 + 2.0, 12345678.12345678, 5e-324]))
+
+
+@given(VALUES, st.integers(0, 20))
 def test_a_number_reads_back_as_the_recorded_double(x, places):
-    assert float(number(x, "%%.%df" % places)) == x
+    assert float(number(x, places)) == x
+
+
+@given(st.lists(st.lists(st.tuples(VALUES, VALUES), max_size=6), max_size=6), st.data())
+def test_levels_in_bulk_are_the_plain_levels(rows, data):
+    """The replay's bulk formatting (levels_texts) writes what levels_text writes, row by
+    row, for any values and any decimals per row (the fast path held to the plain one)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from research.replay import levels_text, levels_texts
+    places = [(data.draw(st.integers(0, 18)), data.draw(st.integers(0, 18))) for _ in rows]
+    prices = pa.array([[p for p, _ in r] for r in rows], pa.list_(pa.float64()))
+    sizes = pa.array([[q for _, q in r] for r in rows], pa.list_(pa.float64()))
+    got = levels_texts(prices, sizes, np.array([p for p, _ in places], dtype=np.int64),
+                       np.array([q for _, q in places], dtype=np.int64))
+    assert got == [levels_text([p for p, _ in r], [q for _, q in r], pp, sp) for r, (pp, sp) in zip(rows, places,
+                                                                                                    strict=True)]
 
 
 @given(st.integers(0, 10**15 - 1), st.integers(0, 8))
@@ -330,5 +352,5 @@ def test_a_number_comes_back_as_the_exchange_wrote_it(digits, places):
     comes back exactly: "0.35130000" is not "0.3513"."""
     text = f"{digits / 10**places:.{places}f}" if places else str(digits)
     x = float(text)
-    assert number(x, "%%.%df" % places) == text
+    assert number(x, places) == text
     assert decimals([x]) <= places
