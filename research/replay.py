@@ -47,11 +47,11 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DIFF, PARTIAL, SNAPSHOTS = "diff_orderbooks", "partial_orderbooks", "orderbooks"
-KINDS = (DIFF, PARTIAL, SNAPSHOTS)
+KINDS = (SNAPSHOTS, DIFF, PARTIAL)  # snapshots first: they give each symbol its decimals
 ID = {DIFF: "final_update_id", PARTIAL: "final_update_id", SNAPSHOTS: "lastUpdateId"}
 RUN_BYTES = 64 << 20      # Arrow bytes of input sorted into one run
 BATCH_BYTES = 256 << 10   # Arrow bytes of a run's row group (what the merge holds per run)
@@ -97,6 +97,13 @@ class Day:
     first_snapshot: dict[tuple[str, str], pa.Table] = field(default_factory=dict)
     first_time: int | None = None                                        # µs, the day's earliest row
     rows: dict[str, int] = field(default_factory=dict)                   # kind -> rows
+    places: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  # futures: decimals
+
+    def places_of(self, market: Market, symbol: str) -> tuple[int, int]:
+        """The symbol's decimals (prices, sizes) as the exchange writes them: spot 8;
+        futures the symbol's own, as many as its first snapshot needs or, without one,
+        the first frames of it put in order."""
+        return self.places.get((market.name, symbol), (8, 8)) if market.futures_payloads else (8, 8)
 
 
 def order_day(data: Source, day: str, markets: list[Market], scratch: Path) -> Day:
@@ -154,9 +161,41 @@ def _write_run(day: Day, batches: list[pa.RecordBatch], source: int, scratch: Pa
             known = day.first_snapshot.get((market.name, name))
             if known is None or known.column("received_time")[0].as_py() > times[i]:
                 day.first_snapshot[(market.name, name)] = table.take([i])
+                if market.futures_payloads:
+                    day.places[(market.name, name)] = _places(_row(table, i))
+    else:
+        table = _with_text(day, market, table)
     path = scratch / f"run-{next(_run_ids):06d}.parquet"
     pq.write_table(table, path, row_group_size=_group_rows(table), compression="zstd", compression_level=1)
     day.runs.append(Run(path, source))
+
+
+def _places(row: dict) -> tuple[int, int]:
+    """Decimals of prices and sizes: as many as the row's first levels need."""
+    return (decimals(row["bid_prices"][:50] + row["ask_prices"][:50]),
+            decimals(row["bid_sizes"][:50] + row["ask_sizes"][:50]))
+
+
+def _with_text(day: Day, market: Market, table: pa.Table) -> pa.Table:
+    """Depth rows with their levels as the text Binance sends (`bids`, `asks`: what goes
+    between the brackets) instead of doubles, and their most levels a side (`levels`),
+    rendered here in bulk so that serving a frame is only formatting its header."""
+    names = table.column("symbol").to_pylist()
+    if market.futures_payloads:
+        first: dict[str, int] = {}
+        for i, name in enumerate(names):
+            first.setdefault(name, i)
+        for name, i in first.items():
+            day.places.setdefault((market.name, name), _places(_row(table, i)))
+    places = [day.places_of(market, name) for name in names]
+    pp = np.array([p for p, _ in places], dtype=np.int64)
+    sp = np.array([q for _, q in places], dtype=np.int64)
+    text = {side: levels_texts(table.column(f"{side}_prices").combine_chunks(),
+                               table.column(f"{side}_sizes").combine_chunks(), pp, sp) for side in ("bid", "ask")}
+    levels = pc.max_element_wise(pc.list_value_length(table.column("bid_prices")),
+                                 pc.list_value_length(table.column("ask_prices")))
+    return (table.drop_columns(["bid_prices", "bid_sizes", "ask_prices", "ask_sizes"])
+            .append_column("bids", text["bid"]).append_column("asks", text["ask"]).append_column("levels", levels))
 
 
 def _reduce(day: Day, scratch: Path) -> None:
@@ -277,24 +316,58 @@ def levels_text(prices: list[float], sizes: list[float], price_places: int, size
                      for p, s in zip(prices, sizes, strict=True)])
 
 
-def levels_texts(prices: pa.Array, sizes: pa.Array, price_places: np.ndarray, size_places: np.ndarray) -> list[str]:
-    """`levels_text` of every row of list columns (places per row), written out for speed:
-    Arrow's and numpy's bulk operations instead of a Python loop per level, which was
-    most of the replay's time (BENCHMARKS.md, Replay). tests/test_replay.py holds it to
-    `levels_text` for any levels."""
+def levels_texts(prices: pa.Array, sizes: pa.Array, price_places: np.ndarray, size_places: np.ndarray) -> pa.Array:
+    """`levels_text` of every row of two list columns (decimals per row), as a string
+    array; written out for speed. Formatting level by level in Python, then with Arrow's
+    string kernels, was most of the replay's time (BENCHMARKS.md, Replay): here every
+    level is a row of a byte matrix (`,["` price `","` size `"]`), digits filled in by
+    numpy, and the bytes a mask keeps are the rows' texts end to end. A row holding a
+    value that is not exact with its decimals is written by `levels_text` instead.
+    tests/test_replay.py holds it to `levels_text` for any levels and decimals."""
     lengths = pc.list_value_length(prices).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
     row_of = np.repeat(np.arange(len(lengths)), lengths)
-    p = _numbers(prices.flatten().to_numpy(zero_copy_only=False), price_places[row_of])
-    s = _numbers(sizes.flatten().to_numpy(zero_copy_only=False), size_places[row_of])
-    levels = pc.binary_join_element_wise('["', p, '","', s, '"]', "")
-    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-    return pc.binary_join(pa.ListArray.from_arrays(offsets, levels), ",").to_pylist()
+    px = prices.flatten().to_numpy(zero_copy_only=False)
+    sx = sizes.flatten().to_numpy(zero_copy_only=False)
+    first = np.zeros(len(px), dtype=bool)
+    first[starts[:-1][lengths > 0]] = True
+    chunks, level_bytes, exact = [], [], np.ones(len(px), dtype=bool)
+    for lo in range(0, len(px), _CHUNK):
+        hi = min(len(px), lo + _CHUNK)
+        p_digits, p_keep, p_exact = _digits(px[lo:hi], price_places[row_of[lo:hi]])
+        s_digits, s_keep, s_exact = _digits(sx[lo:hi], size_places[row_of[lo:hi]])
+        n = hi - lo
+        matrix = np.concatenate([np.broadcast_to(_OPEN, (n, 3)), p_digits, np.broadcast_to(_MIDDLE, (n, 3)),
+                                 s_digits, np.broadcast_to(_CLOSE, (n, 2))], axis=1)
+        keep = np.concatenate([np.ones((n, 3), dtype=bool), p_keep, np.ones((n, 3), dtype=bool), s_keep,
+                               np.ones((n, 2), dtype=bool)], axis=1)
+        keep[:, 0] = ~first[lo:hi]  # the comma before every level but a row's first
+        chunks.append(matrix[keep])
+        level_bytes.append(keep.sum(axis=1))
+        exact[lo:hi] = p_exact & s_exact
+    data = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.uint8)
+    ends = np.concatenate([[0], np.cumsum(np.concatenate(level_bytes))]) if level_bytes else np.zeros(1, np.int64)
+    offsets = ends[starts].astype(np.int64)
+    out = pa.Array.from_buffers(pa.large_string(), len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+    if not exact.all():  # rows with a value the decimals would change: written one by one
+        texts = out.to_pylist()
+        for r in np.unique(row_of[~exact]).tolist():
+            a, b = int(starts[r]), int(starts[r + 1])
+            texts[r] = levels_text(px[a:b].tolist(), sx[a:b].tolist(), int(price_places[r]), int(size_places[r]))
+        out = pa.array(texts, pa.large_string())
+    return out
 
 
-def _numbers(x: np.ndarray, places: np.ndarray) -> pa.Array:
-    """`number` of each value, in bulk: the integer count of 10^-places units, split
-    into its whole and decimal digits; the values that are not exact that way (or need
-    more than 15 decimals) get `shortest` one by one."""
+_CHUNK = 65_536  # levels a byte matrix at a time (~3 MB)
+_OPEN, _MIDDLE, _CLOSE = (np.frombuffer(t, dtype=np.uint8) for t in (b',["', b'","', b'"]'))
+_COLUMN = np.arange(18)[None, :]
+
+
+def _digits(x: np.ndarray, places: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each value as `number` writes it when exact: (n x 18 bytes, which of them to keep,
+    which values are exact that way). The count of 10^-places units plus 10^16 is cast
+    to text by Arrow (17 digits each, so the bytes are a matrix as they lie), the point
+    is put before the last `places` digits, and leading zeros are dropped by the mask."""
     places = places.astype(np.int64)
     capped = np.minimum(places, 15)
     scale = 10.0 ** capped
@@ -302,16 +375,15 @@ def _numbers(x: np.ndarray, places: np.ndarray) -> pa.Array:
         units = np.rint(x * scale)
         exact = (x >= 0) & (places <= 15) & (units < EXACT_BELOW) & (units / scale == x)
     count = np.where(exact, units, 0).astype(np.int64)
-    unit = (10 ** capped).astype(np.int64)
-    whole = pc.cast(pa.array(count // unit), pa.string())
-    digits = pc.utf8_slice_codeunits(pc.cast(pa.array(count % unit + unit), pa.string()), 1)  # zero-padded
-    text = pc.if_else(pa.array(places == 0), whole, pc.binary_join_element_wise(whole, digits, "."))
-    if not exact.all():
-        out = text.to_numpy(zero_copy_only=False)
-        for k in np.flatnonzero(~exact):
-            out[k] = shortest(float(x[k]))
-        text = pa.array(out, pa.string())
-    return text
+    text = pc.cast(pa.array(count + 10 ** 16), pa.string())  # "1" and 16 digits, zero-padded
+    raw = np.frombuffer(text.buffers()[2], dtype=np.uint8, count=17 * len(x)).reshape(len(x), 17)
+    point = (17 - capped)[:, None]  # the point's column; the whole digits are columns 1 .. point-1
+    out = np.take_along_axis(raw, np.where(_COLUMN < point, _COLUMN, _COLUMN - 1), axis=1)
+    out[_COLUMN == point] = ord(".")
+    whole = (_COLUMN >= 1) & (_COLUMN < point)
+    significant = np.logical_or.accumulate(whole & (out != ord("0")), axis=1) | (_COLUMN == point - 1)
+    keep = (whole & significant) | ((_COLUMN == point) & (capped > 0)[:, None]) | (_COLUMN > point)
+    return out, keep, exact
 
 
 # ---- the replay ---------------------------------------------------------------------------
@@ -345,7 +417,6 @@ class Replay:
         self.started: float | None = None       # monotonic time of the replay clock's start
         self.clock_us = self.t0                 # at speed 0: the last row's time
         self.latest: dict[tuple[str, str], pa.Table] = {}
-        self.places: dict[tuple[str, str], tuple[int, int]] = {}
         self.sent = 0
         self.pacing = Pacing()
         self.done = asyncio.Event()
@@ -374,7 +445,7 @@ class Replay:
         if row is None:
             return None
         r = row.to_pylist()[0]
-        pp, sp = self._places(market, symbol)
+        pp, sp = self.day.places_of(market, symbol)
         head = '{"lastUpdateId":%d,' % r["lastUpdateId"]
         if market.futures_payloads:
             head += '"E":%d,"T":%d,' % (r["event_time"] or 0, r["transaction_time"] or 0)
@@ -383,25 +454,6 @@ class Replay:
         bids = levels_text(r["bid_prices"][:limit], r["bid_sizes"][:limit], pp, sp)
         asks = levels_text(r["ask_prices"][:limit], r["ask_sizes"][:limit], pp, sp)
         return (head + '"bids":[' + bids + '],"asks":[' + asks + "]}").encode()
-
-    def _places(self, market: Market, symbol: str, first_row: Callable[[], dict] | None = None) -> tuple[int, int]:
-        """The symbol's decimals (prices, sizes) as the exchange writes them: spot 8;
-        futures the symbol's own, as many as its first snapshot needs or, without one,
-        its first frame (`first_row`)."""
-        key = (market.name, symbol)
-        places = self.places.get(key)
-        if places is None:
-            if not market.futures_payloads:
-                places = (8, 8)
-            else:
-                snap = self.day.first_snapshot.get(key)
-                r = snap.to_pylist()[0] if snap is not None else first_row() if first_row else None
-                if r is None:
-                    return 8, 8
-                places = (decimals(r["bid_prices"][:50] + r["ask_prices"][:50]),
-                          decimals(r["bid_sizes"][:50] + r["ask_sizes"][:50]))
-            self.places[key] = places
-        return places
 
     # ---- the walk ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -465,26 +517,14 @@ class Replay:
             yield pieces[k].source, columns[k], rows[seg].tolist(), pieces[k].times
 
     def _columns(self, piece: Piece) -> dict:
-        """A piece's columns as Python lists, its levels already as text (`levels_texts`)."""
-        market, kind = self.day.sources[piece.source]
+        """A piece's columns as Python lists (depth rows' levels are text already)."""
+        kind = self.day.sources[piece.source][1]
         t = piece.table
-        symbols = t.column("symbol").to_pylist()
         if kind == SNAPSHOTS:  # kept as one-row tables (copies, so that the run's row group can go)
-            return {"symbol": symbols, "_row": _RowTaker(t)}
-        out = {name: t.column(name).to_pylist() for name in
-               ("event_time", "first_update_id", "final_update_id", "prev_final_update_id", "transaction_time")}
-        out["symbol"], out["_table"] = symbols, t
-        known = self.places
-        places = [known.get((market.name, sym)) or self._places(market, sym, partial(_row, t, i))
-                  for i, sym in enumerate(symbols)]
-        pp = np.array([p for p, _ in places], dtype=np.int64)
-        sp = np.array([q for _, q in places], dtype=np.int64)
-        out["levels"] = np.maximum(pc.list_value_length(t.column("bid_prices")).to_numpy(),
-                                   pc.list_value_length(t.column("ask_prices")).to_numpy()).tolist()
-        for side in ("bid", "ask"):
-            out[side] = levels_texts(t.column(f"{side}_prices").combine_chunks(),
-                                     t.column(f"{side}_sizes").combine_chunks(), pp, sp)
-        return out
+            return {"symbol": t.column("symbol").to_pylist(), "_row": _RowTaker(t)}
+        return {name: t.column(name).to_pylist() for name in
+                ("event_time", "symbol", "first_update_id", "final_update_id", "prev_final_update_id",
+                 "transaction_time", "bids", "asks", "levels")}
 
     def _streams(self, market: str) -> dict[tuple[str, str], list[Stream]]:
         """(symbol, kind) -> the server's streams of it (rebuilt when streams are added)."""
@@ -527,12 +567,10 @@ class Replay:
 
     def _payload(self, market: Market, kind: str, c: dict, i: int, cut: int) -> bytes:
         """Row i as Binance's payload; `cut`: a partial stream's levels (0: all recorded)."""
-        b, a = c["bid"][i], c["ask"][i]
+        b, a = c["bids"][i], c["asks"][i]
         if cut and c["levels"][i] > cut:  # a depth5 stream of a depth20 record: the top levels
-            row = _row(c["_table"], i)
-            pp, sp = self._places(market, row["symbol"])
-            b = levels_text(row["bid_prices"][:cut], row["bid_sizes"][:cut], pp, sp)
-            a = levels_text(row["ask_prices"][:cut], row["ask_sizes"][:cut], pp, sp)
+            b = orjson.dumps(orjson.loads("[" + b + "]")[:cut]).decode()[1:-1]
+            a = orjson.dumps(orjson.loads("[" + a + "]")[:cut]).decode()[1:-1]
         symbol = c["symbol"][i]
         if market.futures_payloads:
             ps = ',"ps":"%s"' % symbol.split("_")[0] if market is DELIVERY else ""

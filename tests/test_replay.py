@@ -210,6 +210,7 @@ def test_binance_connector_builds_the_recorded_book(recorded, tmp_path):
                        markets=("spot", "futures"))
     ws_url, rest_url = rp.urls["spot"]
     events: list[dict] = []
+    partials: list[dict] = []
     subscribed = threading.Event()
 
     def on_message(_, text):
@@ -218,11 +219,14 @@ def test_binance_connector_builds_the_recorded_book(recorded, tmp_path):
             subscribed.set()
         elif msg.get("e") == "depthUpdate":
             events.append(msg)
+        elif "lastUpdateId" in msg:
+            partials.append(msg)
 
     client = SpotWebsocketStreamClient(stream_url=ws_url, on_message=on_message)
     rest = Spot(base_url=rest_url)
     snapshots = []
     try:
+        client.partial_book_depth(symbol, level=5, speed=100, id=2)  # recorded: 20 levels
         client.diff_book_depth(symbol, speed=100, id=1)
         assert subscribed.wait(10), rp.log
         # Binance's procedure: a snapshot that the first diff after it does not join is
@@ -237,6 +241,14 @@ def test_binance_connector_builds_the_recorded_book(recorded, tmp_path):
         rp.stop()
         rp.kill()
     assert "pacing: late p50" in rp.log  # speed > 0: how late frames left is reported
+    # a depth5 stream of a day recorded at depth20: every recorded frame, its top 5 levels
+    top = {r["final_update_id"]: r for r in load(recorded, "spot", "partial_orderbooks", symbol=symbol).to_pylist()}
+    assert len(partials) == len(top) and len(top) > 20
+    for msg in partials:
+        r = top[msg["lastUpdateId"]]
+        assert [[float(p), float(q)] for p, q in msg["bids"]] == [list(x) for x in zip(r["bid_prices"][:5],
+                                                                                     r["bid_sizes"][:5], strict=True)]
+        assert len(msg["asks"]) == min(5, len(r["ask_prices"]))
     # the REST answers are the recorded snapshots, as Binance writes them (8 decimals on spot)
     recorded_snaps = {r["lastUpdateId"]: r for r in load(recorded, "spot", "orderbooks", symbol=symbol).to_pylist()}
     for snap in snapshots:
@@ -341,7 +353,7 @@ def test_levels_in_bulk_are_the_plain_levels(rows, data):
     prices = pa.array([[p for p, _ in r] for r in rows], pa.list_(pa.float64()))
     sizes = pa.array([[q for _, q in r] for r in rows], pa.list_(pa.float64()))
     got = levels_texts(prices, sizes, np.array([p for p, _ in places], dtype=np.int64),
-                       np.array([q for _, q in places], dtype=np.int64))
+                       np.array([q for _, q in places], dtype=np.int64)).to_pylist()
     assert got == [levels_text([p for p, _ in r], [q for _, q in r], pp, sp) for r, (pp, sp) in zip(rows, places,
                                                                                                     strict=True)]
 
