@@ -70,7 +70,7 @@ log = logging.getLogger(__name__)
 DIFF, PARTIAL, SNAPSHOTS = "diff_orderbooks", "partial_orderbooks", "orderbooks"
 KINDS = (SNAPSHOTS, DIFF, PARTIAL)  # snapshots first: they give each symbol its decimals
 ID = {DIFF: "final_update_id", PARTIAL: "final_update_id", SNAPSHOTS: "lastUpdateId"}
-RUN_BYTES = 64 << 20      # Arrow bytes of input sorted into one run
+RUN_BYTES = 16 << 20      # Arrow bytes of input sorted into one run (64 MiB: peak RSS 593 MiB, not 363)
 BATCH_BYTES = 256 << 10   # Arrow bytes of a run's row group (what the merge holds per run)
 FAN_IN = 64               # runs merged at once
 FLUSH_FRAMES = 512        # at speed 0: frames written per connection at a time
@@ -332,18 +332,18 @@ def levels_texts(prices: pa.Array, sizes: pa.Array, price_places: np.ndarray, si
     first = np.zeros(len(px), dtype=bool)
     first[starts[:-1][lengths > 0]] = True
     chunks, level_bytes, exact = [], [], np.ones(len(px), dtype=bool)
+    matrix, keep = np.empty((_CHUNK, 72), dtype=np.uint8), np.empty((_CHUNK, 72), dtype=bool)
+    matrix[:, 0:3], matrix[:, 35:38], matrix[:, 70:72] = _OPEN, _MIDDLE, _CLOSE
+    keep[:, 1:3] = keep[:, 35:38] = keep[:, 70:72] = True
     for lo in range(0, len(px), _CHUNK):
         hi = min(len(px), lo + _CHUNK)
-        p_digits, p_keep, p_exact = _digits(px[lo:hi], price_places[row_of[lo:hi]])
-        s_digits, s_keep, s_exact = _digits(sx[lo:hi], size_places[row_of[lo:hi]])
         n = hi - lo
-        matrix = np.concatenate([np.broadcast_to(_OPEN, (n, 3)), p_digits, np.broadcast_to(_MIDDLE, (n, 3)),
-                                 s_digits, np.broadcast_to(_CLOSE, (n, 2))], axis=1)
-        keep = np.concatenate([np.ones((n, 3), dtype=bool), p_keep, np.ones((n, 3), dtype=bool), s_keep,
-                               np.ones((n, 2), dtype=bool)], axis=1)
-        keep[:, 0] = ~first[lo:hi]  # the comma before every level but a row's first
-        chunks.append(matrix[keep])
-        level_bytes.append(keep.sum(axis=1))
+        m, k = matrix[:n], keep[:n]
+        p_exact = _digits(px[lo:hi], price_places[row_of[lo:hi]], m[:, 3:35], k[:, 3:35])
+        s_exact = _digits(sx[lo:hi], size_places[row_of[lo:hi]], m[:, 38:70], k[:, 38:70])
+        k[:, 0] = ~first[lo:hi]  # the comma before every level but a row's first
+        chunks.append(m[k])
+        level_bytes.append(np.count_nonzero(k, axis=1))
         exact[lo:hi] = p_exact & s_exact
     data = np.concatenate(chunks) if chunks else np.empty(0, dtype=np.uint8)
     ends = np.concatenate([[0], np.cumsum(np.concatenate(level_bytes))]) if level_bytes else np.zeros(1, np.int64)
@@ -360,14 +360,15 @@ def levels_texts(prices: pa.Array, sizes: pa.Array, price_places: np.ndarray, si
 
 _CHUNK = 65_536  # levels a byte matrix at a time (~3 MB)
 _OPEN, _MIDDLE, _CLOSE = (np.frombuffer(t, dtype=np.uint8) for t in (b',["', b'","', b'"]'))
-_COLUMN = np.arange(18)[None, :]
+_DIGIT = np.arange(16)[None, :]
 
 
-def _digits(x: np.ndarray, places: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each value as `number` writes it when exact: (n x 18 bytes, which of them to keep,
-    which values are exact that way). The count of 10^-places units plus 10^16 is cast
-    to text by Arrow (17 digits each, so the bytes are a matrix as they lie), the point
-    is put before the last `places` digits, and leading zeros are dropped by the mask."""
+def _digits(x: np.ndarray, places: np.ndarray, out: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Each value as `number` writes it when exact, into `out` (n x 32 bytes: 16 digits,
+    each followed by a place for the point) and `keep` (which of them to keep); returns
+    which values are exact that way. The count of 10^-places units plus 10^16 is cast to text by Arrow (17
+    digits each, so the bytes lie as a matrix); the point is kept after the last whole
+    digit, and the whole part's leading zeros are dropped."""
     places = places.astype(np.int64)
     capped = np.minimum(places, 15)
     scale = 10.0 ** capped
@@ -376,14 +377,15 @@ def _digits(x: np.ndarray, places: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
         exact = (x >= 0) & (places <= 15) & (units < EXACT_BELOW) & (units / scale == x)
     count = np.where(exact, units, 0).astype(np.int64)
     text = pc.cast(pa.array(count + 10 ** 16), pa.string())  # "1" and 16 digits, zero-padded
-    raw = np.frombuffer(text.buffers()[2], dtype=np.uint8, count=17 * len(x)).reshape(len(x), 17)
-    point = (17 - capped)[:, None]  # the point's column; the whole digits are columns 1 .. point-1
-    out = np.take_along_axis(raw, np.where(_COLUMN < point, _COLUMN, _COLUMN - 1), axis=1)
-    out[_COLUMN == point] = ord(".")
-    whole = (_COLUMN >= 1) & (_COLUMN < point)
-    significant = np.logical_or.accumulate(whole & (out != ord("0")), axis=1) | (_COLUMN == point - 1)
-    keep = (whole & significant) | ((_COLUMN == point) & (capped > 0)[:, None]) | (_COLUMN > point)
-    return out, keep, exact
+    digits = np.frombuffer(text.buffers()[2], dtype=np.uint8, count=17 * len(x)).reshape(len(x), 17)[:, 1:]
+    last_whole = (15 - capped)[:, None]
+    nonzero = digits != ord("0")
+    first = np.where(nonzero.any(axis=1), nonzero.argmax(axis=1), 15)[:, None]
+    out[:, 0::2] = digits
+    out[:, 1::2] = ord(".")
+    keep[:, 0::2] = _DIGIT >= np.minimum(first, last_whole)
+    keep[:, 1::2] = (_DIGIT == last_whole) & (capped > 0)[:, None]
+    return exact
 
 
 # ---- the replay ---------------------------------------------------------------------------
