@@ -1,7 +1,7 @@
 """Replay throughput, pacing and memory: `collector.py replay` of a recorded day to one
 client, in a process of its own, measured from outside.
 
-    .venv/bin/python bench/replay.py DATA [--day D] [--pace-speed 1] [--no-pace]
+    .venv/bin/python bench/replay.py DATA [--day D] [--pace-speed 1] [--no-pace | --no-throughput]
 
 DATA is a data_dir, e.g. a kept bench run (`bench/run.py --symbols 1000 --seconds 60
 --no-floor --redundancy 1 --keep`, then `<kept>/data`). The client subscribes every
@@ -178,32 +178,38 @@ print(n, time.monotonic() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxr
     return int(out[0]), float(out[1]), float(out[2])
 
 
+def throughput(data: Path, day: str, symbols: dict[str, list[str]], levels: dict[str, int], tmp: Path) -> None:
+    n_floor, s_floor, rss_floor = floor(data, day)
+    print(f"baseline (order + render, nothing sent): {n_floor} frames in {s_floor:.1f}s, "
+          f"{n_floor / s_floor:,.0f} frames/s, peak RSS {rss_floor:.0f} MiB", flush=True)
+    rp = Replay(data, day, 0, list(symbols), tmp)
+    try:
+        n, secs = client(urls_of(rp, symbols, levels), rp)
+        rss, cpu = rp.peak_rss_mib(), rp.cpu_s()
+    finally:
+        rp.stop()
+    ordered = re.search(r"ordered in ([\d.]+)s", rp.log)
+    done = re.search(r"done: (\d+) frames sent in ([\d.]+)s \(([\d.]+) frames/s\)", rp.log)
+    print(f"speed 0: the client read {n} frames in {secs:.1f}s: {n / max(secs, 1e-9):,.0f} frames/s "
+          f"({n / max(secs, 1e-9) / (n_floor / s_floor):.2f}x the baseline); replay says "
+          f"{done.group(1) if done else '?'} frames in {done.group(2) if done else '?'}s; ordering "
+          f"{ordered.group(1) if ordered else '?'}s; replay CPU {cpu:.1f}s ({cpu * 1e6 / max(n, 1):.1f} µs a frame), "
+          f"peak RSS {rss:.0f} MiB", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data", type=Path)
     p.add_argument("--day")
     p.add_argument("--pace-speed", type=float, default=1.0)
     p.add_argument("--no-pace", action="store_true", help="only the throughput at speed 0")
+    p.add_argument("--no-throughput", action="store_true", help="only the pacing")
     args = p.parse_args()
     day, symbols, levels = recorded(args.data, args.day)
     print(f"day {day}: " + ", ".join(f"{m} {len(s)} symbols" for m, s in symbols.items()), flush=True)
     with tempfile.TemporaryDirectory(prefix="ob-replay-bench-") as tmp:
-        n_floor, s_floor, rss_floor = floor(args.data, day)
-        print(f"baseline (order + render, nothing sent): {n_floor} frames in {s_floor:.1f}s, "
-              f"{n_floor / s_floor:,.0f} frames/s, peak RSS {rss_floor:.0f} MiB", flush=True)
-        rp = Replay(args.data, day, 0, list(symbols), Path(tmp))
-        try:
-            n, secs = client(urls_of(rp, symbols, levels), rp)
-            rss, cpu = rp.peak_rss_mib(), rp.cpu_s()
-        finally:
-            rp.stop()
-        ordered = re.search(r"ordered in ([\d.]+)s", rp.log)
-        done = re.search(r"done: (\d+) frames sent in ([\d.]+)s \(([\d.]+) frames/s\)", rp.log)
-        print(f"speed 0: the client read {n} frames in {secs:.1f}s: {n / max(secs, 1e-9):,.0f} frames/s "
-              f"({n / max(secs, 1e-9) / (n_floor / s_floor):.2f}x the baseline); replay says "
-              f"{done.group(1) if done else '?'} frames in {done.group(2) if done else '?'}s; ordering "
-              f"{ordered.group(1) if ordered else '?'}s; replay CPU {cpu:.1f}s ({cpu * 1e6 / max(n, 1):.1f} µs a frame), "
-              f"peak RSS {rss:.0f} MiB", flush=True)
+        if not args.no_throughput:
+            throughput(args.data, day, symbols, levels, Path(tmp))
         if not args.no_pace:
             rp = Replay(args.data, day, args.pace_speed, list(symbols), Path(tmp))
             try:

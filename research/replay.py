@@ -7,19 +7,18 @@ Each market is served on its own port by the loopback exchange's protocol server
 (`simulator/server.py`: combined and raw streams, SUBSCRIBE / UNSUBSCRIBE /
 LIST_SUBSCRIPTIONS, pings, request weights), with the day as its source:
 
-    data tree (local or s3://)           scratch folder                      event loop
-    day files + part files ──sort──► time-ordered runs ──merge by time──► driver ──► spot port
-    of diff, partial and snapshot    (RUN_BYTES of rows each,   (one row group    │  ► futures port
-    rows of every market              ZSTD, row groups of        per run held)    │  ► delivery port
-                                      BATCH_BYTES)                                └─ latest snapshot per symbol
-                                                                                     (REST depth)
+    data tree (local or s3://)       scratch folder                         event loop
+    day + part files of diffs,  ──►  time-ordered runs (RUN_BYTES each, ──► merge by time ──► driver ──► ports
+    partial frames, snapshots        ZSTD; levels already as the text      (a row group       └─ latest snapshot
+    of every market                  Binance sends)                         of each run)          a symbol (REST)
 
 - **Order.** Day files are sorted by symbol, so the rows are first put in time order:
   every RUN_BYTES of input is sorted by `received_time` (then update id) into a run on
-  the scratch disk, and the runs of every market and kind are merged: each round takes,
-  from every run's current row group, the rows up to the earliest last time among them.
-  Memory is a row group per run plus one round, whatever the day's size
-  (BENCHMARKS.md, Replay).
+  the scratch disk, its levels rendered as text on the way (`levels_texts`); a kind's
+  runs are merged FAN_IN at a time until the final merge, across every market and
+  kind, holds about FAN_IN runs. Each round of a merge takes, from every run's current
+  row group, the rows up to the earliest last time among them. Memory is a row group
+  per run plus one round, whatever the day's length (BENCHMARKS.md, Replay).
 - **Pacing.** The clock starts when the first client subscribes (plus `--start-delay`);
   a row recorded at `received_time` t is sent at start + (t - first row's time) / X.
   X = 0 sends as fast as the slowest subscribed client reads (TCP back-pressure). Frames
@@ -73,7 +72,8 @@ ID = {DIFF: "final_update_id", PARTIAL: "final_update_id", SNAPSHOTS: "lastUpdat
 RUN_BYTES = 16 << 20      # Arrow bytes of input sorted into one run (64 MiB: peak RSS 593 MiB, not 363)
 BATCH_BYTES = 256 << 10   # Arrow bytes of a run's row group (what the merge holds per run)
 FAN_IN = 64               # runs merged at once
-FLUSH_FRAMES = 512        # at speed 0: frames written per connection at a time
+FLUSH_FRAMES = 512        # frames written at a time (at most)
+FLUSH_LATE = 0.001        # at speed > 0: frames are written once the oldest waiting is this late (s)
 HIGH_WATER = 4 << 20      # at speed 0: bytes queued to a client before the replay waits for it
 LATE_BIN_US = 10          # pacing histogram: 10 µs bins up to 10 s
 _run_ids = itertools.count()
@@ -490,7 +490,7 @@ class Replay:
                     if n:
                         due_of.append((due, n))
                         queued += n
-                    if queued >= FLUSH_FRAMES:
+                    if queued >= FLUSH_FRAMES or (due and queued and time.monotonic() - due_of[0][0] >= FLUSH_LATE):
                         self._flush(pending, due_of)
                         queued = 0
                         await self._drain()
