@@ -73,7 +73,7 @@ RUN_BYTES = 16 << 20      # Arrow bytes of input sorted into one run (64 MiB: pe
 BATCH_BYTES = 256 << 10   # Arrow bytes of a run's row group (what the merge holds per run)
 FAN_IN = 64               # runs merged at once
 FLUSH_FRAMES = 512        # frames written at a time (at most)
-FLUSH_LATE = 0.001        # at speed > 0: frames are written once the oldest waiting is this late (s)
+FLUSH_HOLD = 0.001        # at speed > 0: frames are written once the first of them has waited this long (s)
 HIGH_WATER = 4 << 20      # at speed 0: bytes queued to a client before the replay waits for it
 LATE_BIN_US = 10          # pacing histogram: 10 µs bins up to 10 s
 _run_ids = itertools.count()
@@ -468,7 +468,7 @@ class Replay:
         began = time.monotonic()
         pending: dict[Conn, list[bytes]] = {}
         due_of: list[tuple[float, int]] = []  # (due monotonic time, frames) of what is pending
-        queued = 0
+        queued, held_since = 0, 0.0
         for pieces in merged(self.day.runs):
             for source, cols, rows, times in self._ordered(pieces):
                 market, kind = self.day.sources[source]
@@ -488,9 +488,11 @@ class Replay:
                         continue
                     n = self._frame(market, kind, cols, i, pending)
                     if n:
+                        if not queued:
+                            held_since = time.monotonic()
                         due_of.append((due, n))
                         queued += n
-                    if queued >= FLUSH_FRAMES or (due and queued and time.monotonic() - due_of[0][0] >= FLUSH_LATE):
+                    if queued >= FLUSH_FRAMES or (due and queued and time.monotonic() - held_since >= FLUSH_HOLD):
                         self._flush(pending, due_of)
                         queued = 0
                         await self._drain()
