@@ -82,8 +82,11 @@ def run_replay(*args: str) -> subprocess.CompletedProcess:
 
 
 def rerecord(tmp: Path, data: Path, day: str, symbols: dict[str, list[str]], markets=MARKETS, **market_keys) -> Path:
-    """Replay `day` of `data` at speed 0 to a fresh collector; returns the new data_dir."""
-    rp = ReplayProcess(tmp / "replay", data, day, "--speed", "0", "--start-delay", "1",
+    """Replay `day` of `data` at speed 0 to a fresh collector; returns the new data_dir.
+    The first frame waits 4 s after the first subscription, for every market's
+    connections of the collector to be subscribed (on a busy CI box they open over a
+    second or more)."""
+    rp = ReplayProcess(tmp / "replay", data, day, "--speed", "0", "--start-delay", "4",
                        markets=markets)
     try:
         sections = []
