@@ -143,13 +143,12 @@ def replay(args: argparse.Namespace) -> int:
     if args.start_delay < 0:
         log.error("replay: --start-delay %s: must be 0 or more", args.start_delay)
         return EXIT_CONFIG
-    s3 = None
-    if args.data.startswith("s3://"):
-        from storage.upload import Credentials, s3_filesystem
-        s3 = s3_filesystem(Credentials.from_env())
+    from storage.upload import Credentials, UploadError, s3_filesystem
+
     try:
+        s3 = s3_filesystem(Credentials.from_env()) if args.data.startswith("s3://") else None
         data = merge_mod.open_source(args.data, s3)
-    except ValueError as e:
+    except (ValueError, UploadError) as e:
         log.error("replay: --data %s", e)
         return EXIT_CONFIG
     ports = {"spot": args.spot_port, "futures": args.futures_port}

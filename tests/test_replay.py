@@ -29,6 +29,7 @@ from simulator import Simulator
 from simulator.server import load_capture
 from tests.faults import pause_and_stop
 from tests.helpers import ROOT, SHARED_DATA, CollectorProcess, market_section, wait_until, write_config
+from tests.test_upload import s3  # noqa: F401  (the test S3 server, a fixture)
 
 MARKETS = ("spot", "futures", "delivery")
 SYMBOLS = {"spot": ["BTCUSDT", "ETHUSDT", "BNBUSDT"], "futures": ["BTCUSDT", "ETHUSDT", "BNBUSDT"],
@@ -57,11 +58,11 @@ def rows_of(data: Path, market: str, kind: str, day: str | None = None) -> list[
 class ReplayProcess(CollectorProcess):
     """`collector.py replay` on free ports; `urls[market]` = (ws_url, rest_url) from its log."""
 
-    def __init__(self, folder: Path, data: Path, day: str, *extra: str, markets=MARKETS):
+    def __init__(self, folder: Path, data: Path | str, day: str, *extra: str, markets=MARKETS, env=None):
         folder.mkdir(parents=True, exist_ok=True)
         self.log_path = folder / "replay.log"
         self.log_file = open(self.log_path, "wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
         env.pop("JOURNAL_STREAM", None)
         ports = [a for m in markets for a in (f"--{m}-port", "0")]
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "collector.py"), "replay", "--data", str(data),
@@ -320,6 +321,34 @@ def test_a_long_day_is_merged_in_order_a_few_runs_at_a_time(recorded, tmp_path, 
         assert sorted(got) == sorted(zip(expected.column("symbol").to_pylist(),
                                          expected.column(replay.ID[kind]).to_pylist(), strict=True)), (market, kind)
     assert {m for m, _ in seen} == set(MARKETS)
+
+
+def test_a_day_is_served_from_s3(recorded, tmp_path, s3):  # noqa: F811
+    """--data s3://bucket/prefix (the test S3 server): the same day, the same symbols, and
+    REST depth answers with the recorded snapshot."""
+    import requests
+
+    from tests.test_upload import BUCKET, env_for
+    day = day_of_recording(recorded)
+    for f in recorded.rglob("*.parquet"):
+        if not any(part.startswith(".") for part in f.relative_to(recorded).parts):
+            s3["client"].upload_file(str(f), BUCKET, f"fleet/host1/{f.relative_to(recorded)}")
+    rp = ReplayProcess(tmp_path, f"s3://{BUCKET}/fleet/host1", day, "--speed", "0", env=env_for(s3))
+    try:
+        ws_url, rest_url = rp.urls["futures"]
+        info = requests.get(f"{rest_url}/fapi/v1/exchangeInfo", timeout=10).json()
+        depth = requests.get(f"{rest_url}/fapi/v1/depth", params={"symbol": "BTCUSDT", "limit": 100}, timeout=10).json()
+    finally:
+        assert rp.stop() == 0
+        rp.kill()
+    assert sorted(s["symbol"] for s in info["symbols"]) == sorted(SYMBOLS["futures"])
+    assert {s["status"] for s in info["symbols"]} == {"TRADING"}
+    first = load(recorded, "futures", "orderbooks", symbol="BTCUSDT").to_pylist()[0]
+    assert depth["lastUpdateId"] == first["lastUpdateId"] and (depth["E"], depth["T"]) == (
+        first["event_time"], first["transaction_time"])
+    assert [float(p) for p, _ in depth["bids"]] == first["bid_prices"]
+    diffs = sum(len(rows_of(recorded, m, "diff_orderbooks", day)) for m in MARKETS)
+    assert diffs > 0 and f"diff_orderbooks={diffs}" in rp.log  # every row of the day was read from the bucket
 
 
 def test_bad_input_is_refused(recorded, tmp_path):
