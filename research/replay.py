@@ -424,7 +424,6 @@ class Replay:
         self.latest: dict[tuple[str, str], pa.Table] = {}
         self.sent = 0
         self.pacing = Pacing()
-        self.done = asyncio.Event()
         self._index: dict[str, dict[tuple[str, str], list[Stream]]] = {}
         self._indexed: dict[str, int] = {}
 
@@ -506,7 +505,6 @@ class Replay:
                 if self.speed > 0 else "")
         log.info("day %s done: %d frames sent in %.1fs (%.0f frames/s)%s", self.day_name, self.sent, took,
                  self.sent / max(took, 1e-9), pace)
-        self.done.set()
 
     def _ordered(self, pieces: list[Piece]) -> Iterator[tuple[int, dict, list[int], np.ndarray]]:
         """A round's rows in time order (update id within a time), as runs of rows of one
