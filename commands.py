@@ -7,12 +7,16 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import config as config_mod
 from handlers.stamped import wall_us as now_us
 from service import status as state_file
 from storage.compact import CompactionFailed, compact_all
 from storage.upload_job import make_uploader
+
+if TYPE_CHECKING:
+    from storage.merge import Source
 
 log = logging.getLogger("collector")
 
@@ -100,19 +104,28 @@ def export(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def open_sources(texts: list[str]) -> list[Source]:
+    """data_dir trees named on the command line: local folders or `s3://bucket/prefix`
+    (read with the upload credentials). ValueError or UploadError names what is wrong."""
+    from storage import merge as merge_mod
+
+    s3 = None
+    if any(text.startswith("s3://") for text in texts):
+        from storage.upload import Credentials, s3_filesystem
+        s3 = s3_filesystem(Credentials.from_env())
+    return [merge_mod.open_source(text, s3) for text in texts]
+
+
 def merge(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     """`collector.py merge SRC [SRC ...] --out DIR [--day D]`: several recordings into one set."""
     import time
 
     from storage import merge as merge_mod
+    from storage.upload import UploadError
 
-    s3 = None
-    if any(src.startswith("s3://") for src in args.sources):
-        from storage.upload import Credentials, s3_filesystem
-        s3 = s3_filesystem(Credentials.from_env())
     try:
-        sources = [merge_mod.open_source(src, s3) for src in args.sources]
-    except ValueError as e:
+        sources = open_sources(args.sources)
+    except (ValueError, UploadError) as e:
         log.error("merge: %s", e)
         return EXIT_CONFIG
     out = Path(args.out).resolve()
@@ -135,7 +148,7 @@ def replay(args: argparse.Namespace) -> int:
     import signal
 
     from research import replay as replay_mod
-    from storage import merge as merge_mod
+    from storage.upload import UploadError
 
     if args.speed < 0:
         log.error("replay: --speed %s: must be 0 (as fast as the client reads) or more", args.speed)
@@ -143,11 +156,8 @@ def replay(args: argparse.Namespace) -> int:
     if args.start_delay < 0:
         log.error("replay: --start-delay %s: must be 0 or more", args.start_delay)
         return EXIT_CONFIG
-    from storage.upload import Credentials, UploadError, s3_filesystem
-
     try:
-        s3 = s3_filesystem(Credentials.from_env()) if args.data.startswith("s3://") else None
-        data = merge_mod.open_source(args.data, s3)
+        data, = open_sources([args.data])
     except (ValueError, UploadError) as e:
         log.error("replay: --data %s", e)
         return EXIT_CONFIG

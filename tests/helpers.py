@@ -38,13 +38,17 @@ def write_config(tmp_path: Path, sections: list[str], **collector) -> Path:
 class CollectorProcess:
     """The real collector.py in a subprocess; stderr is captured to a file."""
 
-    def __init__(self, config: Path, *args: str, env: dict[str, str] | None = None):
-        self.log_path = config.parent / "collector.log"
+    def __init__(self, config: Path | None, *args: str, env: dict[str, str] | None = None, folder: Path | None = None):
+        """`config` None: a command that reads none (replay), run in `folder`."""
+        folder = config.parent if config is not None else folder
+        assert folder is not None
+        self.log_path = folder / "collector.log"
         self.log_file = open(self.log_path, "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         env.pop("JOURNAL_STREAM", None)
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "collector.py"), *args, "--config", str(config)],
-                                     stdout=subprocess.PIPE, stderr=self.log_file, env=env, cwd=config.parent)
+        config_args = ["--config", str(config)] if config is not None else []
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "collector.py"), *args, *config_args],
+                                     stdout=subprocess.PIPE, stderr=self.log_file, env=env, cwd=folder)
 
     @property
     def log(self) -> str:

@@ -60,14 +60,8 @@ class ReplayProcess(CollectorProcess):
 
     def __init__(self, folder: Path, data: Path | str, day: str, *extra: str, markets=MARKETS, env=None):
         folder.mkdir(parents=True, exist_ok=True)
-        self.log_path = folder / "replay.log"
-        self.log_file = open(self.log_path, "wb")
-        env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
-        env.pop("JOURNAL_STREAM", None)
         ports = [a for m in markets for a in (f"--{m}-port", "0")]
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "collector.py"), "replay", "--data", str(data),
-                                      "--day", day, *ports, *extra], stdout=subprocess.PIPE, stderr=self.log_file,
-                                     env=env, cwd=folder)
+        super().__init__(None, "replay", "--data", str(data), "--day", day, *ports, *extra, env=env, folder=folder)
         self.urls: dict[str, tuple[str, str]] = {}
         for m in markets:
             self.wait_for_log(f"replay market={m} ", timeout=60)
@@ -78,8 +72,9 @@ class ReplayProcess(CollectorProcess):
 
 
 def run_replay(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("R2_")}
     return subprocess.run([sys.executable, str(ROOT / "collector.py"), "replay", *args], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env=env)
 
 
 def rerecord(tmp: Path, data: Path, day: str, symbols: dict[str, list[str]], markets=MARKETS, **market_keys) -> Path:
@@ -357,6 +352,8 @@ def test_bad_input_is_refused(recorded, tmp_path):
     assert r.returncode == 2 and "not a day written YYYY-MM-DD" in r.stderr
     r = run_replay("--data", str(tmp_path / "nowhere"), "--day", "2026-01-01", *ports)
     assert r.returncode == 2 and "not a folder" in r.stderr
+    r = run_replay("--data", "s3://bucket/prefix", "--day", "2026-01-01", *ports)  # no R2_* credentials
+    assert r.returncode == 2 and "missing environment variable" in r.stderr and "Traceback" not in r.stderr
     r = run_replay("--data", str(recorded), "--day", "1999-01-01", *ports)
     assert r.returncode == 2 and "nothing recorded on 1999-01-01" in r.stderr
     r = run_replay("--data", str(recorded), "--day", "2026-01-01", "--speed", "-1", *ports)
