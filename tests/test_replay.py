@@ -241,10 +241,10 @@ def test_binance_connector_builds_the_recorded_book(recorded, tmp_path):
         rp.kill()
     assert "pacing: late p50" in rp.log  # speed > 0: how late frames left is reported
     # a depth5 stream of a day recorded at depth20: every recorded frame, its top 5 levels
-    top = {r["final_update_id"]: r for r in load(recorded, "spot", "partial_orderbooks", symbol=symbol).to_pylist()}
-    assert len(partials) == len(top) and len(top) > 20
-    for msg in partials:
-        r = top[msg["lastUpdateId"]]
+    top = sorted(load(recorded, "spot", "partial_orderbooks", symbol=symbol).to_pylist(),
+                 key=lambda r: (r["received_time"], r["final_update_id"]))  # as recorded (an id may repeat)
+    assert [m["lastUpdateId"] for m in partials] == [r["final_update_id"] for r in top] and len(top) > 20
+    for msg, r in zip(partials, top, strict=True):
         assert [[float(p), float(q)] for p, q in msg["bids"]] == [list(x) for x in zip(r["bid_prices"][:5],
                                                                                      r["bid_sizes"][:5], strict=True)]
         assert len(msg["asks"]) == min(5, len(r["ask_prices"]))
