@@ -34,6 +34,7 @@ import config as config_mod  # noqa: E402
 from commands import EXIT_CONFIG, EXIT_FAIL, EXIT_OK  # noqa: E402
 from handlers.exchange import ExchangeUnavailable  # noqa: E402
 from handlers.recovery import recover  # noqa: E402
+from handlers.relay import StampRelay  # noqa: E402
 from markets import MARKETS  # noqa: E402
 from pipeline import build_market, now_us, resolve_symbols, stop_all  # noqa: E402
 from service import metrics  # noqa: E402
@@ -85,7 +86,10 @@ def run(cfg: config_mod.Config, market: str | None = None) -> int:
         if recovered:
             log.warning("recovered rows from the journal after an unclean stop market=%s rows=%s", m.name, recovered)
     run_id = now_us()
-    pipelines = [build_market(r.cfg, c, stop, session, r.weight_limit, run_id, trading=r.trading) for r in resolved]
+    # copy k of every batch is read by relay k: a relay that fails takes one copy down, never all
+    relays = [StampRelay(f"stamp-relay-{'abc'[k]}") for k in range(c.ws_redundancy)]
+    pipelines = [build_market(r.cfg, c, stop, session, r.weight_limit, run_id, trading=r.trading, relays=relays)
+                 for r in resolved]
     tune_gc()
     tune_gil()
     tune_memory()

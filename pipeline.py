@@ -22,6 +22,7 @@ from handlers.clock import ClockSampler
 from handlers.frames import FrameProcessor
 from handlers.inbox import SYMBOLS, Inbox
 from handlers.listings import ListingWatcher, Removed
+from handlers.relay import StampRelay
 from handlers.snapshots import Snapshotter, WeightBudget
 from handlers.stamped import wall_us
 from handlers.websocket import AttemptLimiter, BatchCopies, StreamBatch
@@ -54,6 +55,7 @@ class MarketPipeline:
     symbols: list[str] = field(default_factory=list)   # recorded now (the set changes with listings)
     watcher: ListingWatcher | None = None
     clock: ClockSampler | None = None
+    relays: list[StampRelay] = field(default_factory=list)  # one per copy of a batch: read its connections
     _changing: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> None:
@@ -84,7 +86,8 @@ class MarketPipeline:
                             capacity=2 * cfg.symbols_per_connection)
         for k in range(c.ws_redundancy):
             copy = StreamBatch(name + ("abc"[k] if c.ws_redundancy > 1 else ""), group, self.inbox, self.stop,
-                               self.now_us, c.ws_dead_after, c.ws_rotate_after, attempts=self.attempts, copy=k)
+                               self.now_us, c.ws_dead_after, c.ws_rotate_after, attempts=self.attempts, copy=k,
+                               relay=self.relays[k] if self.relays else None)
             self.batches.append(copy)
             if self.processor.is_alive():
                 copy.start()
@@ -174,7 +177,7 @@ class MarketPipeline:
 def build_market(cfg: config_mod.MarketConfig, c: config_mod.CollectorConfig, stop: threading.Event,
                  session: requests.Session, weight_per_minute: int, run_id: int,
                  now_us: Callable[[], int] = now_us, trading: set[str] | None = None,
-                 clock: Callable[[], float] = time.time) -> MarketPipeline:
+                 clock: Callable[[], float] = time.time, relays: list[StampRelay] | None = None) -> MarketPipeline:
     """`trading`: what traded at start (the listings thread's first reference); the
     listings thread runs when `listing_check` > 0 and `trading` is given."""
     inbox = Inbox(maxsize=c.queue_size)
@@ -188,7 +191,7 @@ def build_market(cfg: config_mod.MarketConfig, c: config_mod.CollectorConfig, st
     writer = PartWriter(cfg.name, c.data_dir, outbox, c.compression_level, on_segment_written=journal.delete,
                         now_us=now_us, retry_wait=min(5.0, c.flush_interval), max_pending_bytes=int(c.max_pending_mb * (1 << 20)))
     p = MarketPipeline(cfg, inbox, outbox, batches, [], snapshotter, processor, writer, c, stop, AttemptLimiter(),
-                       now_us, symbols=list(cfg.symbols))
+                       now_us, symbols=list(cfg.symbols), relays=relays or [])
     per = cfg.symbols_per_connection
     for i in range(0, len(cfg.symbols), per):
         p.new_batch([s for sym in cfg.symbols[i:i + per] for s in p.streams_of(sym)])
@@ -254,6 +257,8 @@ def stop_all(pipelines: list[MarketPipeline], compactor: Compactor | None) -> bo
         for t in (p.watcher, p.clock):
             if t is not None:
                 join(t, 10)
+    for relay in {id(r): r for p in pipelines for r in p.relays}.values():
+        relay.close()  # every reader has ended
     for p in pipelines:
         p.snapshotter.shutdown()
         join(p.snapshotter, 5)

@@ -20,7 +20,8 @@ symbol has diff@100ms and depth20@100ms streams in both markets: 40 messages/s p
 symbol. Prints, per run and as medians: messages per second sent, recorded and read by
 the floor; CPU µs per message of the collector and of the floor, and their ratio; CPU
 share; peak RSS; queue depth over time; stamp delay (received_time minus the simulator's
-exact write time) p50/p99; lost diffs (gaps other than each symbol's start); bytes on
+exact write time) p50/p99, and how far a stamp fell after the write to its connection
+had ended (the stamp's own error); lost diffs (gaps other than each symbol's start); bytes on
 disk per message against zstd -19 of the same messages' raw JSON. Each run's folder
 (`/tmp/ob-bench-*`: data, collector log, config) is removed once its figures are read;
 `--keep` keeps it and prints where.
@@ -70,24 +71,52 @@ def _stat_cpu(stat: Path) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def children(pid: int) -> list[int]:
+    """The process's live child processes (the collector's stamp relay; a compaction)."""
+    out = []
+    for task in _tasks(pid):  # a child is listed under the thread that started it
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
-    return _stat_cpu(Path(f"/proc/{pid}/stat"))
+    """The process's CPU and that of its live children (the stamp relay is part of the
+    collector's cost)."""
+    total = _stat_cpu(Path(f"/proc/{pid}/stat"))
+    for child in children(pid):
+        try:
+            total += _stat_cpu(Path(f"/proc/{child}/stat"))
+        except OSError:
+            pass  # ended meanwhile
+    return total
 
 
 def thread_cpu(pid: int) -> dict[int, tuple[str, float]]:
-    """tid -> (group, CPU seconds) of every thread of the process, grouped by the names
-    the collector gives its threads (service/threads.py)."""
+    """tid -> (group, CPU seconds) of every thread of the process and its children,
+    grouped by the names the collector gives its threads (service/threads.py)."""
     out = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    tasks = [t for p in [pid, *children(pid)] for t in _tasks(p)]
+    for task in tasks:
         try:
             name = (task / "comm").read_text().strip()
             cpu = _stat_cpu(task / "stat")
         except OSError:
             continue  # the thread ended meanwhile
         group = ("reader" if name.startswith("ws-") and "-c" in name else
-                 name.split("-")[0] if name.startswith(("processor", "writer", "snapshot", "rest", "ws-")) else "other")
+                 name.split("-")[0] if name.startswith(("processor", "writer", "snapshot", "rest", "ws-", "stamp"))
+                 else "other")
         out[int(task.name)] = (group, cpu)
     return out
+
+
+def _tasks(pid: int) -> list[Path]:
+    try:
+        return list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return []
 
 
 def cpu_by_group(before: dict, after: dict, messages: float) -> dict[str, float]:
@@ -248,7 +277,7 @@ def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
          "collector_cpu_%": 100 * (cpu1 - cpu0) / elapsed, "simulator_cpu_%": 100 * (sim1 - sim0) / elapsed,
          "peak_rss_MiB": max(peaks) / 1024,
          "max_queue": max(queues or [0]), "last_queue": max(queues[-2 * len(cols):] or [0]),
-         "delay_p50_ms": delays[0], "delay_p99_ms": delays[1], "lost_diffs": lost,
+         **delays, "lost_diffs": lost,
          "disk_B/msg": disk, "zstd19_B/msg": raw, "exit": rc,
          # simulator ticks (10 ms) skipped rather than sent late in a burst, over the whole run
          "sim_skipped_ticks": sum(m.get("skipped_ticks", 0) for m in sent.values())}
@@ -272,27 +301,44 @@ def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     return r
 
-def stamp_delays(root: Path, sent: dict, since_us: int, until_us: int) -> tuple[float, float]:
-    """received_time - the simulator's write time of the same frame (diff rows, whose E
-    names the write, received in the measured window), p50 and p99 in ms."""
-    out = []
+def stamp_delays(root: Path, sent: dict, since_us: int, until_us: int) -> dict[str, float]:
+    """How late the diff rows received in the window were stamped, in ms, against the
+    simulator's writes of the same frame (found by its E and the connections carrying its
+    symbol):
+    - delay: received_time - the moment the simulator began that tick's writes (what the
+      collector's users see, the simulator's own write time included);
+    - late: received_time - the end of the write to the frame's connection (to the latest
+      of them, with redundant connections), 0 if not after it. On loopback the bytes are
+      in the collector's socket when the write returns, so this bounds the stamp's own
+      error: a frame stamped after its write ended was stamped with a later arrival;
+    - sim_write: the end of that write - the tick's start (the simulator's share).
+    p50 and p99 of each, and late's p99.9 and maximum."""
+    delay, late, sim_write = [], [], []
     for market in MARKET_NAMES:
-        sent_us = {int(k): v for k, v in sent.get(market, {}).get("sent_us", {}).items()}
+        stats = sent.get(market, {})
         folder = root / market / "diff_orderbooks"
-        if not sent_us or not folder.exists():
+        if not stats.get("sent_us") or not folder.exists():
             continue
-        t = ds.dataset(folder, format="parquet").to_table(columns=["received_time", "event_time"])
-        E = t.column("event_time").to_numpy()
-        rec = t.column("received_time").to_numpy()
-        keys = np.array(sorted(sent_us))
-        vals = np.array([sent_us[k] for k in keys])
-        idx = np.searchsorted(keys, E)
-        ok = (idx < len(keys)) & (keys[np.minimum(idx, len(keys) - 1)] == E) & (rec >= since_us) & (rec < until_us)
-        out.append((rec[ok] - vals[idx[ok]]) / 1000)
-    if not out:
-        return float("nan"), float("nan")
-    d = np.concatenate(out)
-    return float(np.percentile(d, 50)), float(np.percentile(d, 99))
+        sent_us = {int(k): v for k, v in stats["sent_us"].items()}
+        writes = {int(k): v for k, v in stats.get("writes", {}).items()}
+        conns = {sym.upper(): c for sym, c in stats.get("symbol_conns", {}).items()}
+        t = ds.dataset(folder, format="parquet").to_table(columns=["received_time", "event_time", "symbol"])
+        for rec, e, sym in zip(t.column("received_time").to_numpy(), t.column("event_time").to_numpy(),
+                               t.column("symbol").to_pylist(), strict=True):
+            if e not in sent_us or not since_us <= rec < until_us:
+                continue
+            delay.append(rec - sent_us[e])
+            ends = [w[1] for c in conns.get(sym, ()) if (w := writes.get(e, {}).get(str(c)))]
+            if ends:
+                late.append(max(0, rec - max(ends)))
+                sim_write.append(max(ends) - sent_us[e])
+    out = {}
+    for name, values in (("delay", delay), ("late", late), ("sim_write", sim_write)):
+        v = np.array(values, dtype=float) / 1000 if values else np.array([np.nan])
+        out[f"{name}_p50_ms"], out[f"{name}_p99_ms"] = np.percentile(v, 50), np.percentile(v, 99)
+        if name == "late":
+            out["late_p99.9_ms"], out["late_max_ms"] = np.percentile(v, 99.9), v.max()
+    return {k: round(float(x), 2) for k, x in out.items()}
 
 
 def lost_diffs(root: Path) -> int:

@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 import certifi
 from websocket._url import get_proxy_info
 
+from handlers.relay import RelayedReads, StampRelay
+
 # <asm-generic/socket.h>: SO_TIMESTAMPNS_OLD == SCM_TIMESTAMPNS on the usual 64-bit
 # Linux ports (x86_64, arm64, riscv64, ...); Python does not export the name.
 SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
@@ -53,16 +55,23 @@ class StampedSocket:
     """A connected TCP socket (optionally TLS) whose `stamp_us` is the kernel's receive
     time, in µs, of the newest bytes the last read returned."""
 
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext | None = None, server_hostname: str | None = None):
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext | None = None, server_hostname: str | None = None,
+                 relay: StampRelay | None = None):
         self.sock = sock
         self.stamp_us = 0
         self.kernel = False
+        self.relayed: RelayedReads | None = None
         if sys.platform.startswith("linux") and _ANC_SPACE:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
                 self.kernel = True
             except OSError:
                 pass
+        if self.kernel and relay is not None:
+            pipe = relay.adopt(sock)
+            if pipe is not None:
+                pipe.settimeout(sock.gettimeout())
+                self.relayed = RelayedReads(pipe)
         self.tls = None
         if context is not None:
             self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
@@ -72,6 +81,9 @@ class StampedSocket:
     # -- the raw reads ------------------------------------------------------------------
 
     def _read_raw(self, n: int) -> bytes:
+        if self.relayed is not None:
+            data, self.stamp_us = self.relayed.read(n)
+            return data
         if not self.kernel:
             data = self.sock.recv(n)
             self.stamp_us = wall_us()
@@ -141,6 +153,8 @@ class StampedSocket:
 
     def settimeout(self, timeout: float | None) -> None:
         self.sock.settimeout(timeout)
+        if self.relayed is not None:
+            self.relayed.pipe.settimeout(timeout)
 
     def gettimeout(self) -> float | None:
         return self.sock.gettimeout()
@@ -156,6 +170,8 @@ class StampedSocket:
 
     def close(self) -> None:
         self.sock.close()
+        if self.relayed is not None:
+            self.relayed.pipe.close()  # the relay then lets go of the connection too
 
     @property
     def _closed(self) -> bool:
@@ -170,8 +186,10 @@ def via_proxy(url: str) -> bool:
     return get_proxy_info(parts.hostname or "", parts.scheme == "wss")[0] is not None
 
 
-def connect(url: str, timeout: float, context: ssl.SSLContext | None = None) -> StampedSocket:
-    """Open the TCP connection (and TLS for wss://) of a WebSocket URL, stamped."""
+def connect(url: str, timeout: float, context: ssl.SSLContext | None = None,
+            relay: StampRelay | None = None) -> StampedSocket:
+    """Open the TCP connection (and TLS for wss://) of a WebSocket URL, stamped; its reads
+    done by `relay` when one is given and running."""
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         raise ValueError(f"not a WebSocket URL: {url!r}")
@@ -181,8 +199,8 @@ def connect(url: str, timeout: float, context: ssl.SSLContext | None = None) -> 
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if not secure:
-            return StampedSocket(sock)
-        return StampedSocket(sock, context or tls_context(), server_hostname=parts.hostname)
+            return StampedSocket(sock, relay=relay)
+        return StampedSocket(sock, context or tls_context(), server_hostname=parts.hostname, relay=relay)
     except BaseException:
         sock.close()
         raise

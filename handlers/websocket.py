@@ -39,6 +39,7 @@ import websocket
 from handlers import stamped
 from handlers.backoff import backoff_delay
 from handlers.inbox import WS, Inbox, Item
+from handlers.relay import StampRelay
 from service.threads import PipelineThread, name_os_thread
 
 log = logging.getLogger(__name__)
@@ -151,12 +152,13 @@ class Reader(threading.Thread):
 
     def __init__(self, name: str, url: str, out: Inbox, dead_after: float,
                  now_us: Callable[[], int], stats: "ConnectionStats", put_timeout: float = 5.0,
-                 streams: frozenset[str] = frozenset()):
+                 streams: frozenset[str] = frozenset(), relay: StampRelay | None = None):
         self.conn_id = next(_conn_ids)
         super().__init__(name=f"{name}-c{self.conn_id}", daemon=True)
         self.url, self.out, self.dead_after, self.now_us = url, out, dead_after, now_us
         self.streams = streams  # what the connection is subscribed to: its URL's, then SUBSCRIBE / UNSUBSCRIBE
         self.stats, self.put_timeout = stats, put_timeout
+        self.relay = relay  # reads the socket in its own process, when given (handlers.relay)
         self.connected = threading.Event()  # set once the WebSocket handshake completed
         self.delivering = threading.Event()  # set by the first data frame
         self.started_at = time.monotonic()
@@ -175,7 +177,7 @@ class Reader(threading.Thread):
             # frames (pings reset this timeout), within dead_after
             timeout = 2 * self.dead_after + 1
             if not stamped.via_proxy(self.url):
-                self._sock = stamped.connect(self.url, timeout)
+                self._sock = stamped.connect(self.url, timeout, relay=self.relay)
             self._ws = websocket.create_connection(
                 self.url, timeout=timeout, socket=self._sock, skip_utf8_validation=True,
                 enable_multithread=True)
@@ -393,8 +395,10 @@ class StreamBatch(PipelineThread):
 
     def __init__(self, name: str, copies: BatchCopies, out: Inbox, stop: threading.Event,
                  now_us: Callable[[], int], dead_after: float, rotate_after: float,
-                 healthy_after: float = 5.0, attempts: AttemptLimiter | None = None, copy: int = 0):
+                 healthy_after: float = 5.0, attempts: AttemptLimiter | None = None, copy: int = 0,
+                 relay: StampRelay | None = None):
         super().__init__(name=name, daemon=True)
+        self.relay = relay
         self.out, self.stop, self.now_us = out, stop, now_us
         self.dead_after, self.rotate_after, self.healthy_after = dead_after, rotate_after, healthy_after
         self.attempts = attempts or AttemptLimiter()
@@ -459,7 +463,8 @@ class StreamBatch(PipelineThread):
             return None
         need_data = replacing is not None and replacing.silent_for(time.monotonic()) <= self.dead_after
         url, streams = self.copies.url()
-        reader = Reader(self.name, url, self.out, self.dead_after, self.now_us, self.stats, streams=streams)
+        reader = Reader(self.name, url, self.out, self.dead_after, self.now_us, self.stats, streams=streams,
+                        relay=self.relay)
         self.stats.connects += 1
         self.stats.last_attempt = time.monotonic()
         reader.start()

@@ -66,6 +66,11 @@ class LoadEngine:
         self.ids = {s: self.rng.randrange(10_000_000, 900_000_000) for s in sim.symbols}
         self.templates: dict[str, list[bytes]] = {}
         self.sent_us: dict[int, int] = {}
+        # E -> connection -> (µs before, µs after) its write, and which connections carry a
+        # symbol: the benchmark's bounds on when each frame arrived
+        self.writes: dict[int, dict[int, tuple[int, int]]] = {}
+        self.symbol_conns: dict[str, set[int]] = {}
+        self.held_ticks = 0  # writes TCP could not take at once (a reader behind)
         self.frames = 0
         self.skipped_ticks = 0
         self._slices: list[list[Stream]] = []
@@ -167,6 +172,7 @@ class LoadEngine:
         """This tick's slice of the streams: one write per connection."""
         now_ms = int(time.time() * 1000)
         out: dict = {}
+        first = now_ms not in self.sent_us
         for s in self._slice(tick):
             if not s.subscribers:
                 continue
@@ -174,12 +180,22 @@ class LoadEngine:
             wrapped = ws_frame(b'{"stream":"' + s.name.encode() + b'","data":' + payload + b"}")
             for conn in s.subscribers:
                 out.setdefault(conn, []).append(wrapped if conn.combined else ws_frame(payload))
+                if first:
+                    self.symbol_conns.setdefault(s.symbol, set()).add(id(conn))
         sent_us = time.time_ns() // 1000  # just before the writes: the earliest a frame can arrive
+        writes = {}
         for conn, frames in out.items():
             if conn.transport is not None and not conn.transport.is_closing():
+                start = time.time_ns() // 1000
                 conn.transport.write(b"".join(frames))
+                # on loopback the bytes are in the reader's socket when the write returns,
+                # unless TCP held some back for a reader whose window was full
+                writes[id(conn)] = (start, time.time_ns() // 1000)
+                self.held_ticks += conn.transport.get_write_buffer_size() > 0
                 self.frames += len(frames)
-        self.sent_us.setdefault(now_ms, sent_us)
+        if first:
+            self.sent_us[now_ms] = sent_us
+            self.writes[now_ms] = writes
 
     def snapshot(self, symbol: str, limit: int) -> bytes:
         """A REST depth body at the symbol's current id (fixed levels)."""

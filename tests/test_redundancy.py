@@ -199,3 +199,30 @@ def test_redundancy_1_is_one_connection_per_batch(tmp_path):
         assert m.connections_opened == 1
         check_run(m, tmp_path / "data", allow_gaps=False)
     assert "connections=1/1 degraded=none" in last_status(proc.log, "futures")
+
+
+def relay_pid(collector_pid: int, name: str) -> int:
+    """The collector's stamp relay process of that name (handlers/relay.py)."""
+    from pathlib import Path
+
+    for task in Path(f"/proc/{collector_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if Path(f"/proc/{child}/comm").read_text().strip() == name:
+                return int(child)
+    raise AssertionError(f"no {name} among the collector's children")
+
+
+def test_a_stamp_relay_killed_costs_one_copy_of_each_batch_and_nothing_else(tmp_path):
+    """Copy a of every batch is read by stamp-relay-a, copy b by stamp-relay-b: killing one
+    relay ends the connections it read, and the other copies carry every diff meanwhile."""
+    def action(sim, proc):
+        os.kill(relay_pid(proc.proc.pid, "stamp-relay-a"), 9)
+
+    sim, proc = record(tmp_path, action, seconds=DEAD_AFTER + 5)
+    for m in sim.markets():
+        seen = check_run(m, tmp_path / "data", allow_gaps=False)  # every delivered diff once, no gap row
+        assert seen["delivered"] > 100
+        assert m.connections_opened == 3, m.conn_log  # both copies, and copy a's replacement
+    assert "stamp-relay-a exited (status -9); starting another" in proc.log
+    assert "stamp-relay-b exited" not in proc.log
+    assert "connections=2/2 degraded=none" in last_status(proc.log, "spot")

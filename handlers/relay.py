@@ -1,0 +1,326 @@
+"""The stamp relay: a small process that reads every WebSocket connection's TCP socket the
+moment bytes arrive, and hands them on, each read with its kernel receive time.
+
+Why a process. A read's stamp is the kernel's arrival time of the newest bytes it returns
+(`handlers.stamped`), so frames that wait in the socket for their reader take the stamp of
+whatever arrived after them. A reader thread of the collector waits for the GIL behind the
+processor, the writers and the other readers; at 40,000 msgs/s that wait made the p99 stamp
+5 ms late. The relay is one thread in its own interpreter, whose only work is to read and
+forward, so nothing but the operating system's scheduler stands between an arrival and its
+read.
+
+    collector process                                 relay process (python -m handlers.relay)
+    reader thread: connect TCP ── send_fds ─────────► registers the socket (epoll)
+      websocket-client / TLS                            TCP readable: recvmsg(), kernel stamp
+        reads ◄── unix socketpair ◄── [stamp, n, bytes] records (up to 4 MiB held a connection)
+        writes ──► the TCP socket itself (pongs, SUBSCRIBE)
+
+The collector keeps the TCP socket for everything but reads: TLS, the WebSocket handshake,
+pongs and SUBSCRIBE go out as before, and TLS decrypts what the records bring. A record is
+`<q stamp_us><I n>` then n bytes; n == 0 ends the stream: stamp 0 for the peer's close, or
+minus the errno of a failed read. A collector that closes its end of the pair ends the
+relay's copy of the TCP socket too; the relay exits when its control socket closes (the
+collector stopped or died).
+
+Where the relay cannot run (not Linux, no kernel stamps), or while it is down, connections
+are read by their reader thread as before (`StampedSocket` without a relay).
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+
+log = logging.getLogger(__name__)
+
+RECORD = struct.Struct("<qI")
+READ_SIZE = 1 << 16
+HOLD_LIMIT = 4 << 20  # bytes held for a collector end that is not reading, before TCP is left to wait
+_PIPE_READ = 1 << 18
+READY_WAIT = 30.0  # s for a new relay to say it is ready (an interpreter's start on a loaded box)
+
+
+class RelayedReads:
+    """The collector's end of one connection's socketpair: `read(n)` returns the next bytes
+    of the TCP stream and the kernel stamp of the relay read that brought them."""
+
+    def __init__(self, pipe: socket.socket):
+        self.pipe = pipe
+        self._buf = b""
+        self._pos = 0
+        self._left = b""  # what a short read left of the current record
+        self._stamp = 0
+
+    def _fill(self, need: int) -> None:
+        """At least `need` bytes buffered (raises the socket's timeout, keeping what it has)."""
+        while len(self._buf) - self._pos < need:
+            more = self.pipe.recv(_PIPE_READ)
+            if not more:
+                raise ConnectionResetError("the stamp relay closed this connection")
+            self._buf = self._buf[self._pos:] + more
+            self._pos = 0
+
+    def read(self, n: int) -> tuple[bytes, int]:
+        if self._left:
+            data, self._left = self._left[:n], self._left[n:]
+            return data, self._stamp
+        self._fill(RECORD.size)
+        stamp, size = RECORD.unpack_from(self._buf, self._pos)
+        if size == 0:
+            self._pos += RECORD.size
+            if stamp < 0:
+                raise OSError(-stamp, os.strerror(-stamp))
+            return b"", time.time_ns() // 1000
+        self._fill(RECORD.size + size)
+        start = self._pos + RECORD.size
+        self._pos = start + size
+        self._stamp = stamp
+        if size <= n:
+            return self._buf[start:start + size], stamp
+        self._left = self._buf[start + n:start + size]
+        return self._buf[start:start + n], stamp
+
+
+class StampRelay:
+    """The collector's handle on one relay process: started on first use, restarted (with a
+    log line) if it died. `name` is the process's name for ps and top (15 bytes)."""
+
+    def __init__(self, name: str = "stamp-relay") -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._ctrl: socket.socket | None = None
+        self._failed_at = -1e9
+
+    def adopt(self, tcp: socket.socket) -> socket.socket | None:
+        """Hand `tcp`'s reads to the relay; the socket to read them from instead, or None
+        when the relay cannot be had (the caller reads `tcp` itself)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            with self._lock:
+                ctrl = self._running()
+                if ctrl is None:
+                    ours.close()
+                    return None
+                socket.send_fds(ctrl, [b"c"], [tcp.fileno(), theirs.fileno()])
+            return ours
+        except OSError as e:
+            log.error("%s: could not hand over a connection (%s); its reader reads it", self.name, e)
+            ours.close()
+            return None
+        finally:
+            theirs.close()
+
+    def _running(self) -> socket.socket | None:
+        if self._proc is not None and self._proc.poll() is None and self._ctrl is not None:
+            return self._ctrl
+        if self._proc is not None:
+            log.error("%s exited (status %s); starting another", self.name, self._proc.returncode)
+            self.close()
+        if time.monotonic() - self._failed_at < 10.0:
+            return None
+        ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # a message per connection
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "handlers.relay", str(theirs.fileno()), self.name], pass_fds=[theirs.fileno()],
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdin=subprocess.DEVNULL)
+        except OSError as e:
+            self._failed_at = time.monotonic()
+            log.error("%s not started (%s): readers read their sockets themselves", self.name, e)
+            ctrl.close()
+            return None
+        finally:
+            theirs.close()
+        self._ctrl = ctrl
+        try:
+            ctrl.settimeout(READY_WAIT)
+            if ctrl.recv(1) != b"r":
+                raise OSError("it ended before it was ready")
+        except OSError as e:  # a timeout too
+            self._failed_at = time.monotonic()
+            log.error("%s not ready (%s): readers read their sockets themselves", self.name, e)
+            self.close()
+            return None
+        log.info("%s started pid=%d", self.name, self._proc.pid)
+        return ctrl
+
+    def close(self) -> None:
+        """End the relay (closing the control socket is its signal) and reap it."""
+        if self._ctrl is not None:
+            self._ctrl.close()
+            self._ctrl = None
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+# -- the relay process ------------------------------------------------------------------
+
+class _Conn:
+    """One relayed connection: its TCP socket (shared with the collector, read only here)
+    and the relay's end of the pair."""
+
+    def __init__(self, tcp: socket.socket, pipe: socket.socket):
+        self.tcp, self.pipe = tcp, pipe
+        self.held: list[bytes] = []
+        self.held_bytes = 0
+        self.reading = True
+        self.ended = False  # the end record is queued
+        self.closed = False
+
+
+def _kernel_stamp(anc: list) -> int:
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(payload) >= 16:
+            sec, ns = struct.unpack_from("@qq", payload)
+            return sec * 1_000_000 + ns // 1000
+    return time.time_ns() // 1000
+
+
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+
+
+class _Relay:
+    def __init__(self, ctrl: socket.socket):
+        self.ctrl = ctrl
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(ctrl, selectors.EVENT_READ, None)
+        self.anc = socket.CMSG_SPACE(16)
+
+    def run(self) -> None:
+        while True:
+            for key, events in self.sel.select():
+                if key.data is None:
+                    if not self._accept():
+                        return
+                    continue
+                conn, which = key.data
+                if conn.closed:
+                    continue
+                if which == "tcp":
+                    self._read(conn)
+                elif events & selectors.EVENT_READ and not self._collector_open(conn):
+                    self._drop(conn)
+                elif events & selectors.EVENT_WRITE:
+                    self._flush(conn)
+
+    def _accept(self) -> bool:
+        msg, fds, _, _ = socket.recv_fds(self.ctrl, 1, 2)
+        if not msg:
+            return False  # the collector is gone
+        tcp, pipe = socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])
+        pipe.setblocking(False)  # the relay's own end; the TCP socket's flags are the collector's
+        conn = _Conn(tcp, pipe)
+        self.sel.register(tcp, selectors.EVENT_READ, (conn, "tcp"))
+        self.sel.register(pipe, selectors.EVENT_READ, (conn, "pipe"))
+        return True
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            data, anc, _, _ = conn.tcp.recvmsg(READ_SIZE, self.anc, socket.MSG_DONTWAIT)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._end(conn, -(e.errno or errno.EIO))
+            return
+        if not data:
+            self._end(conn, 0)
+            return
+        self._send(conn, RECORD.pack(_kernel_stamp(anc), len(data)) + data)
+
+    def _end(self, conn: _Conn, code: int) -> None:
+        if conn.reading:
+            self.sel.unregister(conn.tcp)
+            conn.reading = False
+        conn.ended = True
+        self._send(conn, RECORD.pack(code, 0))
+
+    def _send(self, conn: _Conn, record: bytes) -> None:
+        if conn.held:
+            conn.held.append(record)
+            conn.held_bytes += len(record)
+        else:
+            try:
+                n = conn.pipe.send(record)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                self._drop(conn)
+                return
+            if n < len(record):
+                conn.held.append(record[n:])
+                conn.held_bytes += len(record) - n
+                self.sel.modify(conn.pipe, selectors.EVENT_READ | selectors.EVENT_WRITE, (conn, "pipe"))
+        if conn.held_bytes > HOLD_LIMIT and conn.reading:
+            self.sel.unregister(conn.tcp)  # TCP back-pressure until the collector reads again
+            conn.reading = False
+        elif conn.ended and not conn.held:
+            self._drop(conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        data = b"".join(conn.held)
+        try:
+            n = conn.pipe.send(data)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        rest = data[n:]
+        conn.held = [rest] if rest else []
+        conn.held_bytes = len(rest)
+        if rest:
+            return
+        self.sel.modify(conn.pipe, selectors.EVENT_READ, (conn, "pipe"))
+        if conn.ended:
+            self._drop(conn)
+        elif not conn.reading:
+            self.sel.register(conn.tcp, selectors.EVENT_READ, (conn, "tcp"))
+            conn.reading = True
+
+    def _collector_open(self, conn: _Conn) -> bool:
+        try:
+            return conn.pipe.recv(1) != b""  # the collector never writes: readable means closed
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+
+    def _drop(self, conn: _Conn) -> None:
+        conn.closed = True
+        for s in (conn.tcp, conn.pipe):
+            try:
+                self.sel.unregister(s)
+            except (KeyError, ValueError):
+                pass
+            s.close()
+
+
+def main(argv: list[str]) -> int:
+    from service.threads import name_os_thread
+
+    name_os_thread(argv[2])  # what top, ps and the benchmark's CPU by thread call it
+    # the collector's stop (SIGTERM from systemd to the whole unit, Ctrl-C to the terminal's
+    # process group) ends its readers first and then this relay, by closing the control socket
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    relay = _Relay(socket.socket(fileno=int(argv[1])))
+    relay.ctrl.send(b"r")
+    relay.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,168 @@
+"""The stamp relay (handlers/relay.py): the process that reads the WebSocket connections'
+sockets as bytes arrive. Real TCP connections on 127.0.0.1, a real relay process; what is
+asserted is what the collector's readers get: the bytes, in order, and their stamps."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import socket
+import threading
+import time
+
+import pytest
+
+from handlers import stamped
+from handlers.relay import HOLD_LIMIT, StampRelay
+
+pytestmark = pytest.mark.skipif(not stamped.StampedSocket(socket.socket()).kernel,
+                                reason="needs the kernel's receive stamps (Linux)")
+
+
+class Server:
+    """One TCP connection's server side, driven by the test."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"ws://127.0.0.1:{self.listener.getsockname()[1]}/"
+        self.conn: socket.socket | None = None
+        self.accepted = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        self.conn, _ = self.listener.accept()
+        self.accepted.set()
+
+    def send(self, data: bytes) -> tuple[int, int]:
+        """µs before and after the bytes were handed to the kernel (on loopback, in the
+        peer's socket when the call returns)."""
+        assert self.accepted.wait(5) and self.conn is not None
+        before = stamped.wall_us()
+        self.conn.sendall(data)
+        return before, stamped.wall_us()
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.listener.close()
+
+
+@pytest.fixture
+def relay():
+    r = StampRelay("stamp-relay-t")
+    yield r
+    r.close()
+
+
+def read_exactly(sock: stamped.StampedSocket, n: int) -> list[tuple[bytes, int]]:
+    out, got = [], 0
+    while got < n:
+        data = sock.recv(1 << 16)
+        assert data, "closed early"
+        out.append((data, sock.stamp_us))
+        got += len(data)
+    return out
+
+
+@pytest.mark.parametrize("relayed", [True, False])
+def test_bytes_keep_their_arrival_time_while_the_reader_is_late(relay, relayed):
+    server = Server()
+    sock = stamped.connect(server.url, timeout=5, relay=relay if relayed else None)
+    try:
+        assert (sock.relayed is not None) == relayed
+        a_sent = server.send(b"a" * 100)
+        time.sleep(1.0)  # the relay has long read A
+        b_sent = server.send(b"b" * 100)
+        time.sleep(0.3)  # the reader comes late: both writes wait for it
+        reads = read_exactly(sock, 200)
+    finally:
+        sock.close()
+        server.close()
+    if relayed:  # two reads, each with its own write's arrival time
+        assert [data for data, _ in reads] == [b"a" * 100, b"b" * 100]
+        (_, a_stamp), (_, b_stamp) = reads
+        assert a_sent[0] <= a_stamp <= a_sent[1]
+        assert b_sent[0] <= b_stamp <= b_sent[1]
+    else:  # the reader's own late read: A takes B's arrival time (what the relay is for)
+        assert reads == [(b"a" * 100 + b"b" * 100, reads[0][1])]
+        assert b_sent[0] <= reads[0][1] <= b_sent[1]
+
+
+def test_a_reader_that_stops_reading_holds_the_sender_back_and_loses_nothing(relay):
+    """The relay holds at most HOLD_LIMIT for a reader that does not read, then leaves the
+    bytes in TCP: the sender waits (back-pressure), and every byte arrives in order."""
+    size = 64 << 20
+    payload = bytes(range(256)) * (size // 256)
+    server = Server()
+    sock = stamped.connect(server.url, timeout=10, relay=relay)
+    done = threading.Event()
+
+    def send() -> None:
+        server.send(payload)
+        done.set()
+
+    threading.Thread(target=send, daemon=True).start()
+    try:
+        time.sleep(2.0)
+        # TCP's buffers, the pair's and the relay's HOLD_LIMIT hold far less than 64 MiB
+        assert not done.is_set()
+        assert size > 8 * HOLD_LIMIT
+        digest, got = hashlib.sha256(), 0
+        while got < size:
+            data = sock.recv(1 << 16)
+            assert data
+            digest.update(data)
+            got += len(data)
+        assert got == size and digest.digest() == hashlib.sha256(payload).digest()
+        assert done.wait(10)
+    finally:
+        sock.close()
+        server.close()
+
+
+def test_the_peer_closing_and_the_reader_closing_both_end_the_connection(relay):
+    server = Server()
+    sock = stamped.connect(server.url, timeout=5, relay=relay)
+    server.send(b"last words")
+    assert server.conn is not None
+    server.conn.shutdown(socket.SHUT_WR)
+    assert read_exactly(sock, 10)[0][0] == b"last words"
+    assert sock.recv(100) == b""  # the peer's close, as a socket reports it
+    sock.close()
+    # the relay let go of its copy of the socket too: the server sees the connection end
+    server.conn.settimeout(5)
+    assert server.conn.recv(100) == b""
+    server.close()
+
+
+def test_a_relay_that_died_is_replaced_and_its_connections_end(relay, caplog):
+    server = Server()
+    sock = stamped.connect(server.url, timeout=5, relay=relay)
+    first = relay._proc
+    assert first is not None
+    first.kill()
+    first.wait()
+    with pytest.raises(ConnectionResetError, match="stamp relay"):
+        sock.recv(100)  # the reader's error: its supervisor reconnects
+    sock.close()
+    server.close()
+    with caplog.at_level(logging.INFO, logger="handlers.relay"):
+        again = Server()
+        sock = stamped.connect(again.url, timeout=5, relay=relay)
+        assert sock.relayed is not None and relay._proc is not None and relay._proc.pid != first.pid
+        again.send(b"hello")
+        assert read_exactly(sock, 5)[0][0] == b"hello"
+        sock.close()
+        again.close()
+    assert "stamp-relay-t exited (status -9); starting another" in caplog.text
+
+
+def test_the_relay_ends_when_the_collector_lets_go():
+    relay = StampRelay("stamp-relay-t")
+    server = Server()
+    sock = stamped.connect(server.url, timeout=5, relay=relay)
+    proc = relay._proc
+    assert proc is not None
+    relay.close()  # what stop_all does once every reader ended
+    assert proc.returncode == 0
+    sock.close()
+    server.close()
