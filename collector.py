@@ -41,7 +41,7 @@ from service import metrics  # noqa: E402
 from service import status as state_file  # noqa: E402
 from service.logs import setup_logging  # noqa: E402
 from service.loop import MainLoop  # noqa: E402
-from service.memory import check_arrow_pool, tune_gc, tune_gil, tune_memory  # noqa: E402
+from service.memory import check_arrow_pool, tune_gc, tune_memory  # noqa: E402
 from storage.compact import Compactor  # noqa: E402
 from storage.files import clean_temp_files  # noqa: E402
 from storage.upload_job import UploadJob  # noqa: E402
@@ -91,7 +91,6 @@ def run(cfg: config_mod.Config, market: str | None = None) -> int:
     pipelines = [build_market(r.cfg, c, stop, session, r.weight_limit, run_id, trading=r.trading, relays=relays)
                  for r in resolved]
     tune_gc()
-    tune_gil()
     tune_memory()
     check_arrow_pool()
     for p in pipelines:

@@ -8,6 +8,12 @@ p99 (BENCHMARKS.md). Linux records when each TCP segment reached the host; with
 a frame gets the stamp of the read that completed it: the time its last byte arrived,
 whatever the interpreter was doing then.
 
+The reads themselves are the stamp relay's (`handlers.relay`), a process that reads the
+socket as soon as bytes arrive: a read made late by a reader waiting for the GIL would
+give the bytes that waited the stamp of the newest ones. `StampedSocket` then reads the
+relay's records, each with the stamp of the relay's read, and writes to the socket
+itself; without a relay it reads the socket.
+
 `ssl.SSLSocket` cannot `recvmsg()`, so TLS runs over memory BIOs (`ssl.SSLObject`):
 ciphertext is read here with its stamp, OpenSSL decrypts it. Certificates and host
 names are verified exactly as `ssl.create_default_context()` does, with certifi's CAs.

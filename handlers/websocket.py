@@ -5,7 +5,8 @@ A reader does the least work possible per frame (the hot path only stamps and ha
 `received_time` in µs, put `(WS, received_us, conn_id, [bytes, ...])` on the market's
 queue: every frame one socket read completed, in one item (one hand-over a read rather
 than one a frame). The stamp is the kernel's receive time of the read that completed the
-frames (`handlers.stamped`): exact even while the interpreter is busy elsewhere.
+frames (`handlers.stamped`), a read made by the stamp relay's process (`handlers.relay`)
+as the bytes arrived: exact even while the interpreter is busy elsewhere.
 websocket-client answers server pings itself inside `recv_data()` with the ping's
 payload, as Binance requires.
 

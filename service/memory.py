@@ -8,7 +8,6 @@ import ctypes.util
 import gc
 import logging
 import os
-import sys
 
 log = logging.getLogger("collector")
 
@@ -23,18 +22,6 @@ def tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
-
-
-SWITCH_INTERVAL = 0.0001  # s; Python's default is 0.005
-
-
-def tune_gil() -> None:
-    """A reader stamps the frames a read completes with the kernel's arrival time of the
-    newest bytes it read, so the longer a reader waits for the GIL, the more arrivals
-    one read gathers and the later its first frames are stamped. Handing the GIL over
-    every 0.1 ms instead of every 5 ms, at 40,000 msgs/s: stamp delay p99 10.7-13.4 ms ->
-    4.2-5.7 ms, CPU a message within the box's noise (BENCHMARKS.md, Stamp delay under load)."""
-    sys.setswitchinterval(SWITCH_INTERVAL)
 
 
 def tune_memory() -> None:
