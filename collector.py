@@ -87,7 +87,7 @@ def run(cfg: config_mod.Config, market: str | None = None) -> int:
             log.warning("recovered rows from the journal after an unclean stop market=%s rows=%s", m.name, recovered)
     run_id = now_us()
     # copy k of every batch is read by relay k: a relay that fails takes one copy down, never all
-    relays = [StampRelay(f"stamp-relay-{'abc'[k]}") for k in range(c.ws_redundancy)]
+    relays = [StampRelay(f"stamp-relay-{'abc'[k]}") for k in range(c.ws_redundancy)] if c.stamp_relay else []
     pipelines = [build_market(r.cfg, c, stop, session, r.weight_limit, run_id, trading=r.trading, relays=relays)
                  for r in resolved]
     tune_gc()

@@ -39,6 +39,7 @@ class CollectorConfig:
     log_level: str
     shard: tuple[int, int] = (1, 1)  # (i, n): this host records shard i of n of every market's symbols
     clock_max_offset_ms: float = 100.0  # the local clock this far off the exchange's is a warning
+    stamp_relay: bool = True  # sockets read by relay processes (exact stamps under load), or by their readers
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ _COLLECTOR_DEFAULTS = {
     "log_level": "info",
     "shard": "1/1",
     "clock_max_offset_ms": "100",
+    "stamp_relay": "true",
 }
 _MARKET_KEYS = {
     "enabled", "symbols", "ws_url", "rest_url", "diff_speed", "partial_levels",
@@ -251,6 +253,7 @@ def _collector(s: _Section) -> CollectorConfig:
         log_level=s.choice("log_level", d["log_level"], _LOG_LEVELS),
         shard=_shard(s, d["shard"]),
         clock_max_offset_ms=s.number("clock_max_offset_ms", d["clock_max_offset_ms"], 1, 600_000),
+        stamp_relay=s.boolean("stamp_relay", d["stamp_relay"]),
     )
 
 

@@ -304,16 +304,16 @@ def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
 def stamp_delays(root: Path, sent: dict, since_us: int, until_us: int) -> dict[str, float]:
     """How late the diff rows received in the window were stamped, in ms, against the
     simulator's writes of the same frame (found by its E and the connections carrying its
-    symbol):
-    - delay: received_time - the moment the simulator began that tick's writes (what the
-      collector's users see, the simulator's own write time included);
-    - late: received_time - the end of the write to the frame's connection (to the latest
-      of them, with redundant connections), 0 if not after it. On loopback the bytes are
-      in the collector's socket when the write returns, so this bounds the stamp's own
-      error: a frame stamped after its write ended was stamped with a later arrival;
-    - sim_write: the end of that write - the tick's start (the simulator's share).
+    symbol). On loopback a frame reaches the collector's socket during the write to its
+    connection, so a stamp's own error lies between two bounds:
+    - late (at least): received_time - the end of that write (of the latest of them, with
+      redundant connections), 0 if not after it;
+    - since_write (at most): received_time - the start of that write (the earliest);
+    - delay: received_time - the moment the simulator began the tick's writes, to every
+      connection (what the collector's users would see, the simulator's own time included);
+    - sim_write: the end of the frame's write - the tick's start (the simulator's share).
     p50 and p99 of each, and late's p99.9 and maximum."""
-    delay, late, sim_write = [], [], []
+    delay, late, since_write, sim_write = [], [], [], []
     for market in MARKET_NAMES:
         stats = sent.get(market, {})
         folder = root / market / "diff_orderbooks"
@@ -328,12 +328,14 @@ def stamp_delays(root: Path, sent: dict, since_us: int, until_us: int) -> dict[s
             if e not in sent_us or not since_us <= rec < until_us:
                 continue
             delay.append(rec - sent_us[e])
-            ends = [w[1] for c in conns.get(sym, ()) if (w := writes.get(e, {}).get(str(c)))]
-            if ends:
-                late.append(max(0, rec - max(ends)))
-                sim_write.append(max(ends) - sent_us[e])
+            spans = [w for c in conns.get(sym, ()) if (w := writes.get(e, {}).get(str(c)))]
+            if spans:
+                end = max(w[1] for w in spans)
+                late.append(max(0, rec - end))
+                since_write.append(rec - min(w[0] for w in spans))
+                sim_write.append(end - sent_us[e])
     out = {}
-    for name, values in (("delay", delay), ("late", late), ("sim_write", sim_write)):
+    for name, values in (("delay", delay), ("late", late), ("since_write", since_write), ("sim_write", sim_write)):
         v = np.array(values, dtype=float) / 1000 if values else np.array([np.nan])
         out[f"{name}_p50_ms"], out[f"{name}_p99_ms"] = np.percentile(v, 50), np.percentile(v, 99)
         if name == "late":

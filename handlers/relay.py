@@ -30,7 +30,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import selectors
+import select
 import signal
 import socket
 import struct
@@ -178,42 +178,41 @@ class _Conn:
         self.held_bytes = 0
         self.reading = True
         self.ended = False  # the end record is queued
-        self.closed = False
-
-
-def _kernel_stamp(anc: list) -> int:
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS and len(payload) >= 16:
-            sec, ns = struct.unpack_from("@qq", payload)
-            return sec * 1_000_000 + ns // 1000
-    return time.time_ns() // 1000
 
 
 _SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
+_TIMESPEC = struct.Struct("@qq")
 
 
 class _Relay:
+    """The relay's loop: epoll over the control socket, every connection's TCP socket (to
+    read) and its end of the pair (to notice the collector closing it; to write when a
+    record did not fit)."""
+
     def __init__(self, ctrl: socket.socket):
         self.ctrl = ctrl
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(ctrl, selectors.EVENT_READ, None)
-        self.anc = socket.CMSG_SPACE(16)
+        self.poll = select.epoll()
+        self.poll.register(ctrl.fileno(), select.EPOLLIN)
+        self.by_fd: dict[int, tuple[_Conn, bool]] = {}  # fd -> (connection, is its TCP socket)
+        self.anc = socket.CMSG_SPACE(_TIMESPEC.size)
 
     def run(self) -> None:
+        ctrl, by_fd, read = self.ctrl.fileno(), self.by_fd, self._read
         while True:
-            for key, events in self.sel.select():
-                if key.data is None:
+            for fd, events in self.poll.poll():
+                if fd == ctrl:
                     if not self._accept():
                         return
                     continue
-                conn, which = key.data
-                if conn.closed:
-                    continue
-                if which == "tcp":
-                    self._read(conn)
-                elif events & selectors.EVENT_READ and not self._collector_open(conn):
+                entry = by_fd.get(fd)
+                if entry is None:
+                    continue  # dropped by an earlier event of this round
+                conn, tcp = entry
+                if tcp:
+                    read(conn)
+                elif events & select.EPOLLIN and not self._collector_open(conn):
                     self._drop(conn)
-                elif events & selectors.EVENT_WRITE:
+                elif events & select.EPOLLOUT:
                     self._flush(conn)
 
     def _accept(self) -> bool:
@@ -223,8 +222,10 @@ class _Relay:
         tcp, pipe = socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])
         pipe.setblocking(False)  # the relay's own end; the TCP socket's flags are the collector's
         conn = _Conn(tcp, pipe)
-        self.sel.register(tcp, selectors.EVENT_READ, (conn, "tcp"))
-        self.sel.register(pipe, selectors.EVENT_READ, (conn, "pipe"))
+        self.by_fd[tcp.fileno()] = (conn, True)
+        self.by_fd[pipe.fileno()] = (conn, False)
+        self.poll.register(tcp.fileno(), select.EPOLLIN)
+        self.poll.register(pipe.fileno(), select.EPOLLIN)
         return True
 
     def _read(self, conn: _Conn) -> None:
@@ -238,36 +239,59 @@ class _Relay:
         if not data:
             self._end(conn, 0)
             return
-        self._send(conn, RECORD.pack(_kernel_stamp(anc), len(data)) + data)
+        stamp = 0
+        if anc:
+            level, kind, payload = anc[0]
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                sec, ns = _TIMESPEC.unpack_from(payload)
+                stamp = sec * 1_000_000 + ns // 1000
+        if not stamp:
+            stamp = time.time_ns() // 1000  # no stamp for this read: now
+        if conn.held:
+            self._send(conn, RECORD.pack(stamp, len(data)) + data)
+            return
+        try:  # the common case: header and bytes straight into the pair, not copied here
+            n = conn.pipe.sendmsg((RECORD.pack(stamp, len(data)), data))
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self._drop(conn)
+            return
+        if n < RECORD.size + len(data):
+            self._hold(conn, (RECORD.pack(stamp, len(data)) + data)[n:])
 
     def _end(self, conn: _Conn, code: int) -> None:
         if conn.reading:
-            self.sel.unregister(conn.tcp)
+            self.poll.unregister(conn.tcp.fileno())
             conn.reading = False
         conn.ended = True
         self._send(conn, RECORD.pack(code, 0))
 
     def _send(self, conn: _Conn, record: bytes) -> None:
         if conn.held:
-            conn.held.append(record)
-            conn.held_bytes += len(record)
-        else:
-            try:
-                n = conn.pipe.send(record)
-            except BlockingIOError:
-                n = 0
-            except OSError:
-                self._drop(conn)
-                return
-            if n < len(record):
-                conn.held.append(record[n:])
-                conn.held_bytes += len(record) - n
-                self.sel.modify(conn.pipe, selectors.EVENT_READ | selectors.EVENT_WRITE, (conn, "pipe"))
-        if conn.held_bytes > HOLD_LIMIT and conn.reading:
-            self.sel.unregister(conn.tcp)  # TCP back-pressure until the collector reads again
-            conn.reading = False
-        elif conn.ended and not conn.held:
+            self._hold(conn, record)
+            return
+        try:
+            n = conn.pipe.send(record)
+        except BlockingIOError:
+            n = 0
+        except OSError:
             self._drop(conn)
+            return
+        if n < len(record):
+            self._hold(conn, record[n:])
+        elif conn.ended:
+            self._drop(conn)
+
+    def _hold(self, conn: _Conn, rest: bytes) -> None:
+        """Bytes the pair would not take now: kept, in order, until it drains."""
+        if not conn.held:
+            self.poll.modify(conn.pipe.fileno(), select.EPOLLIN | select.EPOLLOUT)
+        conn.held.append(rest)
+        conn.held_bytes += len(rest)
+        if conn.held_bytes > HOLD_LIMIT and conn.reading:
+            self.poll.unregister(conn.tcp.fileno())  # TCP back-pressure until the collector reads again
+            conn.reading = False
 
     def _flush(self, conn: _Conn) -> None:
         data = b"".join(conn.held)
@@ -283,11 +307,11 @@ class _Relay:
         conn.held_bytes = len(rest)
         if rest:
             return
-        self.sel.modify(conn.pipe, selectors.EVENT_READ, (conn, "pipe"))
+        self.poll.modify(conn.pipe.fileno(), select.EPOLLIN)
         if conn.ended:
             self._drop(conn)
         elif not conn.reading:
-            self.sel.register(conn.tcp, selectors.EVENT_READ, (conn, "tcp"))
+            self.poll.register(conn.tcp.fileno(), select.EPOLLIN)
             conn.reading = True
 
     def _collector_open(self, conn: _Conn) -> bool:
@@ -299,12 +323,13 @@ class _Relay:
             return False
 
     def _drop(self, conn: _Conn) -> None:
-        conn.closed = True
         for s in (conn.tcp, conn.pipe):
-            try:
-                self.sel.unregister(s)
-            except (KeyError, ValueError):
-                pass
+            fd = s.fileno()
+            if fd >= 0 and self.by_fd.pop(fd, None) is not None:
+                try:
+                    self.poll.unregister(fd)
+                except (KeyError, ValueError, OSError):
+                    pass  # the TCP socket was not being read (held back)
             s.close()
 
 

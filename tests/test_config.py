@@ -66,6 +66,7 @@ def test_shipped_config_is_valid():
     ("collector", "ws_redundancy = 0", "ws_redundancy", "is outside 1..3"),
     ("collector", "ws_redundancy = two", "ws_redundancy", "is not an integer"),
     ("collector", "compact_memory_mb = 8", "compact_memory_mb", "outside"),
+    ("collector", "stamp_relay = sometimes", "stamp_relay", "is not true or false"),
     ("upload", "checksums = md5", "checksums", "is not one of sha256, none"),
     ("upload", "part_size_mb = 2", "part_size_mb", "outside"),
     ("upload", "bucket = x", "bucket", "unknown key"),

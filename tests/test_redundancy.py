@@ -226,3 +226,10 @@ def test_a_stamp_relay_killed_costs_one_copy_of_each_batch_and_nothing_else(tmp_
     assert "stamp-relay-a exited (status -9); starting another" in proc.log
     assert "stamp-relay-b exited" not in proc.log
     assert "connections=2/2 degraded=none" in last_status(proc.log, "spot")
+
+
+def test_without_the_stamp_relay_the_readers_read_their_sockets(tmp_path):
+    sim, proc = record(tmp_path, lambda sim, proc: None, seconds=2, collector_kw=dict(stamp_relay="false"))
+    for m in sim.markets():
+        assert check_run(m, tmp_path / "data", allow_gaps=False)["delivered"] > 50
+    assert "stamp-relay" not in proc.log
