@@ -82,7 +82,12 @@ class StampedSocket:
         if context is not None:
             self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
             self.tls = context.wrap_bio(self._in, self._out, server_hostname=server_hostname)
-            self._handshake()
+            try:
+                self._handshake()
+            except BaseException:
+                if self.relayed is not None:
+                    self.relayed.pipe.close()  # the caller closes the TCP socket
+                raise
 
     # -- the raw reads ------------------------------------------------------------------
 
