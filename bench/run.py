@@ -280,7 +280,10 @@ def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
          **delays, "lost_diffs": lost,
          "disk_B/msg": disk, "zstd19_B/msg": raw, "exit": rc,
          # simulator ticks (10 ms) skipped rather than sent late in a burst, over the whole run
-         "sim_skipped_ticks": sum(m.get("skipped_ticks", 0) for m in sent.values())}
+         "sim_skipped_ticks": sum(m.get("skipped_ticks", 0) for m in sent.values()),
+         # writes TCP did not take at once (the collector not reading): their frames arrived
+         # after the write ended, so late / since_write do not bound their stamps
+         "sim_held_writes": sum(m.get("held_writes", 0) for m in sent.values())}
     if args.universe:
         # from launch to every connection up and delivering, and the most REST weight the
         # exchange counted in any minute (per market: its limit is per market)

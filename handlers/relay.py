@@ -4,10 +4,10 @@ moment bytes arrive, and hands them on, each read with its kernel receive time.
 Why a process. A read's stamp is the kernel's arrival time of the newest bytes it returns
 (`handlers.stamped`), so frames that wait in the socket for their reader take the stamp of
 whatever arrived after them. A reader thread of the collector waits for the GIL behind the
-processor, the writers and the other readers; at 40,000 msgs/s that wait made stamps 4-6 ms
-late at p99, 36 ms at worst (BENCHMARKS.md, Stamp relay). The relay is one thread in its own interpreter, whose only work is to read and
-forward, so nothing but the operating system's scheduler stands between an arrival and its
-read.
+processor, the writers and the other readers; at 40,000 msgs/s that wait made stamps 4-6
+ms late at p99, 36 ms at worst (BENCHMARKS.md, Stamp relay). The relay is one thread in
+its own interpreter, whose only work is to read and forward, so nothing but the operating
+system's scheduler stands between an arrival and its read.
 
     collector process                                 relay process (python -m handlers.relay)
     reader thread: connect TCP ── send_fds ─────────► registers the socket (epoll)

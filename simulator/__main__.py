@@ -54,7 +54,7 @@ async def serve(args: argparse.Namespace) -> None:
                                    "offered_per_s": sim.load.offered_per_s() if sim.load else 0.0,
                                    "weight_by_minute": sim.weight_by_minute,
                                    "skipped_ticks": sim.load.skipped_ticks if sim.load else 0,
-                                   "held_ticks": sim.load.held_ticks if sim.load else 0,
+                                   "held_writes": sim.load.held_writes if sim.load else 0,
                                    "writes": sim.load.writes if sim.load else {},
                                    "symbol_conns": {s: sorted(c) for s, c in sim.load.symbol_conns.items()}
                                    if sim.load else {},

@@ -70,7 +70,7 @@ class LoadEngine:
         # symbol: the benchmark's bounds on when each frame arrived
         self.writes: dict[int, dict[int, tuple[int, int]]] = {}
         self.symbol_conns: dict[str, set[int]] = {}
-        self.held_ticks = 0  # writes TCP could not take at once (a reader behind)
+        self.held_writes = 0  # writes TCP could not take at once (a reader behind: the bounds do not hold)
         self.frames = 0
         self.skipped_ticks = 0
         self._slices: list[list[Stream]] = []
@@ -191,7 +191,7 @@ class LoadEngine:
                 # on loopback the bytes are in the reader's socket when the write returns,
                 # unless TCP held some back for a reader whose window was full
                 writes[id(conn)] = (start, time.time_ns() // 1000)
-                self.held_ticks += conn.transport.get_write_buffer_size() > 0
+                self.held_writes += conn.transport.get_write_buffer_size() > 0
                 self.frames += len(frames)
         if first:
             self.sent_us[now_ms] = sent_us
