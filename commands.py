@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import config as config_mod
-from handlers.stamped import wall_us as now_us
+from handlers.timestamps import wall_us as now_us
 from service import status as state_file
 from storage.compact import CompactionFailed, compact_all
 from storage.upload_job import make_uploader

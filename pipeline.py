@@ -24,7 +24,7 @@ from handlers.inbox import SYMBOLS, Inbox
 from handlers.listings import ListingWatcher, Removed
 from handlers.relay import StampRelay
 from handlers.snapshots import Snapshotter, WeightBudget
-from handlers.stamped import wall_us
+from handlers.timestamps import wall_us
 from handlers.websocket import AttemptLimiter, BatchCopies, StreamBatch
 from service.counters import Counters
 from storage.compact import Compactor

@@ -39,6 +39,8 @@ import sys
 import threading
 import time
 
+from handlers.timestamps import ANC_SPACE, stamp_of
+
 log = logging.getLogger(__name__)
 
 RECORD = struct.Struct("<qI")
@@ -180,10 +182,6 @@ class _Conn:
         self.ended = False  # the end record is queued
 
 
-_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
-_TIMESPEC = struct.Struct("@qq")
-
-
 class _Relay:
     """The relay's loop: epoll over the control socket, every connection's TCP socket (to
     read) and its end of the pair (to notice the collector closing it; to write when a
@@ -194,7 +192,6 @@ class _Relay:
         self.poll = select.epoll()
         self.poll.register(ctrl.fileno(), select.EPOLLIN)
         self.by_fd: dict[int, tuple[_Conn, bool]] = {}  # fd -> (connection, is its TCP socket)
-        self.anc = socket.CMSG_SPACE(_TIMESPEC.size)
 
     def run(self) -> None:
         ctrl, by_fd, read = self.ctrl.fileno(), self.by_fd, self._read
@@ -230,7 +227,7 @@ class _Relay:
 
     def _read(self, conn: _Conn) -> None:
         try:
-            data, anc, _, _ = conn.tcp.recvmsg(READ_SIZE, self.anc, socket.MSG_DONTWAIT)
+            data, anc, _, _ = conn.tcp.recvmsg(READ_SIZE, ANC_SPACE, socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
@@ -239,14 +236,7 @@ class _Relay:
         if not data:
             self._end(conn, 0)
             return
-        stamp = 0
-        if anc:
-            level, kind, payload = anc[0]
-            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
-                sec, ns = _TIMESPEC.unpack_from(payload)
-                stamp = sec * 1_000_000 + ns // 1000
-        if not stamp:
-            stamp = time.time_ns() // 1000  # no stamp for this read: now
+        stamp = stamp_of(anc)
         if conn.held:
             self._send(conn, RECORD.pack(stamp, len(data)) + data)
             return

@@ -28,9 +28,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-import struct
 import sys
-import time
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,17 +36,7 @@ import certifi
 from websocket._url import get_proxy_info
 
 from handlers.relay import RelayedReads, StampRelay
-
-# <asm-generic/socket.h>: SO_TIMESTAMPNS_OLD == SCM_TIMESTAMPNS on the usual 64-bit
-# Linux ports (x86_64, arm64, riscv64, ...); Python does not export the name.
-SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
-_TIMESPEC = struct.Struct("@qq")
-_ANC_SPACE = socket.CMSG_SPACE(_TIMESPEC.size) if hasattr(socket, "CMSG_SPACE") else 0
-
-
-def wall_us() -> int:
-    """The local clock in µs since the epoch (the collector's clock)."""
-    return time.time_ns() // 1000
+from handlers.timestamps import ANC_SPACE, SO_TIMESTAMPNS, stamp_of, wall_us
 
 
 def tls_context() -> ssl.SSLContext:
@@ -67,7 +55,7 @@ class StampedSocket:
         self.stamp_us = 0
         self.kernel = False
         self.relayed: RelayedReads | None = None
-        if sys.platform.startswith("linux") and _ANC_SPACE:
+        if sys.platform.startswith("linux") and ANC_SPACE:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
                 self.kernel = True
@@ -99,14 +87,8 @@ class StampedSocket:
             data = self.sock.recv(n)
             self.stamp_us = wall_us()
             return data
-        data, anc, _, _ = self.sock.recvmsg(n, _ANC_SPACE)
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(payload) >= _TIMESPEC.size:
-                sec, ns = _TIMESPEC.unpack_from(payload)
-                self.stamp_us = sec * 1_000_000 + ns // 1000
-                break
-        else:
-            self.stamp_us = wall_us()  # no stamp for this read (e.g. only a FIN): now
+        data, anc, _, _ = self.sock.recvmsg(n, ANC_SPACE)
+        self.stamp_us = stamp_of(anc)
         return data
 
     def _flush_tls(self) -> None:

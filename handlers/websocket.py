@@ -41,6 +41,7 @@ from handlers import stamped
 from handlers.backoff import backoff_delay
 from handlers.inbox import WS, Inbox, Item
 from handlers.relay import StampRelay
+from handlers.timestamps import wall_us
 from service.threads import PipelineThread, name_os_thread
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ class Reader(threading.Thread):
     def _read(self, ws: websocket.WebSocket, ahead: ReadAhead) -> None:
         recv, fast, now_us, put, out = ws.recv_data, ahead.data_frames, self.now_us, self._put, self.out
         # the kernel's stamp, unless a test runs the collector on its own clock
-        sock = self._sock if self.now_us is stamped.wall_us else None  # None also through a proxy
+        sock = self._sock if self.now_us is wall_us else None  # None also through a proxy
         conn_id, stats, monotonic = self.conn_id, self.stats, time.monotonic
         first = True
         while True:
