@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 
-from handlers.timestamps import ANC_SPACE, stamp_of
+from handlers.timestamps import ANC_SPACE, stamp_of, wall_us
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class RelayedReads:
             self._pos += RECORD.size
             if stamp < 0:
                 raise OSError(-stamp, os.strerror(-stamp))
-            return b"", time.time_ns() // 1000
+            return b"", wall_us()  # the close itself carries no stamp
         self._fill(RECORD.size + size)
         start = self._pos + RECORD.size
         self._pos = start + size
@@ -236,19 +236,19 @@ class _Relay:
         if not data:
             self._end(conn, 0)
             return
-        stamp = stamp_of(anc)
+        header = RECORD.pack(stamp_of(anc), len(data))
         if conn.held:
-            self._send(conn, RECORD.pack(stamp, len(data)) + data)
+            self._hold(conn, header + data)
             return
         try:  # the common case: header and bytes straight into the pair, not copied here
-            n = conn.pipe.sendmsg((RECORD.pack(stamp, len(data)), data))
+            n = conn.pipe.sendmsg((header, data))
         except BlockingIOError:
             n = 0
         except OSError:
             self._drop(conn)
             return
-        if n < RECORD.size + len(data):
-            self._hold(conn, (RECORD.pack(stamp, len(data)) + data)[n:])
+        if n < len(header) + len(data):
+            self._hold(conn, (header + data)[n:])
 
     def _end(self, conn: _Conn, code: int) -> None:
         if conn.reading:
