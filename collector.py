@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
-"""Binance Spot + USD-M order-book recorder.
+"""Binance Spot, USD-M and COIN-M order-book recorder.
 
 This module only wires: parse the command line, load the config, set up logging and
 signals, start the pipelines, wait, stop. The commands' bodies are in `commands.py`,
-a market's threads in `pipeline.py`; README.md has the thread diagram.
+a market's threads in `pipeline.py`, who starts, watches and stops them in
+`service/supervisor.py`; docs/architecture.md has the sketch of threads and processes.
 """
 from __future__ import annotations
 
@@ -32,16 +33,18 @@ import requests  # noqa: E402
 import commands  # noqa: E402
 import config as config_mod  # noqa: E402
 from commands import EXIT_CONFIG, EXIT_FAIL, EXIT_OK  # noqa: E402
-from handlers.exchange import ExchangeUnavailable  # noqa: E402
-from handlers.recovery import recover  # noqa: E402
-from handlers.relay import StampRelay  # noqa: E402
+from handlers.ingest.relay import StampRelay  # noqa: E402
+from handlers.ingest.websocket import relay_name  # noqa: E402
+from handlers.process.recovery import recover  # noqa: E402
+from handlers.rest.exchange import ExchangeUnavailable, resolve_symbols  # noqa: E402
 from markets import MARKETS  # noqa: E402
-from pipeline import build_market, now_us, resolve_symbols, stop_all  # noqa: E402
+from pipeline import build_market, now_us  # noqa: E402
 from service import metrics  # noqa: E402
 from service import status as state_file  # noqa: E402
 from service.logs import setup_logging  # noqa: E402
 from service.loop import MainLoop  # noqa: E402
 from service.memory import check_arrow_pool, tune_gc, tune_memory  # noqa: E402
+from service.supervisor import Supervisor  # noqa: E402
 from storage.compact import Compactor  # noqa: E402
 from storage.files import clean_temp_files  # noqa: E402
 from storage.upload_job import UploadJob  # noqa: E402
@@ -86,40 +89,42 @@ def run(cfg: config_mod.Config, market: str | None = None) -> int:
         if recovered:
             log.warning("recovered rows from the journal after an unclean stop market=%s rows=%s", m.name, recovered)
     run_id = now_us()
+    supervisor = Supervisor(stop)  # starts, watches and stops everything below, in its documented order
     # copy k of every batch is read by relay k: a relay that fails takes one copy down, never all
-    relays = [StampRelay(f"stamp-relay-{'abc'[k]}") for k in range(c.ws_redundancy)] if c.stamp_relay else []
-    pipelines = [build_market(r.cfg, c, stop, session, r.weight_limit, run_id, trading=r.trading, relays=relays)
-                 for r in resolved]
+    relays = [StampRelay(relay_name(k)) for k in range(c.ws_redundancy)] if c.stamp_relay else []
+    for relay in relays:
+        supervisor.add_helper(relay)
+    pipelines = [build_market(r.cfg, c, stop, session, r.weight_limit, run_id, trading=r.trading, relays=relays,
+                              supervisor=supervisor) for r in resolved]
+    compactor = Compactor(c.data_dir, c.compression_level, stop, now_us, grace_s=c.flush_interval + 20,
+                          memory_budget=c.compact_memory_mb << 20)
+    supervisor.add("compactor", compactor)
+    uploader = UploadJob(cfg, stop) if uploads else None
+    if uploader is not None:
+        supervisor.add("uploader", uploader)
+        uploader.kick.set()
     tune_gc()
     tune_memory()
     check_arrow_pool()
     for p in pipelines:
         log.info("recording market=%s symbols=%d connections=%d data_dir=%s",
                  p.cfg.name, len(p.cfg.symbols), len(p.batches), c.data_dir)
-        p.start()
-    compactor = Compactor(c.data_dir, c.compression_level, stop, now_us, grace_s=c.flush_interval + 20,
-                          memory_budget=c.compact_memory_mb << 20)
-    compactor.start()
-    uploader = UploadJob(cfg, stop) if uploads else None
-    if uploader is not None:
-        uploader.start()
-        uploader.kick.set()
+    supervisor.start()
     if c.metrics_listen:
         try:
-            metrics.serve(c.metrics_listen, pipelines, uploader, compactor)
+            metrics.serve(c.metrics_listen, pipelines, uploader, compactor, supervisor)
         except OSError as e:  # recording matters more than its metrics
             log.error("metrics endpoint %s not started: %s", c.metrics_listen, e)
-    loop = MainLoop(pipelines, cfg, now_us, uploader, state_name=state_file.name_for(market))
+    loop = MainLoop(pipelines, cfg, now_us, supervisor, uploader, state_name=state_file.name_for(market))
     while not stop.wait(0.5):
         dead = loop.tick()
         if dead:
-            log.critical("pipeline thread died: %s; stopping so that systemd restarts us", dead)
-            stop.set()
+            log.critical("thread died: %s; stopping so that systemd restarts us", dead)
             loop.stopping()
-            stop_all(pipelines, compactor)
+            supervisor.shutdown()
             return EXIT_FAIL
     loop.stopping()
-    clean = stop_all(pipelines, compactor)
+    clean = supervisor.shutdown()
     loop.final_status()
     log.info("stopped cleanly" if clean else "stopped; some threads did not finish")
     return EXIT_OK if clean else EXIT_FAIL

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import config as config_mod
-from handlers.timestamps import wall_us as now_us
+from handlers.ingest.timestamps import wall_us as now_us
 from service import status as state_file
 from storage.compact import CompactionFailed, compact_all
 from storage.upload_job import make_uploader
@@ -147,7 +147,7 @@ def replay(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from research import replay as replay_mod
+    from serve import replay as replay_mod
     from storage.upload import UploadError
 
     if args.speed < 0:

@@ -68,6 +68,11 @@ class MarketConfig:
     def name(self) -> str:
         return self.market.name
 
+    def streams_of(self, symbol: str) -> list[str]:
+        """The streams that record `symbol`: its diff stream and its partial depth stream."""
+        m = self.market
+        return [m.diff_stream(symbol, self.diff_speed), m.partial_stream(symbol, self.partial_levels, self.partial_speed)]
+
 
 @dataclass(frozen=True)
 class UploadSettings:

@@ -8,6 +8,7 @@ rest stays generic and a new market is a new row.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -28,6 +29,10 @@ _FUTURES_DEPTH_WEIGHTS = {5: 2, 10: 2, 20: 2, 50: 2, 100: 5, 500: 10, 1000: 20}
 
 def _futures_depth_weight(limit: int) -> int:
     return _FUTURES_DEPTH_WEIGHTS[limit]
+
+
+# a depth stream's name: (symbol in lower case, partial levels or None for diffs, speed suffix or None)
+STREAM_NAME = re.compile(r"^([a-z0-9_]+)@depth(5|10|20)?(?:@(\d+ms))?$")
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,7 @@ class Market:
         futures `u < id`."""
         return u < snapshot_id if self.chains_by_pu else u <= snapshot_id
 
+    # A symbol's stream names are built here and read back with STREAM_NAME, nowhere else.
     def diff_stream(self, symbol: str, speed: str) -> str:
         return f"{symbol.lower()}@depth{self.diff_speeds[speed]}"
 

@@ -1,5 +1,6 @@
-"""A market's pipeline: every thread and queue that records it, built from the config,
-the changes of its symbol set while running, and the order in which they stop.
+"""A market's pipeline: every thread and queue that records it, built from the config and
+handed to the supervisor (`service.supervisor`, which starts, watches and stops them), and
+the changes of its symbol set while running.
 
     readers (ws-<market>-<batch><copy>) ─┐
     snapshot-<market> (REST pool) ───────┼─► inbox ─► processor-<market> ─► writer-<market> ─► part files
@@ -11,23 +12,22 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import requests
 
 import config as config_mod
-from handlers import exchange
-from handlers.clock import ClockSampler
-from handlers.frames import FrameProcessor
-from handlers.inbox import SYMBOLS, Inbox
-from handlers.listings import ListingWatcher, Removed
-from handlers.relay import StampRelay
-from handlers.snapshots import Snapshotter, WeightBudget
-from handlers.timestamps import wall_us
-from handlers.websocket import AttemptLimiter, BatchCopies, StreamBatch
+from handlers.ingest.inbox import SYMBOLS, Inbox
+from handlers.ingest.relay import StampRelay
+from handlers.ingest.timestamps import wall_us
+from handlers.ingest.websocket import AttemptLimiter, BatchCopies, StreamBatch, copy_name
+from handlers.process.processor import FrameProcessor
+from handlers.rest.clock import ClockSampler
+from handlers.rest.listings import ListingWatcher, Removed
+from handlers.rest.snapshots import Snapshotter, WeightBudget
 from service.counters import Counters
-from storage.compact import Compactor
+from service.supervisor import Supervisor
 from storage.journal import Journal, journal_dir
 from storage.writer import STOP, PartWriter
 
@@ -55,28 +55,29 @@ class MarketPipeline:
     symbols: list[str] = field(default_factory=list)   # recorded now (the set changes with listings)
     watcher: ListingWatcher | None = None
     clock: ClockSampler | None = None
-    relays: list[StampRelay] = field(default_factory=list)  # one per copy of a batch: read its connections
-    _changing: threading.Lock = field(default_factory=threading.Lock)
+    supervisor: Supervisor | None = None
+    relays: list[StampRelay] = field(default_factory=list)  # relay k reads copy k of every batch
+    _changing: threading.Lock = field(default_factory=threading.Lock)  # one symbol change at a time
+    _lists: threading.Lock = field(default_factory=threading.Lock)     # `batches` and `groups` as they grow
 
-    def start(self) -> None:
-        self.writer.start()
-        self.processor.start()
+    def supervise(self, supervisor: Supervisor) -> None:
+        """Hand every thread to the supervisor, each in its stage (its docstring has the order)."""
+        self.supervisor = supervisor
+        supervisor.add("writer", self.writer, on_stop=self._stop_writer)
+        supervisor.add("processor", self.processor, on_stop=lambda: self.inbox.put(STOP))
+        supervisor.add("snapshots", self.snapshotter, on_stop=self.snapshotter.shutdown)
         for b in self.batches:
-            b.start()
-        self.snapshotter.start()
-        if self.watcher is not None:
-            self.watcher.start()
+            supervisor.add("readers", b)
         if self.clock is not None:
-            self.clock.start()
+            supervisor.add("clock", self.clock)
+        if self.watcher is not None:
+            supervisor.add("listings", self.watcher)
 
-    def threads(self) -> list[threading.Thread]:
-        """Every thread whose death stops the collector."""
-        threads: list[threading.Thread] = [self.processor, self.writer]
-        return threads + [t for t in (self.watcher, self.clock) if t is not None]
-
-    def streams_of(self, symbol: str) -> list[str]:
-        cfg, m = self.cfg, self.cfg.market
-        return [m.diff_stream(symbol, cfg.diff_speed), m.partial_stream(symbol, cfg.partial_levels, cfg.partial_speed)]
+    def _stop_writer(self) -> None:
+        """The processor hands the writer its STOP once it has drained; one that died or hung
+        cannot, so the writer gets it here, to write what it holds."""
+        if self.processor.failed or self.processor.is_alive():
+            self.outbox.put(STOP)
 
     def new_batch(self, streams: list[str]) -> BatchCopies:
         """A batch of streams with its `ws_redundancy` copies (started if the pipeline runs)."""
@@ -85,13 +86,15 @@ class MarketPipeline:
         group = BatchCopies(name, c.ws_redundancy, c.ws_rotate_after, ws_url=cfg.ws_url, streams=streams,
                             capacity=2 * cfg.symbols_per_connection)
         for k in range(c.ws_redundancy):
-            copy = StreamBatch(name + ("abc"[k] if c.ws_redundancy > 1 else ""), group, self.inbox, self.stop,
+            copy = StreamBatch(copy_name(name, k, c.ws_redundancy), group, self.inbox, self.stop,
                                self.now_us, c.ws_dead_after, c.ws_rotate_after, attempts=self.attempts, copy=k,
                                relay=self.relays[k] if self.relays else None)
-            self.batches.append(copy)
-            if self.processor.is_alive():
-                copy.start()
-        self.groups.append(group)
+            with self._lists:
+                self.batches.append(copy)
+            if self.supervisor is not None:
+                self.supervisor.add("readers", copy)  # started now if the pipeline runs; refused once stopping
+        with self._lists:
+            self.groups.append(group)
         return group
 
     def change_symbols(self, added: list[str], removed: Removed) -> None:
@@ -105,7 +108,7 @@ class MarketPipeline:
         with self._changing:
             if added:
                 self.inbox.put((SYMBOLS, self.now_us(), (tuple(added), ())))
-                streams = [s for sym in added for s in self.streams_of(sym)]
+                streams = [s for sym in added for s in self.cfg.streams_of(sym)]
                 for group in self.groups:
                     if not streams:
                         break
@@ -121,7 +124,7 @@ class MarketPipeline:
                 self.symbols += [s for s in added if s not in self.symbols]
             if removed:
                 gone = {sym for sym, _ in removed}
-                drop = [s for sym in gone for s in self.streams_of(sym)]
+                drop = [s for sym in gone for s in self.cfg.streams_of(sym)]
                 for group in self.groups:
                     group.change(drop=drop)
                 for sym in gone:
@@ -135,8 +138,10 @@ class MarketPipeline:
 
     def counters(self) -> Counters:
         """Every counter of this market's threads, at this moment."""
-        p, w, ss, batches = self.processor.stats, self.writer.stats, self.snapshotter.stats, self.batches
-        live_by_group = [(g, g.live()) for g in self.groups if g.streams]
+        p, w, ss = self.processor.stats, self.writer.stats, self.snapshotter.stats
+        with self._lists:
+            batches, all_groups = list(self.batches), list(self.groups)
+        live_by_group = [(g, g.live()) for g in all_groups if g.streams]
         groups = [(g.name, live, g.n) for g, live in live_by_group]
         return Counters(
             market=self.cfg.name, symbols=len(self.symbols), streams=sum(len(g.streams) for g, _ in live_by_group),
@@ -145,7 +150,8 @@ class MarketPipeline:
             degraded=tuple(f"{name}:{live}/{n}" for name, live, n in groups if live < n),
             batches=tuple(groups), last_data_us=tuple((b.name, b.stats.last_frame_us) for b in batches),
             connects=sum(b.stats.connects for b in batches), rotations=sum(b.stats.rotations for b in batches),
-            dead=sum(b.stats.dead for b in batches), last_attempt=max((b.stats.last_attempt for b in batches), default=0.0),
+            dead=sum(b.stats.dead for b in batches), relay_fallback=sum(b.fallen_back() for b in batches),
+            last_attempt=max((b.stats.last_attempt for b in batches), default=0.0),
             frames=dict(p.frames), gaps=p.gaps, gaps_by_reason=dict(p.gaps_by_reason), duplicates=p.duplicates,
             malformed=p.malformed, queue=self.inbox.qsize(), rows_written=dict(w.rows), files=w.files,
             bytes_written=w.bytes, write_errors=w.errors, rows_lost=w.lost_rows, snapshot_rows=p.snapshots,
@@ -158,26 +164,12 @@ class MarketPipeline:
             weight_used=self.snapshotter.budget.used, weight_cap=self.snapshotter.budget.cap,
             processor_heartbeat=p.heartbeat, writer_heartbeat=w.heartbeat)
 
-    def status_line(self, last: dict) -> str:
-        """One line: rates since the previous call (state kept in `last`), then totals."""
-        c = self.counters()
-        counts = {**c.frames, "snap": c.snapshot_rows}
-        now = time.monotonic()
-        elapsed = max(1e-3, now - last.get("_t", now - 1e-3))
-        rates = " ".join(f"{k.split('_')[0]}={(v - last.get(k, 0)) / elapsed:.1f}/s" for k, v in counts.items())
-        last.update(counts, _t=now)
-        return (f"status market={c.market} {rates} connections={c.connections_live}/{c.connections} "
-                f"degraded={','.join(c.degraded) or 'none'} "
-                f"snapshots_ok={c.snapshots_ok} snapshots_failed={c.snapshots_failed} "
-                f"gaps={c.gaps} duplicates={c.duplicates} malformed={c.malformed} "
-                f"queue={c.queue} rows_written={sum(c.rows_written.values())} "
-                f"files={c.files} write_errors={c.write_errors}")
-
 
 def build_market(cfg: config_mod.MarketConfig, c: config_mod.CollectorConfig, stop: threading.Event,
                  session: requests.Session, weight_per_minute: int, run_id: int,
                  now_us: Callable[[], int] = now_us, trading: set[str] | None = None,
-                 clock: Callable[[], float] = time.time, relays: list[StampRelay] | None = None) -> MarketPipeline:
+                 clock: Callable[[], float] = time.time, relays: list[StampRelay] | None = None,
+                 supervisor: Supervisor | None = None) -> MarketPipeline:
     """`trading`: what traded at start (the listings thread's first reference); the
     listings thread runs when `listing_check` > 0 and `trading` is given."""
     inbox = Inbox(maxsize=c.queue_size)
@@ -194,11 +186,13 @@ def build_market(cfg: config_mod.MarketConfig, c: config_mod.CollectorConfig, st
                        now_us, symbols=list(cfg.symbols), relays=relays or [])
     per = cfg.symbols_per_connection
     for i in range(0, len(cfg.symbols), per):
-        p.new_batch([s for sym in cfg.symbols[i:i + per] for s in p.streams_of(sym)])
+        p.new_batch([s for sym in cfg.symbols[i:i + per] for s in cfg.streams_of(sym)])
     p.clock = ClockSampler(cfg, inbox, stop, budget, now_us, session, max_offset_ms=c.clock_max_offset_ms)
     if cfg.listing_check > 0 and trading is not None:
         p.watcher = ListingWatcher(cfg, lambda: p.symbols, trading, session, budget, stop, p.change_symbols,
                                    clock=clock)
+    if supervisor is not None:
+        p.supervise(supervisor)
     return p
 
 
@@ -208,65 +202,3 @@ def _rotate(batches: list[StreamBatch], conn: int) -> None:
         if b.reader is not None and b.reader.conn_id == conn:
             b.rotate_now.set()
             return
-
-
-@dataclass(frozen=True)
-class Resolved:
-    """A market as the exchange lists it at start."""
-
-    cfg: config_mod.MarketConfig    # its `symbols` the set to record
-    weight_limit: int               # REQUEST_WEIGHT per minute
-    trading: set[str]               # every symbol trading at start
-
-
-def resolve_symbols(cfg: config_mod.Config, session: requests.Session, stop: threading.Event) -> list[Resolved]:
-    """Each market's symbol set from exchangeInfo (and, for `top N`, the 24h volumes): a
-    listed symbol that does not trade is named in one error line and left out."""
-    out = []
-    for m in cfg.markets:
-        info = exchange.fetch_exchange_info(session, m, stop)
-        if m.selection == "list":
-            symbols = exchange.select(replace(m, symbols=exchange.check_symbols(m, info)), info, None)
-        else:
-            volumes = exchange.fetch_volumes(session, m, stop) if m.selection == "top" else None
-            symbols = exchange.select(m, info, volumes)
-            log.info("[%s] symbols = %s%s: %d symbols", m.name, "all" if m.selection == "all" else f"top {m.top_n}",
-                     f" quoted in {','.join(m.quote_assets)}" if m.quote_assets else "", len(symbols))
-        if not symbols:
-            where = f" in shard {m.shard[0]}/{m.shard[1]}" if m.shard[1] > 1 else ""
-            raise config_mod.ConfigError(f"{cfg.path}: [{m.name}] symbols: none of them is trading on the exchange{where}")
-        limit = exchange.weight_limit(info, default=m.market.default_weight_limit)
-        out.append(Resolved(replace(m, symbols=symbols), limit, exchange.trading_symbols(info)))
-    return out
-
-
-def stop_all(pipelines: list[MarketPipeline], compactor: Compactor | None) -> bool:
-    """Producers stop, snapshot pools drain, processors and writers get sentinels."""
-    clean = True
-
-    def join(t: threading.Thread, timeout: float) -> None:
-        nonlocal clean
-        t.join(timeout)
-        if t.is_alive():
-            clean = False
-            log.error("thread did not stop in %.0fs: %s", timeout, t.name)
-
-    for p in pipelines:
-        for b in list(p.batches):
-            join(b, 5)
-        for t in (p.watcher, p.clock):
-            if t is not None:
-                join(t, 10)
-    for relay in {id(r): r for p in pipelines for r in p.relays}.values():
-        relay.close()  # every reader has ended
-    for p in pipelines:
-        p.snapshotter.shutdown()
-        join(p.snapshotter, 5)
-    for p in pipelines:
-        p.inbox.put(STOP)
-    for p in pipelines:
-        join(p.processor, 20)
-        join(p.writer, 30)
-    if compactor is not None:
-        join(compactor, 30)
-    return clean

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from stages import make_frames, market_config, run_processor  # noqa: E402
 
-from handlers.frames import DIFF, PARTIAL  # noqa: E402
-from handlers.inbox import WS  # noqa: E402
+from handlers.ingest.inbox import WS  # noqa: E402
+from handlers.process.processor import DIFF, PARTIAL  # noqa: E402
 from service.memory import tune_gc  # noqa: E402
 from storage.files import parquet_options, part_options  # noqa: E402
 from storage.writer import ROW_GROUP_ROWS  # noqa: E402

@@ -157,7 +157,7 @@ import resource, sys, tempfile, time
 from pathlib import Path
 sys.path.insert(0, {str(ROOT)!r})
 from markets import MARKETS
-from research import replay as r
+from serve import replay as r
 from storage.merge import open_source
 t0 = time.monotonic()
 with tempfile.TemporaryDirectory() as tmp:

@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 TICKS = os.sysconf("SC_CLK_TCK")
 
 from config import _COLLECTOR_DEFAULTS  # noqa: E402
-from handlers.websocket import combined_url  # noqa: E402
+from handlers.ingest.websocket import combined_url  # noqa: E402
 from markets import MARKETS  # noqa: E402
 
 MARKET_NAMES = ("spot", "futures", "delivery")

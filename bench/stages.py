@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from config import MarketConfig  # noqa: E402
-from handlers.frames import DIFF, PARTIAL, FrameProcessor  # noqa: E402
-from handlers.inbox import WS  # noqa: E402
+from handlers.ingest.inbox import WS  # noqa: E402
+from handlers.process.processor import DIFF, PARTIAL, FrameProcessor  # noqa: E402
 from markets import MARKETS  # noqa: E402
 from service.memory import tune_gc  # noqa: E402
 from simulator.book import Book, IdSource  # noqa: E402

@@ -5,6 +5,7 @@ STATUS= read. `pipeline.MarketPipeline.counters()` takes it from the threads' ow
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,6 +26,7 @@ class Counters:
     connects: int                   # connections opened (reconnects and rotations included)
     rotations: int
     dead: int                       # replaced for delivering no data for ws_dead_after
+    relay_fallback: int             # connections reading their own socket while their stamp relay is down
     last_attempt: float             # monotonic time of the last connection attempt
     frames: dict[str, int]          # data frames processed, by kind (copies included)
     gaps: int
@@ -74,9 +76,29 @@ class CountedPipeline(Protocol):
 
     def counters(self) -> Counters: ...
 
-    def status_line(self, last: dict[str, Any]) -> str: ...
 
-    def threads(self) -> list[threading.Thread]: ...
+
+def status_line(c: Counters, last: dict[str, Any]) -> str:
+    """One line: rates since the previous call (state kept in `last`), then totals."""
+    counts = {**c.frames, "snap": c.snapshot_rows}
+    now = time.monotonic()
+    elapsed = max(1e-3, now - last.get("_t", now - 1e-3))
+    rates = " ".join(f"{k.split('_')[0]}={(v - last.get(k, 0)) / elapsed:.1f}/s" for k, v in counts.items())
+    last.update(counts, _t=now)
+    return (f"status market={c.market} {rates} connections={c.connections_live}/{c.connections} "
+            f"degraded={','.join(c.degraded) or 'none'} relay_fallback={c.relay_fallback} "
+            f"snapshots_ok={c.snapshots_ok} snapshots_failed={c.snapshots_failed} "
+            f"gaps={c.gaps} duplicates={c.duplicates} malformed={c.malformed} "
+            f"queue={c.queue} rows_written={sum(c.rows_written.values())} "
+            f"files={c.files} write_errors={c.write_errors}")
+
+
+class SupervisorView(Protocol):
+    """What the service side reads of the supervisor (`service.supervisor.Supervisor`)."""
+
+    def restarts(self) -> dict[str, int]: ...
+
+    def helpers_up(self) -> tuple[int, int]: ...
 
 
 class UploadProgress(Protocol):

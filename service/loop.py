@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence
 
 import schedule
 
 from config import Config
 from service import status as state_file
-from service.counters import CountedPipeline, UploadProgress
+from service.counters import CountedPipeline, SupervisorView, UploadProgress, status_line
 from service.notify import Notifier
 
 log = logging.getLogger("collector")
@@ -18,11 +18,18 @@ log = logging.getLogger("collector")
 READY_AFTER_S = 60.0  # READY=1 even if some stream is not live yet (systemd must not kill a waiting start)
 
 
+class Watched(SupervisorView, Protocol):
+    """The supervisor as the main loop sees it: it also watches (`service.supervisor`)."""
+
+    def watch(self) -> str | None: ...
+
+
 class MainLoop:
     def __init__(self, pipelines: Sequence[CountedPipeline], cfg: Config, now_us: Callable[[], int],
-                 upload_job: UploadProgress | None = None, notifier: Notifier | None = None,
+                 supervisor: Watched, upload_job: UploadProgress | None = None, notifier: Notifier | None = None,
                  state_name: str = state_file.STATE_FILE):
         self.pipelines, self.cfg, self.now_us, self.upload_job = pipelines, cfg, now_us, upload_job
+        self.supervisor = supervisor
         self.state_name = state_name
         self.notifier = notifier or Notifier()
         self.started = time.monotonic()
@@ -40,10 +47,10 @@ class MainLoop:
             self.jobs.every(cfg.upload.every_minutes).minutes.do(upload_job.kick.set)
 
     def tick(self) -> str | None:
-        """One turn (every 0.5 s); returns the name of a dead thread, if any."""
-        dead = [t.name for p in self.pipelines for t in p.threads() if not t.is_alive()]
+        """One turn (every 0.5 s); returns the names of threads that died (fatal), if any."""
+        dead = self.supervisor.watch()
         if dead:
-            return ", ".join(dead)
+            return dead
         self.jobs.run_pending()
         if not self.ready and (self.live() or time.monotonic() - self.started > READY_AFTER_S):
             self.ready = True
@@ -105,14 +112,15 @@ class MainLoop:
 
     def log_status(self) -> None:
         for p in self.pipelines:
-            log.info("%s", p.status_line(self.rate_state[p.cfg.name]))
+            log.info("%s", status_line(p.counters(), self.rate_state[p.cfg.name]))
 
     def publish_state(self) -> None:
         self.update_rates()
         self.notifier.status(self.summary())
         try:
             state_file.write(self.cfg.collector.data_dir,
-                             state_file.snapshot(self.pipelines, self.upload_job, self.rates, self.now_us()),
+                             state_file.snapshot(self.pipelines, self.upload_job, self.rates, self.now_us(),
+                                                 self.supervisor),
                              self.state_name)
         except OSError as e:
             log.warning("cannot write the status file: %s", e)

@@ -9,7 +9,7 @@ from typing import Callable, Iterator, Sequence
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
-from service.counters import CompactionProgress, CountedPipeline, UploadProgress
+from service.counters import CompactionProgress, CountedPipeline, SupervisorView, UploadProgress
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +19,9 @@ class PipelineMetrics:
 
     def __init__(self, pipelines: Sequence[CountedPipeline], upload_job: UploadProgress | None = None,
                  now_us: Callable[[], int] = lambda: time.time_ns() // 1000,
-                 compactor: CompactionProgress | None = None):
+                 compactor: CompactionProgress | None = None, supervisor: SupervisorView | None = None):
         self.pipelines, self.upload_job, self.now_us, self.compactor = pipelines, upload_job, now_us, compactor
+        self.supervisor = supervisor
 
     def collect(self) -> Iterator[Metric]:
         c = lambda name, doc, labels: CounterMetricFamily(f"obc_{name}", doc, labels=labels)  # noqa: E731
@@ -55,6 +56,8 @@ class PipelineMetrics:
                        ["market", "batch"])
         degraded = g("batches_degraded", "batches running on fewer connections than configured", ["market"])
         dead = c("connections_dead", "connections replaced for delivering no data for ws_dead_after", ["market"])
+        fallback = g("relay_fallback_connections", "connections reading their own socket because their stamp relay "
+                     "was down when they connected (they move back once it is up)", ["market"])
         now = self.now_us()
         for p in self.pipelines:
             k = p.counters()
@@ -96,6 +99,7 @@ class PipelineMetrics:
                 batch_want.add_metric([m, batch], configured)
             degraded.add_metric([m], len(k.degraded))
             dead.add_metric([m], k.dead)
+            fallback.add_metric([m], k.relay_fallback)
         if self.pipelines:
             i, n = self.pipelines[0].cfg.shard
             shard = g("shard", "this host records shard i of n of every market's symbols (shard = i/n)", ["shard"])
@@ -103,7 +107,17 @@ class PipelineMetrics:
             yield shard
         yield from (frames, rows, gaps, dupes, malformed, connects, rotations, snaps, latency, weight, weight_cap,
                     interval, symbols, clock_offset, clock_rtt, clock_synced, clock_error,
-                    depth, written, errors, lost, age, batch_live, batch_want, degraded, dead)
+                    depth, written, errors, lost, age, batch_live, batch_want, degraded, dead, fallback)
+        if self.supervisor is not None:
+            running, configured = self.supervisor.helpers_up()
+            relays_up = g("relays_up", "stamp relay processes running", [])
+            relays_up.add_metric([], running)
+            relays = g("relays_configured", "stamp relay processes configured (ws_redundancy, or 0)", [])
+            relays.add_metric([], configured)
+            restarted = c("restarts", "threads and helper processes restarted after they died", ["name"])
+            for name, n in sorted(self.supervisor.restarts().items()):
+                restarted.add_metric([name], n)
+            yield from (relays_up, relays, restarted)
         if self.upload_job is not None:
             up = c("upload_files", "day files handled by upload runs, by result", ["result"])
             for result in ("uploaded", "skipped", "deleted"):
@@ -123,11 +137,11 @@ class PipelineMetrics:
 
 
 def serve(listen: str, pipelines: Sequence[CountedPipeline], upload_job: UploadProgress | None = None,
-          compactor: CompactionProgress | None = None) -> int:
+          compactor: CompactionProgress | None = None, supervisor: SupervisorView | None = None) -> int:
     """Start the HTTP endpoint on host:port; returns the port (0 picks a free one)."""
     host, _, port = listen.rpartition(":")
     registry = CollectorRegistry()
-    registry.register(PipelineMetrics(pipelines, upload_job, compactor=compactor))
+    registry.register(PipelineMetrics(pipelines, upload_job, compactor=compactor, supervisor=supervisor))
     server, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
     bound = server.server_address[1]
     log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", bound)

@@ -9,13 +9,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from service.counters import CountedPipeline, UploadProgress
+from service.counters import CountedPipeline, SupervisorView, UploadProgress
 
 STATE_FILE = ".status.json"
 
 
 def snapshot(pipelines: Sequence[CountedPipeline], upload_job: UploadProgress | None, rates: dict[str, float],
-             now_us: int) -> dict[str, Any]:
+             now_us: int, supervisor: SupervisorView | None = None) -> dict[str, Any]:
     markets = {}
     for p in pipelines:
         c = p.counters()
@@ -26,6 +26,7 @@ def snapshot(pipelines: Sequence[CountedPipeline], upload_job: UploadProgress | 
             "connections_live": c.connections_live,
             "connections": c.connections,
             "degraded": list(c.degraded),
+            "relay_fallback": c.relay_fallback,  # connections reading their own socket (their relay was down)
             "msgs_per_s": rates.get(c.market, 0.0),
             "gaps": dict(c.gaps_by_reason),
             "last_snapshot_age_s": round((now_us - c.last_snapshot_us) / 1e6, 1) if c.last_snapshot_us else None,
@@ -34,7 +35,10 @@ def snapshot(pipelines: Sequence[CountedPipeline], upload_job: UploadProgress | 
             "write_errors": c.write_errors,
         }
     shard = pipelines[0].cfg.shard if pipelines else (1, 1)
+    up, relays = supervisor.helpers_up() if supervisor is not None else (0, 0)
     return {"pid": os.getpid(), "time": time.time(), "markets": markets, "shard": f"{shard[0]}/{shard[1]}",
+            "relays": {"up": up, "configured": relays},
+            "restarts": supervisor.restarts() if supervisor is not None else {},
             "last_upload": upload_job.last if upload_job is not None else None}
 
 
@@ -79,12 +83,19 @@ def _render_one(data_dir: Path, path: Path, now: float | None) -> tuple[str, boo
     lines = [f"collector pid {state['pid']}" + (f" (shard {state['shard']})" if state.get("shard", "1/1") != "1/1" else "")
              + ": " + ("running" if running else f"NOT RUNNING (last seen {age:.0f}s ago)"),
              f"data_dir {data_dir}: {disk_used(data_dir) / 2**30:.2f} GiB"]
+    relays = state.get("relays") or {}
+    if relays.get("configured"):
+        lines.append(f"stamp relays {relays['up']}/{relays['configured']} up")
+    if state.get("restarts"):
+        lines.append("restarted: " + ", ".join(f"{k} x{v}" for k, v in sorted(state["restarts"].items())))
     for name, m in state["markets"].items():
         snap = "never" if m["last_snapshot_age_s"] is None else f"{m['last_snapshot_age_s']:.0f}s ago"
         gaps = ", ".join(f"{k}={v}" for k, v in sorted(m["gaps"].items())) or "none"
         conns = f"connections {m['connections_live']}/{m['connections']}" if "connections" in m else ""
         if m.get("degraded"):
             conns += f" (degraded: {', '.join(m['degraded'])})"
+        if m.get("relay_fallback"):
+            conns += f" ({m['relay_fallback']} reading their own socket: stamp relay down)"
         lines.append(f"{name:8} streams {m['streams_live']}/{m['streams']}  {conns}  {m['msgs_per_s']:.1f} msgs/s  "
                      f"gaps since start: {gaps}  last snapshot {snap}  queue {m['queue']}  "
                      f"rows written {m['rows_written']}  write errors {m['write_errors']}")

@@ -25,28 +25,21 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import orjson
 
+from serve.exchange import ws_frame
+
 if TYPE_CHECKING:
-    from simulator.server import MarketSim, Stream
+    from simulator.server import MarketSim
+    from simulator.server import SimStream as Stream
 
 POOL = 8
 TICKS_PER_PERIOD = 10  # 10 ms ticks, every stream once per 100 ms
 TAIL_TICKS = 30  # profile `universe`: the long tail's diffs every 300 ms
 TOP_SYMBOLS = 100  # profile `universe`: the symbols whose diffs come every 100 ms
 MAX_LAG = 0.1  # s behind the tick schedule past which missed ticks are skipped, not sent in a burst
-
-
-def ws_frame(payload: bytes) -> bytes:
-    """An unmasked server-to-client text frame (RFC 6455 section 5.2)."""
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
-    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
 
 
 def _levels(rng: random.Random, mid: int, n: int, side: int) -> bytes:
@@ -161,7 +154,7 @@ class LoadEngine:
         streams = self.sim.streams
         if len(streams) != self._sliced:
             self._slices = [[] for _ in range(self.cycle)]
-            for s in streams.values():
+            for s in cast("list[Stream]", list(streams.values())):
                 period = self.period(s)
                 for at in range(hash(s.name) % period, self.cycle, period):
                     self._slices[at].append(s)

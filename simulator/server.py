@@ -1,19 +1,10 @@
-"""The simulated exchange: one aiohttp server per market (WebSocket + REST on one port).
+"""The simulated exchange: the Binance protocol server (`serve/exchange.py`) driven by
+books that move (`simulator/book.py`), by captured traffic (`simulator/replay.py`) or by
+benchmark load (`simulator/load.py`), for tests, benchmarks and demos.
 
-WebSocket (paths as on Binance; futures also under /public):
-  /stream?streams=a/b   combined, frames wrapped as {"stream":..,"data":..}
-  /ws, /ws/a/b          raw; SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS, SET_PROPERTY,
-                        GET_PROPERTY; control messages limited to 5/s (spot) or 10/s (futures)
-  server pings every `ping_interval` s; a connection without a pong for `pong_timeout` s is closed
-REST:
-  /api/v3/depth, /api/v3/exchangeInfo, /api/v3/ticker/24hr, /api/v3/time     (spot)
-  /fapi/v1/depth, /fapi/v1/exchangeInfo, /fapi/v1/ticker/24hr, /fapi/v1/time (futures)
-  /dapi/v1/depth, /dapi/v1/exchangeInfo, /dapi/v1/ticker/24hr, /dapi/v1/time (delivery: COIN-M)
-  request weights as documented, `X-MBX-USED-WEIGHT-1M`, 429 + Retry-After past the limit
-
-`Faults` holds the switches tests flip to make it misbehave, for every connection at
-once; `cut_connection`, `stall_connection` and `server_shutdown(conn_id)` hit one
-connection alone. `record=True` keeps every frame and REST body it delivered, and
+`Faults` (from the server) holds the switches tests flip to make it misbehave, for every
+connection at once; `cut_connection`, `stall_connection` and `server_shutdown(conn_id)`
+hit one connection alone. `record=True` keeps every frame and REST body it delivered, and
 `conn_log` when each connection opened, stalled and closed, so tests can compare them
 with the collector's files. `list_symbol`, `halt_symbol` and `delist_symbol` change what
 exchangeInfo lists while running.
@@ -21,77 +12,29 @@ exchangeInfo lists while running.
 from __future__ import annotations
 
 import asyncio
-import itertools
-import logging
-import random
-import re
-import socket
-import struct
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Awaitable, cast
 
 import orjson
-from aiohttp import WSMsgType, web
 
-from markets import DELIVERY, MARKETS, Market
+from serve.exchange import Conn, ExchangeServer, Faults, Sent, Stream, runner_port
 from simulator.book import Book, IdSource
 from simulator.load import LoadEngine
 from simulator.replay import Capture
 
-log = logging.getLogger(__name__)
+__all__ = ["Conn", "Faults", "MarketSim", "Sent", "Simulator", "SimStream", "load_capture", "runner_port"]
 
 TICK_S = 0.01
-_conn_ids = itertools.count(1)
 
 
-@dataclass
-class Faults:
-    """Misbehaviour switches; read by the engine and the handlers on every use.
-    Connection cuts and serverShutdown are actions: MarketSim.cut_connections(),
-    MarketSim.server_shutdown()."""
-
-    paused: bool = False            # no engine updates and no frames at all
-    drop_diffs: int = 0             # the next N diff events are not sent to anyone (a gap)
-    drop_symbol: str | None = None  # ... only of this symbol
-    duplicate_frames: int = 0       # the next N frames are sent twice
-    stall: bool = False             # stop sending while TCP stays open (the book moves on)
-    answer_pings: bool = True       # False: client pings get no pong
-    count_pongs: bool = True        # False: client pongs are ignored (the server drops it after pong_timeout)
-    max_age: float | None = None    # close connections older than this many seconds
-    garbage_frames: int = 0         # the next N frames are preceded by a garbage frame
-    rest_statuses: list = field(default_factory=list)  # next REST depth replies: (status, retry_after|None)
-    rest_delay: float = 0.0         # seconds added to every REST depth reply
-    withhold_diffs: float = 0.0     # each diff frame is withheld from each connection with this chance
-                                    # (independently: another connection may still get it)
-
-
-@dataclass
-class Sent:
-    conn: int
-    stream: str
-    data: bytes  # the payload, without the combined-stream wrapper
-    t: float = 0.0  # wall clock when it was handed to the socket
-
-
-GARBAGE = [
-    b"this is not json",
-    b'{"stream":"%s","data":{"e":"depthUpdate","E":1}}',        # a real stream, fields missing
-    b'{"stream":"nosuch@trade","data":{"e":"trade"}}',          # a stream nobody asked for
-    b'{"stream":"%s","data":[1,2,3]}',
-    b"\xff\xfe\x00 binary junk",
-    b'{"stream":"%s","data":{"e":"depthUpdate","pad":"' + b"x" * (5 << 20) + b'"}}',  # oversized (5 MiB)
-]
-
-
-class Stream:
-    """One stream of one symbol (e.g. btcusdt@depth@100ms); lives once subscribed."""
+class SimStream(Stream):
+    """A stream with the engine's state: the book it follows and the changes since its last frame."""
 
     def __init__(self, name: str, symbol: str, kind: str, speed_ms: int, levels: int, book: Book | None):
-        self.name, self.symbol, self.kind, self.speed_ms, self.levels = name, symbol, kind, speed_ms, levels
+        super().__init__(name, symbol, kind, speed_ms, levels)
         self.book = book
-        self.subscribers: set["Conn"] = set()
         self.bids: dict[int, int] = {}
         self.asks: dict[int, int] = {}
         self.first_id: int | None = None
@@ -99,113 +42,53 @@ class Stream:
         self.next_emit_ms = 0
 
 
-class Conn:
-    def __init__(self, ws: web.WebSocketResponse, combined: bool, transport=None):
-        self.id = next(_conn_ids)
-        self.ws, self.combined, self.transport = ws, combined, transport
-        self.opened = time.monotonic()
-        self.stalled = False  # this connection alone gets no frames (its pings go on)
-        self.streams: set[str] = set()
-        self.control_times: list[float] = []
-        self.last_pong = time.monotonic()
-
-
-class MarketSim:
+class MarketSim(ExchangeServer):
     def __init__(self, market: str, symbols: list[str] | None = None, updates_per_s: float = 20.0,
                  seed: int = 1, record: bool = False, ping_interval: float | None = None,
                  pong_timeout: float | None = None, not_trading: tuple[str, ...] = (),
                  capture: Capture | None = None, replay_speed: float = 1.0, weight_limit: int | None = None,
-                 load: bool = False, ssl_context=None, load_profile: str = "flat", clock_skew_ms: float = 0.0,
-                 feed=None):
-        self.market: Market = MARKETS[market]
-        # a recorded day (research/replay.py) as the source of frames, snapshots and time:
-        # it sends the frames itself; `feed.snapshot(market, symbol, limit)` answers REST
-        # depth (bytes, or None: none recorded) and `feed.server_time_ms()` the time endpoint
-        self.feed = feed
-        self.ssl_context = ssl_context  # an ssl.SSLContext (server side): wss:// and https://
-        self.clock_skew_ms = clock_skew_ms  # the exchange's clock this far ahead of ours (the time endpoint)
-        self.futures = self.market.futures_payloads  # USD-M and COIN-M
-        self.coin_m = self.market is DELIVERY
-        self.rng = random.Random(seed)
-        self.capture = capture
+                 load: bool = False, ssl_context=None, load_profile: str = "flat", clock_skew_ms: float = 0.0):
         if capture is not None:
             symbols = capture.symbols
-        if not symbols and feed is None:  # (a replayed day may have no symbol of a market)
-            symbols = ["BTCUSDT", "ETHUSDT"]
-        self.symbols = [s.upper() for s in symbols or []]
-        self.not_trading = set(not_trading)
-        self.status: dict[str, str] = {}  # symbol -> status other than TRADING (halt_symbol)
-        self.volumes: dict[str, float] = {}  # symbol -> 24h quote volume, where a test sets it
+        super().__init__(market, symbols or ["BTCUSDT", "ETHUSDT"], seed, record, ping_interval, pong_timeout,
+                         not_trading, weight_limit, ssl_context)
+        self.clock_skew_ms = clock_skew_ms  # the exchange's clock this far ahead of ours (the time endpoint)
+        self.capture = capture
         self.ids = IdSource(self.futures, self.rng)
-        self.books = {} if capture or load or feed else {s: Book.create(s, self.ids, self.rng, self.futures)
-                                                         for s in self.symbols}
+        self.books = {} if capture or load else {s: Book.create(s, self.ids, self.rng, self.futures)
+                                                 for s in self.symbols}
         self.load = LoadEngine(self, load_profile) if load else None  # benchmark traffic (simulator/load.py)
         self.updates_per_s = updates_per_s
         self.replay_speed = replay_speed
-        self.record = record
-        self.sent: list[Sent] = []
         self.emitted: list[tuple[str, int, int, float]] = []  # every diff event: (symbol, U, u, t)
         self.dropped: list[tuple[str, int, int]] = []          # diff events dropped by a fault
-        self.garbage_sent = 0
-        self.rest_sent: list[tuple[str, int, bytes]] = []
-        self.rest_log: list[tuple[float, str, int]] = []        # every depth request: (t, symbol, status)
-        self.conn_log: list[tuple[float, int, str]] = []        # (wall time, conn id, open|stall|unstall|close)
-        self.faults = Faults()
-        self.ping_interval = ping_interval or (20.0 if not self.futures else 180.0)
-        self.pong_timeout = pong_timeout or (60.0 if not self.futures else 600.0)
-        self.weight_limit = weight_limit or (6000 if not self.futures else 2400)
-        self.weight_minute, self.weight_used = -1, 0
-        self.weight_by_minute: dict[int, int] = {}  # UTC minute -> request weight used in it
-        self.streams: dict[str, Stream] = {}
         self.halted_books: dict[str, Book | None] = {}
-        self.withheld: list[tuple[int, str, bytes]] = []  # (conn, stream, payload) not sent (Faults.withhold_diffs)
-        self.conns: set[Conn] = set()
-        self.connections_opened = 0
-        self.frames_sent = 0
-        self._runner: web.AppRunner | None = None
-        self._tasks: list[asyncio.Task] = []
-        self.port = 0
-        self._stream_re = re.compile(r"^([a-z0-9_]+)@depth(5|10|20)?(?:@(\d+ms))?$")
 
-    # ---- life cycle -------------------------------------------------------------------
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        app = web.Application()
-        prefixes = ["", self.market.ws_path_prefix] if self.market.ws_path_prefix else [""]
-        for p in prefixes:
-            app.router.add_get(p + "/stream", self.ws_handler)
-            app.router.add_get(p + "/ws", self.ws_handler)
-            app.router.add_get(p + "/ws/{streams:.*}", self.ws_handler)
-        m = self.market
-        app.router.add_get(m.depth_path, self.depth)
-        app.router.add_get(m.exchange_info_path, self.exchange_info)
-        app.router.add_get(m.ticker_path, self.ticker)
-        app.router.add_get(m.time_path, self.server_time)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=self.ssl_context)
-        await site.start()
-        self.port = runner_port(site)
-        self.host = host
-        if self.feed is None:
-            engine = self._replay() if self.capture else self.load.run() if self.load else self._engine()
-            self._tasks.append(asyncio.create_task(engine))
+    # ---- what it serves -------------------------------------------------------------------
+    def engine(self) -> Awaitable[None]:
+        return self._replay() if self.capture else self.load.run() if self.load else self._engine()
 
-    async def stop(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for c in list(self.conns):
-            await c.ws.close()
-        if self._runner:
-            await self._runner.cleanup()
+    def new_stream(self, name: str, symbol: str, kind: str, speed_ms: int, levels: int) -> Stream:
+        return SimStream(name, symbol, kind, speed_ms, levels, self.books.get(symbol))
 
-    @property
-    def ws_url(self) -> str:
-        scheme = "wss" if self.ssl_context else "ws"
-        return f"{scheme}://{self.host}:{self.port}" + self.market.ws_path_prefix
+    def server_time_ms(self) -> int:
+        return int(time.time() * 1000 + self.clock_skew_ms)
 
-    @property
-    def rest_url(self) -> str:
-        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
+    def depth_body(self, symbol: str, limit: int) -> bytes | None:
+        if self.capture is not None:
+            return self.capture.snapshots[symbol]
+        if self.load is not None:
+            return self.load.snapshot(symbol, limit)
+        book = self.books.get(symbol) or self.halted_books[symbol]
+        assert book is not None
+        snap: dict[str, object] = {"lastUpdateId": book.last_id}
+        if self.futures:
+            now_ms = int(time.time() * 1000)
+            snap.update(E=now_ms, T=now_ms - 2)
+        if self.coin_m:
+            snap.update(symbol=symbol, pair=symbol.split("_")[0])
+        snap.update(bids=book.levels("bids", limit), asks=book.levels("asks", limit))
+        return orjson.dumps(snap)
 
     # ---- the matching engine ------------------------------------------------------------
     async def _engine(self) -> None:
@@ -224,7 +107,7 @@ class MarketSim:
                 carry[sym] = carry.get(sym, 0.0) + self.updates_per_s * TICK_S
                 n = int(carry[sym])
                 carry[sym] -= n
-                streams = diff_streams.get(sym, [])
+                streams = cast("list[SimStream]", diff_streams.get(sym, []))
                 for _ in range(n):
                     uid, bids, asks = book.update()
                     for s in streams:
@@ -233,12 +116,12 @@ class MarketSim:
                         s.bids.update(bids)
                         s.asks.update(asks)
             now_ms = int(time.time() * 1000)
-            for s in list(self.streams.values()):
+            for s in cast("list[SimStream]", list(self.streams.values())):
                 if now_ms >= s.next_emit_ms:
                     s.next_emit_ms = (now_ms // s.speed_ms + 1) * s.speed_ms
                     await self._emit(s, now_ms)
 
-    async def _emit(self, s: Stream, now_ms: int) -> None:
+    async def _emit(self, s: SimStream, now_ms: int) -> None:
         book = s.book
         assert book is not None  # the engine's streams have a book (replay and load mode have their own senders)
         payload: dict[str, object]
@@ -273,89 +156,6 @@ class MarketSim:
                        "asks": book.levels("asks", s.levels)}
         await self.broadcast(s, orjson.dumps(payload))
 
-    async def broadcast(self, s: Stream, data: bytes) -> None:
-        f = self.faults
-        if not s.subscribers or f.stall:
-            return
-        wrapped = b'{"stream":"' + s.name.encode() + b'","data":' + data + b"}"
-        copies = 1
-        if f.duplicate_frames > 0:
-            f.duplicate_frames -= 1
-            copies = 2
-        for conn in list(s.subscribers):
-            if conn.ws.closed or conn.stalled:
-                continue
-            if f.withhold_diffs and s.kind == "diff" and self.rng.random() < f.withhold_diffs:
-                self.withheld.append((conn.id, s.name, data))
-                continue
-            try:
-                if f.garbage_frames > 0:
-                    f.garbage_frames -= 1
-                    junk = GARBAGE[self.garbage_sent % len(GARBAGE)]
-                    self.garbage_sent += 1
-                    await conn.ws.send_frame(junk.replace(b"%s", s.name.encode()), WSMsgType.TEXT)
-                for _ in range(copies):
-                    await conn.ws.send_frame(wrapped if conn.combined else data, WSMsgType.TEXT)
-            except (ConnectionError, RuntimeError):
-                continue
-            self.frames_sent += copies
-            if self.record:
-                t = time.time()
-                for _ in range(copies):
-                    self.sent.append(Sent(conn.id, s.name, data, t))
-
-    # ---- actions (call through Simulator.do from other threads) ---------------------------
-    async def cut_connections(self, abrupt: bool = False) -> int:
-        """End every connection: a clean close frame, or a TCP reset with no close at all."""
-        conns = list(self.conns)
-        for conn in conns:
-            await self._end(conn, abrupt)
-        return len(conns)
-
-    @staticmethod
-    async def _end(conn: "Conn", abrupt: bool) -> None:
-        if abrupt and conn.transport is not None:
-            sock = conn.transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.transport.abort()
-        else:
-            await conn.ws.close(code=1001, message=b"going away")
-
-    def live_conns(self) -> list[int]:
-        """Ids of the open connections, oldest first."""
-        return sorted(c.id for c in self.conns if not c.ws.closed)
-
-    def _conn(self, conn_id: int) -> "Conn | None":
-        return next((c for c in self.conns if c.id == conn_id), None)
-
-    async def cut_connection(self, conn_id: int, abrupt: bool = False) -> bool:
-        """End one connection: a clean close frame, or a TCP reset."""
-        conn = self._conn(conn_id)
-        if conn is None:
-            return False
-        await self._end(conn, abrupt)
-        return True
-
-    async def stall_connection(self, conn_id: int, stalled: bool = True) -> bool:
-        """Stop (or resume) sending frames on one connection; its pings go on, TCP stays open."""
-        conn = self._conn(conn_id)
-        if conn is None:
-            return False
-        conn.stalled = stalled
-        self.conn_log.append((time.time(), conn_id, "stall" if stalled else "unstall"))
-        return True
-
-    async def server_shutdown(self, conn_id: int | None = None) -> int:
-        """Spot's serverShutdown event, on every connection or on one (combined or raw form)."""
-        event = orjson.dumps({"e": "serverShutdown", "E": int(time.time() * 1000)})
-        for conn in [c for c in self.conns if conn_id is None or c.id == conn_id]:
-            frame = b'{"stream":"!serverShutdown","data":' + event + b"}" if conn.combined else event
-            try:
-                await conn.ws.send_frame(frame, WSMsgType.TEXT)
-            except (ConnectionError, RuntimeError):
-                pass
-        return len(self.conns)
 
     async def _replay(self) -> None:
         """Send the captured frames of subscribed streams, paced as captured."""
@@ -373,224 +173,6 @@ class MarketSim:
             if s is not None:
                 await self.broadcast(s, data)
 
-    # ---- WebSocket ---------------------------------------------------------------------
-    def parse_stream(self, name: str) -> Stream | None:
-        m = self._stream_re.match(name)
-        if not m:
-            return None
-        sym, levels, speed = m.group(1).upper(), m.group(2), m.group(3)
-        if sym not in self.symbols:
-            return None
-        speeds = self.market.partial_speeds if levels else self.market.diff_speeds
-        default_ms = 250 if self.futures else 1000
-        if speed is None:
-            speed_ms = default_ms
-        elif speed in speeds and speeds[speed]:
-            speed_ms = int(speed[:-2])
-        else:
-            return None
-        s = self.streams.get(name)
-        if s is None:
-            s = Stream(name, sym, "partial" if levels else "diff", speed_ms, int(levels or 0), self.books.get(sym))
-            self.streams[name] = s
-        return s
-
-    async def ws_handler(self, request: web.Request) -> web.StreamResponse:
-        path = request.path.removeprefix("/public")
-        if path.startswith("/stream"):
-            names, combined = [n for n in request.query.get("streams", "").split("/") if n], True
-        else:
-            names, combined = [n for n in request.match_info.get("streams", "").split("/") if n], False
-        if len(names) > self.market.max_streams_per_connection:
-            return web.json_response({"code": -1, "msg": "too many streams"}, status=400)
-        parsed = [self.parse_stream(n) for n in names]
-        streams = [s for s in parsed if s is not None]
-        if len(streams) < len(parsed):
-            return web.json_response({"code": -1121, "msg": "Invalid stream name."}, status=400)
-        ws = web.WebSocketResponse(autoping=False, max_msg_size=1 << 20)
-        await ws.prepare(request)
-        conn = Conn(ws, combined, request.transport)
-        self.conns.add(conn)
-        self.connections_opened += 1
-        self.conn_log.append((time.time(), conn.id, "open"))
-        for s in streams:
-            s.subscribers.add(conn)
-            conn.streams.add(s.name)
-        pinger = asyncio.create_task(self._ping(conn))
-        try:
-            async for msg in ws:
-                if msg.type == WSMsgType.PING:
-                    if self.faults.answer_pings:
-                        await ws.pong(msg.data)
-                elif msg.type == WSMsgType.PONG:
-                    if self.faults.count_pongs:
-                        conn.last_pong = time.monotonic()
-                elif msg.type == WSMsgType.TEXT:
-                    if not await self._control(conn, msg.data):
-                        break
-        finally:
-            pinger.cancel()
-            self._drop(conn)
-            await ws.close()
-        return ws
-
-    def _drop(self, conn: Conn) -> None:
-        self.conn_log.append((time.time(), conn.id, "close"))
-        self.conns.discard(conn)
-        for name in conn.streams:
-            self.streams[name].subscribers.discard(conn)
-
-    async def _ping(self, conn: Conn) -> None:
-        """Server pings every ping_interval; also ends connections past the max_age fault."""
-        next_ping = time.monotonic() + self.ping_interval
-        while not conn.ws.closed:
-            await asyncio.sleep(min(0.2, self.ping_interval))
-            now = time.monotonic()
-            if self.faults.max_age is not None and now - conn.opened > self.faults.max_age:
-                await conn.ws.close(code=1000, message=b"max age")
-                return
-            if now < next_ping:
-                continue
-            next_ping = now + self.ping_interval
-            if now - conn.last_pong > self.pong_timeout:
-                log.info("closing conn=%d: no pong for %.0fs", conn.id, self.pong_timeout)
-                await conn.ws.close(code=1008, message=b"pong timeout")
-                return
-            try:
-                await conn.ws.ping(str(int(time.time() * 1000)).encode())
-            except (ConnectionError, RuntimeError):
-                return
-
-    async def _control(self, conn: Conn, text: str) -> bool:
-        """One JSON control message; False closes the connection."""
-        now = time.monotonic()
-        conn.control_times = [t for t in conn.control_times if now - t < 1.0] + [now]
-        if len(conn.control_times) > self.market.max_control_per_second:
-            await conn.ws.close(code=1008, message=b"too many requests")
-            return False
-        try:
-            req = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            await self._reply(conn, None, error=(3, "Invalid JSON"))
-            return not self.futures  # futures closes the connection on invalid JSON
-        if not isinstance(req, dict):
-            await self._reply(conn, None, error=(3, "Invalid JSON"))
-            return True
-        rid, method, params = req.get("id"), req.get("method"), req.get("params", [])
-        if method in ("SUBSCRIBE", "UNSUBSCRIBE") and isinstance(params, list):
-            # a stream already subscribed can always be left, even once its symbol is delisted
-            parsed = [(self.streams.get(p) if method == "UNSUBSCRIBE" and p in conn.streams else self.parse_stream(p))
-                      if isinstance(p, str) else None for p in params]
-            streams = [s for s in parsed if s is not None]
-            if len(streams) < len(parsed):
-                return await self._reply(conn, rid, error=(2, "Invalid request: unknown stream"))
-            if method == "SUBSCRIBE" and len(conn.streams | {s.name for s in streams}) > self.market.max_streams_per_connection:
-                return await self._reply(conn, rid, error=(2, "Invalid request: too many streams"))
-            for s in streams:
-                if method == "SUBSCRIBE":
-                    s.subscribers.add(conn)
-                    conn.streams.add(s.name)
-                else:
-                    s.subscribers.discard(conn)
-                    conn.streams.discard(s.name)
-            return await self._reply(conn, rid, result=None)
-        if method == "LIST_SUBSCRIPTIONS":
-            return await self._reply(conn, rid, result=sorted(conn.streams))
-        if method == "SET_PROPERTY" and isinstance(params, list) and len(params) == 2 and params[0] == "combined":
-            if not isinstance(params[1], bool):
-                return await self._reply(conn, rid, error=(1, "Invalid value type: expected Boolean"))
-            conn.combined = params[1]
-            return await self._reply(conn, rid, result=None)
-        if method == "GET_PROPERTY" and params == ["combined"]:
-            return await self._reply(conn, rid, result=conn.combined)
-        if method in ("SET_PROPERTY", "GET_PROPERTY"):
-            return await self._reply(conn, rid, error=(0, "Unknown property"))
-        return await self._reply(conn, rid, error=(2, "Invalid request: unknown method"))
-
-    async def _reply(self, conn: Conn, rid, result=None, error: tuple[int, str] | None = None) -> bool:
-        body = {"error": {"code": error[0], "msg": error[1]}, "id": rid} if error else {"result": result, "id": rid}
-        await conn.ws.send_str(orjson.dumps(body).decode())
-        return True
-
-    # ---- REST ----------------------------------------------------------------------------
-    def _charge(self, weight: int) -> tuple[bool, dict]:
-        minute = int(time.time() // 60)
-        if minute != self.weight_minute:
-            self.weight_minute, self.weight_used = minute, 0
-        self.weight_used += weight
-        self.weight_by_minute[minute] = self.weight_used
-        headers = {"X-MBX-USED-WEIGHT-1M": str(self.weight_used)}
-        if self.weight_used > self.weight_limit:
-            headers["Retry-After"] = str(60 - int(time.time()) % 60)
-            return False, headers
-        return True, headers
-
-    async def depth(self, request: web.Request) -> web.Response:
-        symbol = request.query.get("symbol", "").upper()
-        try:
-            limit = int(request.query.get("limit", "500" if self.futures else "100"))
-        except ValueError:
-            return web.json_response({"code": -1100, "msg": "Illegal characters found in parameter 'limit'."}, status=400)
-        if self.futures and limit not in self.market.snapshot_limits:
-            return web.json_response({"code": -1130, "msg": "Data sent for parameter 'limit' is not valid."}, status=400)
-        limit = max(1, min(limit, 5000))
-        ok, headers = self._charge(self.market.depth_weight(limit))
-        if self.faults.rest_delay:
-            await asyncio.sleep(self.faults.rest_delay)
-        if self.faults.rest_statuses:
-            status, retry_after = self.faults.rest_statuses.pop(0)
-            self.rest_log.append((time.time(), symbol, status))
-            if retry_after is not None:
-                headers["Retry-After"] = str(retry_after)
-            return web.json_response({"code": -1003, "msg": "Too many requests."}, status=status, headers=headers)
-        self.rest_log.append((time.time(), symbol, 200 if ok else 429))
-        if not ok:
-            return web.json_response({"code": -1003, "msg": "Too much request weight used."}, status=429, headers=headers)
-        if symbol not in self.symbols:
-            return web.json_response({"code": -1121, "msg": "Invalid symbol."}, status=400, headers=headers)
-        if self.feed is not None:
-            body = self.feed.snapshot(self.market, symbol, limit)
-            if body is None:
-                return web.json_response({"code": -1121, "msg": f"No snapshot of {symbol} was recorded that day."},
-                                         status=404, headers=headers)
-        elif self.capture is not None:
-            body = self.capture.snapshots[symbol]
-        elif self.load is not None:
-            body = self.load.snapshot(symbol, limit)
-        else:
-            book = self.books.get(symbol) or self.halted_books[symbol]
-            assert book is not None
-            snap: dict[str, object] = {"lastUpdateId": book.last_id}
-            if self.futures:
-                now_ms = int(time.time() * 1000)
-                snap.update(E=now_ms, T=now_ms - 2)
-            if self.coin_m:
-                snap.update(symbol=symbol, pair=symbol.split("_")[0])
-            snap.update(bids=book.levels("bids", limit), asks=book.levels("asks", limit))
-            body = orjson.dumps(snap)
-        if self.record:
-            self.rest_sent.append((symbol, limit, body))
-        return web.Response(body=body, content_type="application/json", headers=headers)
-
-    async def exchange_info(self, request: web.Request) -> web.Response:
-        ok, headers = self._charge(self.market.exchange_info_weight)
-        info = {
-            "timezone": "UTC", "serverTime": int(time.time() * 1000),
-            "rateLimits": [
-                {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": self.weight_limit},
-                {"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE", "intervalNum": 5, "limit": 300000},
-            ],
-            "symbols": [self._symbol_info(s) for s in self.symbols],
-        }
-        return web.json_response(info, headers=headers)
-
-    def _symbol_info(self, s: str) -> dict:
-        status = "BREAK" if s in self.not_trading else self.status.get(s, "TRADING")
-        if self.coin_m:  # BTCUSD_PERP, ETHUSD_261225: quoted in USD
-            pair = s.split("_")[0]
-            return {"symbol": s, "pair": pair, "contractStatus": status, "baseAsset": pair[:-3], "quoteAsset": "USD"}
-        quote = next((q for q in ("USDT", "USDC", "FDUSD", "BTC", "ETH", "EUR") if s.endswith(q)), s[-4:])
-        return {"symbol": s, "status": status, "baseAsset": s[:-len(quote)], "quoteAsset": quote}
 
     # ---- listings while running (tests) --------------------------------------------------
     async def list_symbol(self, symbol: str) -> None:
@@ -611,34 +193,6 @@ class MarketSim:
         if symbol in self.symbols:
             self.symbols.remove(symbol)
         self.halted_books[symbol] = self.books.pop(symbol, None)
-
-    async def ticker(self, request: web.Request) -> web.Response:
-        symbol = request.query.get("symbol")
-        ok, headers = self._charge(2 if symbol else (40 if self.futures else 80))
-        rows = []
-        for s in ([symbol.upper()] if symbol else self.symbols):
-            if s not in self.symbols:
-                return web.json_response({"code": -1121, "msg": "Invalid symbol."}, status=400, headers=headers)
-            quote_volume = self.volumes.get(s, 1e6 * (1 + self.symbols.index(s)))
-            if self.coin_m:  # COIN-M: volume in contracts, baseVolume in the base asset
-                rows.append({"symbol": s, "pair": s.split("_")[0], "volume": "1000", "baseVolume": str(quote_volume / 2),
-                             "weightedAvgPrice": "2.0", "count": 1000, "lastPrice": "2.0"})
-            else:
-                rows.append({"symbol": s, "volume": "1000.0", "quoteVolume": str(quote_volume),
-                             "count": 1000, "lastPrice": "1.0"})
-        return web.json_response(rows[0] if symbol else rows, headers=headers)
-
-    async def server_time(self, request: web.Request) -> web.Response:
-        ok, headers = self._charge(1)
-        now_ms = self.feed.server_time_ms() if self.feed is not None else int(time.time() * 1000 + self.clock_skew_ms)
-        return web.json_response({"serverTime": now_ms}, headers=headers)
-
-
-def runner_port(site: web.TCPSite) -> int:
-    """The port a started site listens on (port 0 picks a free one)."""
-    server = site._server
-    assert isinstance(server, asyncio.base_events.Server)
-    return server.sockets[0].getsockname()[1]
 
 
 class Simulator:
@@ -678,3 +232,4 @@ class Simulator:
 def load_capture(data_dir: Path, market: str) -> Capture:
     prefix = {"spot": "BINANCE", "futures": "BINANCE_FUTURES", "delivery": "BINANCE_DELIVERY"}[market]
     return Capture.load(data_dir / f"{prefix}.ws.1.0", data_dir / f"{prefix}.http.0.0")
+

@@ -43,7 +43,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from markets import KINDS
-from service.threads import name_os_thread
+from service.helpers import spawn
+from service.threads import RESTART, PipelineThread, name_os_thread
 from storage.files import day_of, fsync_dir, parquet_options, publish, temp_name
 from storage.schemas import SORT_KEYS
 
@@ -366,7 +367,7 @@ def compact_all(root: Path, compression_level: int, now_us: int, grace_us: int =
         except Busy as e:
             log.warning("%s; %s left to it", e, day)
             continue
-        except Exception:
+        except Exception:  # one bad day (logged with its traceback) must not hold up the others
             log.error("compaction of %s/%s failed; its parts stay as they are", kind_dir, day, exc_info=True)
             failed.append(f"{kind_dir.parent.name}/{kind_dir.name}/{day}")
             continue
@@ -379,12 +380,16 @@ def compact_all(root: Path, compression_level: int, now_us: int, grace_us: int =
 NICE = 10  # the compaction child's CPU priority, below the recorder's
 
 
-class Compactor(threading.Thread):
+class Compactor(PipelineThread):
     """Compacts finished days at start-up and within a minute after each UTC midnight, in a
     child process (`python -m storage.compact`) started only when a day is due, at a lower
     CPU priority. The child's memory (about the budget) is never the recorder's, and its
     failure or death leaves the recorder running: the parts stay readable, and the day is
     tried again, later each time (up to 30 rounds of `every_s`)."""
+
+    # RESTART: it holds nothing between rounds (each lists the day folders afresh); a
+    # crash costs a round, and recording goes on
+    on_crash = RESTART
 
     def __init__(self, root: Path, compression_level: int, stop: threading.Event,
                  now_us: Callable[[], int], grace_s: float, every_s: float = 10.0,
@@ -395,8 +400,7 @@ class Compactor(threading.Thread):
         self.failures = 0  # in a row, for the back-off and the metrics
         self.runs = {"ok": 0, "failed": 0, "stopped": 0}  # child processes, by outcome
 
-    def run(self) -> None:
-        name_os_thread()
+    def loop(self) -> None:
         while True:
             now = self.now_us()
             code: int | str  # the child's exit status, or why it could not run
@@ -419,14 +423,11 @@ class Compactor(threading.Thread):
                 return
 
     def _child(self, now: int) -> int:
-        command = [sys.executable, "-m", "storage.compact", str(self.root), "--level", str(self.level),
-                   "--now-us", str(now), "--grace-us", str(self.grace_us),
-                   "--budget-mib", str(self.memory_budget >> 20),
-                   "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel())]
-        # stderr is the collector's, so the child's lines go to the same journal
-        # its own session: a Ctrl-C in a terminal is for the collector, which stops the child
-        child = subprocess.Popen(command, cwd=_CODE, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                 start_new_session=True)
+        # a helper process (service.helpers): its lines go to the collector's journal; on
+        # SIGTERM (systemd's stop reaches it too) it unwinds and removes its temporary file
+        child = spawn("storage.compact", [str(self.root), "--level", str(self.level), "--now-us", str(now),
+                                          "--grace-us", str(self.grace_us), "--budget-mib", str(self.memory_budget >> 20),
+                                          "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel())])
         log.info("compaction started pid=%d", child.pid)
         while child.poll() is None:
             if self.stop.wait(0.5):
@@ -439,8 +440,6 @@ class Compactor(threading.Thread):
                 return -signal.SIGTERM
         return child.returncode
 
-
-_CODE = Path(__file__).resolve().parent.parent  # where `storage` is importable from
 
 
 def main(argv: list[str] | None = None) -> int:

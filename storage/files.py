@@ -65,6 +65,11 @@ def part_options(compression_level: int, schema: pa.Schema, kind: str) -> dict:
     return options
 
 
+def part_file(segment: str) -> str:
+    """A part file's name: it carries the journal segment whose rows it holds (`storage.journal`)."""
+    return f"part-{segment}.parquet"
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:

@@ -10,7 +10,7 @@ import config as config_mod
 
 if TYPE_CHECKING:
     from storage import upload
-from service.threads import name_os_thread
+from service.threads import RESTART, PipelineThread
 
 log = logging.getLogger("collector")
 
@@ -24,8 +24,11 @@ def make_uploader(cfg: config_mod.Config, progress: bool = False) -> "upload.Upl
                            progress=progress, shard="{}/{}".format(*cfg.collector.shard))
 
 
-class UploadJob(threading.Thread):
+class UploadJob(PipelineThread):
     """The service's periodic upload run (every `every_minutes`), off the main thread."""
+
+    # RESTART: a run that failed is retried at the next one; the day files wait on disk
+    on_crash = RESTART
 
     def __init__(self, cfg: config_mod.Config, stop: threading.Event):
         super().__init__(name="uploader", daemon=True)
@@ -33,8 +36,7 @@ class UploadJob(threading.Thread):
         self.last: dict = {}
         self.totals: dict[str, int] = {}
 
-    def run(self) -> None:
-        name_os_thread()
+    def loop(self) -> None:
         from storage.upload import UploadError
 
         while not self.stop.is_set():
@@ -48,5 +50,5 @@ class UploadJob(threading.Thread):
                         log.error("upload: days still not uploaded: %s", ", ".join(self.last["days_failed"]))
                 except UploadError as e:
                     log.error("%s", e)
-                except Exception:
+                except Exception:  # boto3 and network errors of every kind: the next run tries again
                     log.error("upload run failed; retried at the next run", exc_info=True)

@@ -42,8 +42,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from service.threads import PipelineThread
-from storage.files import US_PER_DAY, day_of, fsync_dir, part_options
+from service.threads import FATAL, PipelineThread
+from storage.files import US_PER_DAY, day_of, fsync_dir, part_file, part_options
 from storage.schemas import DAY_COLUMN
 
 log = logging.getLogger(__name__)
@@ -262,6 +262,10 @@ class _Segment:
 
 
 class PartWriter(PipelineThread):
+    # FATAL: it holds the open part files; their rows are in the journal, which a
+    # restarted collector turns into part files (systemd restarts it)
+    on_crash = FATAL
+
     def __init__(self, market: str, data_dir: Path, inbox: queue.Queue, compression_level: int,
                  on_segment_written: Callable[[str], None] = lambda name: None,
                  now_us: Callable[[], int] = lambda: 0,
@@ -324,7 +328,7 @@ class PartWriter(PipelineThread):
         for (kind, day), (sink, rows) in seg.files.items():
             if (kind, day) in seg.done:
                 continue
-            path = self.root / kind / day / f"part-{seg.name}.parquet"
+            path = self.root / kind / day / part_file(seg.name)
             try:
                 sink.publish(path)
             except PartLost as e:

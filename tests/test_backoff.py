@@ -1,4 +1,4 @@
-from handlers.backoff import backoff_delay
+from service.backoff import backoff_delay
 
 
 def test_backoff_grows_is_capped_and_jittered():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-from handlers.clock import kernel_clock
+from handlers.rest.clock import kernel_clock
 from research import verify
 from research.report import PANELS, report
 from simulator import Simulator

@@ -4,7 +4,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handlers.continuity import DUPLICATE, OK, RECONNECT, SEQUENCE, STALE, START, Continuity, PartialDedup
+from handlers.process.continuity import DUPLICATE, OK, RECONNECT, SEQUENCE, STALE, START, Continuity, PartialDedup
 from markets import FUTURES, SPOT
 
 
@@ -96,7 +96,7 @@ def test_partial_dedup_across_connections_only():
 
 
 def test_reordering_across_connections_is_not_a_gap():
-    from handlers.continuity import PendingHoles
+    from handlers.process.continuity import PendingHoles
     spot = PendingHoles(SPOT, wait=1.0)
     # head u=10 on the old connection; the new one delivers U=16..20 first
     assert spot.open("X", detected_us=5, last_u=10, U=16, pu=None, now=0.0) is None
@@ -136,7 +136,7 @@ class _ModelRecent:
 @given(st.lists(st.tuples(st.integers(-2**63, 2**63 - 1) | st.integers(0, 40), st.booleans()), max_size=200),
        st.integers(1, 16))
 def test_recent_ring_remembers_exactly_the_last_ids(ops, size):
-    from handlers.continuity import _Recent
+    from handlers.process.continuity import _Recent
     ring, model = _Recent(size), _ModelRecent(size)
     for u, add in ops:
         assert (u in ring) == (u in model.seen)
@@ -177,7 +177,7 @@ def test_head_and_seed_for_journal_recovery():
 
 
 def test_several_holes_of_one_symbol_are_held_and_filled_apart():
-    from handlers.continuity import PendingHoles
+    from handlers.process.continuity import PendingHoles
     spot = PendingHoles(SPOT, wait=1.0)
     # one connection lost 11-12 and 16 of a stream; the other, a little behind, brings them
     assert spot.open("X", detected_us=5, last_u=10, U=13, pu=None, now=0.0) is None

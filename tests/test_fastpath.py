@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from config import MarketConfig
-from handlers import wire
-from handlers.frames import DIFF, MAX_FRAME_BYTES, PARTIAL, FrameProcessor
-from handlers.inbox import WS
+from handlers.ingest.inbox import WS
+from handlers.process import wire
+from handlers.process.processor import DIFF, MAX_FRAME_BYTES, PARTIAL, FrameProcessor
 from markets import MARKETS
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT")

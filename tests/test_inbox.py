@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from handlers.inbox import Inbox
+from handlers.ingest.inbox import Inbox
 
 
 def test_bound_order_and_empty():

@@ -159,8 +159,8 @@ def test_top_n_changes_only_at_the_daily_ranking_but_admits_a_new_listing_at_onc
     import requests
 
     from config import MarketConfig
-    from handlers.listings import ListingWatcher
-    from handlers.snapshots import WeightBudget
+    from handlers.rest.listings import ListingWatcher
+    from handlers.rest.snapshots import WeightBudget
     from markets import MARKETS
 
     day0 = 20_000 * 86400.0 + 3600  # some UTC day, 01:00

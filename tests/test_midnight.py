@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import requests
 
 import config
-from pipeline import build_market, stop_all
+from pipeline import build_market
+from service.supervisor import Supervisor
 from simulator import Simulator
 from storage.compact import Compactor
 from storage.files import day_start_us
@@ -33,16 +34,15 @@ def test_midnight_rollover(tmp_path):
                                                       snapshot_limit=50)], flush_interval=1)
         cfg = config.load(path)
         stop = threading.Event()
-        pipe = build_market(cfg.markets[0], cfg.collector, stop, requests.Session(), 2400, run_id=clock(),
-                            now_us=clock)
-        compactor = Compactor(cfg.collector.data_dir, 9, stop, clock, grace_s=2, every_s=0.5)
-        pipe.start()
-        compactor.start()
+        supervisor = Supervisor(stop)
+        build_market(cfg.markets[0], cfg.collector, stop, requests.Session(), 2400, run_id=clock(), now_us=clock,
+                     supervisor=supervisor)
+        supervisor.add("compactor", Compactor(cfg.collector.data_dir, 9, stop, clock, grace_s=2, every_s=0.5))
+        supervisor.start()
         time.sleep(9)  # 23:59:56 -> 00:00:05
         sim.futures.faults.paused = True
         time.sleep(1.5)
-        stop.set()
-        assert stop_all([pipe], compactor)
+        assert supervisor.shutdown()
     root = cfg.collector.data_dir / "futures"
     for kind in ("diff_orderbooks", "partial_orderbooks", "orderbooks", "gaps"):
         day_file = root / kind / "2030-12-31.parquet"

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from handlers import parse, wire
-from handlers.frames import DIFF
+from handlers.process import parse, wire
+from handlers.process.processor import DIFF
 from simulator.server import load_capture
 from storage.columns import DepthColumns
 from tests.helpers import SHARED_DATA

@@ -10,8 +10,8 @@ import time
 import orjson
 
 from config import MarketConfig
-from handlers.frames import BUILD_ROWS, BUILD_SNAPSHOTS, DIFF, STOP, FrameProcessor
-from handlers.inbox import REST, WS
+from handlers.ingest.inbox import REST, WS
+from handlers.process.processor import BUILD_ROWS, BUILD_SNAPSHOTS, DIFF, STOP, FrameProcessor
 from markets import MARKETS
 from tests.helpers import wait_until
 
@@ -118,7 +118,7 @@ def test_malformed_snapshots_are_counted_and_fetched_again():
 
 
 def test_a_batch_is_taken_in_arrival_order_across_connections():
-    from handlers.frames import in_arrival_order
+    from handlers.process.processor import in_arrival_order
     a1, a2 = (WS, 100, 1, [b"a1"]), (WS, 90, 1, [b"a2"])  # the host clock stepped back: order kept
     b1, b2 = (WS, 95, 2, [b"b1"]), (WS, 120, 2, [b"b2"])
     rest = (REST, 97, ("BTCUSDT", 1000, 96, b"{}"))

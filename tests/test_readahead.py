@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from websocket._abnf import ABNF, frame_buffer
 
-from handlers.websocket import ReadAhead
+from handlers.ingest.websocket import ReadAhead
 
 OPCODES = [ABNF.OPCODE_TEXT, ABNF.OPCODE_BINARY, ABNF.OPCODE_PING, ABNF.OPCODE_PONG]
 frame_specs = st.lists(st.tuples(

@@ -1,4 +1,4 @@
-"""The stamp relay (handlers/relay.py): the process that reads the WebSocket connections'
+"""The stamp relay (handlers/ingest/relay.py): the process that reads the WebSocket connections'
 sockets as bytes arrive. Real TCP connections on 127.0.0.1, a real relay process; what is
 asserted is what the collector's readers get: the bytes, in order, and their stamps."""
 from __future__ import annotations
@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from handlers import stamped
-from handlers.relay import HOLD_LIMIT, StampRelay
+from handlers.ingest import stamped
+from handlers.ingest.relay import HOLD_LIMIT, StampRelay
+from service.supervisor import Supervisor
 
 pytestmark = pytest.mark.skipif(not stamped.StampedSocket(socket.socket()).kernel,
                                 reason="needs the kernel's receive stamps (Linux)")
@@ -49,6 +50,7 @@ class Server:
 @pytest.fixture
 def relay():
     r = StampRelay("stamp-relay-t")
+    assert r.start()
     yield r
     r.close()
 
@@ -134,7 +136,7 @@ def test_the_peer_closing_and_the_reader_closing_both_end_the_connection(relay):
     server.close()
 
 
-def test_a_relay_that_died_is_replaced_and_its_connections_end(relay, caplog):
+def test_a_relay_that_died_ends_its_connections_and_is_started_again_by_the_supervisor(relay, caplog):
     server = Server()
     sock = stamped.connect(server.url, timeout=5, relay=relay)
     first = relay._proc
@@ -145,24 +147,37 @@ def test_a_relay_that_died_is_replaced_and_its_connections_end(relay, caplog):
         sock.recv(100)  # the reader's error: its supervisor reconnects
     sock.close()
     server.close()
-    with caplog.at_level(logging.INFO, logger="handlers.relay"):
-        again = Server()
-        sock = stamped.connect(again.url, timeout=5, relay=relay)
-        assert sock.relayed is not None and relay._proc is not None and relay._proc.pid != first.pid
-        again.send(b"hello")
-        assert read_exactly(sock, 5)[0][0] == b"hello"
-        sock.close()
-        again.close()
-    assert "stamp-relay-t exited (status -9); starting another" in caplog.text
+    # while it is down, a new connection reads its own socket (at once: nothing waits for a start)
+    down = Server()
+    sock = stamped.connect(down.url, timeout=5, relay=relay)
+    assert sock.relayed is None
+    down.send(b"own")
+    assert read_exactly(sock, 3)[0][0] == b"own"
+    sock.close()
+    down.close()
+    supervisor = Supervisor(threading.Event())
+    supervisor.add_helper(relay)
+    with caplog.at_level(logging.INFO):
+        assert supervisor.watch() is None
+    assert "stamp-relay-t is down (exit status -9); starting it again" in caplog.text
+    assert supervisor.restarts() == {"stamp-relay-t": 1} and supervisor.helpers_up() == (1, 1)
+    again = Server()
+    sock = stamped.connect(again.url, timeout=5, relay=relay)
+    assert sock.relayed is not None and relay._proc is not None and relay._proc.pid != first.pid
+    again.send(b"hello")
+    assert read_exactly(sock, 5)[0][0] == b"hello"
+    sock.close()
+    again.close()
 
 
 def test_the_relay_ends_when_the_collector_lets_go():
     relay = StampRelay("stamp-relay-t")
+    assert relay.start()
     server = Server()
     sock = stamped.connect(server.url, timeout=5, relay=relay)
     proc = relay._proc
     assert proc is not None
-    relay.close()  # what stop_all does once every reader ended
+    relay.close()  # what the supervisor does once every reader ended
     assert proc.returncode == 0
     sock.close()
     server.close()

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from markets import MARKETS as MARKETS_BY_NAME
 from research import verify
 from research.data import books, load
-from research.replay import decimals, number
+from serve.replay import decimals, number
 from simulator import Simulator
 from simulator.server import load_capture
 from tests.faults import pause_and_stop
@@ -289,7 +289,7 @@ def test_binance_connector_builds_the_recorded_book(recorded, tmp_path):
 def test_a_long_day_is_merged_in_order_a_few_runs_at_a_time(recorded, tmp_path, monkeypatch):
     """Tiny runs (hundreds of them, merged 3 at a time, then at most 3 kinds x 1 run
     each... ) give every row once, in time order, and hold only a row group per run."""
-    from research import replay
+    from serve import replay
     from storage.merge import open_source
 
     monkeypatch.setattr(replay, "RUN_BYTES", 16 << 10)
@@ -377,7 +377,7 @@ def test_levels_in_bulk_are_the_plain_levels(rows, data):
     import numpy as np
     import pyarrow as pa
 
-    from research.replay import levels_text, levels_texts
+    from serve.replay import levels_text, levels_texts
     places = [(data.draw(st.integers(0, 18)), data.draw(st.integers(0, 18))) for _ in rows]
     prices = pa.array([[p for p, _ in r] for r in rows], pa.list_(pa.float64()))
     sizes = pa.array([[q for _, q in r] for r in rows], pa.list_(pa.float64()))

@@ -6,7 +6,7 @@ import hashlib
 
 import orjson
 
-from handlers.exchange import shard_of
+from handlers.rest.exchange import shard_of
 from simulator import Simulator
 from tests.faults import check_run, pause_and_stop
 from tests.helpers import CollectorProcess, market_section, read_kind, wait_until, write_config

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import threading
 
-from handlers.snapshots import WeightBudget
+from handlers.rest.snapshots import WeightBudget
 
 
 class FakeClock:

@@ -13,9 +13,9 @@ import time
 import pytest
 import trustme
 
-from handlers import stamped
-from handlers.inbox import WS, Inbox
-from handlers.websocket import ConnectionStats, Reader, combined_url
+from handlers.ingest import stamped
+from handlers.ingest.inbox import WS, Inbox
+from handlers.ingest.websocket import ConnectionStats, Reader, combined_url
 from simulator import Simulator
 
 

@@ -29,10 +29,10 @@ from typing import Callable
 import requests
 
 from config import MarketConfig
-from handlers import continuity as cont
-from handlers.exchange import ExchangeUnavailable, candidates, fetch_exchange_info, fetch_volumes, mine, rank, statuses
-from handlers.snapshots import WeightBudget
-from service.threads import PipelineThread
+from handlers.process import continuity as cont
+from handlers.rest.exchange import ExchangeUnavailable, candidates, fetch_exchange_info, fetch_volumes, mine, rank, statuses
+from handlers.rest.snapshots import WeightBudget
+from service.threads import RESTART, PipelineThread
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,10 @@ def utc_day(t: float) -> int:
 
 
 class ListingWatcher(PipelineThread):
+    # RESTART: its reference (`trading`, the ranking day) is kept on the object; a crash
+    # delays the next look by a backoff, and the set already recorded goes on
+    on_crash = RESTART
+
     def __init__(self, cfg: MarketConfig, recorded: Callable[[], list[str]], trading: set[str], session: requests.Session,
                  budget: WeightBudget, stop: threading.Event,
                  on_change: Callable[[list[str], Removed], None], clock: Callable[[], float] = time.time):

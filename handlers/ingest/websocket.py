@@ -5,7 +5,7 @@ A reader does the least work possible per frame (the hot path only stamps and ha
 `received_time` in µs, put `(WS, received_us, conn_id, [bytes, ...])` on the market's
 queue: every frame one socket read completed, in one item (one hand-over a read rather
 than one a frame). The stamp is the kernel's receive time of the read that completed the
-frames (`handlers.stamped`), a read made by the stamp relay's process (`handlers.relay`)
+frames (`handlers.ingest.stamped`), a read made by the stamp relay's process (`handlers.ingest.relay`)
 as the bytes arrived: exact even while the interpreter is busy elsewhere.
 websocket-client answers server pings itself inside `recv_data()` with the ping's
 payload, as Binance requires.
@@ -37,12 +37,12 @@ from typing import Callable, Iterable
 
 import websocket
 
-from handlers import stamped
-from handlers.backoff import backoff_delay
-from handlers.inbox import WS, Inbox, Item
-from handlers.relay import StampRelay
-from handlers.timestamps import wall_us
-from service.threads import PipelineThread, name_os_thread
+from handlers.ingest import stamped
+from handlers.ingest.inbox import WS, Inbox, Item
+from handlers.ingest.relay import StampRelay
+from handlers.ingest.timestamps import wall_us
+from service.backoff import backoff_delay
+from service.threads import RESTART, PipelineThread, name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,18 @@ _STREAM_PREFIX = b'{"stream":"'  # a combined stream's data frame; '{"stream":"!
 def is_data(frame: bytes) -> bool:
     """A depth stream's frame, not a control reply ({"result":null,"id":1}) or an event."""
     return frame.startswith(_STREAM_PREFIX) and frame[11:12] != b"!"
+
+
+COPY_LETTERS = "abc"  # copy k of a batch (ws_redundancy <= 3), and relay k that reads every copy k
+
+
+def copy_name(batch: str, k: int, n: int) -> str:
+    """`ws-spot-0a` for copy k of batch `ws-spot-0` (just the batch's name without redundancy)."""
+    return batch + (COPY_LETTERS[k] if n > 1 else "")
+
+
+def relay_name(k: int) -> str:
+    return f"stamp-relay-{COPY_LETTERS[k]}"
 
 
 def combined_url(ws_url: str, streams: list[str]) -> str:
@@ -160,7 +172,7 @@ class Reader(threading.Thread):
         self.url, self.out, self.dead_after, self.now_us = url, out, dead_after, now_us
         self.streams = streams  # what the connection is subscribed to: its URL's, then SUBSCRIBE / UNSUBSCRIBE
         self.stats, self.put_timeout = stats, put_timeout
-        self.relay = relay  # reads the socket in its own process, when given (handlers.relay)
+        self.relay = relay  # reads the socket in its own process, when given (handlers.ingest.relay)
         self.connected = threading.Event()  # set once the WebSocket handshake completed
         self.delivering = threading.Event()  # set by the first data frame
         self.started_at = time.monotonic()
@@ -192,7 +204,7 @@ class Reader(threading.Thread):
         except (websocket.WebSocketException, OSError) as e:
             if not self._closing:
                 self.error = f"{type(e).__name__}: {e}"
-        except Exception as e:
+        except Exception as e:  # a bug, not the network: logged with its traceback; the supervisor replaces the connection
             self.error = f"{type(e).__name__}: {e}"
             log.critical("reader crashed conn=%d", self.conn_id, exc_info=True)
         finally:
@@ -250,6 +262,11 @@ class Reader(threading.Thread):
         log.info("%s conn=%d streams=%d: %s", method.lower(), self.conn_id, len(streams),
                  " ".join(streams[:6]) + (" ..." if len(streams) > 6 else ""))
 
+    def fallen_back(self) -> bool:
+        """Reading its own socket although a relay should (the relay was down when it connected)."""
+        sock = self._sock
+        return self.relay is not None and sock is not None and sock.kernel and sock.relayed is None
+
     def silent_for(self, now: float) -> float:
         """Seconds since the last data frame (or since the connection was started)."""
         return now - self.last_data
@@ -261,8 +278,8 @@ class Reader(threading.Thread):
         if ws is not None:
             try:
                 ws.send_close()  # bounded by the socket's timeout
-            except Exception:
-                pass
+            except (websocket.WebSocketException, OSError):
+                pass  # the connection is already gone: closing it is what we wanted
         self._abort()
 
     def _abort(self) -> None:
@@ -271,8 +288,8 @@ class Reader(threading.Thread):
             try:
                 ws.abort()
                 ws.close(timeout=0)
-            except Exception:
-                pass
+            except (websocket.WebSocketException, OSError):
+                pass  # already closed
         elif self._sock is not None:  # the WebSocket handshake did not complete
             self._sock.close()
 
@@ -395,6 +412,10 @@ class BatchCopies:
 class StreamBatch(PipelineThread):
     """Supervisor of one copy of a batch of streams: keeps one connection reading it."""
 
+    # RESTART: its connection is closed and a new one opened (the batch's other copies
+    # read on meanwhile; at ws_redundancy 1 a `reconnect` gap at worst)
+    on_crash = RESTART
+
     def __init__(self, name: str, copies: BatchCopies, out: Inbox, stop: threading.Event,
                  now_us: Callable[[], int], dead_after: float, rotate_after: float,
                  healthy_after: float = 5.0, attempts: AttemptLimiter | None = None, copy: int = 0,
@@ -412,6 +433,11 @@ class StreamBatch(PipelineThread):
         self.stats = ConnectionStats()
         self.reader: Reader | None = None
 
+    def fallen_back(self) -> bool:
+        """Its connection reads its own socket while its relay should (counted in the metrics)."""
+        r = self.reader
+        return r is not None and r.connected.is_set() and r.fallen_back()
+
     def live(self) -> bool:
         """Connected and delivering data within the last `dead_after` seconds."""
         r = self.reader
@@ -422,9 +448,13 @@ class StreamBatch(PipelineThread):
         try:
             super().run()
         finally:
-            if self.reader is not None:
-                self.reader.close()
-                self.reader.join(timeout=5)
+            self.recover()
+
+    def recover(self) -> None:
+        reader, self.reader = self.reader, None
+        if reader is not None:
+            reader.close()
+            reader.join(timeout=5)
 
     def loop(self) -> None:
         # A connection that worked for `healthy_after` seconds and then ended is replaced at
@@ -494,6 +524,7 @@ class StreamBatch(PipelineThread):
         """Wait while the reader lives and delivers; replace it when it is silent and
         rotate it when due. Returns its lifetime when it is gone."""
         rotate_at = self.copies.next_rotation(self.copy, reader.started_at)
+        back_at = 0.0  # a failed move back to the relay is tried again 10 s later
         while not self.stop.wait(0.5):
             now = time.monotonic()
             if not reader.is_alive():
@@ -524,11 +555,15 @@ class StreamBatch(PipelineThread):
                     rotate_at = self.copies.next_rotation(self.copy, reader.started_at)
                 continue
             shutdown = self.rotate_now.is_set()
-            if shutdown or (now >= rotate_at and self.copies.others_live(self)):
+            # a connection that fell back to reading its own socket moves to its relay once
+            # the relay is up again, make-before-break like a rotation
+            back = now >= back_at and reader.fallen_back() and self.relay is not None and self.relay.alive()
+            if shutdown or ((now >= rotate_at or back) and self.copies.others_live(self)):
                 # serverShutdown cannot wait: the server is about to close this connection
                 self.rotate_now.clear()
+                reason = "serverShutdown" if shutdown else "age" if now >= rotate_at else "relay up again"
                 log.info("rotating conn=%d after %.0fs reason=%s (make-before-break)",
-                         reader.conn_id, now - reader.started_at, "serverShutdown" if shutdown else "age")
+                         reader.conn_id, now - reader.started_at, reason)
                 new = self._open(replacing=reader)
                 if new is not None:
                     self.stats.rotations += 1
@@ -536,7 +571,8 @@ class StreamBatch(PipelineThread):
                     rotate_at = self.copies.next_rotation(self.copy, reader.started_at)
                 else:
                     # keep the old connection; try again later
-                    rotate_at = time.monotonic() + min(60.0, self.rotate_after / 10)
+                    rotate_at = max(rotate_at, time.monotonic() + min(60.0, self.rotate_after / 10))
+                    back_at = time.monotonic() + 10.0
         return time.monotonic() - reader.started_at
 
     def _follow(self, reader: Reader) -> None:

@@ -2,14 +2,14 @@
 moment bytes arrive, and hands them on, each read with its kernel receive time.
 
 Why a process. A read's stamp is the kernel's arrival time of the newest bytes it returns
-(`handlers.stamped`), so frames that wait in the socket for their reader take the stamp of
+(`handlers.ingest.stamped`), so frames that wait in the socket for their reader take the stamp of
 whatever arrived after them. A reader thread of the collector waits for the GIL behind the
 processor, the writers and the other readers; at 40,000 msgs/s that wait made stamps 4-6
 ms late at p99, 36 ms at worst (BENCHMARKS.md, Stamp relay). The relay is one thread in
 its own interpreter, whose only work is to read and forward, so nothing but the operating
 system's scheduler stands between an arrival and its read.
 
-    collector process                                 relay process (python -m handlers.relay)
+    collector process                                 relay process (python -m handlers.ingest.relay)
     reader thread: connect TCP ── send_fds ─────────► registers the socket (epoll)
       websocket-client / TLS                            TCP readable: recvmsg(), kernel stamp
         reads ◄── unix socketpair ◄── [stamp, n, bytes] records (up to 4 MiB held a connection)
@@ -37,9 +37,9 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 
-from handlers.timestamps import ANC_SPACE, stamp_of, wall_us
+from handlers.ingest.timestamps import ANC_SPACE, stamp_of, wall_us
+from service.helpers import spawn
 
 log = logging.getLogger(__name__)
 
@@ -92,27 +92,64 @@ class RelayedReads:
 
 
 class StampRelay:
-    """The collector's handle on one relay process: started on first use, restarted (with a
-    log line) if it died. `name` is the process's name for ps and top (15 bytes)."""
+    """The collector's handle on one relay process, a helper (`service.helpers`): started by
+    the supervisor before any reader needs it, restarted by it (with a backoff) when it
+    dies. Readers only ask for it (`adopt`); while it is down they read their own sockets
+    and come back to it once it is up (`handlers.ingest.websocket`). `name` is the
+    process's name for ps and top (15 bytes)."""
 
     def __init__(self, name: str = "stamp-relay") -> None:
         self.name = name
-        self._lock = threading.Lock()
+        self.restarts = 0  # starts after the first (the supervisor counts them)
+        self._lock = threading.Lock()  # adopt() against start() and close(): held for a send, never a start
         self._proc: subprocess.Popen | None = None
         self._ctrl: socket.socket | None = None
-        self._failed_at = -1e9
+
+    def start(self) -> bool:
+        """Start the relay process and wait for its ready byte (at most READY_WAIT)."""
+        ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # a message per connection
+        try:
+            proc = spawn("handlers.ingest.relay", [str(theirs.fileno()), self.name], pass_fds=[theirs.fileno()])
+        except OSError as e:
+            log.error("%s not started (%s): readers read their sockets themselves", self.name, e)
+            ctrl.close()
+            return False
+        finally:
+            theirs.close()
+        try:
+            ctrl.settimeout(READY_WAIT)
+            if ctrl.recv(1) != b"r":
+                raise OSError("it ended before it was ready")
+        except OSError as e:  # a timeout too
+            log.error("%s not ready (%s): readers read their sockets themselves", self.name, e)
+            ctrl.close()
+            _reap(proc)
+            return False
+        with self._lock:
+            self._proc, self._ctrl = proc, ctrl
+        log.info("%s started pid=%d", self.name, proc.pid)
+        return True
+
+    def alive(self) -> bool:
+        proc = self._proc
+        return proc is not None and proc.poll() is None and self._ctrl is not None
+
+    def exit_status(self) -> int | None:
+        proc = self._proc
+        return None if proc is None else proc.poll()
 
     def adopt(self, tcp: socket.socket) -> socket.socket | None:
         """Hand `tcp`'s reads to the relay; the socket to read them from instead, or None
-        when the relay cannot be had (the caller reads `tcp` itself)."""
+        when the relay is down (the caller reads `tcp` itself)."""
+        if not self.alive():
+            return None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with self._lock:
-                ctrl = self._running()
-                if ctrl is None:
+                if self._ctrl is None:
                     ours.close()
                     return None
-                socket.send_fds(ctrl, [b"c"], [tcp.fileno(), theirs.fileno()])
+                socket.send_fds(self._ctrl, [b"c"], [tcp.fileno(), theirs.fileno()])
             return ours
         except OSError as e:
             log.error("%s: could not hand over a connection (%s); its reader reads it", self.name, e)
@@ -121,51 +158,23 @@ class StampRelay:
         finally:
             theirs.close()
 
-    def _running(self) -> socket.socket | None:
-        if self._proc is not None and self._proc.poll() is None and self._ctrl is not None:
-            return self._ctrl
-        if self._proc is not None:
-            log.error("%s exited (status %s); starting another", self.name, self._proc.returncode)
-            self.close()
-        if time.monotonic() - self._failed_at < 10.0:
-            return None
-        ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # a message per connection
-        try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "handlers.relay", str(theirs.fileno()), self.name], pass_fds=[theirs.fileno()],
-                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), stdin=subprocess.DEVNULL)
-        except OSError as e:
-            self._failed_at = time.monotonic()
-            log.error("%s not started (%s): readers read their sockets themselves", self.name, e)
-            ctrl.close()
-            return None
-        finally:
-            theirs.close()
-        self._ctrl = ctrl
-        try:
-            ctrl.settimeout(READY_WAIT)
-            if ctrl.recv(1) != b"r":
-                raise OSError("it ended before it was ready")
-        except OSError as e:  # a timeout too
-            self._failed_at = time.monotonic()
-            log.error("%s not ready (%s): readers read their sockets themselves", self.name, e)
-            self.close()
-            return None
-        log.info("%s started pid=%d", self.name, self._proc.pid)
-        return ctrl
-
     def close(self) -> None:
         """End the relay (closing the control socket is its signal) and reap it."""
-        if self._ctrl is not None:
-            self._ctrl.close()
-            self._ctrl = None
-        proc, self._proc = self._proc, None
+        with self._lock:
+            ctrl, self._ctrl = self._ctrl, None
+            proc, self._proc = self._proc, None
+        if ctrl is not None:
+            ctrl.close()
         if proc is not None:
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            _reap(proc)
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 # -- the relay process ------------------------------------------------------------------
@@ -327,10 +336,10 @@ def main(argv: list[str]) -> int:
     from service.threads import name_os_thread
 
     name_os_thread(argv[2])  # what top, ps and the benchmark's CPU by thread call it
-    # the collector's stop (SIGTERM from systemd to the whole unit, Ctrl-C to the terminal's
-    # process group) ends its readers first and then this relay, by closing the control socket
+    # systemd's SIGTERM reaches every process of the unit: the relay must outlive the
+    # readers it serves, so it ignores it; the collector's stop ends its readers first and
+    # then this relay, by closing the control socket (its own session keeps Ctrl-C away)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     relay = _Relay(socket.socket(fileno=int(argv[1])))
     relay.ctrl.send(b"r")
     relay.run()

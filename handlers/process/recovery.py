@@ -20,9 +20,9 @@ from typing import Callable
 import pyarrow.parquet as pq
 
 from config import MarketConfig
-from handlers.frames import FrameProcessor
-from handlers.inbox import REST, WS
-from storage.files import write_table_atomic
+from handlers.ingest.inbox import REST, WS
+from handlers.process.processor import FrameProcessor
+from storage.files import part_file, write_table_atomic
 from storage.journal import WS_RECORD, journal_dir, read_segment, segments
 from storage.schemas import DAY_COLUMN
 from storage.writer import split_by_day
@@ -60,7 +60,7 @@ def recover(cfg: MarketConfig, data_dir: Path, compression_level: int, now_us: C
         while not out.empty():
             kind, table = out.get()
             for day, part in split_by_day(table, DAY_COLUMN[kind]).items():
-                target = data_dir / cfg.name / kind / day / f"part-{name}.parquet"
+                target = data_dir / cfg.name / kind / day / part_file(name)
                 if target.exists():
                     continue  # published before the crash
                 write_table_atomic(target, part, compression_level)
@@ -74,7 +74,7 @@ def recover(cfg: MarketConfig, data_dir: Path, compression_level: int, now_us: C
 
 def _seed(proc: FrameProcessor, kind_dir: Path, previous: str) -> None:
     """Stream heads (last u per symbol) from the part files of the previous segment."""
-    for part in kind_dir.glob(f"*/part-{previous}.parquet"):
+    for part in kind_dir.glob(f"*/{part_file(previous)}"):
         t = pq.read_table(part, columns=["symbol", "final_update_id"])
         last: dict[str, int] = {}
         for symbol, u in zip(t.column("symbol").to_pylist(), t.column("final_update_id").to_pylist(), strict=True):

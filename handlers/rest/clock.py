@@ -22,9 +22,9 @@ from typing import Callable
 import requests
 
 from config import MarketConfig
-from handlers.inbox import CLOCK, Inbox
-from handlers.snapshots import WeightBudget
-from service.threads import PipelineThread
+from handlers.ingest.inbox import CLOCK, Inbox
+from handlers.rest.snapshots import WeightBudget
+from service.threads import RESTART, PipelineThread
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,9 @@ class ClockStats:
 
 
 class ClockSampler(PipelineThread):
+    # RESTART: a sample holds nothing; a crash costs a minute's row at most
+    on_crash = RESTART
+
     def __init__(self, cfg: MarketConfig, out: Inbox, stop: threading.Event, budget: WeightBudget,
                  now_us: Callable[[], int], session: requests.Session, every_s: float = 60.0,
                  max_offset_ms: float = 100.0):

@@ -24,7 +24,7 @@ from typing import Annotated, Optional
 
 import msgspec
 
-from handlers.parse import DepthRow
+from handlers.process.parse import DepthRow
 
 _MISSING = msgspec.Raw()
 Int64 = Annotated[int, msgspec.Meta(ge=-(1 << 63), le=(1 << 63) - 1)]  # what the columns hold
@@ -54,7 +54,7 @@ class Frame(msgspec.Struct):
 decode_frame = msgspec.json.Decoder(Frame).decode
 
 def depth_row(d: Data, symbol: str, futures: bool, spot_partial: bool) -> DepthRow | None:
-    """(event_time, symbol, U, u, pu, T, bids, asks) as `handlers.parse` returns it (the
+    """(event_time, symbol, U, u, pu, T, bids, asks) as `handlers.process.parse` returns it (the
     levels as JSON text), or None when a field the payload kind needs is missing or the
     symbol is not the stream's.
 

@@ -32,9 +32,9 @@ from typing import Callable
 import requests
 
 from config import MarketConfig
-from handlers.backoff import backoff_delay
-from handlers.inbox import REST, Inbox
-from service.threads import PipelineThread, name_os_thread
+from handlers.ingest.inbox import REST, Inbox
+from service.backoff import backoff_delay
+from service.threads import RESTART, PipelineThread, name_os_thread
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,10 @@ class SnapshotStats:
 
 
 class Snapshotter(PipelineThread):
+    # RESTART: without it no gap is ever answered with a snapshot again; its schedule is
+    # rebuilt from `active`, and requests already queued (`urgent`) wait for it
+    on_crash = RESTART
+
     def __init__(self, cfg: MarketConfig, out: Inbox, stop: threading.Event,
                  budget: WeightBudget, now_us: Callable[[], int],
                  session: requests.Session | None = None, workers: int = 4):
@@ -139,7 +143,8 @@ class Snapshotter(PipelineThread):
         self.urgent.put(symbol)
 
     def loop(self) -> None:
-        symbols = list(self.cfg.symbols)  # `active` at start, in the config's order
+        # `active` in the config's order, then the listings since (after a restart: what it is now)
+        symbols = [s for s in self.cfg.symbols if s in self.active] + sorted(self.active - set(self.cfg.symbols))
         n, interval = len(symbols), self.stats.interval
         start = time.monotonic()
         due = [(start + i * interval / n, i, sym) for i, sym in enumerate(symbols)]
@@ -192,7 +197,7 @@ class Snapshotter(PipelineThread):
     def _fetch(self, symbol: str, attempt: int = 0) -> None:
         try:
             retry = self._fetch_once(symbol)
-        except Exception:
+        except Exception:  # a bug in one task: logged with its traceback, and the snapshot retried, never dropped
             log.error("snapshot task crashed market=%s symbol=%s", self.cfg.name, symbol, exc_info=True)
             retry = True
         finally:

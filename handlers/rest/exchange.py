@@ -1,17 +1,18 @@
 """What the exchange lists: which symbols trade, the REQUEST_WEIGHT limit per minute (read
 live, since Binance changes it), the 24h volumes `top N` ranks by, and the choice of a
-market's symbols from them (`select`), at start and on every listing check."""
+market's symbols from them (`select`), at start (`resolve_symbols`) and on every listing check."""
 from __future__ import annotations
 
 import hashlib
 import logging
 import threading
+from dataclasses import dataclass, replace
 from typing import Any
 
 import requests
 
-from config import MarketConfig
-from handlers.backoff import backoff_delay
+from config import Config, ConfigError, MarketConfig
+from service.backoff import backoff_delay
 
 log = logging.getLogger(__name__)
 
@@ -123,3 +124,33 @@ def check_symbols(cfg: MarketConfig, info: dict) -> tuple[str, ...]:
     if missing:
         log.error("[%s] symbols not trading on the exchange, left out: %s", cfg.name, ", ".join(missing))
     return tuple(s for s in cfg.symbols if s in trading)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A market as the exchange lists it at start."""
+
+    cfg: MarketConfig    # its `symbols` the set to record
+    weight_limit: int               # REQUEST_WEIGHT per minute
+    trading: set[str]               # every symbol trading at start
+
+
+def resolve_symbols(cfg: Config, session: requests.Session, stop: threading.Event) -> list[Resolved]:
+    """Each market's symbol set from exchangeInfo (and, for `top N`, the 24h volumes): a
+    listed symbol that does not trade is named in one error line and left out."""
+    out = []
+    for m in cfg.markets:
+        info = fetch_exchange_info(session, m, stop)
+        if m.selection == "list":
+            symbols = select(replace(m, symbols=check_symbols(m, info)), info, None)
+        else:
+            volumes = fetch_volumes(session, m, stop) if m.selection == "top" else None
+            symbols = select(m, info, volumes)
+            log.info("[%s] symbols = %s%s: %d symbols", m.name, "all" if m.selection == "all" else f"top {m.top_n}",
+                     f" quoted in {','.join(m.quote_assets)}" if m.quote_assets else "", len(symbols))
+        if not symbols:
+            where = f" in shard {m.shard[0]}/{m.shard[1]}" if m.shard[1] > 1 else ""
+            raise ConfigError(f"{cfg.path}: [{m.name}] symbols: none of them is trading on the exchange{where}")
+        limit = weight_limit(info, default=m.market.default_weight_limit)
+        out.append(Resolved(replace(m, symbols=symbols), limit, trading_symbols(info)))
+    return out

@@ -8,7 +8,7 @@ p99 (BENCHMARKS.md). Linux records when each TCP segment reached the host; with
 a frame gets the stamp of the read that completed it: the time its last byte arrived,
 whatever the interpreter was doing then.
 
-The reads themselves are the stamp relay's (`handlers.relay`), a process that reads the
+The reads themselves are the stamp relay's (`handlers.ingest.relay`), a process that reads the
 socket as soon as bytes arrive: a read made late by a reader waiting for the GIL would
 give the bytes that waited the stamp of the newest ones. `StampedSocket` then reads the
 relay's records, each with the stamp of the relay's read, and writes to the socket
@@ -35,8 +35,8 @@ from urllib.parse import urlsplit
 import certifi
 from websocket._url import get_proxy_info
 
-from handlers.relay import RelayedReads, StampRelay
-from handlers.timestamps import ANC_SPACE, SO_TIMESTAMPNS, stamp_of, wall_us
+from handlers.ingest.relay import RelayedReads, StampRelay
+from handlers.ingest.timestamps import ANC_SPACE, SO_TIMESTAMPNS, stamp_of, wall_us
 
 
 def tls_context() -> ssl.SSLContext:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import heapq
 import logging
 import queue
-import re
 import threading
 import time
 from collections import deque
@@ -31,14 +30,15 @@ import orjson
 import pyarrow as pa
 
 from config import MarketConfig
-from handlers import continuity as cont
-from handlers import parse, wire
-from handlers.inbox import CLOCK, REST, SYMBOLS, WS, Inbox
-from service.threads import PipelineThread
+from handlers.ingest.inbox import CLOCK, REST, SYMBOLS, WS, Inbox
+from handlers.process import continuity as cont
+from handlers.process import parse, wire
+from markets import STREAM_NAME
+from service.threads import FATAL, PipelineThread
 from storage.columns import DepthColumns, GapColumns, SnapshotColumns, levels_to_arrow, raw_levels
 from storage.journal import Journal
 from storage.schemas import SCHEMAS
-from storage.writer import STOP
+from storage.writer import SEGMENT, STOP
 
 # (lastUpdateId, (bid prices, sizes), (ask prices, sizes), event time, transaction time)
 SnapshotRow = tuple[int, Any, Any, int | None, int | None]
@@ -46,13 +46,11 @@ SnapshotRow = tuple[int, Any, Any, int | None, int | None]
 log = logging.getLogger(__name__)
 
 DIFF, PARTIAL = "diff_orderbooks", "partial_orderbooks"
-SEGMENT = "segment"
 _BATCH = 2048
 MAX_FRAME_BYTES = 4 << 20
 MAX_ROWS_HELD = 200_000  # a segment ends early past this many rows (bounds memory at high rates)
 BUILD_ROWS = 8192  # rows handed to the writer once this many are buffered, or every build_interval
 BUILD_SNAPSHOTS = 32  # or this many snapshots
-_STREAM = re.compile(r"^([a-z0-9_]+)@depth(\d*)(?:@\d+ms)?$")
 
 
 @dataclass
@@ -102,7 +100,7 @@ def routes_for(cfg: MarketConfig) -> dict[str, tuple[str, str]]:
 def route_by_name(stream: str) -> tuple[str, str] | None:
     """Route any depth stream by its name alone (journal recovery: the symbol list may
     have changed since the frame was journaled, and a journaled frame is never dropped)."""
-    m = _STREAM.match(stream)
+    m = STREAM_NAME.match(stream)
     if m is None:
         return None
     return (PARTIAL if m.group(2) else DIFF), m.group(1).upper()
@@ -128,6 +126,10 @@ def in_arrival_order(batch: list) -> list:
 
 
 class FrameProcessor(PipelineThread):
+    # FATAL: its continuity state and the open journal segment cannot be rebuilt in place;
+    # the journal makes a restarted collector whole (systemd restarts it)
+    on_crash = FATAL
+
     def __init__(self, cfg: MarketConfig, inbox: Inbox | None, outbox: queue.Queue | queue.SimpleQueue,
                  flush_interval: float, now_us: Callable[[], int],
                  request_snapshot: Callable[[str], None] = lambda symbol: None,

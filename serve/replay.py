@@ -4,7 +4,7 @@
                         [--speed X] [--host 127.0.0.1] [--start-delay S]
 
 Each market is served on its own port by the loopback exchange's protocol server
-(`simulator/server.py`: combined and raw streams, SUBSCRIBE / UNSUBSCRIBE /
+(`serve/exchange.py`: combined and raw streams, SUBSCRIBE / UNSUBSCRIBE /
 LIST_SUBSCRIPTIONS, pings, request weights), with the day as its source:
 
     data tree (local or s3://)       scratch folder                         event loop
@@ -48,7 +48,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
 import numpy as np
 import orjson
@@ -58,12 +58,9 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from markets import DELIVERY, MARKETS, Market
-from simulator.load import ws_frame
+from serve.exchange import Conn, ExchangeServer, Stream, ws_frame
 from storage.merge import Source
 from storage.schemas import SCHEMAS
-
-if TYPE_CHECKING:
-    from simulator.server import Conn, MarketSim, Stream
 
 log = logging.getLogger(__name__)
 
@@ -417,7 +414,7 @@ class Replay:
 
     def __init__(self, day: Day, day_name: str, speed: float, start_delay: float = 0.0):
         self.day, self.day_name, self.speed, self.start_delay = day, day_name, speed, start_delay
-        self.sims: dict[str, MarketSim] = {}
+        self.sims: dict[str, DayServer] = {}
         self.t0 = day.first_time or 0
         self.started: float | None = None       # monotonic time of the replay clock's start
         self.clock_us = self.t0                 # at speed 0: the last row's time
@@ -427,7 +424,7 @@ class Replay:
         self._index: dict[str, dict[tuple[str, str], list[Stream]]] = {}
         self._indexed: dict[str, int] = {}
 
-    # the server side asks these (simulator/server.py, MarketSim with feed=...)
+    # the server side asks these (DayServer)
     def now_us(self) -> int:
         if self.started is None or self.speed == 0:
             return self.clock_us
@@ -626,12 +623,25 @@ class _RowTaker:
         return self.table.take([i])
 
 
+class DayServer(ExchangeServer):
+    """One market of the replayed day: the driver sends its frames; REST depth and the time
+    endpoint answer from the replay clock."""
+
+    def __init__(self, market: str, replay: Replay):
+        super().__init__(market, symbols=replay.symbols(market))
+        self.replay = replay
+
+    def depth_body(self, symbol: str, limit: int) -> bytes | None:
+        return self.replay.snapshot(self.market, symbol, limit)
+
+    def server_time_ms(self) -> int:
+        return self.replay.server_time_ms()
+
+
 # ---- the command ---------------------------------------------------------------------------
 async def serve(data: Source, day: str, ports: dict[str, int], host: str, speed: float, start_delay: float,
                 scratch: Path | None, stop: asyncio.Event, ready: asyncio.Event | None = None) -> int:
     """Order the day, serve it on `ports` (market -> port; 0 picks one) until `stop`."""
-    from simulator.server import MarketSim
-
     markets = [MARKETS[m] for m in ports]
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="replay-", dir=scratch) as tmp:
@@ -647,7 +657,7 @@ async def serve(data: Source, day: str, ports: dict[str, int], host: str, speed:
                 log.warning("%d symbols of %s recorded but not served (no --%s-port)", len(s), m, m)
         replay = Replay(ordered, day, speed, start_delay)
         for market in markets:
-            sim = MarketSim(market.name, symbols=replay.symbols(market.name), feed=replay)
+            sim = DayServer(market.name, replay)
             await sim.start(host, ports[market.name])
             replay.sims[market.name] = sim
             log.info("replay market=%s ws_url=%s rest_url=%s (%d symbols)", market.name, sim.ws_url, sim.rest_url,

@@ -1,0 +1,1 @@
+"""From frames to rows: the processor, continuity, parsing, journal recovery."""

@@ -1,0 +1,1 @@
+"""The exchange's REST side: snapshots, listings, the clock sample, exchangeInfo."""

@@ -1,0 +1,2 @@
+"""The Binance protocol served from this machine: the exchange server that `replay` and the
+loopback simulator both use, and the replay of a recorded day."""
