@@ -33,8 +33,9 @@ def test_sigkill_loses_nothing_older_than_one_second(tmp_path):
                 kills[-1] = (kills[-1][0], started)
             try:
                 proc.wait_for_log("recording market=futures")
-                if run > 0:  # the killed run's last seconds came back from the journal
-                    assert "recovered rows from the journal after an unclean stop" in proc.log, proc.log
+                # (whether a restart recovers rows from the journal depends on when the kill
+                # fell: right after a part file was published, the journal holds nothing. What
+                # is asserted is what users see: the rows on disk, below.)
                 if run == 3:
                     break
                 proc.wait_for_log("connected conn=")
