@@ -111,7 +111,11 @@ def test_metrics_endpoint_matches_the_rows_on_disk(tmp_path):
         assert metrics[("obc_rest_weight_cap", (("market", market),))] > 0
         assert metrics[("obc_snapshot_latency_seconds_count", (("market", market),))] >= len(SYMBOLS)
         assert ("obc_last_frame_age_seconds", (("connection", f"ws-{market}-0a"), ("market", market))) in metrics
+        assert metrics[("obc_relay_fallback_connections", (("market", market),))] == 0
+    assert metrics[("obc_relays_up", ())] == metrics[("obc_relays_configured", ())] == 2
+    assert not [k for k in metrics if k[0] == "obc_restarts_total"]  # nothing died
     assert status.returncode == 0, status.stdout + status.stderr
+    assert "stamp relays 2/2 up" in status.stdout
     assert "running" in status.stdout and "spot     streams 4/4" in status.stdout
     assert "gaps since start: start=2" in status.stdout and "upload: disabled" in status.stdout
 
