@@ -43,5 +43,8 @@ class Helper(Protocol):
     def alive(self) -> bool:
         """Started, ready and still running."""
 
+    def exit_status(self) -> int | None:
+        """The status it exited with, if it did (None while running or never started)."""
+
     def close(self) -> None:
         """End it and reap it."""

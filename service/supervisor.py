@@ -98,8 +98,7 @@ class Supervisor:
         now = time.monotonic()
         for h in self.helpers:
             if not h.helper.alive() and now >= h.next_try and not self.stop.is_set():
-                status = getattr(h.helper, "exit_status", lambda: None)()
-                log.error("%s is down (exit status %s); starting it again", h.helper.name, status)
+                log.error("%s is down (exit status %s); starting it again", h.helper.name, h.helper.exit_status())
                 h.helper.restarts += 1
                 self._start_helper(h)
         return None
@@ -141,6 +140,7 @@ class Supervisor:
 
     def restarts(self) -> dict[str, int]:
         """Restarts so far, by thread or helper name (only those restarted)."""
-        out = {t.name: getattr(t, "restarts", 0) for t in self.threads() if getattr(t, "restarts", 0)}
+        counts = {t.name: getattr(t, "restarts", 0) for t in self.threads()}  # a PipelineThread's; 0 for others
+        out = {name: n for name, n in counts.items() if n}
         out.update({h.helper.name: h.helper.restarts for h in self.helpers if h.helper.restarts})
         return out
