@@ -115,9 +115,11 @@ class MarketSim(ExchangeServer):
                             s.first_id = uid
                         s.bids.update(bids)
                         s.asks.update(asks)
+                        if s.speed_ms == 0:  # `@depth@0ms`: every update its own frame, as it happens
+                            await self._emit(s, int(time.time() * 1000))
             now_ms = int(time.time() * 1000)
             for s in cast("list[SimStream]", list(self.streams.values())):
-                if now_ms >= s.next_emit_ms:
+                if s.speed_ms and now_ms >= s.next_emit_ms:
                     s.next_emit_ms = (now_ms // s.speed_ms + 1) * s.speed_ms
                     await self._emit(s, now_ms)
 

@@ -45,7 +45,7 @@ def test_shipped_config_is_valid():
 @pytest.mark.parametrize("section,line,key,why", [
     ("collector", "colour = blue", "colour", "unknown key"),
     ("spot", "diff_speed = 250ms", "diff_speed", "is not one of 100ms, 1000ms"),
-    ("futures", "diff_speed = 1000ms", "diff_speed", "is not one of 100ms, 250ms, 500ms"),
+    ("futures", "diff_speed = 1000ms", "diff_speed", "is not one of 0ms, 100ms, 250ms, 500ms"),
     ("spot", "partial_levels = 15", "partial_levels", "is not one of 5, 10, 20"),
     ("spot", "partial_speed = fast", "partial_speed", "is not one of"),
     ("futures", "snapshot_limit = 200", "snapshot_limit", "is not one of 5, 10, 20, 50, 100, 500, 1000"),

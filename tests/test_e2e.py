@@ -168,3 +168,37 @@ def test_replay_of_real_captures(tmp_path, market):
         nkn = sorted((r for r in diffs.to_pylist() if r["symbol"] == "NKNUSDT"), key=lambda r: r["final_update_id"])
         first = next(r for r in nkn if r["final_update_id"] > last)
         assert first["first_update_id"] <= last + 1 <= first["final_update_id"]
+
+
+@pytest.mark.parametrize("market", ["futures", "delivery"])
+def test_every_event_futures_streams_are_recorded_exactly(tmp_path, market):
+    """`diff_speed = 0ms`: `<symbol>@depth@0ms`, every book update its own frame as it
+    happens (USD-M and COIN-M), each recorded once with every column as sent, the `pu`
+    chain unbroken."""
+    symbols = ["BTCUSD_PERP", "ETHUSD_PERP"] if market == "delivery" else SYMBOLS
+    kw = dict(symbols=symbols, record=True, updates_per_s=200)
+    with Simulator(**{market: kw}) as sim:
+        m = sim.markets()[0]
+        cfg = write_config(tmp_path, [market_section(market, m, symbols, snapshot_interval=5, snapshot_limit=50,
+                                                     diff_speed="0ms")])
+        started = time.time_ns() // 1000
+        proc = CollectorProcess(cfg)
+        try:
+            proc.wait_for_log(f"recording market={market}")
+            wait_until(lambda: len(m.emitted) > 1500, timeout=30)
+            m.faults.paused = True
+            time.sleep(1.5)
+            rc = proc.stop()
+        finally:
+            proc.kill()
+        ended = time.time_ns() // 1000
+    assert rc == 0, proc.log
+    assert {s.name for s in m.streams.values() if s.kind == "diff"} == {f"{s.lower()}@depth@0ms" for s in symbols}
+    assert_delivered_on_disk(m, tmp_path / "data", started, ended)
+    diffs = read_kind(tmp_path / "data", market, "diff_orderbooks").to_pylist()
+    # each frame is one update: as many diff rows as the book moved while subscribed
+    subscribed = {(s, U, u) for s, U, u, _ in m.emitted}
+    assert {(r["symbol"], r["first_update_id"], r["final_update_id"]) for r in diffs} == subscribed
+    assert all(r["first_update_id"] == r["final_update_id"] for r in diffs)
+    gaps = read_kind(tmp_path / "data", market, "gaps")
+    assert sorted(gaps.column("reason").to_pylist()) == ["start"] * len(symbols)

@@ -66,6 +66,14 @@ class _Recent:
         return n > 8 and bool((self.view[:n] == u).any())
 
 
+def memory_for(diff_speed: str) -> int:
+    """Ids remembered a symbol (`_Recent`): 512 are 51 s of a 100 ms stream; an every-event
+    stream (`0ms`, up to ~1,000 events a second on the busiest futures) gets 8 times as
+    many, so that a copy trailing its first by a few seconds is still known (32 KB a
+    symbol)."""
+    return 4096 if diff_speed == "0ms" else 512
+
+
 class Continuity:
     def __init__(self, market: Market, memory: int = 512):
         self.continues = market.continues

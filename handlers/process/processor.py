@@ -151,7 +151,7 @@ class FrameProcessor(PipelineThread):
         futures = cfg.market.futures_payloads
         self._diff_parse = parse.futures_depth if futures else parse.spot_diff
         self._futures = futures
-        self.continuity = cont.Continuity(cfg.market)
+        self.continuity = cont.Continuity(cfg.market, cont.memory_for(cfg.diff_speed))
         self.partial_dedup = cont.PartialDedup()
         self.holes = cont.PendingHoles(cfg.market)
         self.bufs = {DIFF: DepthColumns(DIFF), PARTIAL: DepthColumns(PARTIAL)}
