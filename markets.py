@@ -65,6 +65,7 @@ class Market:
     # COIN-M's 24h volume is counted in contracts and base asset, not in the quote asset
     quote_volume_from_base: bool = False
     ws_path_prefix: str = ""           # USD-M routes market data under /public
+    ws_query: str = ""                 # added to every stream URL (spot: exchange times in µs)
     max_streams_per_connection: int = 1024
 
     def quote_volume(self, ticker: dict) -> float:
@@ -113,6 +114,7 @@ SPOT = Market(
     chains_by_pu=False,
     futures_payloads=False,
     max_control_per_second=5,
+    ws_query="&timeUnit=MICROSECOND",
 )
 
 FUTURES = Market(

@@ -84,7 +84,7 @@ class MarketPipeline:
         c, cfg = self.collector, self.cfg
         name = f"ws-{cfg.name}-{len(self.groups)}"
         group = BatchCopies(name, c.ws_redundancy, c.ws_rotate_after, ws_url=cfg.ws_url, streams=streams,
-                            capacity=2 * cfg.symbols_per_connection)
+                            capacity=2 * cfg.symbols_per_connection, query=cfg.market.ws_query)
         for k in range(c.ws_redundancy):
             copy = StreamBatch(copy_name(name, k, c.ws_redundancy), group, self.inbox, self.stop,
                                self.now_us, c.ws_dead_after, c.ws_rotate_after, attempts=self.attempts, copy=k,

@@ -175,7 +175,7 @@ def write_config(work: Path, ports: dict[str, int], plan: dict[str, list[str]], 
         for i in range(0, len(symbols), args.per_connection):
             streams = [s for sym in symbols[i:i + args.per_connection]
                        for s in (m.diff_stream(sym, "100ms"), m.partial_stream(sym, 20, "100ms"))]
-            urls.append(combined_url(ws_url, streams))
+            urls.append(combined_url(ws_url, streams, m.ws_query))
     cfg = work / name
     level = f"compression_level = {args.compression_level}\n" if args.compression_level else ""
     # unless asked for, the collector's own default (an older version may not know the key)
@@ -326,8 +326,9 @@ def stamp_delays(root: Path, sent: dict, since_us: int, until_us: int) -> dict[s
         writes = {int(k): v for k, v in stats.get("writes", {}).items()}
         conns = {sym.upper(): c for sym, c in stats.get("symbol_conns", {}).items()}
         t = ds.dataset(folder, format="parquet").to_table(columns=["received_time", "event_time", "symbol"])
-        for rec, e, sym in zip(t.column("received_time").to_numpy(), t.column("event_time").to_numpy(),
-                               t.column("symbol").to_pylist(), strict=True):
+        for rec, e_us, sym in zip(t.column("received_time").to_numpy(), t.column("event_time").to_numpy(),
+                                  t.column("symbol").to_pylist(), strict=True):
+            e = int(e_us) // 1000  # stored in µs; the load engine's `E` is the ms of its write
             if e not in sent_us or not since_us <= rec < until_us:
                 continue
             delay.append(rec - sent_us[e])

@@ -19,7 +19,7 @@ import pyarrow.dataset as ds
 
 from markets import MARKETS
 from research.book import Book
-from storage.schemas import DAY_COLUMN
+from storage.schemas import DAY_COLUMN, exchange_times_in_us
 
 PathLike = str | Path
 # a moment: µs since the epoch, a datetime, or an ISO 8601 text (UTC when it names no zone)
@@ -52,7 +52,7 @@ def load(data_dir: PathLike, market: str, kind: str, symbol: str | None = None, 
               (pc.field(col) < to_us(end)) if end is not None else None):
         if c is not None:
             cond = c if cond is None else cond & c
-    return dataset.to_table(filter=cond, columns=columns)
+    return exchange_times_in_us(dataset.to_table(filter=cond, columns=columns))  # version-1 files: ms -> µs
 
 
 def _events(data_dir: PathLike, market: str, symbol: str, end_us: int | None) -> list[tuple]:

@@ -5,7 +5,7 @@ Tardis-style CSV (gzip), the column sets of tardis.dev's normalized datasets:
 * `incremental_book_L2`: exchange, symbol, timestamp, local_timestamp, is_snapshot, side,
   price, amount. One row per level: the levels of the REST snapshot that (re)synced the
   book (is_snapshot=true), then every level of every diff applied after it (amount 0
-  removes the level). timestamp = exchange event time in µs (`E` x 1000; the snapshot's
+  removes the level). timestamp = exchange event time in µs (`event_time`; the snapshot's
   received time for spot snapshots, which carry none); local_timestamp = received_time.
 * `book_snapshot_25`: exchange, symbol, timestamp, local_timestamp, then asks[0..24].price,
   asks[0..24].amount, bids[0..24].price, bids[0..24].amount. One row per applied diff: the
@@ -36,8 +36,8 @@ EXCHANGE = {"spot": "binance", "futures": "binance-futures", "delivery": "binanc
 
 
 def _exch_us(row: dict, what: str) -> int:
-    e = row.get("event_time")
-    return e * 1000 if e is not None else row["received_time"]
+    e = row.get("event_time")  # µs (research.data reads version-1 files' ms as µs)
+    return e if e is not None else row["received_time"]
 
 
 def incremental_book_l2(data_dir: str | Path, market: str, symbol: str, out: Path) -> int:

@@ -52,7 +52,7 @@ def report(data_dir: Path, market: str, day: str, out_dir: Path) -> tuple[Path, 
             ax.plot(seen, counts[seen], ".-", label=s, linewidth=0.8, markersize=3)
         ax.legend(fontsize=6, ncol=6)
         lat = (np.array(diffs.column("received_time").to_pylist(), dtype=np.int64)
-               - np.array(diffs.column("event_time").to_pylist(), dtype=np.int64) * 1000) / 1000.0
+               - np.array(diffs.column("event_time").to_pylist(), dtype=np.int64)) / 1000.0
         summary.append(f"diffs: {diffs.num_rows} over {len(set(sym))} symbols; receive latency p50 "
                        f"{np.percentile(lat, 50):.1f} ms, p99 {np.percentile(lat, 99):.1f} ms")
         minutes = np.unique(minute)

@@ -101,9 +101,11 @@ class Stream:
 
 
 class Conn:
-    def __init__(self, ws: web.WebSocketResponse, combined: bool, transport: asyncio.Transport | None = None):
+    def __init__(self, ws: web.WebSocketResponse, combined: bool, transport: asyncio.Transport | None = None,
+                 micro: bool = False):
         self.id = next(_conn_ids)
         self.ws, self.combined, self.transport = ws, combined, transport
+        self.micro = micro  # spot `timeUnit=MICROSECOND`: its frames' times in µs
         self.opened = time.monotonic()
         self.stalled = False  # this connection alone gets no frames (its pings go on)
         self.streams: set[str] = set()
@@ -205,11 +207,15 @@ class ExchangeServer:
     def rest_url(self) -> str:
         return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
 
-    async def broadcast(self, s: Stream, data: bytes) -> None:
+    async def broadcast(self, s: Stream, data: bytes, data_us: bytes | None = None) -> None:
+        """`data` to every subscriber of `s`; `data_us`, when given, to those that asked for
+        µs times (spot `timeUnit=MICROSECOND`) instead."""
         f = self.faults
         if not s.subscribers or f.stall:
             return
-        wrapped = b'{"stream":"' + s.name.encode() + b'","data":' + data + b"}"
+        ms_data = data
+        ms_wrapped = b'{"stream":"' + s.name.encode() + b'","data":' + data + b"}"
+        us_wrapped = b'{"stream":"' + s.name.encode() + b'","data":' + data_us + b"}" if data_us else ms_wrapped
         copies = 1
         if f.duplicate_frames > 0:
             f.duplicate_frames -= 1
@@ -217,6 +223,7 @@ class ExchangeServer:
         for conn in list(s.subscribers):
             if conn.ws.closed or conn.stalled:
                 continue
+            data, wrapped = (data_us, us_wrapped) if conn.micro and data_us else (ms_data, ms_wrapped)
             if f.withhold_diffs and s.kind == "diff" and self.rng.random() < f.withhold_diffs:
                 self.withheld.append((conn.id, s.name, data))
                 continue
@@ -325,7 +332,8 @@ class ExchangeServer:
             return web.json_response({"code": -1121, "msg": "Invalid stream name."}, status=400)
         ws = web.WebSocketResponse(autoping=False, max_msg_size=1 << 20)
         await ws.prepare(request)
-        conn = Conn(ws, combined, request.transport)
+        micro = not self.futures and request.query.get("timeUnit", "").upper() == "MICROSECOND"
+        conn = Conn(ws, combined, request.transport, micro)
         self.conns.add(conn)
         self.connections_opened += 1
         self.conn_log.append((time.time(), conn.id, "open"))

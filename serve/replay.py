@@ -60,7 +60,7 @@ import pyarrow.parquet as pq
 from markets import DELIVERY, MARKETS, Market
 from serve.exchange import Conn, ExchangeServer, Stream, ws_frame
 from storage.merge import Source
-from storage.schemas import SCHEMAS
+from storage.schemas import SCHEMAS, exchange_times_in_us
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,7 @@ def order_day(data: Source, day: str, markets: list[Market], scratch: Path) -> D
             for path in files:
                 dataset = ds.dataset(path, filesystem=data.fs, format="parquet", schema=SCHEMAS[kind])
                 for batch in dataset.to_batches(batch_size=65_536):
+                    batch = exchange_times_in_us(batch)  # a version-1 file's ms become µs
                     pending.append(batch)
                     size += batch.nbytes
                     if size >= RUN_BYTES:
@@ -449,7 +450,7 @@ class Replay:
         pp, sp = self.day.places_of(market, symbol)
         head = '{"lastUpdateId":%d,' % r["lastUpdateId"]
         if market.futures_payloads:
-            head += '"E":%d,"T":%d,' % (r["event_time"] or 0, r["transaction_time"] or 0)
+            head += '"E":%d,"T":%d,' % ((r["event_time"] or 0) // 1000, (r["transaction_time"] or 0) // 1000)  # ms
         if market is DELIVERY:
             head += '"symbol":"%s","pair":"%s",' % (symbol, symbol.split("_")[0])
         bids = levels_text(r["bid_prices"][:limit], r["bid_sizes"][:limit], pp, sp)
@@ -548,27 +549,28 @@ class Replay:
         if not streams:
             return 0
         queued = 0
-        rendered: dict[int, bytes] = {}
+        rendered: dict[tuple[int, bool], bytes] = {}
         for s in streams:
             cut = s.levels if kind == PARTIAL else 0
-            payload = rendered.get(cut)
-            if payload is None:
-                payload = rendered[cut] = self._payload(market, kind, c, i, cut)
-            wrapped = None
+            wrapped: dict[bool, bytes] = {}
             for conn in s.subscribers:
                 if conn.ws.closed or conn.transport is None or conn.transport.is_closing():
                     continue
+                payload = rendered.get((cut, conn.micro))
+                if payload is None:
+                    payload = rendered[(cut, conn.micro)] = self._payload(market, kind, c, i, cut, conn.micro)
                 if conn.combined:
-                    if wrapped is None:
-                        wrapped = ws_frame(b'{"stream":"' + s.name.encode() + b'","data":' + payload + b"}")
-                    pending.setdefault(conn, []).append(wrapped)
+                    if conn.micro not in wrapped:
+                        wrapped[conn.micro] = ws_frame(b'{"stream":"' + s.name.encode() + b'","data":' + payload + b"}")
+                    pending.setdefault(conn, []).append(wrapped[conn.micro])
                 else:
                     pending.setdefault(conn, []).append(ws_frame(payload))
                 queued += 1
         return queued
 
-    def _payload(self, market: Market, kind: str, c: dict, i: int, cut: int) -> bytes:
-        """Row i as Binance's payload; `cut`: a partial stream's levels (0: all recorded)."""
+    def _payload(self, market: Market, kind: str, c: dict, i: int, cut: int, micro: bool = False) -> bytes:
+        """Row i as Binance's payload; `cut`: a partial stream's levels (0: all recorded);
+        times in ms, or in µs for a spot client that asked (`timeUnit=MICROSECOND`)."""
         b, a = c["bids"][i], c["asks"][i]
         if cut and c["levels"][i] > cut:  # a depth5 stream of a depth20 record: the top levels
             b = orjson.dumps(orjson.loads("[" + b + "]")[:cut]).decode()[1:-1]
@@ -577,11 +579,12 @@ class Replay:
         if market.futures_payloads:
             ps = ',"ps":"%s"' % symbol.split("_")[0] if market is DELIVERY else ""
             text = ('{"e":"depthUpdate","E":%d,"T":%d,"s":"%s"%s,"U":%d,"u":%d,"pu":%d,"b":[%s],"a":[%s]}'
-                    % (c["event_time"][i], c["transaction_time"][i], symbol, ps, c["first_update_id"][i],
+                    % (c["event_time"][i] // 1000, c["transaction_time"][i] // 1000, symbol, ps, c["first_update_id"][i],
                        c["final_update_id"][i], c["prev_final_update_id"][i], b, a))
         elif kind == DIFF:
             text = ('{"e":"depthUpdate","E":%d,"s":"%s","U":%d,"u":%d,"b":[%s],"a":[%s]}'
-                    % (c["event_time"][i], symbol, c["first_update_id"][i], c["final_update_id"][i], b, a))
+                    % (c["event_time"][i] if micro else c["event_time"][i] // 1000, symbol, c["first_update_id"][i],
+                       c["final_update_id"][i], b, a))
         else:
             text = '{"lastUpdateId":%d,"bids":[%s],"asks":[%s]}' % (c["final_update_id"][i], b, a)
         return text.encode()

@@ -170,9 +170,16 @@ class LoadEngine:
             if not s.subscribers:
                 continue
             payload = self._payload(s, now_ms, k)
-            wrapped = ws_frame(b'{"stream":"' + s.name.encode() + b'","data":' + payload + b"}")
+            frames = {False: (payload, b"")}
             for conn in s.subscribers:
-                out.setdefault(conn, []).append(wrapped if conn.combined else ws_frame(payload))
+                micro = conn.micro and s.kind == "diff"  # spot `timeUnit=MICROSECOND`: `E` in µs
+                if micro not in frames:
+                    frames[micro] = (payload.replace(b'"E":%d,' % now_ms, b'"E":%d,' % (now_ms * 1000), 1), b"")
+                data, wrapped = frames[micro]
+                if not wrapped:
+                    wrapped = ws_frame(b'{"stream":"' + s.name.encode() + b'","data":' + data + b"}")
+                    frames[micro] = (data, wrapped)
+                out.setdefault(conn, []).append(wrapped if conn.combined else ws_frame(data))
                 if first:
                     self.symbol_conns.setdefault(s.symbol, set()).add(id(conn))
         sent_us = time.time_ns() // 1000  # just before the writes: the earliest a frame can arrive

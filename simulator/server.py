@@ -127,6 +127,7 @@ class MarketSim(ExchangeServer):
         book = s.book
         assert book is not None  # the engine's streams have a book (replay and load mode have their own senders)
         payload: dict[str, object]
+        data_us: bytes | None = None
         if s.kind == "diff":
             if s.first_id is None:
                 return  # "pushed ... (if existing)": nothing changed in the window
@@ -140,6 +141,8 @@ class MarketSim(ExchangeServer):
             if self.coin_m:
                 payload["ps"] = s.symbol.split("_")[0]
             payload.update(b=book.render(s.bids, True), a=book.render(s.asks, False))
+            if not self.futures:  # spot: the same event for connections that asked for µs times
+                data_us = orjson.dumps({**payload, "E": int(time.time() * 1_000_000)})
             if self.record:
                 self.emitted.append((s.symbol, first_id, book.last_id, time.time()))
             s.bids, s.asks, s.first_id, s.prev_u = {}, {}, None, book.last_id
@@ -156,7 +159,7 @@ class MarketSim(ExchangeServer):
         else:
             payload = {"lastUpdateId": book.last_id, "bids": book.levels("bids", s.levels),
                        "asks": book.levels("asks", s.levels)}
-        await self.broadcast(s, orjson.dumps(payload))
+        await self.broadcast(s, orjson.dumps(payload), data_us)
 
 
     async def _replay(self) -> None:

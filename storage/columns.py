@@ -28,7 +28,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.schemas import SCHEMAS
+from storage.schemas import SCHEMAS, exchange_times_in_us
 
 log = logging.getLogger(__name__)
 
@@ -224,7 +224,8 @@ class DepthColumns:
     def _add_chunk(self, rows: list[tuple], levels: list[pa.Array]) -> None:
         scalars = list(zip(*rows, strict=True)) if rows else [()] * 7
         arrays = [pa.array(col, type=self.schema.field(i).type) for i, col in enumerate(scalars)]
-        table = pa.Table.from_arrays(arrays + levels, schema=self.schema)
+        # the exchange's times as sent (futures ms, spot µs) become µs here, a chunk at a time
+        table = exchange_times_in_us(pa.Table.from_arrays(arrays + levels, schema=self.schema))
         self.chunks.append(table)
         self.chunk_rows += table.num_rows
 
@@ -282,13 +283,13 @@ class SnapshotColumns:
             return pa.concat_arrays([v[i] for v in values]) if values else pa.array([], pa.list_(pa.float64()))
 
         f = self.schema.field
-        return pa.Table.from_arrays([
+        return exchange_times_in_us(pa.Table.from_arrays([
             pa.array(cols[0], f("request_time").type), pa.array(cols[1], f("received_time").type),
             pa.array(cols[2], f("lastUpdateId").type),
             side(cols[3], 0), side(cols[3], 1), side(cols[4], 0), side(cols[4], 1),
             pa.array(cols[5], f("limit").type), pa.array(cols[6], f("symbol").type),
             pa.array(cols[7], f("event_time").type), pa.array(cols[8], f("transaction_time").type),
-        ], schema=self.schema)
+        ], schema=self.schema))
 
 
 class GapColumns:

@@ -46,7 +46,7 @@ from markets import KINDS
 from service.helpers import spawn
 from service.threads import RESTART, PipelineThread, name_os_thread
 from storage.files import day_of, fsync_dir, parquet_options, publish, temp_name
-from storage.schemas import SORT_KEYS
+from storage.schemas import SORT_KEYS, exchange_times_in_us
 
 log = logging.getLogger("storage.compact")  # also when run as `python -m storage.compact`
 
@@ -169,7 +169,7 @@ def _compact_in_runs(files: list[pq.ParquetFile], rows: int, size: int, tmp: Pat
     and written in pieces of `run_bytes`, each in time order after the one before when
     the parts are. More than RUN_FILES runs are merged RUN_FILES at a time: the day file
     is then a few such segments one after another in time, each sorted by symbol."""
-    schema = files[0].schema_arrow
+    schema = exchange_times_in_us(files[0].schema_arrow.empty_table()).schema  # the current version's
     out_schema = schema.with_metadata({**(schema.metadata or {}), **metadata})
     made = 0
     with pq.ParquetWriter(tmp, out_schema, sorting_columns=_sorting(kind, out_schema),
@@ -206,6 +206,7 @@ def _runs(files: list[pq.ParquetFile], run_bytes: int) -> Iterator[list[pa.Recor
     held = 0
     for i, f in enumerate(files):
         for batch in f.iter_batches(batch_size=BATCH_ROWS):
+            batch = exchange_times_in_us(batch)  # parts of a version-1 run: ms -> µs
             while held + batch.nbytes > run_bytes:  # the rows that fit close the run
                 fit = (run_bytes - held) * batch.num_rows // max(1, batch.nbytes)
                 fit = fit or (0 if pending else 1)  # a single row bigger than the run goes alone

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from markets import MARKETS, Market
 from storage.files import parquet_options, publish, temp_name
-from storage.schemas import SCHEMAS, SORT_KEYS
+from storage.schemas import SCHEMAS, SORT_KEYS, exchange_times_in_us
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,8 @@ def _read(files: list[tuple[pafs.FileSystem, str]], kind: str, symbols: list[str
     parts = []
     wanted = ds.field("symbol").isin(symbols)
     for fs, path in files:
-        parts.append(ds.dataset(path, filesystem=fs, format="parquet", schema=schema).to_table(filter=wanted))
+        table = ds.dataset(path, filesystem=fs, format="parquet", schema=schema).to_table(filter=wanted)
+        parts.append(exchange_times_in_us(table))  # a version-1 file's ms become µs
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 

@@ -1,7 +1,24 @@
-"""The Arrow schemas of the output (docs/data.md), one per data kind, and each kind's sort order."""
+"""The Arrow schemas of the output (docs/data.md), one per data kind, and each kind's sort order.
+
+Every `*_time` column is µs since the epoch. Schema version 2 says so in every file's
+key-value metadata (`schema_version = 2`); version-1 files (written before) hold the
+exchange's times (`event_time`, `transaction_time`, the clock's `exchange_time`) in ms. `exchange_times_in_us` is
+the one place where those become µs: every table read from disk, and every table built
+from the exchange's messages (futures send ms, spot µs), goes through it.
+"""
 from __future__ import annotations
 
+from typing import TypeVar
+
 import pyarrow as pa
+import pyarrow.compute as pc
+
+SCHEMA_VERSION = 2
+_META = {b"schema_version": str(SCHEMA_VERSION).encode()}
+EXCHANGE_TIMES = ("event_time", "transaction_time", "exchange_time")  # `clock` too
+# A time in ms since the epoch stays below this until the year 5138; one in µs has been
+# above it since 1973: which unit a value is in is never in doubt.
+MS_BELOW = 10**14
 
 LEVELS = pa.list_(pa.float64())
 
@@ -17,7 +34,7 @@ DEPTH = pa.schema([
     ("bid_sizes", LEVELS),
     ("ask_prices", LEVELS),
     ("ask_sizes", LEVELS),
-])
+], metadata=_META)
 
 SNAPSHOT = pa.schema([
     ("request_time", pa.int64()),
@@ -31,7 +48,7 @@ SNAPSHOT = pa.schema([
     ("symbol", pa.string()),
     ("event_time", pa.int64()),
     ("transaction_time", pa.int64()),
-])
+], metadata=_META)
 
 GAP = pa.schema([
     ("detected_time", pa.int64()),
@@ -39,7 +56,7 @@ GAP = pa.schema([
     ("last_final_update_id", pa.int64()),
     ("next_first_update_id", pa.int64()),
     ("reason", pa.string()),
-])
+], metadata=_META)
 
 # one row per market a minute: how far the local stamps can be trusted (handlers/clock.py)
 CLOCK = pa.schema([
@@ -50,7 +67,7 @@ CLOCK = pa.schema([
     ("exchange_time", pa.int64()),
     ("rtt_us", pa.int64()),
     ("offset_us", pa.int64()),
-])
+], metadata=_META)
 
 SCHEMAS: dict[str, pa.Schema] = {
     "diff_orderbooks": DEPTH,
@@ -75,3 +92,22 @@ SORT_KEYS = {
     "gaps": ["symbol", "detected_time"],
     "clock": ["sample_time"],
 }
+
+
+Data = TypeVar("Data", pa.Table, pa.RecordBatch)
+
+
+def exchange_times_in_us(data: Data) -> Data:
+    """`data` with its exchange times in µs (values in ms, from a version-1 file or from a
+    message the exchange timed in ms, x 1000: exact) and the current schema version in its
+    metadata. Tables without exchange times pass unchanged but for the metadata."""
+    names = data.schema.names
+    for name in EXCHANGE_TIMES:
+        if name in names:
+            i = names.index(name)
+            col = data.column(i)
+            fixed = pc.if_else(pc.less(col, MS_BELOW), pc.multiply(col, 1000), col)
+            data = data.set_column(i, data.schema.field(i), fixed) if isinstance(data, pa.Table) else \
+                pa.RecordBatch.from_arrays([fixed if j == i else c for j, c in enumerate(data.columns)],
+                                           schema=data.schema)
+    return data.replace_schema_metadata({**(data.schema.metadata or {}), **_META})

@@ -26,6 +26,11 @@ def floats(levels):
     return [float(p) for p, _ in levels], [float(q) for _, q in levels]
 
 
+def us(t):
+    """An exchange time as stored: µs (sent in ms by futures x 1000; spot asks for µs)."""
+    return None if t is None else t * 1000 if t < 10**14 else t
+
+
 def expected_depth_row(market: str, kind: str, stream: str, data: bytes) -> tuple:
     d = orjson.loads(data)
     if market == "spot" and kind == "partial_orderbooks":
@@ -33,7 +38,7 @@ def expected_depth_row(market: str, kind: str, stream: str, data: bytes) -> tupl
         row = (symbol, None, None, d["lastUpdateId"], None, None)
         bids, asks = d["bids"], d["asks"]
     else:
-        row = (d["s"], d["E"], d["U"], d["u"], d.get("pu"), d.get("T"))
+        row = (d["s"], us(d["E"]), d["U"], d["u"], d.get("pu"), us(d.get("T")))
         bids, asks = d["b"], d["a"]
     return row + tuple(map(tuple, floats(bids) + floats(asks)))
 
@@ -68,7 +73,7 @@ def assert_delivered_on_disk(sim_market, data_dir, started_us, ended_us):
     expected = Counter()
     for symbol, limit, body in sim_market.rest_sent:
         d = orjson.loads(body)
-        expected[(symbol, limit, d["lastUpdateId"], d.get("E"), d.get("T"),
+        expected[(symbol, limit, d["lastUpdateId"], us(d.get("E")), us(d.get("T")),
                   *map(tuple, floats(d["bids"]) + floats(d["asks"])))] += 1
     actual = Counter(
         (r["symbol"], r["limit"], r["lastUpdateId"], r["event_time"], r["transaction_time"],

@@ -97,7 +97,8 @@ def test_snapshots_fast_and_general_paths_give_the_same_rows():
         assert fast.equals(slow)
         row = fast.to_pylist()[0]
         assert row["bid_prices"] == [0.0024, 0.0023] and row["bid_sizes"] == [10.0, 1000.0]
-        assert row["event_time"] == extra.get("E") and row["lastUpdateId"] == 160
+        E = extra.get("E")  # stored in µs: the futures ms x 1000
+        assert row["event_time"] == (E * 1000 if E else None) and row["lastUpdateId"] == 160
 
 
 def test_malformed_snapshots_are_counted_and_fetched_again():

@@ -340,7 +340,7 @@ def test_a_day_is_served_from_s3(recorded, tmp_path, s3):  # noqa: F811
     assert {s["status"] for s in info["symbols"]} == {"TRADING"}
     first = load(recorded, "futures", "orderbooks", symbol="BTCUSDT").to_pylist()[0]
     assert depth["lastUpdateId"] == first["lastUpdateId"] and (depth["E"], depth["T"]) == (
-        first["event_time"], first["transaction_time"])
+        first["event_time"] // 1000, first["transaction_time"] // 1000)  # stored in µs, served in ms as Binance does
     assert [float(p) for p, _ in depth["bids"]] == first["bid_prices"]
     diffs = sum(len(rows_of(recorded, m, "diff_orderbooks", day)) for m in MARKETS)
     assert diffs > 0 and f"diff_orderbooks={diffs}" in rp.log  # every row of the day was read from the bucket

@@ -32,7 +32,7 @@ def depth_table(rows: list[tuple[str, int, int]]) -> pa.Table:
     """rows of (symbol, received_time, final_update_id)"""
     n = len(rows)
     return pa.table({
-        "received_time": [r[1] for r in rows], "event_time": [r[1] // 1000 for r in rows],
+        "received_time": [r[1] for r in rows], "event_time": [r[1] - 3000 for r in rows],
         "symbol": [r[0] for r in rows], "first_update_id": [r[2] for r in rows],
         "final_update_id": [r[2] for r in rows], "prev_final_update_id": [None] * n,
         "transaction_time": [None] * n, "bid_prices": [[1.0, 0.5]] * n, "bid_sizes": [[2.0, 3.0]] * n,

@@ -70,8 +70,9 @@ def relay_name(k: int) -> str:
     return f"stamp-relay-{COPY_LETTERS[k]}"
 
 
-def combined_url(ws_url: str, streams: list[str]) -> str:
-    return f"{ws_url}/stream?streams={'/'.join(streams)}"
+def combined_url(ws_url: str, streams: list[str], query: str = "") -> str:
+    """`query`: the market's additions (`&timeUnit=MICROSECOND` on spot)."""
+    return f"{ws_url}/stream?streams={'/'.join(streams)}{query}"
 
 
 class ReadAhead:
@@ -349,9 +350,9 @@ class BatchCopies:
     control messages a second per connection."""
 
     def __init__(self, name: str, n: int, rotate_after: float, clock: Callable[[], float] = time.monotonic,
-                 ws_url: str = "", streams: list[str] | None = None, capacity: int = 1024):
+                 ws_url: str = "", streams: list[str] | None = None, capacity: int = 1024, query: str = ""):
         self.name, self.n, self.rotate_after, self.clock = name, n, rotate_after, clock
-        self.ws_url, self.capacity = ws_url, capacity
+        self.ws_url, self.capacity, self.query = ws_url, capacity, query
         self.streams: tuple[str, ...] = tuple(streams or ())
         self.t0 = clock()
         self.opening = threading.Lock()
@@ -362,7 +363,7 @@ class BatchCopies:
     def url(self) -> tuple[str, frozenset[str]]:
         """The combined-stream URL for the batch's streams now, and those streams."""
         streams = self.streams
-        return combined_url(self.ws_url, list(streams)), frozenset(streams)
+        return combined_url(self.ws_url, list(streams), self.query), frozenset(streams)
 
     def room(self) -> int:
         """Streams that can still be added."""

@@ -105,7 +105,7 @@ class ClockSampler(PipelineThread):
             except (requests.RequestException, ValueError, KeyError, TypeError):
                 server_ms = None
             if server_ms is not None:
-                row.update(exchange_time=server_ms, rtt_us=got - sent, offset_us=(sent + got) // 2 - server_ms * 1000)
+                row.update(exchange_time=server_ms * 1000, rtt_us=got - sent, offset_us=(sent + got) // 2 - server_ms * 1000)
             else:
                 self.stats.failures += 1
         self.stats.samples += 1
