@@ -69,6 +69,11 @@ def run(cfg: config_mod.Config, market: str | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     c = cfg.collector
+    api_key = os.environ.get(config_mod.API_KEY_ENV, "").strip()  # a secret: never logged, written or shown
+    if any(m.feed == "sbe" for m in cfg.markets) and not api_key:
+        log.error("%s: [spot] feed = sbe needs a Binance API key (Ed25519, no permissions) in the environment "
+                  "variable %s (the unit reads it from its EnvironmentFile)", cfg.path, config_mod.API_KEY_ENV)
+        return EXIT_CONFIG
     c.data_dir.mkdir(parents=True, exist_ok=True)
     for leftover in clean_temp_files(c.data_dir):
         log.info("removed unfinished temporary file %s", leftover)
@@ -95,7 +100,9 @@ def run(cfg: config_mod.Config, market: str | None = None) -> int:
     for relay in relays:
         supervisor.add_helper(relay)
     pipelines = [build_market(r.cfg, c, stop, session, r.weight_limit, run_id, trading=r.trading, relays=relays,
-                              supervisor=supervisor) for r in resolved]
+                              supervisor=supervisor,
+                              headers=(f"X-MBX-APIKEY: {api_key}",) if r.cfg.feed == "sbe" else ())
+                 for r in resolved]
     compactor = Compactor(c.data_dir, c.compression_level, stop, now_us, grace_s=c.flush_interval + 20,
                           memory_budget=c.compact_memory_mb << 20)
     supervisor.add("compactor", compactor)

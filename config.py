@@ -62,6 +62,7 @@ class MarketConfig:
     quote_assets: tuple[str, ...] = ()
     symbols_exclude: tuple[str, ...] = ()
     listing_check: float = 300.0    # seconds; 0: the set is fixed at start
+    feed: str = "json"               # spot: "json" or "sbe" (binary streams: diff every 20 ms, depth20 every 50 ms)
     shard: tuple[int, int] = (1, 1)  # [collector] shard, here where the symbol set is chosen
 
     @property
@@ -69,9 +70,17 @@ class MarketConfig:
         return self.market.name
 
     def streams_of(self, symbol: str) -> list[str]:
-        """The streams that record `symbol`: its diff stream and its partial depth stream."""
+        """The streams that record `symbol`: its diff stream and its partial depth stream
+        (SBE: `<symbol>@depth`, every 20 ms, and `<symbol>@depth20`, every 50 ms)."""
         m = self.market
+        if self.feed == "sbe":
+            return [f"{symbol.lower()}@depth", f"{symbol.lower()}@depth20"]
         return [m.diff_stream(symbol, self.diff_speed), m.partial_stream(symbol, self.partial_levels, self.partial_speed)]
+
+    @property
+    def ws_query(self) -> str:
+        """What a stream URL adds (spot JSON: `&timeUnit=MICROSECOND`; SBE times are µs anyway)."""
+        return "" if self.feed == "sbe" else self.market.ws_query
 
 
 @dataclass(frozen=True)
@@ -116,8 +125,10 @@ _COLLECTOR_DEFAULTS = {
 _MARKET_KEYS = {
     "enabled", "symbols", "ws_url", "rest_url", "diff_speed", "partial_levels",
     "partial_speed", "snapshot_interval", "snapshot_limit", "symbols_per_connection",
-    "quote_assets", "symbols_exclude", "listing_check",
+    "quote_assets", "symbols_exclude", "listing_check", "feed",
 }
+SBE_WS_URL = "wss://stream-sbe.binance.com:9443"  # spot SBE market data (needs an API key: BINANCE_API_KEY)
+API_KEY_ENV = "BINANCE_API_KEY"
 _TOP = re.compile(r"^top\s+(\d+)$", re.IGNORECASE)
 _ASSET = re.compile(r"^[A-Z0-9]{1,20}$")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -321,6 +332,21 @@ def _listing_check(s: _Section) -> float:
     return value
 
 
+def _feed(s: _Section, market: Market) -> str:
+    """`feed` (spot only): json, or sbe, with which the speeds and levels are the SBE
+    streams' own (a value other than the default is an error, not silently ignored)."""
+    if market.name != "spot":
+        if "feed" in s.values:
+            raise s.fail("feed", "only [spot] has an SBE feed")
+        return "json"
+    feed = s.choice("feed", "json", ("json", "sbe"))
+    if feed == "sbe":
+        for key, default in (("diff_speed", "100ms"), ("partial_levels", "20"), ("partial_speed", "100ms")):
+            if s.values.get(key, default) != default:
+                raise s.fail(key, "does not apply with feed = sbe (diff every 20 ms, depth20 every 50 ms)")
+    return feed
+
+
 def _market(s: _Section, market: Market) -> MarketConfig | None:
     _check_keys(s, _MARKET_KEYS)
     if not s.boolean("enabled", "true"):
@@ -334,6 +360,7 @@ def _market(s: _Section, market: Market) -> MarketConfig | None:
     if levels not in PARTIAL_LEVELS:
         raise s.fail("partial_levels", f"{levels} is not one of {', '.join(map(str, PARTIAL_LEVELS))}")
     selection, top_n, symbols = _selection(s)
+    feed = _feed(s, market)
     quote_assets = _names(s, "quote_assets", _ASSET, "an asset name (letters and digits)")
     if quote_assets and selection == "list":
         raise s.fail("quote_assets", "only applies with symbols = all or top N")
@@ -345,7 +372,8 @@ def _market(s: _Section, market: Market) -> MarketConfig | None:
         quote_assets=quote_assets,
         symbols_exclude=_names(s, "symbols_exclude", _SYMBOL, "a Binance symbol (letters and digits)"),
         listing_check=_listing_check(s),
-        ws_url=s.url("ws_url", market.default_ws_url, ("ws", "wss")),
+        ws_url=s.url("ws_url", SBE_WS_URL if feed == "sbe" else market.default_ws_url, ("ws", "wss")),
+        feed=feed,
         rest_url=s.url("rest_url", market.default_rest_url, ("http", "https")),
         diff_speed=s.choice("diff_speed", "100ms", tuple(market.diff_speeds)),
         partial_levels=levels,

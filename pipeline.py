@@ -56,6 +56,7 @@ class MarketPipeline:
     watcher: ListingWatcher | None = None
     clock: ClockSampler | None = None
     supervisor: Supervisor | None = None
+    headers: tuple[str, ...] = ()  # of every connection's handshake (SBE: the API key; never logged)
     relays: list[StampRelay] = field(default_factory=list)  # relay k reads copy k of every batch
     _changing: threading.Lock = field(default_factory=threading.Lock)  # one symbol change at a time
     _lists: threading.Lock = field(default_factory=threading.Lock)     # `batches` and `groups` as they grow
@@ -84,7 +85,7 @@ class MarketPipeline:
         c, cfg = self.collector, self.cfg
         name = f"ws-{cfg.name}-{len(self.groups)}"
         group = BatchCopies(name, c.ws_redundancy, c.ws_rotate_after, ws_url=cfg.ws_url, streams=streams,
-                            capacity=2 * cfg.symbols_per_connection, query=cfg.market.ws_query)
+                            capacity=2 * cfg.symbols_per_connection, query=cfg.ws_query, headers=self.headers)
         for k in range(c.ws_redundancy):
             copy = StreamBatch(copy_name(name, k, c.ws_redundancy), group, self.inbox, self.stop,
                                self.now_us, c.ws_dead_after, c.ws_rotate_after, attempts=self.attempts, copy=k,
@@ -169,7 +170,7 @@ def build_market(cfg: config_mod.MarketConfig, c: config_mod.CollectorConfig, st
                  session: requests.Session, weight_per_minute: int, run_id: int,
                  now_us: Callable[[], int] = now_us, trading: set[str] | None = None,
                  clock: Callable[[], float] = time.time, relays: list[StampRelay] | None = None,
-                 supervisor: Supervisor | None = None) -> MarketPipeline:
+                 supervisor: Supervisor | None = None, headers: tuple[str, ...] = ()) -> MarketPipeline:
     """`trading`: what traded at start (the listings thread's first reference); the
     listings thread runs when `listing_check` > 0 and `trading` is given."""
     inbox = Inbox(maxsize=c.queue_size)
@@ -183,7 +184,7 @@ def build_market(cfg: config_mod.MarketConfig, c: config_mod.CollectorConfig, st
     writer = PartWriter(cfg.name, c.data_dir, outbox, c.compression_level, on_segment_written=journal.delete,
                         now_us=now_us, retry_wait=min(5.0, c.flush_interval), max_pending_bytes=int(c.max_pending_mb * (1 << 20)))
     p = MarketPipeline(cfg, inbox, outbox, batches, [], snapshotter, processor, writer, c, stop, AttemptLimiter(),
-                       now_us, symbols=list(cfg.symbols), relays=relays or [])
+                       now_us, symbols=list(cfg.symbols), relays=relays or [], headers=headers)
     per = cfg.symbols_per_connection
     for i in range(0, len(cfg.symbols), per):
         p.new_batch([s for sym in cfg.symbols[i:i + per] for s in cfg.streams_of(sym)])

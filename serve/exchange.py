@@ -151,6 +151,9 @@ class ExchangeServer:
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task] = []
         self.host, self.port = "127.0.0.1", 0
+        self.sbe = False  # spot SBE streams: binary frames, an API key required at the handshake
+        self.api_keys_seen: set[str] = set()  # X-MBX-APIKEY values of accepted handshakes (tests)
+        self.api_keys: set[str] | None = None  # the keys it accepts (None: any)
 
     # ---- what a subclass serves ----------------------------------------------------------
     def engine(self) -> Awaitable[None] | None:
@@ -209,10 +212,12 @@ class ExchangeServer:
 
     async def broadcast(self, s: Stream, data: bytes, data_us: bytes | None = None) -> None:
         """`data` to every subscriber of `s`; `data_us`, when given, to those that asked for
-        µs times (spot `timeUnit=MICROSECOND`) instead."""
+        µs times (spot `timeUnit=MICROSECOND`) instead. With SBE, `data` is one binary
+        message, sent as it is on raw and combined streams alike."""
         f = self.faults
         if not s.subscribers or f.stall:
             return
+        kind = WSMsgType.BINARY if self.sbe else WSMsgType.TEXT
         ms_data = data
         ms_wrapped = b'{"stream":"' + s.name.encode() + b'","data":' + data + b"}"
         us_wrapped = b'{"stream":"' + s.name.encode() + b'","data":' + data_us + b"}" if data_us else ms_wrapped
@@ -234,7 +239,7 @@ class ExchangeServer:
                     self.garbage_sent += 1
                     await conn.ws.send_frame(junk.replace(b"%s", s.name.encode()), WSMsgType.TEXT)
                 for _ in range(copies):
-                    await conn.ws.send_frame(wrapped if conn.combined else data, WSMsgType.TEXT)
+                    await conn.ws.send_frame(wrapped if conn.combined and not self.sbe else data, kind)
             except (ConnectionError, RuntimeError):
                 continue
             self.frames_sent += copies
@@ -306,7 +311,11 @@ class ExchangeServer:
             return None
         speeds = self.market.partial_speeds if levels else self.market.diff_speeds
         default_ms = 250 if self.futures else 1000
-        if speed is None:
+        if self.sbe:  # spot SBE: `<symbol>@depth` every 20 ms, `<symbol>@depth20` every 50 ms, nothing else
+            if speed is not None or levels not in (None, "20"):
+                return None
+            speed_ms = 50 if levels else 20
+        elif speed is None:
             speed_ms = default_ms
         elif speed in speeds and speeds[speed]:
             speed_ms = int(speed[:-2])
@@ -330,6 +339,12 @@ class ExchangeServer:
         streams = [s for s in parsed if s is not None]
         if len(streams) < len(parsed):
             return web.json_response({"code": -1121, "msg": "Invalid stream name."}, status=400)
+        if self.sbe:
+            key = request.headers.get("X-MBX-APIKEY", "")
+            if not key or (self.api_keys is not None and key not in self.api_keys):
+                return web.json_response({"code": -2015, "msg": "Invalid API-key, IP, or permissions for action."},
+                                         status=401)
+            self.api_keys_seen.add(key)
         ws = web.WebSocketResponse(autoping=False, max_msg_size=1 << 20)
         await ws.prepare(request)
         micro = not self.futures and request.query.get("timeUnit", "").upper() == "MICROSECOND"

@@ -20,6 +20,7 @@ from typing import Awaitable, cast
 import orjson
 
 from serve.exchange import Conn, ExchangeServer, Faults, Sent, Stream, runner_port
+from simulator import sbe_frames
 from simulator.book import Book, IdSource
 from simulator.load import LoadEngine
 from simulator.replay import Capture
@@ -47,11 +48,13 @@ class MarketSim(ExchangeServer):
                  seed: int = 1, record: bool = False, ping_interval: float | None = None,
                  pong_timeout: float | None = None, not_trading: tuple[str, ...] = (),
                  capture: Capture | None = None, replay_speed: float = 1.0, weight_limit: int | None = None,
-                 load: bool = False, ssl_context=None, load_profile: str = "flat", clock_skew_ms: float = 0.0):
+                 load: bool = False, ssl_context=None, load_profile: str = "flat", clock_skew_ms: float = 0.0,
+                 feed: str = "json"):
         if capture is not None:
             symbols = capture.symbols
         super().__init__(market, symbols or ["BTCUSDT", "ETHUSDT"], seed, record, ping_interval, pong_timeout,
                          not_trading, weight_limit, ssl_context)
+        self.sbe = feed == "sbe" and not self.futures  # spot SBE: binary frames, the API key required
         self.clock_skew_ms = clock_skew_ms  # the exchange's clock this far ahead of ours (the time endpoint)
         self.capture = capture
         self.ids = IdSource(self.futures, self.rng)
@@ -128,6 +131,7 @@ class MarketSim(ExchangeServer):
         assert book is not None  # the engine's streams have a book (replay and load mode have their own senders)
         payload: dict[str, object]
         data_us: bytes | None = None
+        sbe = b""  # the same event as an SBE message (feed="sbe")
         if s.kind == "diff":
             if s.first_id is None:
                 return  # "pushed ... (if existing)": nothing changed in the window
@@ -141,7 +145,11 @@ class MarketSim(ExchangeServer):
             if self.coin_m:
                 payload["ps"] = s.symbol.split("_")[0]
             payload.update(b=book.render(s.bids, True), a=book.render(s.asks, False))
-            if not self.futures:  # spot: the same event for connections that asked for µs times
+            if self.sbe:
+                sbe = sbe_frames.diff(int(time.time() * 1e6), first_id, book.last_id, -book.price_decimals,
+                                      -book.qty_decimals, sorted(s.bids.items(), reverse=True), sorted(s.asks.items()),
+                                      s.symbol)
+            elif not self.futures:  # spot: the same event for connections that asked for µs times
                 data_us = orjson.dumps({**payload, "E": int(time.time() * 1_000_000)})
             if self.record:
                 self.emitted.append((s.symbol, first_id, book.last_id, time.time()))
@@ -159,6 +167,14 @@ class MarketSim(ExchangeServer):
         else:
             payload = {"lastUpdateId": book.last_id, "bids": book.levels("bids", s.levels),
                        "asks": book.levels("asks", s.levels)}
+            if self.sbe:
+                top = sorted(book.bids, reverse=True)[:s.levels], sorted(book.asks)[:s.levels]
+                sbe = sbe_frames.depth(int(time.time() * 1e6), book.last_id, -book.price_decimals, -book.qty_decimals,
+                                       [(p, book.bids[p]) for p in top[0]], [(p, book.asks[p]) for p in top[1]],
+                                       s.symbol)
+        if self.sbe:
+            await self.broadcast(s, sbe)
+            return
         await self.broadcast(s, orjson.dumps(payload), data_us)
 
 

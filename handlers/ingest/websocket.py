@@ -54,8 +54,9 @@ _STREAM_PREFIX = b'{"stream":"'  # a combined stream's data frame; '{"stream":"!
 
 
 def is_data(frame: bytes) -> bool:
-    """A depth stream's frame, not a control reply ({"result":null,"id":1}) or an event."""
-    return frame.startswith(_STREAM_PREFIX) and frame[11:12] != b"!"
+    """A depth stream's frame (JSON, or a binary SBE message), not a control reply
+    ({"result":null,"id":1}) or an event."""
+    return (frame.startswith(_STREAM_PREFIX) and frame[11:12] != b"!") or frame[:1] != b"{"
 
 
 COPY_LETTERS = "abc"  # copy k of a batch (ws_redundancy <= 3), and relay k that reads every copy k
@@ -167,8 +168,10 @@ class Reader(threading.Thread):
 
     def __init__(self, name: str, url: str, out: Inbox, dead_after: float,
                  now_us: Callable[[], int], stats: "ConnectionStats", put_timeout: float = 5.0,
-                 streams: frozenset[str] = frozenset(), relay: StampRelay | None = None):
+                 streams: frozenset[str] = frozenset(), relay: StampRelay | None = None,
+                 headers: tuple[str, ...] = ()):
         self.conn_id = next(_conn_ids)
+        self.headers = headers
         super().__init__(name=f"{name}-c{self.conn_id}", daemon=True)
         self.url, self.out, self.dead_after, self.now_us = url, out, dead_after, now_us
         self.streams = streams  # what the connection is subscribed to: its URL's, then SUBSCRIBE / UNSUBSCRIBE
@@ -179,6 +182,7 @@ class Reader(threading.Thread):
         self.started_at = time.monotonic()
         self.last_data = self.started_at  # monotonic time of the last read that brought a data frame
         self.error: str | None = None
+        self.key_refused = False  # the handshake was answered 401/403: the API key (SBE) is refused
         self._ws: websocket.WebSocket | None = None
         self._sock: stamped.StampedSocket | None = None
         self._closing = False
@@ -195,7 +199,7 @@ class Reader(threading.Thread):
                 self._sock = stamped.connect(self.url, timeout, relay=self.relay)
             self._ws = websocket.create_connection(
                 self.url, timeout=timeout, socket=self._sock, skip_utf8_validation=True,
-                enable_multithread=True)
+                enable_multithread=True, header=list(self.headers))
             ahead = read_ahead(self._ws)
             if self._closing:
                 return
@@ -205,6 +209,7 @@ class Reader(threading.Thread):
         except (websocket.WebSocketException, OSError) as e:
             if not self._closing:
                 self.error = f"{type(e).__name__}: {e}"
+                self.key_refused = getattr(e, "status_code", None) in (401, 403)
         except Exception as e:  # a bug, not the network: logged with its traceback; the supervisor replaces the connection
             self.error = f"{type(e).__name__}: {e}"
             log.critical("reader crashed conn=%d", self.conn_id, exc_info=True)
@@ -350,9 +355,11 @@ class BatchCopies:
     control messages a second per connection."""
 
     def __init__(self, name: str, n: int, rotate_after: float, clock: Callable[[], float] = time.monotonic,
-                 ws_url: str = "", streams: list[str] | None = None, capacity: int = 1024, query: str = ""):
+                 ws_url: str = "", streams: list[str] | None = None, capacity: int = 1024, query: str = "",
+                 headers: tuple[str, ...] = ()):
         self.name, self.n, self.rotate_after, self.clock = name, n, rotate_after, clock
         self.ws_url, self.capacity, self.query = ws_url, capacity, query
+        self.headers = headers  # of the handshake (SBE: X-MBX-APIKEY; secret: never logged)
         self.streams: tuple[str, ...] = tuple(streams or ())
         self.t0 = clock()
         self.opening = threading.Lock()
@@ -497,14 +504,19 @@ class StreamBatch(PipelineThread):
         need_data = replacing is not None and replacing.silent_for(time.monotonic()) <= self.dead_after
         url, streams = self.copies.url()
         reader = Reader(self.name, url, self.out, self.dead_after, self.now_us, self.stats, streams=streams,
-                        relay=self.relay)
+                        relay=self.relay, headers=self.copies.headers)
         self.stats.connects += 1
         self.stats.last_attempt = time.monotonic()
         reader.start()
         ready = reader.delivering if need_data else reader.connected
         while not ready.wait(0.2):
             if not reader.is_alive() or self.stop.is_set():
-                if reader.error:
+                if reader.key_refused:
+                    self.stats.failures += 1
+                    log.error("connection failed conn=%d: the exchange refused the API key (HTTP 401/403); check "
+                              "BINANCE_API_KEY (an Ed25519 key, its IP restrictions); retrying with backoff",
+                              reader.conn_id)
+                elif reader.error:
                     self.stats.failures += 1
                     log.warning("connection failed conn=%d error=%s", reader.conn_id, reader.error)
                 reader.close()

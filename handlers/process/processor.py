@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import orjson
@@ -32,7 +32,7 @@ import pyarrow as pa
 from config import MarketConfig
 from handlers.ingest.inbox import CLOCK, REST, SYMBOLS, WS, Inbox
 from handlers.process import continuity as cont
-from handlers.process import parse, wire
+from handlers.process import parse, sbe, wire
 from markets import STREAM_NAME
 from service.threads import FATAL, PipelineThread
 from storage.columns import DepthColumns, GapColumns, SnapshotColumns, levels_to_arrow, raw_levels
@@ -89,11 +89,10 @@ class RateLimitedLog:
 
 def routes_for(cfg: MarketConfig) -> dict[str, tuple[str, str]]:
     """stream name -> (kind, SYMBOL)"""
-    m = cfg.market
     routes = {}
     for sym in cfg.symbols:
-        routes[m.diff_stream(sym, cfg.diff_speed)] = (DIFF, sym)
-        routes[m.partial_stream(sym, cfg.partial_levels, cfg.partial_speed)] = (PARTIAL, sym)
+        diff, partial = cfg.streams_of(sym)
+        routes[diff], routes[partial] = (DIFF, sym), (PARTIAL, sym)
     return routes
 
 
@@ -148,6 +147,7 @@ class FrameProcessor(PipelineThread):
         self.poll = 0.2
         self._idle = threading.Event()  # never set: an interruptible sleep (STOP arrives on the queue)
         self.routes = routes_for(cfg)
+        self.sbe = cfg.feed == "sbe"
         futures = cfg.market.futures_payloads
         self._diff_parse = parse.futures_depth if futures else parse.spot_diff
         self._futures = futures
@@ -241,10 +241,7 @@ class FrameProcessor(PipelineThread):
         snapshot, as at start-up). A removed one's record ends with a `gaps` row naming
         why (next_first_update_id null), after its streams were unsubscribed; its routes
         stay, so that a late frame is still recorded (then as a new start)."""
-        m, cfg = self.cfg.market, self.cfg
-        for symbol in added:
-            self.routes[m.diff_stream(symbol, cfg.diff_speed)] = (DIFF, symbol)
-            self.routes[m.partial_stream(symbol, cfg.partial_levels, cfg.partial_speed)] = (PARTIAL, symbol)
+        self.routes.update(routes_for(replace(self.cfg, symbols=tuple(added))))
         for symbol, reason in removed:
             for hole in self.holes.drop(symbol):  # breaks before the end are gaps still
                 self._gap(symbol, hole.detected_us, hole.last_u, hole.end_U, hole.reason)
@@ -253,7 +250,7 @@ class FrameProcessor(PipelineThread):
             last_u = st.head if st is not None else None
             self.gaps.append(received_us, symbol, last_u, None, reason)
             self.stats.gaps_by_reason[reason] = self.stats.gaps_by_reason.get(reason, 0) + 1
-            log.info("record ends market=%s symbol=%s reason=%s last_u=%s", cfg.name, symbol, reason, last_u)
+            log.info("record ends market=%s symbol=%s reason=%s last_u=%s", self.cfg.name, symbol, reason, last_u)
 
     def on_frames(self, received_us: int, conn: int, frames: list[bytes]) -> list[bytes]:
         """The frames of one socket read; returns them for the journal, less the
@@ -382,7 +379,11 @@ class FrameProcessor(PipelineThread):
 
     def _on_other_frame(self, received_us: int, conn: int, raw: bytes) -> None:
         """Control replies, serverShutdown, streams known only by name (recovery) and
-        malformed frames: decoded with orjson and judged field by field."""
+        malformed frames: decoded with orjson and judged field by field; and, with
+        `feed = sbe`, the binary market data frames."""
+        if self.sbe and raw[:1] != b"{":
+            self._on_sbe_frame(received_us, conn, raw)
+            return
         try:
             msg = orjson.loads(raw)
             stream = msg["stream"]
@@ -406,6 +407,26 @@ class FrameProcessor(PipelineThread):
         if row is None or row[1] != symbol:
             self._malformed(kind, raw)
             return
+        if self._accept(kind, received_us, symbol, row, conn):
+            self.bufs[kind].append(received_us, *row)
+
+    def _on_sbe_frame(self, received_us: int, conn: int, raw: bytes) -> None:
+        """One SBE message (`handlers.process.sbe`): routed by its symbol and template, then
+        judged as a JSON frame is (continuity, duplicates); one that does not decode is
+        malformed, never a row."""
+        try:
+            template, row = sbe.decode(raw)
+        except sbe.SbeError as e:
+            self._malformed(f"SBE frame ({e})", raw)
+            return
+        kind = DIFF if template == sbe.DIFF else PARTIAL
+        symbol = row[1]
+        stream = self.cfg.streams_of(symbol)[1 if kind == PARTIAL else 0]
+        if self.routes.get(stream) != (kind, symbol) and not self.recovering:
+            self._malformed("SBE frame of a symbol not recorded", raw)
+            return
+        self.stats.last_frame_us = received_us
+        self.stats.frames[kind] += 1
         if self._accept(kind, received_us, symbol, row, conn):
             self.bufs[kind].append(received_us, *row)
 
