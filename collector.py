@@ -180,6 +180,8 @@ COMMANDS: dict[str, tuple[str, Callable[[config_mod.Config, argparse.Namespace],
         (("--spot-port",), dict(required=True, type=int, help="port of the spot exchange (0: any free one, logged)")),
         (("--futures-port",), dict(required=True, type=int, help="port of USD-M futures (0: any free one)")),
         (("--delivery-port",), dict(type=int, help="port of COIN-M futures (not served without it)")),
+        (("--spot-sbe-port",), dict(type=int, help="also serve the spot day as SBE binary streams on this port "
+                                                   "(X-MBX-APIKEY required, any value)")),
         (("--speed",), dict(type=float, default=1.0, help="X times as fast as recorded; 0: as fast as the "
                                                          "clients read (default: 1)")),
         (("--host",), dict(default="127.0.0.1", help="address to listen on (default: loopback only)")),

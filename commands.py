@@ -171,7 +171,8 @@ def replay(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        return await replay_mod.serve(data, args.day, ports, args.host, args.speed, args.start_delay, scratch, stop)
+        return await replay_mod.serve(data, args.day, ports, args.host, args.speed, args.start_delay, scratch, stop,
+                                      sbe_port=args.spot_sbe_port)
 
     try:
         return asyncio.run(main())

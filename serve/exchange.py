@@ -43,14 +43,14 @@ log = logging.getLogger(__name__)
 _conn_ids = itertools.count(1)
 
 
-def ws_frame(payload: bytes) -> bytes:
-    """An unmasked server-to-client text frame (RFC 6455 section 5.2)."""
-    n = len(payload)
+def ws_frame(payload: bytes, binary: bool = False) -> bytes:
+    """An unmasked server-to-client text (or binary) frame (RFC 6455 section 5.2)."""
+    n, head = len(payload), 0x82 if binary else 0x81
     if n < 126:
-        return bytes((0x81, n)) + payload
+        return bytes((head, n)) + payload
     if n < 65536:
-        return bytes((0x81, 126)) + n.to_bytes(2, "big") + payload
-    return bytes((0x81, 127)) + n.to_bytes(8, "big") + payload
+        return bytes((head, 126)) + n.to_bytes(2, "big") + payload
+    return bytes((head, 127)) + n.to_bytes(8, "big") + payload
 
 
 @dataclass

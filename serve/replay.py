@@ -58,6 +58,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from markets import DELIVERY, MARKETS, Market
+from serve import sbe
 from serve.exchange import Conn, ExchangeServer, Stream, ws_frame
 from storage.merge import Source
 from storage.schemas import SCHEMAS, exchange_times_in_us
@@ -415,7 +416,7 @@ class Replay:
 
     def __init__(self, day: Day, day_name: str, speed: float, start_delay: float = 0.0):
         self.day, self.day_name, self.speed, self.start_delay = day, day_name, speed, start_delay
-        self.sims: dict[str, DayServer] = {}
+        self.sims: dict[str, DayServer] = {}  # by server: a market's name, or "spot-sbe"
         self.t0 = day.first_time or 0
         self.started: float | None = None       # monotonic time of the replay clock's start
         self.clock_us = self.t0                 # at speed 0: the last row's time
@@ -529,23 +530,29 @@ class Replay:
                 ("event_time", "symbol", "first_update_id", "final_update_id", "prev_final_update_id",
                  "transaction_time", "bids", "asks", "levels")}
 
-    def _streams(self, market: str) -> dict[tuple[str, str], list[Stream]]:
+    def _streams(self, server: str) -> dict[tuple[str, str], list[Stream]]:
         """(symbol, kind) -> the server's streams of it (rebuilt when streams are added)."""
-        sim = self.sims[market]
-        if self._indexed.get(market) != len(sim.streams):
+        sim = self.sims[server]
+        if self._indexed.get(server) != len(sim.streams):
             index: dict[tuple[str, str], list[Stream]] = {}
             for s in sim.streams.values():
                 index.setdefault((s.symbol, DIFF if s.kind == "diff" else PARTIAL), []).append(s)
-            self._index[market], self._indexed[market] = index, len(sim.streams)
-        return self._index[market]
+            self._index[server], self._indexed[server] = index, len(sim.streams)
+        return self._index[server]
 
     def _frame(self, market: Market, kind: str, c: dict, i: int, pending: dict[Conn, list[bytes]]) -> int:
         """Row i as a frame to every subscriber of its symbol's streams of that kind;
         the frames queued."""
-        if market.name not in self.sims:
-            return 0
+        queued = 0
+        for server, sim in self.sims.items():
+            if sim.market is market:
+                queued += (self._sbe_frame if sim.sbe else self._json_frame)(server, market, kind, c, i, pending)
+        return queued
+
+    def _json_frame(self, server: str, market: Market, kind: str, c: dict, i: int,
+                    pending: dict[Conn, list[bytes]]) -> int:
         symbol = c["symbol"][i]
-        streams = [s for s in self._streams(market.name).get((symbol, kind), ()) if s.subscribers]
+        streams = [s for s in self._streams(server).get((symbol, kind), ()) if s.subscribers]
         if not streams:
             return 0
         queued = 0
@@ -567,6 +574,30 @@ class Replay:
                     pending.setdefault(conn, []).append(ws_frame(payload))
                 queued += 1
         return queued
+
+    def _sbe_frame(self, server: str, market: Market, kind: str, c: dict, i: int,
+                   pending: dict[Conn, list[bytes]]) -> int:
+        """Row i as one binary SBE message (`serve.sbe`) to every subscriber of its stream
+        (`<symbol>@depth` or `@depth20`; no stream wrapper, raw and combined alike)."""
+        symbol = c["symbol"][i]
+        conns = [conn for s in self._streams(server).get((symbol, kind), ()) for conn in s.subscribers
+                 if not conn.ws.closed and conn.transport is not None and not conn.transport.is_closing()]
+        if not conns:
+            return 0
+        cut = 20 if kind == PARTIAL else 0
+        bids = orjson.loads("[" + c["bids"][i] + "]")[:cut or None]
+        asks = orjson.loads("[" + c["asks"][i] + "]")[:cut or None]
+        pe, qe, levels = sbe.mantissas(bids + asks)
+        b, a = levels[:len(bids)], levels[len(bids):]
+        event = c["event_time"][i] or 0  # a spot JSON partial frame had none
+        if kind == DIFF:
+            payload = sbe.diff(event, c["first_update_id"][i], c["final_update_id"][i], pe, qe, b, a, symbol)
+        else:
+            payload = sbe.depth(event, c["final_update_id"][i], pe, qe, b, a, symbol)
+        frame = ws_frame(payload, binary=True)
+        for conn in conns:
+            pending.setdefault(conn, []).append(frame)
+        return len(conns)
 
     def _payload(self, market: Market, kind: str, c: dict, i: int, cut: int, micro: bool = False) -> bytes:
         """Row i as Binance's payload; `cut`: a partial stream's levels (0: all recorded);
@@ -630,9 +661,10 @@ class DayServer(ExchangeServer):
     """One market of the replayed day: the driver sends its frames; REST depth and the time
     endpoint answer from the replay clock."""
 
-    def __init__(self, market: str, replay: Replay):
+    def __init__(self, market: str, replay: Replay, sbe: bool = False):
         super().__init__(market, symbols=replay.symbols(market))
         self.replay = replay
+        self.sbe = sbe  # spot as SBE binary streams (X-MBX-APIKEY required, any value)
 
     def depth_body(self, symbol: str, limit: int) -> bytes | None:
         return self.replay.snapshot(self.market, symbol, limit)
@@ -643,8 +675,10 @@ class DayServer(ExchangeServer):
 
 # ---- the command ---------------------------------------------------------------------------
 async def serve(data: Source, day: str, ports: dict[str, int], host: str, speed: float, start_delay: float,
-                scratch: Path | None, stop: asyncio.Event, ready: asyncio.Event | None = None) -> int:
-    """Order the day, serve it on `ports` (market -> port; 0 picks one) until `stop`."""
+                scratch: Path | None, stop: asyncio.Event, ready: asyncio.Event | None = None,
+                sbe_port: int | None = None) -> int:
+    """Order the day, serve it on `ports` (market -> port; 0 picks one) until `stop`; with
+    `sbe_port`, the spot day also as SBE binary streams there."""
     markets = [MARKETS[m] for m in ports]
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="replay-", dir=scratch) as tmp:
@@ -659,11 +693,14 @@ async def serve(data: Source, day: str, ports: dict[str, int], host: str, speed:
             if s and m not in ports:
                 log.warning("%d symbols of %s recorded but not served (no --%s-port)", len(s), m, m)
         replay = Replay(ordered, day, speed, start_delay)
-        for market in markets:
-            sim = DayServer(market.name, replay)
-            await sim.start(host, ports[market.name])
-            replay.sims[market.name] = sim
-            log.info("replay market=%s ws_url=%s rest_url=%s (%d symbols)", market.name, sim.ws_url, sim.rest_url,
+        servers = [(m.name, m.name, ports[m.name], False) for m in markets]
+        if sbe_port is not None:
+            servers.append(("spot-sbe", "spot", sbe_port, True))
+        for server, market_name, port, as_sbe in servers:
+            sim = DayServer(market_name, replay, sbe=as_sbe)
+            await sim.start(host, port)
+            replay.sims[server] = sim
+            log.info("replay market=%s ws_url=%s rest_url=%s (%d symbols)", server, sim.ws_url, sim.rest_url,
                      len(sim.symbols))
         if ready is not None:
             ready.set()

@@ -19,8 +19,8 @@ from typing import Awaitable, cast
 
 import orjson
 
+from serve import sbe as sbe_frames
 from serve.exchange import Conn, ExchangeServer, Faults, Sent, Stream, runner_port
-from simulator import sbe_frames
 from simulator.book import Book, IdSource
 from simulator.load import LoadEngine
 from simulator.replay import Capture

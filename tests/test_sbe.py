@@ -18,10 +18,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from handlers.process import sbe
-from simulator import Simulator, sbe_frames
+from serve import sbe as sbe_frames
+from simulator import Simulator
 from tests.helpers import ROOT, CollectorProcess, market_section, read_kind, run_to_exit, wait_until, write_config
+from tests.test_replay import ReplayProcess, day_of_recording, rows_of
 
-SCHEMA = sbe_oracle.Schema.parse(open(ROOT / "simulator" / "sbe_stream.xml"))
+SCHEMA = sbe_oracle.Schema.parse(open(ROOT / "serve" / "sbe_stream.xml"))
 SYMBOLS = ["BTCUSDT", "ETHUSDT"]
 KEY = "test-ed25519-key-Zq7Xv2"
 
@@ -175,3 +177,44 @@ def test_a_refused_key_is_an_error_line_with_backoff_not_a_retry_storm(tmp_path)
     # two copies, each backing off (0.5 s, 1 s, 2 s, ... jittered): a handful of attempts, not hundreds
     assert len(refused) <= 16, len(refused)
     assert KEY not in proc.log and not sim.spot.api_keys_seen
+
+
+def test_an_sbe_day_replayed_as_sbe_is_recorded_again_row_for_row(tmp_path):
+    """record (sbe) -> replay --spot-sbe-port -> record (sbe): the same diff and depth20 rows
+    (every column but received_time), as the JSON round trip gives."""
+    (tmp_path / "first").mkdir()
+    with Simulator(spot=dict(symbols=SYMBOLS, updates_per_s=40, feed="sbe")) as sim:
+        proc = CollectorProcess(sbe_config(tmp_path / "first", sim), env={"BINANCE_API_KEY": KEY})
+        try:
+            proc.wait_for_log("recording market=spot")
+            wait_until(lambda: sim.spot.frames_sent > 400, timeout=30)
+            sim.spot.faults.paused = True
+            time.sleep(1.5)
+            assert proc.stop() == 0, proc.log
+        finally:
+            proc.kill()
+    original = tmp_path / "first" / "data"
+    day = day_of_recording(original)
+    rp = ReplayProcess(tmp_path / "replay", original, day, "--speed", "0", "--start-delay", "4",
+                       "--spot-sbe-port", "0", markets=["spot", "futures"])
+    try:
+        rp.wait_for_log("replay market=spot-sbe ")
+        line = next(x for x in rp.log.splitlines() if "replay market=spot-sbe " in x)
+        words = dict(w.split("=", 1) for w in line.split() if "=" in w)
+        urls = type("Urls", (), {"ws_url": words["ws_url"], "rest_url": words["rest_url"]})
+        (tmp_path / "again").mkdir()
+        cfg = write_config(tmp_path / "again", [market_section("spot", urls, SYMBOLS, snapshot_interval=600, feed="sbe")])
+        proc = CollectorProcess(cfg, env={"BINANCE_API_KEY": "any-key"})
+        try:
+            rp.wait_for_log("done:", timeout=120)
+            time.sleep(1.5)
+            assert proc.stop() == 0, proc.log[-3000:]
+        finally:
+            proc.kill()
+        assert rp.stop() == 0, rp.log[-3000:]
+    finally:
+        rp.kill()
+    again = tmp_path / "again" / "data"
+    for kind in ("diff_orderbooks", "partial_orderbooks"):
+        before, after = rows_of(original, "spot", kind, day), rows_of(again, "spot", kind)
+        assert len(before) > 50 and after == before, kind
