@@ -27,17 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from run import children, cpu_seconds, free_port, peak_rss_kib, wait_port  # noqa: E402
-
-
-def tree_peak_rss_kib(pid: int) -> int:
-    total = peak_rss_kib(pid)
-    for child in children(pid):
-        try:
-            total += peak_rss_kib(child)
-        except OSError:
-            pass
-    return total
+from run import cpu_seconds, free_port, tree_kib, wait_port  # noqa: E402
 
 
 def diff_rows(root: Path, since_us: int, until_us: int) -> tuple[int, int]:
@@ -82,7 +72,7 @@ listing_check = 0
         t0, c0 = time.time_ns() // 1000, cpu_seconds(proc.pid)
         time.sleep(args.seconds)
         t1, c1 = time.time_ns() // 1000, cpu_seconds(proc.pid)
-        rss = tree_peak_rss_kib(proc.pid)
+        rss = tree_kib(proc.pid)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)

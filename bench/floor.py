@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -13,7 +14,9 @@ import websocket
 
 
 def read(url: str, until: float, counts: list, i: int) -> None:
-    ws = websocket.create_connection(url, skip_utf8_validation=True, timeout=5)
+    key = os.environ.get("BINANCE_API_KEY")  # what SBE streams require at the handshake
+    ws = websocket.create_connection(url, skip_utf8_validation=True, timeout=5,
+                                     header=[f"X-MBX-APIKEY: {key}"] if key else [])
     recv = ws.recv_data
     n = 0
     while time.monotonic() < until:

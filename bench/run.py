@@ -6,6 +6,13 @@
     .venv/bin/python bench/run.py --collector /tmp/old-checkout             # the same load on another version
     .venv/bin/python bench/run.py --redundancy 1,2 --runs 3                 # ws_redundancy 1 against 2, runs alternating
     .venv/bin/python bench/run.py --universe 1500,550,50 --redundancy 2     # the real universe's shape, three markets
+    .venv/bin/python bench/run.py --profiles 100ms,finest --runs 2          # the finest data against the 100 ms streams
+
+`--profiles 100ms,finest` alternates the default load with the finest data Binance
+publishes (simulator/load.py, profile `finest`): spot as SBE (`feed = sbe`: binary diffs
+every 20 ms, depth20 every 50 ms), USD-M every event (`diff_speed = 0ms`: one frame and
+one write an event, the first symbol near 1,000 events a second in bursts, the tail a few),
+and prints each one's medians and its CPU per message against the first.
 
 `--universe S,F,D` runs spot, USD-M and COIN-M with S, F and D symbols, shaped like the
 real exchange (simulator/load.py, profile `universe`): every partial depth stream every
@@ -135,8 +142,17 @@ def peak_rss_kib(pid: int, key: str = "VmHWM") -> int:
     return 0
 
 
-def rss_kib(pid: int) -> int:
-    return peak_rss_kib(pid, "VmRSS")
+def tree_kib(pid: int, key: str = "VmHWM") -> int:
+    """The process's and its live children's (the stamp relays') peak (or, VmRSS, current) RSS
+    summed: what the collector costs, helpers included (the peaks' sum: at or above the
+    tree's own peak)."""
+    total = peak_rss_kib(pid, key)
+    for child in children(pid):
+        try:
+            total += peak_rss_kib(child, key)
+        except OSError:
+            pass  # ended meanwhile
+    return total
 
 
 def wait_port(port: int, timeout: float = 30) -> None:
@@ -169,12 +185,18 @@ def write_config(work: Path, ports: dict[str, int], plan: dict[str, list[str]], 
         m = MARKETS[market]
         ws_url = f"ws://127.0.0.1:{port}" + m.ws_path_prefix
         symbols = plan[market]
+        finest = FINEST[market] if args.profile == "finest" else ""
         sections.append(f"[{market}]\nsymbols = {', '.join(symbols)}\nws_url = {ws_url}\n"
                         f"rest_url = http://127.0.0.1:{port}\nsnapshot_interval = {args.snapshot_interval}\n"
-                        f"symbols_per_connection = {args.per_connection}\n")
+                        f"symbols_per_connection = {args.per_connection}\n{finest}")
         for i in range(0, len(symbols), args.per_connection):
+            if finest == "feed = sbe\n":
+                streams = [f"{sym.lower()}@depth{n}" for sym in symbols[i:i + args.per_connection] for n in ("", "20")]
+                urls.append(combined_url(ws_url, streams))
+                continue
+            speed = "0ms" if finest else "100ms"
             streams = [s for sym in symbols[i:i + args.per_connection]
-                       for s in (m.diff_stream(sym, "100ms"), m.partial_stream(sym, 20, "100ms"))]
+                       for s in (m.diff_stream(sym, speed), m.partial_stream(sym, 20, "100ms"))]
             urls.append(combined_url(ws_url, streams, m.ws_query))
     cfg = work / name
     level = f"compression_level = {args.compression_level}\n" if args.compression_level else ""
@@ -182,6 +204,10 @@ def write_config(work: Path, ports: dict[str, int], plan: dict[str, list[str]], 
     level += f"ws_redundancy = {args.ws_redundancy}\n" if args.ws_redundancy else ""
     cfg.write_text("[collector]\ndata_dir = data\nstatus_interval = 5\nmetrics_listen = off\n" + level + "".join(sections))
     return cfg, urls
+
+
+FINEST = {"spot": "feed = sbe\n", "futures": "diff_speed = 0ms\n", "delivery": "diff_speed = 0ms\n"}
+API_KEY = "bench-key"  # the simulator takes any key for its SBE streams
 
 
 def wait_connected(logs: list[Path], expected: int, since: float, at_least: float, at_most: float) -> float:
@@ -220,6 +246,8 @@ def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
                      ",".join(f"{m}={len(s)}" for m, s in plan.items())]
     else:
         sim_args += ["--symbols", ",".join(symbols)]
+    if args.profile == "finest":
+        sim_args += ["--profile", "finest", "--feed", "sbe"]
     sim = subprocess.Popen([sys.executable, "-m", "simulator", *sim_args, "--stats", str(stats_file)],
                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -233,7 +261,8 @@ def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
             urls += u
             logs.append(work / f"collector-{i}.log")
             cols.append(subprocess.Popen([sys.executable, str(args.collector / "collector.py"), "--config", str(cfg)],
-                                         cwd=work, stderr=open(logs[-1], "wb")))
+                                         cwd=work, stderr=open(logs[-1], "wb"),
+                                         env={**os.environ, "BINANCE_API_KEY": API_KEY}))
         # start-up (exchangeInfo, connections, first snapshots) is not steady state; with --universe
         # the warm-up lasts at least until every connection is up, and how long that took is a figure
         expected = sum(-(-len(plan[m]) // args.per_connection) for m in plan) * (args.ws_redundancy or 2)
@@ -241,18 +270,18 @@ def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
         floor = None
         if floor_on:
             floor = subprocess.Popen([sys.executable, str(ROOT / "bench" / "floor.py"), str(args.seconds), *urls],
-                                     stdout=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, text=True, env={**os.environ, "BINANCE_API_KEY": API_KEY})
         cpu0, t0, wall0 = sum(cpu_seconds(c.pid) for c in cols), time.monotonic(), time.time_ns() // 1000
         sim0 = cpu_seconds(sim.pid)
         threads0 = {c.pid: thread_cpu(c.pid) for c in cols}
         rss_series = []  # MiB, sampled through the window (a leak shows as a climb)
         while time.monotonic() < t0 + args.seconds:
             time.sleep(min(args.rss_every, max(0.0, t0 + args.seconds - time.monotonic())))
-            rss_series.append(round(max(rss_kib(c.pid) for c in cols) / 1024))
+            rss_series.append(round(max(tree_kib(c.pid, "VmRSS") for c in cols) / 1024))
         cpu1, t1, wall1 = sum(cpu_seconds(c.pid) for c in cols), time.monotonic(), time.time_ns() // 1000
         sim1 = cpu_seconds(sim.pid)
         threads1 = {c.pid: thread_cpu(c.pid) for c in cols}
-        peaks = [peak_rss_kib(c.pid) for c in cols]
+        peaks = [tree_kib(c.pid) for c in cols]  # each collector with its stamp relays
         for c in cols:
             c.send_signal(signal.SIGTERM)
         rc = max(c.wait(120) for c in cols)
@@ -264,7 +293,7 @@ def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
         sim.wait(30)
     elapsed = t1 - t0
     sent = json.loads(stats_file.read_text()) if stats_file.exists() else {}
-    offered = (sum(m.get("offered_per_s", 0.0) for m in sent.values()) if args.universe
+    offered = (sum(m.get("offered_per_s", 0.0) for m in sent.values()) if args.universe or args.profile == "finest"
                else n_symbols * 2 * 2 * 10)  # streams x 10 frames/s
     recorded = count_ws_rows(work / "data", wall0, wall1)  # rows received in the window
     texts = [log.read_text() for log in logs]
@@ -396,6 +425,31 @@ def show(label: str, r: dict) -> None:
           + f"  thread_us={r['thread_us']}", flush=True)
 
 
+def run_profiles(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    """`--profiles`: each load in turn, alternating, then the medians and CPU per message against the first."""
+    profiles = args.profiles.split(",")
+    if set(profiles) - {"100ms", "finest"}:
+        p.error(f"--profiles {args.profiles}: each one 100ms or finest")
+    by_profile: dict[str, list[dict]] = {pr: [] for pr in profiles}
+    for i in range(args.runs):
+        for pr in profiles:  # alternating, so that a noisy minute does not favour one of them
+            args.profile = pr
+            r = one_run(args, args.symbols, floor_on=not args.no_floor)
+            by_profile[pr].append(r)
+            show(f"run {i + 1} {pr}", r)
+    medians = {pr: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k not in NOT_SCALAR}
+               for pr, rs in by_profile.items()}
+    print(f"{args.symbols} symbols per market, ws_redundancy {args.ws_redundancy or 2}, {args.seconds:.0f} s per "
+          f"run, {args.runs} run(s); medians (CPU and RSS: the collector and its stamp relays):")
+    for pr, med in medians.items():
+        print(f" {pr}:")
+        for k, value in med.items():
+            print(f"  {k:16} {value:,.2f}")
+    for pr in profiles[1:]:
+        print(f"CPU per message, {pr} / {profiles[0]}: "
+              f"{medians[pr]['collector_us'] / medians[profiles[0]]['collector_us']:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--symbols", type=int, default=50, help="symbols per market")
@@ -417,10 +471,16 @@ def main() -> None:
     p.add_argument("--universe", metavar="S,F,D", help="spot, USD-M and COIN-M symbol counts, shaped like the real "
                                                        "exchange (e.g. 1500,550,50); replaces --symbols")
     p.add_argument("--process-per-market", action="store_true", help="one collector process per market")
+    p.add_argument("--profiles", help="comma-separated loads run in turn: 100ms (the default streams) and finest "
+                                      "(spot SBE 20/50 ms, USD-M every event); medians and CPU per message each")
     p.add_argument("--collector", type=Path, default=ROOT,
                    help="folder of the collector.py to run (e.g. a worktree of an older commit, for a before/after)")
     args = p.parse_args()
     args.ws_redundancy = None
+    args.profile = "100ms"
+    if args.profiles:
+        run_profiles(args, p)
+        return
     if args.smoke:
         args.symbols, args.seconds, args.warmup = 10, 5, 4
         r = one_run(args, args.symbols, floor_on=True)

@@ -37,7 +37,7 @@ async def serve(args: argparse.Namespace) -> None:
         else:
             kw.update(symbols=[s.strip().upper() for s in args.symbols.split(",") if s.strip()], load=args.load,
                       load_profile=args.profile)
-        sim = MarketSim(market, **kw)
+        sim = MarketSim(market, feed=args.feed, **kw)
         await sim.start(args.host, port)
         sims.append(sim)
         print(f"{market}: ws_url = {sim.ws_url}   rest_url = {sim.rest_url}", flush=True)
@@ -69,8 +69,11 @@ def main() -> None:
     p.add_argument("--futures-port", type=int, default=0)
     p.add_argument("--delivery-port", type=int, help="also serve COIN-M (delivery) on this port")
     p.add_argument("--market-symbols", help="market=count,...: generated symbols per market, instead of --symbols")
-    p.add_argument("--profile", default="flat", choices=["flat", "universe"],
-                   help="load mode: every stream every 100 ms, or shaped like the real exchange")
+    p.add_argument("--profile", default="flat", choices=["flat", "universe", "finest"],
+                   help="load mode: every stream every 100 ms, shaped like the real exchange, or the finest "
+                        "data (spot SBE 20/50 ms with --feed sbe, futures every event)")
+    p.add_argument("--feed", default="json", choices=["json", "sbe"],
+                   help="spot: JSON streams, or SBE binary streams (an X-MBX-APIKEY header required)")
     p.add_argument("--symbols", default="BTCUSDT,ETHUSDT,BNBUSDT,SOLUSDT,XRPUSDT")
     p.add_argument("--rate", type=float, default=20.0, help="engine updates per second per symbol")
     p.add_argument("--seed", type=int, default=1)

@@ -14,6 +14,11 @@ box. In load mode:
 - profile `universe` is shaped like the real exchange instead: every partial depth stream
   every 100 ms, the diffs of the market's first 100 symbols (its most traded) every
   100 ms, and the long tail's every 300 ms (about 3 a second);
+- profile `finest` is the finest data Binance publishes: spot as SBE (binary diffs every
+  20 ms, depth20 every 50 ms; the simulator must run with `--feed sbe`), USD-M diffs every
+  event (`@depth@0ms`), each event its own frame and its own write, at rates skewed as on
+  the exchange (the first symbol near 1,000 events a second, the tail a few; in bursts:
+  a 100 ms window is busy, at 5x its rate, one time in five, and quiet otherwise);
 - `E` is the millisecond of that write, and `sent_us[E]` its exact µs time, from which
   the benchmark computes each diff's stamp delay (received_time - sent time).
 
@@ -29,6 +34,7 @@ from typing import TYPE_CHECKING, cast
 
 import orjson
 
+from serve import sbe
 from serve.exchange import ws_frame
 
 if TYPE_CHECKING:
@@ -67,6 +73,9 @@ class LoadEngine:
         self.frames = 0
         self.skipped_ticks = 0
         self._slices: list[list[Stream]] = []
+        self._every_event: list[Stream] = []  # `finest` futures diffs: frames by events, not ticks
+        self._busy: dict[str, float] = {}  # symbol -> rate factor of its current 100 ms window
+        self.sbe_levels: dict[str, list] = {}  # `finest` spot: each stream's pool of SBE level mantissas
         self._sliced = -1  # len(sim.streams) when _slices was made
 
     def _pool(self, s: "Stream") -> list[bytes]:
@@ -136,14 +145,27 @@ class LoadEngine:
             self.emit(tick, k)
 
     def period(self, s: "Stream") -> int:
-        """Ticks between two frames of the stream."""
+        """Ticks between two frames of the stream (0: every event, `finest` futures diffs)."""
         if self.profile == "universe" and s.kind == "diff" and self.rank.get(s.symbol, 0) >= TOP_SYMBOLS:
             return TAIL_TICKS
+        if self.profile == "finest":
+            if self.sim.sbe:
+                return 2 if s.kind == "diff" else 5  # 20 ms and 50 ms
+            if s.kind == "diff":
+                return 0
         return TICKS_PER_PERIOD
+
+    def event_rate(self, symbol: str) -> float:
+        """`finest` futures: events a second of the symbol ranked i (the first near 1,000)."""
+        return 1000.0 / (1 + self.rank.get(symbol, 0)) ** 1.5
 
     def offered_per_s(self) -> float:
         """Frames a second over every stream the collector reads (diff + partial per symbol)."""
         ticks_per_s = 100
+        if self.profile == "finest":
+            if self.sim.sbe:
+                return len(self.sim.symbols) * (ticks_per_s / 2 + ticks_per_s / 5)
+            return sum(map(self.event_rate, self.sim.symbols)) + len(self.sim.symbols) * ticks_per_s / TICKS_PER_PERIOD
         diffs = [ticks_per_s / (TAIL_TICKS if self.profile == "universe" and i >= TOP_SYMBOLS else TICKS_PER_PERIOD)
                  for i in range(len(self.sim.symbols))]
         return ticks_per_s / TICKS_PER_PERIOD * len(self.sim.symbols) + sum(diffs)
@@ -154,20 +176,66 @@ class LoadEngine:
         streams = self.sim.streams
         if len(streams) != self._sliced:
             self._slices = [[] for _ in range(self.cycle)]
+            self._every_event = []
             for s in cast("list[Stream]", list(streams.values())):
                 period = self.period(s)
+                if period == 0:
+                    self._every_event.append(s)
+                    continue
                 for at in range(hash(s.name) % period, self.cycle, period):
                     self._slices[at].append(s)
             self._sliced = len(streams)
         return self._slices[tick]
 
+    def _sbe_payload(self, s: "Stream", now_ms: int, k: int) -> bytes:
+        """`finest` spot: one SBE message (a diff's ids chained as spot's are)."""
+        pool = self.sbe_levels.get(s.name)
+        if pool is None:
+            mid, n = self.rng.randrange(10**9, 5 * 10**11), 20 if s.kind == "partial" else 0
+            pool = self.sbe_levels[s.name] = [
+                ([(mid - 10**6 * (i + 1), self.rng.randrange(1, 10**9)) for i in range(n or self.rng.randint(0, 4))],
+                 [(mid + 10**6 * (i + 1), self.rng.randrange(1, 10**9)) for i in range(n or self.rng.randint(0, 4))])
+                for _ in range(POOL)]
+        bids, asks = pool[k % POOL]
+        if s.kind == "diff":
+            U = self.ids[s.symbol] + 1
+            u = U + self.rng.randint(0, 3)
+            self.ids[s.symbol] = u
+            return sbe.diff(now_ms * 1000, U, u, -8, -8, bids, asks, s.symbol)
+        return sbe.depth(now_ms * 1000, self.ids[s.symbol], -8, -8, bids, asks, s.symbol)
+
+    def _every_event_frames(self, tick: int, now_ms: int, k: int) -> dict:
+        """`finest` futures: this tick's events of each symbol, each its own frame and write:
+        conn -> [frame, ...] (a write each)."""
+        if tick % TICKS_PER_PERIOD == 0:  # a new 100 ms window: busy (5x) one time in five, else quiet
+            self._busy = {s.symbol: 5.0 if self.rng.random() < 0.2 else 0.0 for s in self._every_event}
+        writes: dict = {}
+        for s in self._every_event:
+            if not s.subscribers:
+                continue
+            expected = self.event_rate(s.symbol) * self._busy.get(s.symbol, 1.0) / 100
+            for _ in range(int(expected) + (self.rng.random() < expected % 1)):
+                payload = self._payload(s, now_ms, k)
+                wrapped = ws_frame(b'{"stream":"' + s.name.encode() + b'","data":' + payload + b"}")
+                for conn in s.subscribers:
+                    writes.setdefault(conn, []).append(wrapped if conn.combined else ws_frame(payload))
+        return writes
+
     def emit(self, tick: int, k: int) -> None:
-        """This tick's slice of the streams: one write per connection."""
+        """This tick's slice of the streams: one write per connection (and, `finest`
+        futures, one write per event)."""
         now_ms = int(time.time() * 1000)
         out: dict = {}
         first = now_ms not in self.sent_us
         for s in self._slice(tick):
             if not s.subscribers:
+                continue
+            if self.sim.sbe:  # binary, no stream wrapper
+                frame = ws_frame(self._sbe_payload(s, now_ms, k), binary=True)
+                for conn in s.subscribers:
+                    out.setdefault(conn, []).append(frame)
+                    if first:
+                        self.symbol_conns.setdefault(s.symbol, set()).add(id(conn))
                 continue
             payload = self._payload(s, now_ms, k)
             frames = {False: (payload, b"")}
@@ -182,17 +250,26 @@ class LoadEngine:
                 out.setdefault(conn, []).append(wrapped if conn.combined else ws_frame(data))
                 if first:
                     self.symbol_conns.setdefault(s.symbol, set()).add(id(conn))
+        each = self._every_event_frames(tick, now_ms, k) if self._every_event else {}
         sent_us = time.time_ns() // 1000  # just before the writes: the earliest a frame can arrive
         writes = {}
-        for conn, frames in out.items():
+        for conn in set(out) | set(each):
             if conn.transport is not None and not conn.transport.is_closing():
                 start = time.time_ns() // 1000
-                conn.transport.write(b"".join(frames))
+                frames = out.get(conn, [])
+                if frames:
+                    conn.transport.write(b"".join(frames))
+                for frame in each.get(conn, ()):  # every event its own write, as the exchange sends them
+                    conn.transport.write(frame)
                 # on loopback the bytes are in the reader's socket when the write returns,
                 # unless TCP held some back for a reader whose window was full
                 writes[id(conn)] = (start, time.time_ns() // 1000)
                 self.held_writes += conn.transport.get_write_buffer_size() > 0
-                self.frames += len(frames)
+                self.frames += len(frames) + len(each.get(conn, ()))
+                if first:
+                    for s in self._every_event:
+                        if conn in s.subscribers:
+                            self.symbol_conns.setdefault(s.symbol, set()).add(id(conn))
         if first:
             self.sent_us[now_ms] = sent_us
             self.writes[now_ms] = writes
