@@ -478,11 +478,12 @@ def main() -> None:
     args = p.parse_args()
     args.ws_redundancy = None
     args.profile = "100ms"
-    if args.profiles:
+    if args.profiles and not args.smoke:
         run_profiles(args, p)
         return
-    if args.smoke:
+    if args.smoke:  # `--profiles finest --smoke`: the finest load's smoke run
         args.symbols, args.seconds, args.warmup = 10, 5, 4
+        args.profile = args.profiles or "100ms"
         r = one_run(args, args.symbols, floor_on=True)
         show("smoke", r)
         ok = r["lost_diffs"] == 0 and r["exit"] == 0 and r["recorded/s"] > 0 and r["floor/s"] > 0

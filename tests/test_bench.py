@@ -9,12 +9,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import ROOT
 
 
-def test_bench_smoke_runs_and_loses_nothing():
+@pytest.mark.parametrize("profile", ["100ms", "finest"])
+def test_bench_smoke_runs_and_loses_nothing(profile):
+    """`finest`: spot SBE and USD-M every event (bench/run.py --profiles)."""
     folders = set(Path(tempfile.gettempdir()).glob("ob-bench-*"))
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke"], cwd=ROOT,
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--profiles", profile], cwd=ROOT,
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("smoke:"))
