@@ -218,3 +218,14 @@ def test_an_sbe_day_replayed_as_sbe_is_recorded_again_row_for_row(tmp_path):
     for kind in ("diff_orderbooks", "partial_orderbooks"):
         before, after = rows_of(original, "spot", kind, day), rows_of(again, "spot", kind)
         assert len(before) > 50 and after == before, kind
+
+
+def test_an_sbe_message_counts_as_data_for_liveness_and_junk_does_not():
+    from handlers.ingest.websocket import is_data
+
+    assert is_data(sbe_frames.diff(1, 2, 3, -2, -2, [(1, 1)], [], "BTCUSDT"))
+    assert is_data(sbe_frames.depth(1, 2, -2, -2, [], [], "BTCUSDT"))
+    assert is_data(b'{"stream":"btcusdt@depth@100ms","data":{}}')
+    for not_data in (b'{"result":null,"id":1}', b'{"stream":"!serverShutdown","data":{}}', b"this is not json",
+                     b"\xff\xfe\x00 binary junk"):
+        assert not is_data(not_data), not_data

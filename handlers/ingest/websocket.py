@@ -53,10 +53,13 @@ _CLOSE = websocket.ABNF.OPCODE_CLOSE
 _STREAM_PREFIX = b'{"stream":"'  # a combined stream's data frame; '{"stream":"!' is an event (serverShutdown)
 
 
+_SBE_SCHEMA = b"\x01\x00"  # bytes 4-5 of an SBE message of schema 1 (handlers.process.sbe)
+
+
 def is_data(frame: bytes) -> bool:
     """A depth stream's frame (JSON, or a binary SBE message), not a control reply
-    ({"result":null,"id":1}) or an event."""
-    return (frame.startswith(_STREAM_PREFIX) and frame[11:12] != b"!") or frame[:1] != b"{"
+    ({"result":null,"id":1}), an event, or junk."""
+    return (frame.startswith(_STREAM_PREFIX) and frame[11:12] != b"!") or frame[4:6] == _SBE_SCHEMA
 
 
 COPY_LETTERS = "abc"  # copy k of a batch (ws_redundancy <= 3), and relay k that reads every copy k
