@@ -229,3 +229,31 @@ def test_an_sbe_message_counts_as_data_for_liveness_and_junk_does_not():
     for not_data in (b'{"result":null,"id":1}', b'{"stream":"!serverShutdown","data":{}}', b"this is not json",
                      b"\xff\xfe\x00 binary junk"):
         assert not is_data(not_data), not_data
+
+
+def test_sbe_frames_left_in_the_journal_are_recovered_into_rows(tmp_path):
+    """A crash leaves SBE frames in the journal: the next start turns them into the rows
+    they would have been (the same decoder, continuity as live)."""
+    import config
+    from handlers.process.recovery import recover
+    from storage.journal import Journal, journal_dir
+
+    path = tmp_path / "config.ini"
+    path.write_text("[collector]\ndata_dir = data\n[spot]\nsymbols = BTCUSDT\nfeed = sbe\n")
+    cfg = config.load(path)
+    data = cfg.collector.data_dir
+    journal = Journal(journal_dir(data, "spot"), run_id=1)
+    t = 1796516000000000
+    frames = [sbe_frames.diff(t + 20_000 * k, 100 + 2 * k, 101 + 2 * k, -2, -8, [(12345 + k, 10**8)], [], "BTCUSDT")
+              for k in range(50)]
+    frames.append(sbe_frames.depth(t + 1_000_000, 199, -2, -8, [(12345, 10**8)] * 20, [(12350, 10**8)] * 20,
+                                   "BTCUSDT"))
+    for k in range(0, len(frames), 10):
+        journal.add_ws(t + 20_000 * k, 1, frames[k:k + 10])
+    journal.sync(force=True)  # then the crash: no part file was written
+    written = recover(cfg.markets[0], data, 3, lambda: t + 2_000_000)
+    assert written == {"diff_orderbooks": 50, "partial_orderbooks": 1, "gaps": 1}
+    diffs = read_kind(data, "spot", "diff_orderbooks").sort_by("final_update_id").to_pylist()
+    assert [r["final_update_id"] for r in diffs] == [101 + 2 * k for k in range(50)]
+    assert diffs[3]["event_time"] == t + 60_000 and diffs[3]["bid_prices"] == [123.48]
+    assert read_kind(data, "spot", "partial_orderbooks").to_pylist()[0]["ask_prices"] == [123.5] * 20
