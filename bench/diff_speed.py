@@ -7,7 +7,8 @@ The simulator (`python -m simulator`, its real moving books, not load mode) move
 futures book `--rate` times a second; the collector records it at `ws_redundancy` 2, its
 runs at 100ms and 0ms alternating. Printed per speed (medians over the runs): diff rows
 a second, CPU of the whole process tree (the collector and its stamp relays) as % of a
-core, CPU µs per book update (the same input at both speeds) and per recorded message,
+core, CPU µs per book update (the same input at both speeds) and per recorded message
+(diff and depth20 rows),
 peak RSS of the tree, and on-disk bytes per diff row; then the ratio 0ms / 100ms.
 """
 from __future__ import annotations
@@ -30,14 +31,15 @@ sys.path.insert(0, str(ROOT / "bench"))
 from run import cpu_seconds, free_port, tree_kib, wait_port  # noqa: E402
 
 
-def diff_rows(root: Path, since_us: int, until_us: int) -> tuple[int, int]:
-    """(diff rows received in the window, bytes of every diff part file)."""
-    folder = root / "futures" / "diff_orderbooks"
+def rows_in(root: Path, kind: str, since_us: int, until_us: int) -> int:
     t = ds.field("received_time")
-    rows = ds.dataset(folder, format="parquet").count_rows(filter=(t >= since_us) & (t < until_us))
-    all_rows = ds.dataset(folder, format="parquet").count_rows()
+    return ds.dataset(root / "futures" / kind, format="parquet").count_rows(filter=(t >= since_us) & (t < until_us))
+
+
+def diff_bytes_per_row(root: Path) -> float:
+    folder = root / "futures" / "diff_orderbooks"
     size = sum(p.stat().st_size for p in folder.rglob("*.parquet"))
-    return rows, round(size / max(1, all_rows), 1)
+    return round(size / max(1, ds.dataset(folder, format="parquet").count_rows()), 1)
 
 
 def one_run(work: Path, port: int, symbols: list[str], speed: str, args: argparse.Namespace) -> dict:
@@ -77,13 +79,14 @@ listing_check = 0
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         log.close()
-    rows, bytes_per_row = diff_rows(data, t0, t1)
+    diffs, partials = (rows_in(data, kind, t0, t1) for kind in ("diff_orderbooks", "partial_orderbooks"))
     seconds = (t1 - t0) / 1e6
     updates = args.rate * len(symbols) * seconds
     cpu = c1 - c0
-    return {"rows/s": round(rows / seconds), "cpu %": round(100 * cpu / seconds, 1),
-            "µs/update": round(1e6 * cpu / updates, 1), "µs/message": round(1e6 * cpu / max(1, 2 * rows), 1),
-            "peak RSS MiB": round(rss / 1024), "part bytes/diff row": bytes_per_row}
+    return {"diff rows/s": round(diffs / seconds), "cpu %": round(100 * cpu / seconds, 1),
+            "µs/update": round(1e6 * cpu / updates, 1),
+            "µs/message": round(1e6 * cpu / max(1, diffs + partials), 1),  # diff and depth20 rows recorded
+            "peak RSS MiB": round(rss / 1024), "part bytes/diff row": diff_bytes_per_row(data)}
 
 
 def main() -> None:
