@@ -7,6 +7,22 @@
     .venv/bin/python bench/run.py --redundancy 1,2 --runs 3                 # ws_redundancy 1 against 2, runs alternating
     .venv/bin/python bench/run.py --universe 1500,550,50 --redundancy 2     # the real universe's shape, three markets
     .venv/bin/python bench/run.py --profiles 100ms,finest --runs 2          # the finest data against the 100 ms streams
+    .venv/bin/python bench/run.py --writes burst,each --cryptofeed          # both write patterns, cryptofeed beside
+
+`--writes burst,each` runs each write pattern of the simulator in turn: `burst`, a
+connection's frames of a 10 ms tick in one write (as the exchange pushes its 100 ms
+streams: several frames a socket read), and `each`, every frame its own write with 1 ms
+ticks (as every-event streams come: one frame a read, where a cost paid per read shows).
+Profiles, write patterns and `--redundancy` values combine; runs alternate.
+
+`--cryptofeed` also runs cryptofeed 2.4.1 (`bench/cryptofeed_reader.py`, in a virtual
+environment of its own that the first use makes and installs from PyPI) reading the same
+diff streams once, one connection a market, keeping its books, over the same window:
+`cryptofeed_us` is its CPU per book update, `vs_cryptofeed` the collector's CPU per
+recorded message over it.
+
+CPU and peak RSS are always the **whole process tree**: the collector plus every process it
+started (its stamp relays), each process's peak RSS summed.
 
 `--profiles 100ms,finest` alternates the default load with the finest data Binance
 publishes (simulator/load.py, profile `finest`): spot as SBE (`feed = sbe`: binary diffs
@@ -22,7 +38,9 @@ RSS the largest), the alternative when one interpreter cannot hold the load.
 
 Starts the simulator in load mode (its own process, both markets; simulator/load.py),
 runs collector.py as a subprocess against it and, over the same window, bench/floor.py
-(a bare websocket-client reader of the same streams that receives and discards). Each
+(bare websocket-client readers of the same copies, ws_redundancy connections a batch as the
+collector opens, that receive and discard; `floor_us` is their CPU a message, each message
+read as many times as the collector reads it). Each
 symbol has diff@100ms and depth20@100ms streams in both markets: 40 messages/s per
 symbol. Prints, per run and as medians: messages per second sent, recorded and read by
 the floor; CPU µs per message of the collector and of the floor, and their ratio; CPU
@@ -61,9 +79,29 @@ TICKS = os.sysconf("SC_CLK_TCK")
 from config import _COLLECTOR_DEFAULTS  # noqa: E402
 from handlers.ingest.websocket import combined_url  # noqa: E402
 from markets import MARKETS  # noqa: E402
+from simulator.load import WRITES  # noqa: E402
 
 MARKET_NAMES = ("spot", "futures", "delivery")
 WS_KINDS = ("diff_orderbooks", "partial_orderbooks")
+
+
+CRYPTOFEED = "2.4.1"
+CRYPTOFEED_VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / f"obc-bench/cryptofeed-{CRYPTOFEED}"
+
+
+def cryptofeed_python() -> Path:
+    """The interpreter of a virtual environment with cryptofeed (made, and cryptofeed
+    installed from PyPI, on first use: the comparison is one command)."""
+    python = CRYPTOFEED_VENV / "bin" / "python"
+    probe = [str(python), "-c", f"import cryptofeed, importlib.metadata as m; "
+                                f"assert m.version('cryptofeed') == '{CRYPTOFEED}'"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
+        return python
+    print(f"installing cryptofeed {CRYPTOFEED} into {CRYPTOFEED_VENV} (once)", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(CRYPTOFEED_VENV)], check=True)
+    subprocess.run([str(python), "-m", "pip", "install", "-q", f"cryptofeed=={CRYPTOFEED}"], check=True)
+    subprocess.run(probe, check=True)
+    return python
 
 
 def free_port() -> int:
@@ -207,6 +245,7 @@ def write_config(work: Path, ports: dict[str, int], plan: dict[str, list[str]], 
 
 
 FINEST = {"spot": "feed = sbe\n", "futures": "diff_speed = 0ms\n", "delivery": "diff_speed = 0ms\n"}
+CRYPTOFEED_WARMUP = 5.0  # s for cryptofeed to connect and sync its books before its window
 API_KEY = "bench-key"  # the simulator takes any key for its SBE streams
 
 
@@ -248,8 +287,10 @@ def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
         sim_args += ["--symbols", ",".join(symbols)]
     if args.profile == "finest":
         sim_args += ["--profile", "finest", "--feed", "sbe"]
+    sim_args += ["--writes", args.write_pattern]
     sim = subprocess.Popen([sys.executable, "-m", "simulator", *sim_args, "--stats", str(stats_file)],
                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    crypto = floor = None
     try:
         for port in ports.values():
             wait_port(port)
@@ -265,11 +306,18 @@ def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
                                          env={**os.environ, "BINANCE_API_KEY": API_KEY}))
         # start-up (exchangeInfo, connections, first snapshots) is not steady state; with --universe
         # the warm-up lasts at least until every connection is up, and how long that took is a figure
-        expected = sum(-(-len(plan[m]) // args.per_connection) for m in plan) * (args.ws_redundancy or 2)
+        copies = args.ws_redundancy or int(_COLLECTOR_DEFAULTS["ws_redundancy"])
+        expected = sum(-(-len(plan[m]) // args.per_connection) for m in plan) * copies
         startup_s = wait_connected(logs, expected, launched, args.warmup, 180.0 if args.universe else 0.0)
-        floor = None
+        if args.cryptofeed and args.profile != "finest" and not args.universe:
+            crypto = subprocess.Popen([str(args.cryptofeed_python), str(ROOT / "bench" / "cryptofeed_reader.py"),
+                                       str(args.seconds), str(CRYPTOFEED_WARMUP), str(ports["spot"]),
+                                       str(ports["futures"]), *symbols], stdout=subprocess.PIPE, text=True)
+            time.sleep(CRYPTOFEED_WARMUP)  # its window is then the collector's
         if floor_on:
-            floor = subprocess.Popen([sys.executable, str(ROOT / "bench" / "floor.py"), str(args.seconds), *urls],
+            # the same copies the collector reads: every batch's URL ws_redundancy times
+            floor = subprocess.Popen([sys.executable, str(ROOT / "bench" / "floor.py"), str(args.seconds),
+                                      *(urls * copies)],
                                      stdout=subprocess.PIPE, text=True, env={**os.environ, "BINANCE_API_KEY": API_KEY})
         cpu0, t0, wall0 = sum(cpu_seconds(c.pid) for c in cols), time.monotonic(), time.time_ns() // 1000
         sim0 = cpu_seconds(sim.pid)
@@ -288,7 +336,14 @@ def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
         floor_frames, floor_cpu = (0.0, 0.0)
         if floor is not None:
             floor_frames, floor_cpu = (float(x) for x in floor.communicate(timeout=60)[0].split())
+        crypto_updates, crypto_cpu = (0.0, 0.0)
+        if crypto is not None:
+            crypto_updates, crypto_cpu = (float(x) for x in crypto.communicate(timeout=60)[0].split())
     finally:
+        for helper in (crypto, floor):
+            if helper is not None and helper.poll() is None:
+                helper.kill()
+                helper.wait()
         sim.send_signal(signal.SIGTERM)
         sim.wait(30)
     elapsed = t1 - t0
@@ -320,9 +375,12 @@ def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
         for m, stats in sent.items():
             r[f"weight_max_{m}"] = max(stats.get("weight_by_minute", {}).values(), default=0)
     if floor_on:
-        floor_us = 1e6 * floor_cpu / max(1, floor_frames)
+        floor_us = 1e6 * floor_cpu / max(1, floor_frames / copies)  # a message read as often as the collector does
         r.update({"floor/s": floor_frames / args.seconds, "floor_us": floor_us,
                   "ratio": col_us / floor_us if floor_us else float("nan")})
+    if args.cryptofeed and crypto_updates:
+        r.update({"cryptofeed/s": crypto_updates / args.seconds, "cryptofeed_us": 1e6 * crypto_cpu / crypto_updates,
+                  "vs_cryptofeed": col_us / (1e6 * crypto_cpu / crypto_updates)})
     r["thread_us"] = cpu_by_group({k: v for t in threads0.values() for k, v in t.items()},
                                   {k: v for t in threads1.values() for k, v in t.items()}, offered * elapsed)
     r["queue_series"] = queues
@@ -425,29 +483,42 @@ def show(label: str, r: dict) -> None:
           + f"  thread_us={r['thread_us']}", flush=True)
 
 
-def run_profiles(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
-    """`--profiles`: each load in turn, alternating, then the medians and CPU per message against the first."""
-    profiles = args.profiles.split(",")
+def run_variants(args: argparse.Namespace, p: argparse.ArgumentParser) -> None:
+    """Every combination of `--profiles`, `--writes` and `--redundancy`, runs alternating
+    (so that a noisy minute does not favour one), then each one's medians and its CPU per
+    message against the first."""
+    profiles = (args.profiles or "100ms").split(",")
     if set(profiles) - {"100ms", "finest"}:
         p.error(f"--profiles {args.profiles}: each one 100ms or finest")
-    by_profile: dict[str, list[dict]] = {pr: [] for pr in profiles}
+    writes = args.writes.split(",")
+    if set(writes) - set(WRITES):
+        p.error(f"--writes {args.writes}: each one of {', '.join(WRITES)}")
+    redundancy = [int(x) for x in args.redundancy.split(",")] if args.redundancy else [None]
+    variants = [(pr, w, v) for pr in profiles for w in writes for v in redundancy]
+    results: dict = {v: [] for v in variants}
     for i in range(args.runs):
-        for pr in profiles:  # alternating, so that a noisy minute does not favour one of them
-            args.profile = pr
+        for v in variants:
+            args.profile, args.write_pattern, args.ws_redundancy = v
             r = one_run(args, args.symbols, floor_on=not args.no_floor)
-            by_profile[pr].append(r)
-            show(f"run {i + 1} {pr}", r)
-    medians = {pr: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k not in NOT_SCALAR}
-               for pr, rs in by_profile.items()}
-    print(f"{args.symbols} symbols per market, ws_redundancy {args.ws_redundancy or 2}, {args.seconds:.0f} s per "
-          f"run, {args.runs} run(s); medians (CPU and RSS: the collector and its stamp relays):")
-    for pr, med in medians.items():
-        print(f" {pr}:")
+            results[v].append(r)
+            show(f"run {i + 1} {label(v)}", r)
+    medians = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k not in NOT_SCALAR}
+               for v, rs in results.items()}
+    print(f"{args.symbols} symbols per market, {args.seconds:.0f} s per run, {args.runs} run(s); medians. "
+          "CPU and peak RSS are the whole process tree: the collector and every process it started "
+          "(its stamp relays), each process's peak summed")
+    for v, med in medians.items():
+        print(f" {label(v)}:")
         for k, value in med.items():
             print(f"  {k:16} {value:,.2f}")
-    for pr in profiles[1:]:
-        print(f"CPU per message, {pr} / {profiles[0]}: "
-              f"{medians[pr]['collector_us'] / medians[profiles[0]]['collector_us']:.2f}")
+    for v in variants[1:]:
+        print(f"CPU per message, {label(v)} / {label(variants[0])}: "
+              f"{medians[v]['collector_us'] / medians[variants[0]]['collector_us']:.2f}")
+
+
+def label(variant: tuple) -> str:
+    profile, writes, redundancy = variant
+    return f"{profile} writes={writes} ws_redundancy={redundancy or 'default'}"
 
 
 def main() -> None:
@@ -473,14 +544,22 @@ def main() -> None:
     p.add_argument("--process-per-market", action="store_true", help="one collector process per market")
     p.add_argument("--profiles", help="comma-separated loads run in turn: 100ms (the default streams) and finest "
                                       "(spot SBE 20/50 ms, USD-M every event); medians and CPU per message each")
+    p.add_argument("--writes", default="burst",
+                   help="comma-separated write patterns run in turn: burst (a connection's frames of a 10 ms tick "
+                        "in one write, as the exchange pushes its 100 ms streams) and each (every frame its own "
+                        "write, as every-event streams come: each read carries one frame)")
+    p.add_argument("--cryptofeed", action="store_true",
+                   help=f"also run cryptofeed {CRYPTOFEED} reading the same diff streams once (both markets; not "
+                        "with --profiles finest, which it cannot read), installed on first use into "
+                        f"{CRYPTOFEED_VENV}")
     p.add_argument("--collector", type=Path, default=ROOT,
                    help="folder of the collector.py to run (e.g. a worktree of an older commit, for a before/after)")
     args = p.parse_args()
     args.ws_redundancy = None
     args.profile = "100ms"
-    if args.profiles and not args.smoke:
-        run_profiles(args, p)
-        return
+    args.write_pattern = args.writes.split(",")[0]
+    if args.cryptofeed:
+        args.cryptofeed_python = cryptofeed_python()
     if args.smoke:  # `--profiles finest --smoke`: the finest load's smoke run
         args.symbols, args.seconds, args.warmup = 10, 5, 4
         args.profile = args.profiles or "100ms"
@@ -499,28 +578,7 @@ def main() -> None:
             last = r
         print(f"last sustained rate: {last['recorded/s']:,.0f} msgs/s" if last else "no step was sustained")
         return
-    variants = [int(x) for x in args.redundancy.split(",")] if args.redundancy else [None]
-    results: dict = {v: [] for v in variants}
-    for i in range(args.runs):
-        for v in variants:  # alternating, so that a noisy minute does not favour one of them
-            args.ws_redundancy = v
-            r = one_run(args, args.symbols, floor_on=not args.no_floor)
-            results[v].append(r)
-            show(f"run {i + 1}" + (f" ws_redundancy={v}" if v else ""), r)
-    print(f"load: {args.symbols} symbols per market (diff@100ms + depth20@100ms, {args.symbols * 40:,} msgs/s), "
-          f"{args.seconds:.0f} s per run, {args.runs} run(s); medians:")
-    medians = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0] if k not in NOT_SCALAR}
-               for v, rs in results.items()}
-    for v, med in medians.items():
-        if v:
-            print(f" ws_redundancy={v}:")
-        for k, value in med.items():
-            print(f"  {k:16} {value:,.2f}")
-    base = variants[0]
-    for v in variants[1:]:
-        print(f"CPU per message, ws_redundancy={v} / ws_redundancy={base}: "
-              f"{medians[v]['collector_us'] / medians[base]['collector_us']:.2f}")
-
+    run_variants(args, p)
 
 if __name__ == "__main__":
     main()

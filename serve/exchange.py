@@ -507,13 +507,27 @@ class ExchangeServer:
         }
         return web.json_response(info, headers=headers)
 
+    TICK_SIZE, STEP_SIZE = "0.01", "0.001"  # the simulator's books: prices in cents, sizes in thousandths
+
     def _symbol_info(self, s: str) -> dict:
+        """A symbol as exchangeInfo lists it, with the fields clients read (contract type,
+        margin asset, the price and size filters, precisions)."""
         status = "BREAK" if s in self.not_trading else self.status.get(s, "TRADING")
-        if self.coin_m:  # BTCUSD_PERP, ETHUSD_261225: quoted in USD
-            pair = s.split("_")[0]
-            return {"symbol": s, "pair": pair, "contractStatus": status, "baseAsset": pair[:-3], "quoteAsset": "USD"}
+        filters = [{"filterType": "PRICE_FILTER", "tickSize": self.TICK_SIZE, "minPrice": self.TICK_SIZE,
+                    "maxPrice": "10000000"},
+                   {"filterType": "LOT_SIZE", "stepSize": self.STEP_SIZE, "minQty": self.STEP_SIZE, "maxQty": "9000000"}]
+        precision = {"pricePrecision": 2, "quantityPrecision": 3, "baseAssetPrecision": 8, "quotePrecision": 8}
+        if self.coin_m:  # BTCUSD_PERP, ETHUSD_261225: quoted in USD, margined in the base asset
+            pair, _, expiry = s.partition("_")
+            return {"symbol": s, "pair": pair, "contractType": "PERPETUAL" if expiry == "PERP" else "CURRENT_QUARTER",
+                    "contractStatus": status, "baseAsset": pair[:-3], "quoteAsset": "USD", "marginAsset": pair[:-3],
+                    "filters": filters, **precision}
         quote = next((q for q in ("USDT", "USDC", "FDUSD", "BTC", "ETH", "EUR") if s.endswith(q)), s[-4:])
-        return {"symbol": s, "status": status, "baseAsset": s[:-len(quote)], "quoteAsset": quote}
+        info = {"symbol": s, "status": status, "baseAsset": s[:-len(quote)], "quoteAsset": quote, "filters": filters,
+                **precision}
+        if self.futures:
+            info.update(pair=s, contractType="PERPETUAL", marginAsset=quote)
+        return info
 
 
     async def ticker(self, request: web.Request) -> web.Response:

@@ -33,10 +33,10 @@ async def serve(args: argparse.Namespace) -> None:
         elif market in counts:  # generated names: S0000USDT, ... (COIN-M: S0000USD_PERP, ...)
             suffix = "USD_PERP" if market == "delivery" else "USDT"
             kw.update(symbols=[f"S{i:04d}{suffix}" for i in range(int(counts[market]))], load=args.load,
-                      load_profile=args.profile)
+                      load_profile=args.profile, load_writes=args.writes)
         else:
             kw.update(symbols=[s.strip().upper() for s in args.symbols.split(",") if s.strip()], load=args.load,
-                      load_profile=args.profile)
+                      load_profile=args.profile, load_writes=args.writes)
         sim = MarketSim(market, feed=args.feed, **kw)
         await sim.start(args.host, port)
         sims.append(sim)
@@ -72,6 +72,9 @@ def main() -> None:
     p.add_argument("--profile", default="flat", choices=["flat", "universe", "finest"],
                    help="load mode: every stream every 100 ms, shaped like the real exchange, or the finest "
                         "data (spot SBE 20/50 ms with --feed sbe, futures every event)")
+    p.add_argument("--writes", default="burst", choices=["burst", "each"],
+                   help="load mode: a connection's frames of a 10 ms tick in one write (as the exchange pushes "
+                        "its 100 ms streams), or every frame its own write, 1 ms ticks (as every-event streams)")
     p.add_argument("--feed", default="json", choices=["json", "sbe"],
                    help="spot: JSON streams, or SBE binary streams (an X-MBX-APIKEY header required)")
     p.add_argument("--symbols", default="BTCUSDT,ETHUSDT,BNBUSDT,SOLUSDT,XRPUSDT")

@@ -20,7 +20,12 @@ box. In load mode:
   the exchange (the first symbol near 1,000 events a second, the tail a few; in bursts:
   a 100 ms window is busy, at 5x its rate, one time in five, and quiet otherwise);
 - `E` is the millisecond of that write, and `sent_us[E]` its exact µs time, from which
-  the benchmark computes each diff's stamp delay (received_time - sent time).
+  the benchmark computes each diff's stamp delay (received_time - sent time);
+- `writes`: how frames reach a connection. `burst` (the default) as the exchange pushes its
+  100 ms streams: a connection's frames of a tick in one write, ticks 10 ms apart. `each`
+  as it pushes every-event streams: every frame its own write, ticks 1 ms apart (a
+  stream's frames spread over 100 ticks of its 100 ms, so writes to one connection rarely
+  meet), which makes every socket read carry one frame.
 
 The levels do not evolve as a book would (a rebuilt book is meaningless): this is for
 measuring the collector, never for testing what it records.
@@ -45,6 +50,7 @@ POOL = 8
 TICKS_PER_PERIOD = 10  # 10 ms ticks, every stream once per 100 ms
 TAIL_TICKS = 30  # profile `universe`: the long tail's diffs every 300 ms
 TOP_SYMBOLS = 100  # profile `universe`: the symbols whose diffs come every 100 ms
+WRITES = ("burst", "each")
 MAX_LAG = 0.1  # s behind the tick schedule past which missed ticks are skipped, not sent in a burst
 
 
@@ -54,10 +60,15 @@ def _levels(rng: random.Random, mid: int, n: int, side: int) -> bytes:
 
 
 class LoadEngine:
-    def __init__(self, sim: "MarketSim", profile: str = "flat"):
+    def __init__(self, sim: "MarketSim", profile: str = "flat", writes: str = "burst"):
+        if writes not in WRITES:
+            raise ValueError(f"writes {writes!r}: one of {', '.join(WRITES)}")
         self.sim = sim
         self.profile = profile
-        self.cycle = TAIL_TICKS if profile == "universe" else TICKS_PER_PERIOD
+        self.each = writes == "each"
+        self.scale = 10 if self.each else 1  # ticks of 1 ms instead of 10
+        self.tick_s = 0.01 / self.scale
+        self.cycle = (TAIL_TICKS if profile == "universe" else TICKS_PER_PERIOD) * self.scale
         self.rank = {s: i for i, s in enumerate(sim.symbols)}
         self.rng = random.Random(11)
         self.futures = sim.futures
@@ -128,14 +139,14 @@ class LoadEngine:
         tick, k = 0, 0
         next_tick = time.monotonic()
         while True:
-            next_tick += 0.01
+            next_tick += self.tick_s
             now = time.monotonic()
             if now - next_tick > MAX_LAG:
                 # Behind (e.g. the first emit of thousands of streams renders their pools):
                 # skip the missed ticks rather than send them all at once, a burst the
                 # exchange would not send. The bench's recorded/s then falls short of its
                 # offered/s, so skipping can never flatter a result.
-                self.skipped_ticks += int((now - next_tick) / 0.01)
+                self.skipped_ticks += int((now - next_tick) / self.tick_s)
                 next_tick = now
             await asyncio.sleep(max(0.0, next_tick - now))
             if self.sim.faults.paused:
@@ -147,13 +158,13 @@ class LoadEngine:
     def period(self, s: "Stream") -> int:
         """Ticks between two frames of the stream (0: every event, `finest` futures diffs)."""
         if self.profile == "universe" and s.kind == "diff" and self.rank.get(s.symbol, 0) >= TOP_SYMBOLS:
-            return TAIL_TICKS
+            return TAIL_TICKS * self.scale
         if self.profile == "finest":
             if self.sim.sbe:
-                return 2 if s.kind == "diff" else 5  # 20 ms and 50 ms
+                return (2 if s.kind == "diff" else 5) * self.scale  # 20 ms and 50 ms
             if s.kind == "diff":
                 return 0
-        return TICKS_PER_PERIOD
+        return TICKS_PER_PERIOD * self.scale
 
     def event_rate(self, symbol: str) -> float:
         """`finest` futures: events a second of the symbol ranked i (the first near 1,000)."""
@@ -207,13 +218,13 @@ class LoadEngine:
     def _every_event_frames(self, tick: int, now_ms: int, k: int) -> dict:
         """`finest` futures: this tick's events of each symbol, each its own frame and write:
         conn -> [frame, ...] (a write each)."""
-        if tick % TICKS_PER_PERIOD == 0:  # a new 100 ms window: busy (5x) one time in five, else quiet
+        if tick % (TICKS_PER_PERIOD * self.scale) == 0:  # a new 100 ms window: busy (5x) one time in five, else quiet
             self._busy = {s.symbol: 5.0 if self.rng.random() < 0.2 else 0.0 for s in self._every_event}
         writes: dict = {}
         for s in self._every_event:
             if not s.subscribers:
                 continue
-            expected = self.event_rate(s.symbol) * self._busy.get(s.symbol, 1.0) / 100
+            expected = self.event_rate(s.symbol) * self._busy.get(s.symbol, 1.0) * self.tick_s
             for _ in range(int(expected) + (self.rng.random() < expected % 1)):
                 payload = self._payload(s, now_ms, k)
                 wrapped = ws_frame(b'{"stream":"' + s.name.encode() + b'","data":' + payload + b"}")
@@ -222,8 +233,8 @@ class LoadEngine:
         return writes
 
     def emit(self, tick: int, k: int) -> None:
-        """This tick's slice of the streams: one write per connection (and, `finest`
-        futures, one write per event)."""
+        """This tick's slice of the streams: one write per connection (`each`: one write per
+        frame; and, `finest` futures, one write per event)."""
         now_ms = int(time.time() * 1000)
         out: dict = {}
         first = now_ms not in self.sent_us
@@ -257,7 +268,10 @@ class LoadEngine:
             if conn.transport is not None and not conn.transport.is_closing():
                 start = time.time_ns() // 1000
                 frames = out.get(conn, [])
-                if frames:
+                if self.each:
+                    for frame in frames:
+                        conn.transport.write(frame)
+                elif frames:
                     conn.transport.write(b"".join(frames))
                 for frame in each.get(conn, ()):  # every event its own write, as the exchange sends them
                     conn.transport.write(frame)

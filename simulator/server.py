@@ -49,7 +49,7 @@ class MarketSim(ExchangeServer):
                  pong_timeout: float | None = None, not_trading: tuple[str, ...] = (),
                  capture: Capture | None = None, replay_speed: float = 1.0, weight_limit: int | None = None,
                  load: bool = False, ssl_context=None, load_profile: str = "flat", clock_skew_ms: float = 0.0,
-                 feed: str = "json"):
+                 feed: str = "json", load_writes: str = "burst"):
         if capture is not None:
             symbols = capture.symbols
         super().__init__(market, symbols or ["BTCUSDT", "ETHUSDT"], seed, record, ping_interval, pong_timeout,
@@ -60,7 +60,7 @@ class MarketSim(ExchangeServer):
         self.ids = IdSource(self.futures, self.rng)
         self.books = {} if capture or load else {s: Book.create(s, self.ids, self.rng, self.futures)
                                                  for s in self.symbols}
-        self.load = LoadEngine(self, load_profile) if load else None  # benchmark traffic (simulator/load.py)
+        self.load = LoadEngine(self, load_profile, load_writes) if load else None  # benchmark traffic (simulator/load.py)
         self.updates_per_s = updates_per_s
         self.replay_speed = replay_speed
         self.emitted: list[tuple[str, int, int, float]] = []  # every diff event: (symbol, U, u, t)
