@@ -18,7 +18,7 @@ Profiles, write patterns and `--redundancy` values combine; runs alternate.
 `--cryptofeed` also runs cryptofeed 2.4.1 (`bench/cryptofeed_reader.py`, in a virtual
 environment of its own that the first use makes and installs from PyPI) reading the same
 diff streams once, one connection a market, keeping its books, over the same window:
-`cryptofeed_us` is its CPU per book update, `vs_cryptofeed` the collector's CPU per
+`cryptofeed_us` is its CPU per message it handled, `vs_cryptofeed` the collector's CPU per
 recorded message over it.
 
 CPU and peak RSS are always the **whole process tree**: the collector plus every process it

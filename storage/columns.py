@@ -6,7 +6,14 @@ They are converted for many rows at once, one string->double cast per side. A ba
 fails the bulk conversion is checked row by row so that only the malformed rows are
 dropped (never a row), and reported.
 
-The fast path (`raw_levels`) never makes a Python object per level: it takes each side's
+Spot's SBE streams send levels as integer mantissas with an exponent a message. Their text
+is `decimal_text` (exact); the fast path (`packed_levels`) converts many rows' packed
+mantissas at once, to the same doubles: a mantissa of at most 2^53 and a power of ten up
+to 10^22 are exact doubles, and one IEEE division (or product) of the two rounds the exact
+quotient to the nearest double, as parsing its decimal text does (tests/test_fastpath.py).
+Anything beyond those bounds goes the text way.
+
+The JSON fast path (`raw_levels`) never makes a Python object per level: it takes each side's
 JSON text as msgspec left it (`msgspec.Raw`), proves in bulk that every row is a list of
 ["price", "qty"] string pairs, cuts the numbers out by their quotes (numpy) and lets
 Arrow convert them, outside the GIL. The check: delete the characters a decimal number
@@ -52,6 +59,48 @@ class _Skeletons(dict):
 _SKELETONS = _Skeletons()
 _PAIRS = pa.list_(pa.list_(pa.string()))
 _PAIR_LENGTHS = {"min": 2, "max": 2}
+
+
+def decimal_text(mantissa: int, exponent: int) -> str:
+    """mantissa x 10^exponent, exactly, as decimal text ("123.45" for 12345, -2)."""
+    if exponent >= 0:
+        return str(mantissa * 10 ** exponent)
+    digits = str(abs(mantissa)).rjust(1 - exponent, "0")
+    return ("-" if mantissa < 0 else "") + digits[:exponent] + "." + digits[exponent:]
+
+
+_LEVEL_BYTES = 16  # a packed level: price and qty mantissas, int64 little endian
+_EXACT_MANTISSA = 2 ** 53
+_POW10 = np.array([float(10 ** k) for k in range(23)])  # every one an exact double
+
+
+def packed_levels(raws: list[bytes], exponents: list[int], column: int) -> pa.Array:
+    """Column `column` (0 price, 1 qty) of one side of many rows, each row its levels as
+    packed mantissas and `exponents[i]` its exponent -> list<double>. ValueError when a
+    value is beyond the exact bounds (the caller then goes the text way)."""
+    counts = np.fromiter(map(len, raws), np.int64, len(raws))
+    if (counts % _LEVEL_BYTES).any():
+        raise ValueError("a packed side is not whole levels")
+    counts //= _LEVEL_BYTES
+    offsets = np.zeros(len(raws) + 1, np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    mantissas = np.frombuffer(b"".join(raws), "<i8").reshape(-1, 2)[:, column]
+    if len(mantissas) and ((mantissas > _EXACT_MANTISSA) | (mantissas < -_EXACT_MANTISSA)).any():
+        raise ValueError("a mantissa beyond 2^53")
+    powers = np.repeat(np.asarray(exponents, np.int64), counts)
+    if len(powers) and (np.abs(powers) > 22).any():
+        raise ValueError("an exponent beyond 10^22")
+    values = mantissas.astype(np.float64)
+    scale = _POW10[np.abs(powers)]
+    values = np.where(powers < 0, values / scale, values * scale)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.float64()))
+
+
+def unpacked_levels(raw: bytes, price_exponent: int, qty_exponent: int) -> list[list[str]]:
+    """A packed side as the text levels `levels_to_arrow` takes (the exact way, for values
+    beyond `packed_levels`' bounds)."""
+    return [[decimal_text(p, price_exponent), decimal_text(q, qty_exponent)]
+            for p, q in np.frombuffer(raw, "<i8").reshape(-1, 2).tolist()]
 
 
 def levels_to_arrow(rows: list) -> tuple[pa.Array, pa.Array]:
@@ -142,12 +191,14 @@ def levels_ok(levels: Any) -> bool:
 class DepthColumns:
     """Rows of diff_orderbooks or partial_orderbooks (schema DEPTH).
 
-    Two ways in, one table out, rows kept in arrival order:
+    Three ways in, one table out, rows kept in arrival order:
     - `append_raw`: the fast path. Each side's levels are the JSON text msgspec found
       (`msgspec.Raw`, which points into the frame's bytes: nothing is copied); they are
       checked and converted in bulk by `raw_levels`.
     - `append`: levels as orjson made them, checked row by row only if the bulk
       conversion fails (the general path: recovery, frames msgspec refused).
+    - `append_packed`: SBE's levels, packed mantissas and the message's exponents,
+      converted in bulk by `packed_levels`.
     Whichever buffer is open is turned into an Arrow chunk when the other one is used,
     and when it holds `RAW_LIMIT` bytes of level text: memory stays bounded at any rate.
     """
@@ -162,6 +213,14 @@ class DepthColumns:
         self.dropped: list[tuple] = []
         self._clear_rows()
         self._clear_raw()
+        self._clear_packed()
+
+    def _clear_packed(self) -> None:
+        self.packed_rows: list[tuple] = []
+        self.packed_bids: list[bytes] = []
+        self.packed_asks: list[bytes] = []
+        self.packed_exps: list[tuple[int, int]] = []  # (price, qty) exponents of each row
+        self.packed_bytes = 0
 
     def _clear_rows(self) -> None:
         self.rows: list[tuple] = []        # the seven scalars of each row
@@ -175,12 +234,14 @@ class DepthColumns:
         self.raw_bytes = 0
 
     def __len__(self) -> int:
-        return len(self.rows) + len(self.raw_rows) + self.chunk_rows
+        return len(self.rows) + len(self.raw_rows) + len(self.packed_rows) + self.chunk_rows
 
     def append(self, received: int, event: int | None, symbol: str, first: int | None, final: int, prev: int | None,
                ttime: int | None, bids: Any, asks: Any) -> None:
         if self.raw_rows:
             self._raw_to_chunk()
+        if self.packed_rows:
+            self._packed_to_chunk()
         self.rows.append((received, event, symbol, first, final, prev, ttime))
         self.rbids.append(bids)
         self.rasks.append(asks)
@@ -190,6 +251,8 @@ class DepthColumns:
         """`bids`, `asks`: the JSON text of each side's level list (bytes or msgspec.Raw)."""
         if self.rows:
             self._rows_to_chunk()
+        if self.packed_rows:
+            self._packed_to_chunk()
         self.raw_rows.append((received, event, symbol, first, final, prev, ttime))
         self.raw_bids.append(bids)
         self.raw_asks.append(asks)
@@ -202,6 +265,8 @@ class DepthColumns:
         `rows` of the seven scalars, `nbytes` the length of their level text."""
         if self.rows:
             self._rows_to_chunk()
+        if self.packed_rows:
+            self._packed_to_chunk()
         self.raw_rows += rows
         self.raw_bids += bids
         self.raw_asks += asks
@@ -209,11 +274,42 @@ class DepthColumns:
         if self.raw_bytes > self.RAW_LIMIT:
             self._raw_to_chunk()
 
+    def append_packed(self, received: int, event: int | None, symbol: str, first: int | None, final: int,
+                      prev: int | None, ttime: int | None, bids: bytes, asks: bytes, price_exponent: int,
+                      qty_exponent: int) -> None:
+        """`bids`, `asks`: each side's levels as packed mantissas (`packed_levels`)."""
+        if self.rows:
+            self._rows_to_chunk()
+        if self.raw_rows:
+            self._raw_to_chunk()
+        self.packed_rows.append((received, event, symbol, first, final, prev, ttime))
+        self.packed_bids.append(bids)
+        self.packed_asks.append(asks)
+        self.packed_exps.append((price_exponent, qty_exponent))
+        self.packed_bytes += len(bids) + len(asks)
+        if self.packed_bytes > self.RAW_LIMIT:
+            self._packed_to_chunk()
+
+    def _packed_to_chunk(self) -> None:
+        rows, bids, asks, exps = self.packed_rows, self.packed_bids, self.packed_asks, self.packed_exps
+        self._clear_packed()
+        p_exps, q_exps = [e[0] for e in exps], [e[1] for e in exps]
+        try:
+            levels = [packed_levels(bids, p_exps, 0), packed_levels(bids, q_exps, 1),
+                      packed_levels(asks, p_exps, 0), packed_levels(asks, q_exps, 1)]
+        except ValueError:  # beyond the exact bounds somewhere: the text way, row by row
+            self._rows_to_chunk(rows, [unpacked_levels(b, *e) for b, e in zip(bids, exps, strict=True)],
+                                [unpacked_levels(a, *e) for a, e in zip(asks, exps, strict=True)])
+            return
+        self._add_chunk(rows, levels)
+
     def take(self) -> tuple[pa.Table, list[tuple]]:
         """Return (table, dropped) and empty the buffer; dropped lists the scalar
         values of rows whose levels were malformed."""
         if self.rows:
             self._rows_to_chunk()
+        if self.packed_rows:
+            self._packed_to_chunk()
         if self.raw_rows or not self.chunks:
             self._raw_to_chunk()
         chunks, dropped = self.chunks, self.dropped

@@ -10,6 +10,7 @@ from __future__ import annotations
 import queue
 import time
 
+import numpy as np
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -20,6 +21,7 @@ from handlers.ingest.inbox import WS
 from handlers.process import wire
 from handlers.process.processor import DIFF, MAX_FRAME_BYTES, PARTIAL, FrameProcessor
 from markets import MARKETS
+from storage.columns import DepthColumns, decimal_text
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT")
 
@@ -181,3 +183,49 @@ def test_copies_from_another_connection_are_not_journaled(market):
     assert len(tables[DIFF]) == 2 and len(tables[PARTIAL]) == 1
     assert counts[1] == 3  # three duplicates, left out of the journal: the second read journals nothing
     assert journaled == [[raw for _, raw in one], []]
+
+
+# -- SBE levels: packed mantissas converted in bulk against their exact decimal text ------
+
+_MANTISSA = st.one_of(st.integers(-(2 ** 53), 2 ** 53), st.integers(-(2 ** 63), 2 ** 63 - 1),
+                      st.sampled_from([0, 1, -1, 2 ** 53, 2 ** 53 + 1, 10 ** 18, 123456789012345]))
+_SIDE = st.lists(st.tuples(_MANTISSA, _MANTISSA), max_size=6)
+_ROW = st.tuples(_SIDE, _SIDE, st.integers(-25, 25), st.integers(-25, 25))
+
+
+def _packed(levels: list[tuple[int, int]]) -> bytes:
+    return b"".join(p.to_bytes(8, "little", signed=True) + q.to_bytes(8, "little", signed=True) for p, q in levels)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(_ROW, min_size=1, max_size=12))
+def test_packed_sbe_levels_convert_to_the_doubles_of_their_decimal_text(rows):
+    """`DepthColumns.append_packed` (numpy, many rows at once, exact bounds checked, the
+    text way beyond them) gives the table that the levels' exact decimal text gives
+    through `append` (Arrow's string -> double cast), bit for bit."""
+    fast, plain = DepthColumns(DIFF), DepthColumns(DIFF)
+    for i, (bids, asks, pe, qe) in enumerate(rows):
+        scalars = (1_700_000_000_000_000 + i, 1_700_000_000_000_000, "BTCUSDT", i, i, None, None)
+        fast.append_packed(*scalars, _packed(bids), _packed(asks), pe, qe)
+        plain.append(*scalars, [[decimal_text(p, pe), decimal_text(q, qe)] for p, q in bids],
+                     [[decimal_text(p, pe), decimal_text(q, qe)] for p, q in asks])
+    (got, got_dropped), (want, want_dropped) = fast.take(), plain.take()
+    assert got_dropped == want_dropped == []
+    assert got.equals(want)
+    for name in ("bid_prices", "bid_sizes", "ask_prices", "ask_sizes"):  # bit for bit (equals() takes -0.0 == 0.0)
+        a, b = got.column(name).combine_chunks().flatten(), want.column(name).combine_chunks().flatten()
+        assert np.array_equal(a.to_numpy().view(np.int64), b.to_numpy().view(np.int64))
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(st.lists(st.tuples(st.integers(-(2 ** 53), 2 ** 53), st.integers(0, 2 ** 53)), max_size=6),
+                               st.integers(-22, 22)), min_size=1, max_size=12))
+def test_within_the_exact_bounds_the_bulk_way_is_taken_and_exact(rows):
+    from storage.columns import levels_to_arrow, packed_levels
+    prices, sizes = (packed_levels([_packed(levels) for levels, _ in rows], [e for _, e in rows], column)
+                     for column in (0, 1))  # would raise if the text way were needed
+    want_p, want_s = levels_to_arrow([[[decimal_text(p, e), decimal_text(q, e)] for p, q in levels]
+                                      for levels, e in rows])
+    for got, want in ((prices, want_p), (sizes, want_s)):
+        assert got.offsets.equals(want.offsets)
+        assert np.array_equal(got.flatten().to_numpy().view(np.int64), want.flatten().to_numpy().view(np.int64))

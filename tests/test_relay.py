@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import socket
 import threading
 import time
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from handlers.ingest import stamped
-from handlers.ingest.relay import HOLD_LIMIT, StampRelay
+from handlers.ingest.relay import FORWARD_AFTER, FORWARD_BYTES, HOLD_LIMIT, StampRelay
 from service.supervisor import Supervisor
 
 pytestmark = pytest.mark.skipif(not stamped.StampedSocket(socket.socket()).kernel,
@@ -87,6 +88,46 @@ def test_bytes_keep_their_arrival_time_while_the_reader_is_late(relay, relayed):
     else:  # the reader's own late read: A takes B's arrival time (what the relay is for)
         assert reads == [(b"a" * 100 + b"b" * 100, reads[0][1])]
         assert b_sent[0] <= reads[0][1] <= b_sent[1]
+
+
+def test_many_writes_each_keep_their_own_stamp_whatever_the_relay_batches(relay):
+    """Writes of random sizes at random pauses (some shorter than the relay's forwarding
+    delay, some longer, a burst past FORWARD_BYTES): the reader gets every byte in order,
+    each read stamped with the arrival of its newest bytes, whatever the relay forwarded
+    together."""
+    rng = random.Random(7)
+    sizes = [rng.choice((1, 40, 300, 1500, 9000)) for _ in range(120)] + [3 * FORWARD_BYTES]
+    server = Server()
+    sock = stamped.connect(server.url, timeout=5, relay=relay)
+    sent = []
+    try:
+        for i, size in enumerate(sizes):
+            data = bytes([i % 251]) * size
+            sent.append((data, *server.send(data)))
+            time.sleep(rng.choice((0.0005, 0.002, FORWARD_AFTER * 1.5)))
+        reads = read_exactly(sock, sum(sizes))
+        read_at = stamped.wall_us()
+    finally:
+        sock.close()
+        server.close()
+    assert b"".join(data for data, _ in reads) == b"".join(data for data, _, _ in sent)
+    pos, stamps_by_byte = 0, []  # (first byte, end, stamp) of each read
+    for data, stamp in reads:
+        stamps_by_byte.append((pos, pos + len(data), stamp))
+        pos += len(data)
+    assert [stamp for _, _, stamp in stamps_by_byte] == sorted(stamp for _, _, stamp in stamps_by_byte)
+    # A read's stamp is the arrival of the newest bytes it holds, those of the write of its
+    # last byte: never before that write began (TCP may deliver a write after the call
+    # returned, so its end is no bound), never after the test read it
+    ends, start = [], 0
+    for data, before, _ in sent:
+        start += len(data)
+        ends.append((start, before))
+    for lo, hi, stamp in stamps_by_byte:
+        own = next(i for i, (end, _) in enumerate(ends) if end >= hi)  # the write of the read's last byte
+        assert ends[own][1] <= stamp <= read_at, (lo, hi, stamp, ends[own])
+    # records forwarded together keep their own stamps (121 writes over more than a second)
+    assert len({stamp for _, _, stamp in stamps_by_byte}) > len(sizes) // 2
 
 
 def test_a_reader_that_stops_reading_holds_the_sender_back_and_loses_nothing(relay):

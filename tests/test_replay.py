@@ -286,6 +286,45 @@ def test_binance_connector_builds_the_recorded_book(recorded, tmp_path):
     assert max(mine) == max(rebuilt)  # to the day's last update
 
 
+def test_spot_times_come_in_the_unit_each_client_asked_for(recorded, tmp_path):
+    """Spot JSON clients get the recorded times in ms, as Binance sends them unless asked;
+    one that asks `timeUnit=MICROSECOND` gets them in µs: both the recorded event_time."""
+    import websocket
+
+    day = day_of_recording(recorded)
+    rp = ReplayProcess(tmp_path, recorded, day, "--speed", "0", "--start-delay", "2", markets=("spot", "futures"))
+    ws_url, _ = rp.urls["spot"]
+    got: dict[bool, list[dict]] = {False: [], True: []}
+
+    def read(micro: bool) -> None:
+        ws = websocket.create_connection(f"{ws_url}/stream?streams=btcusdt@depth@100ms"
+                                         + ("&timeUnit=MICROSECOND" if micro else ""), timeout=20)
+        try:
+            while True:
+                got[micro].append(json.loads(ws.recv())["data"])
+        except (websocket.WebSocketException, OSError):
+            return  # the replay ended the connection, or went quiet: done
+        finally:
+            ws.close()
+
+    readers = [threading.Thread(target=read, args=(micro,), daemon=True) for micro in (False, True)]
+    try:
+        for t in readers:
+            t.start()
+        rp.wait_for_log("done:", timeout=120)
+    finally:
+        rp.stop()
+        rp.kill()
+    for t in readers:
+        t.join(30)
+    recorded_us = {r["final_update_id"]: r["event_time"]
+                   for r in load(recorded, "spot", "diff_orderbooks", symbol="BTCUSDT").to_pylist()}
+    assert len(got[False]) == len(got[True]) == len(recorded_us) > 20
+    assert all(m["E"] == recorded_us[m["u"]] // 1000 for m in got[False])
+    assert all(m["E"] == recorded_us[m["u"]] for m in got[True])
+    assert any(t % 1000 for t in recorded_us.values())  # the µs digits are really there
+
+
 def test_a_long_day_is_merged_in_order_a_few_runs_at_a_time(recorded, tmp_path, monkeypatch):
     """Tiny runs (hundreds of them, merged 3 at a time, then at most 3 kinds x 1 run
     each... ) give every row once, in time order, and hold only a row group per run."""

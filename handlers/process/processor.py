@@ -415,7 +415,7 @@ class FrameProcessor(PipelineThread):
         judged as a JSON frame is (continuity, duplicates); one that does not decode is
         malformed, never a row."""
         try:
-            template, row = sbe.decode(raw)
+            template, row, exponents = sbe.decode_packed(raw)
         except sbe.SbeError as e:
             self._malformed(f"SBE frame ({e})", raw)
             return
@@ -428,7 +428,12 @@ class FrameProcessor(PipelineThread):
         self.stats.last_frame_us = received_us
         self.stats.frames[kind] += 1
         if self._accept(kind, received_us, symbol, row, conn):
-            self.bufs[kind].append(received_us, *row)
+            if exponents is None:
+                self.bufs[kind].append(received_us, *row)
+            else:
+                event, symbol, first, final, prev, ttime, bids, asks = row
+                self.bufs[kind].append_packed(received_us, event, symbol, first, final, prev, ttime, bids, asks,
+                                              *exponents)
 
     def _accept(self, kind: str, received_us: int, symbol: str, row: tuple, conn: int) -> bool:
         """Continuity and duplicates; False for a duplicate (the same diff is written once)."""

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import struct
 
+from storage.columns import decimal_text  # noqa: F401  (the rule's home; tests and callers use it from here too)
+
 SCHEMA_ID = 1
 DIFF, PARTIAL = 10003, 10002  # templateId of each message
 _HEADER = struct.Struct("<HHHH")
@@ -39,18 +41,9 @@ class SbeError(ValueError):
     """A frame this decoder cannot read; never a row."""
 
 
-def decimal_text(mantissa: int, exponent: int) -> str:
-    """mantissa x 10^exponent, exactly, as decimal text ("123.45" for 12345, -2)."""
-    if exponent >= 0:
-        return str(mantissa * 10 ** exponent)
-    digits = str(abs(mantissa)).rjust(1 - exponent, "0")
-    return ("-" if mantissa < 0 else "") + digits[:exponent] + "." + digits[exponent:]
-
-
-def decode(frame: bytes) -> tuple[int, tuple]:
-    """(templateId, row): row is (event_time µs, symbol, first_update_id, final_update_id,
-    None, None, bids, asks), each side [[price text, qty text], ...]; a partial frame's
-    first_update_id is None and its final_update_id the book update id."""
+def _parse(frame: bytes) -> tuple[int, int, int | None, int, int, int, list[tuple[int, int, int]], str]:
+    """(template, event µs, first id or None, final id, price exponent, qty exponent,
+    [(entry size, count, offset) of the bids, of the asks], symbol)."""
     try:
         block, template, schema, _version = _HEADER.unpack_from(frame, 0)
         if schema != SCHEMA_ID:
@@ -64,22 +57,42 @@ def decode(frame: bytes) -> tuple[int, tuple]:
         else:
             raise SbeError(f"template {template} with a root of {block} bytes")
         pos += block
-        sides = []
+        groups = []
         for _ in range(2):
             size, n = _GROUP.unpack_from(frame, pos)
             pos += _GROUP.size
             if size < _LEVEL.size or pos + size * n > len(frame):
                 raise SbeError("a level group runs past the frame")
-            levels = []
-            for _ in range(n):
-                price, qty = _LEVEL.unpack_from(frame, pos)
-                levels.append([decimal_text(price, p_exp), decimal_text(qty, q_exp)])
-                pos += size
-            sides.append(levels)
+            groups.append((size, n, pos))
+            pos += size * n
         length = frame[pos]
         symbol = frame[pos + 1:pos + 1 + length]
         if len(symbol) != length:
             raise SbeError("the symbol runs past the frame")
-        return template, (event, symbol.decode(), first, final, None, None, sides[0], sides[1])
+        return template, event, first, final, p_exp, q_exp, groups, symbol.decode()
     except (struct.error, IndexError, UnicodeDecodeError) as e:
         raise SbeError(f"cut short or not SBE: {e}") from None
+
+
+def decode(frame: bytes) -> tuple[int, tuple]:
+    """(templateId, row): row is (event_time µs, symbol, first_update_id, final_update_id,
+    None, None, bids, asks), each side [[price text, qty text], ...]; a partial frame's
+    first_update_id is None and its final_update_id the book update id."""
+    template, event, first, final, p_exp, q_exp, groups, symbol = _parse(frame)
+    sides = [[[decimal_text(price, p_exp), decimal_text(qty, q_exp)]
+              for price, qty in (_LEVEL.unpack_from(frame, start + k * size) for k in range(n))]
+             for size, n, start in groups]
+    return template, (event, symbol, first, final, None, None, sides[0], sides[1])
+
+
+def decode_packed(frame: bytes) -> tuple[int, tuple, tuple[int, int] | None]:
+    """As `decode`, without making a Python object per level: (templateId, row, exponents).
+    When every level is just (price, qty), 16 bytes (as schema 1 has them), each side of
+    the row is those bytes as they stand in the frame, and `exponents` (price, qty):
+    `storage.columns.DepthColumns.append_packed` converts them, many rows at once. When a
+    newer schema adds fields to a level, the row is `decode`'s and `exponents` None."""
+    template, event, first, final, p_exp, q_exp, groups, symbol = _parse(frame)
+    if groups[0][0] != _LEVEL.size or groups[1][0] != _LEVEL.size:
+        return decode(frame) + (None,)
+    (_, nb, b), (_, na, a) = groups
+    return template, (event, symbol, first, final, None, None, frame[b:b + 16 * nb], frame[a:a + 16 * na]), (p_exp, q_exp)
