@@ -330,6 +330,7 @@ def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
         sim1 = cpu_seconds(sim.pid)
         threads1 = {c.pid: thread_cpu(c.pid) for c in cols}
         peaks = [tree_kib(c.pid) for c in cols]  # each collector with its stamp relays
+        own_peaks = [peak_rss_kib(c.pid) for c in cols]  # the collector process alone
         for c in cols:
             c.send_signal(signal.SIGTERM)
         rc = max(c.wait(120) for c in cols)
@@ -359,7 +360,7 @@ def one_run(args: argparse.Namespace, n_symbols: int, floor_on: bool) -> dict:
     col_us = 1e6 * (cpu1 - cpu0) / max(1, offered * elapsed)
     r = {"offered/s": offered, "recorded/s": recorded / elapsed, "collector_us": col_us,
          "collector_cpu_%": 100 * (cpu1 - cpu0) / elapsed, "simulator_cpu_%": 100 * (sim1 - sim0) / elapsed,
-         "peak_rss_MiB": max(peaks) / 1024,
+         "peak_rss_MiB": max(peaks) / 1024, "collector_rss_MiB": max(own_peaks) / 1024,
          "max_queue": max(queues or [0]), "last_queue": max(queues[-2 * len(cols):] or [0]),
          **delays, "lost_diffs": lost,
          "disk_B/msg": disk, "zstd19_B/msg": raw, "exit": rc,
