@@ -178,7 +178,52 @@ def verify(data_dir: Path, market: str, day: str | None = None, max_offset_ms: f
             r["problems"].append(f"{r['negative']} books with a negative size")
         report["symbols"][symbol] = r
         report["problems"] += [f"{symbol}: {x}" for x in r["problems"]]
+    if day is not None:
+        quality_check(data_dir, market, day, report)
     return report
+
+
+# what the quality record says that the data files can be asked again (the verify_* and
+# delivery columns are not recomputed from the files)
+RECOMPUTED = ("recorded_seconds", "covered_seconds", "coverage", "diffs", "partials", "snapshots", "gaps_sequence",
+              "gaps_reconnect", "gaps_other", "restarts", "missing_update_ids", "clock_max_abs_offset_us",
+              "clock_unsynced_seconds", "first_received_time", "last_received_time")
+
+
+def quality_check(data_dir: Path, market: str, day: str, report: dict) -> None:
+    """The day's quality record (storage/quality.py), in the report, and checked against the
+    day files: recomputed from them, every figure must be the same. A record that
+    disagrees (a data file changed, or the record) is a problem; a compacted day without
+    one is a warning."""
+    from storage.quality import day_quality, read_quality
+
+    market_dir = data_dir / market
+    record = read_quality(market_dir, day)
+    compacted = (market_dir / "diff_orderbooks" / f"{day}.parquet").exists()
+    if record is None:
+        if compacted:
+            report["warnings"].append(f"no quality record for {day} (it is written when a day is compacted)")
+        return
+    report["quality"] = record
+    if not compacted:
+        report["problems"].append(f"a quality record for {day} but no compacted day files")
+        return
+    again = {r["symbol"]: r for r in day_quality(market_dir, day, MARKETS[market].chains_by_pu).to_pylist()}
+    recorded = {r["symbol"]: r for r in record}
+    for symbol in sorted(set(again) | set(recorded)):
+        a, b = recorded.get(symbol), again.get(symbol)
+        if a is None or b is None:
+            report["problems"].append(f"{symbol}: in the {'data' if a is None else 'quality record'} only")
+            continue
+        wrong = [f"{k} {a[k]} in the record, {b[k]} in the data" for k in RECOMPUTED if not _same(a[k], b[k])]
+        if wrong:
+            report["problems"].append(f"{symbol}: the quality record disagrees with the data: " + "; ".join(wrong))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
+    return bool(a == b)
 
 
 def render(report: dict) -> str:
@@ -200,6 +245,14 @@ def render(report: dict) -> str:
                      f"duplicates={r['duplicates']} out_of_order={r['out_of_order']} holes={len(r['coverage_holes'])} "
                      f"rebuilt-vs-snapshot: {snap}; partial frames: {part}; crossed={r['crossed']} "
                      f"negative={r['negative']}")
+    q = report.get("quality")
+    if q:
+        worst = sorted(q, key=lambda r: (r["coverage"] if r["coverage"] is not None else 2.0, r["symbol"]))
+        whole = sum(1 for r in q if r["coverage"] == 1.0)
+        lines.append(f"  quality: {len(q)} symbols, {whole} whole (coverage 1); lowest: " + ", ".join(
+            f"{r['symbol']} {r['coverage']:.6f} ({r['recorded_seconds'] - r['covered_seconds']:.1f} s uncovered)"
+            for r in worst[:5] if r["coverage"] is not None and r["coverage"] < 1.0) if whole < len(q) else
+            f"  quality: {len(q)} symbols, every one whole (coverage 1)")
     lines += [f"  WARNING {x}" for x in report.get("warnings", [])]
     lines += [f"  PROBLEM {x}" for x in report["problems"]] or ["  no problems found"]
     return "\n".join(lines)

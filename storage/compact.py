@@ -42,10 +42,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from markets import KINDS
+from markets import KINDS, MARKETS
 from service.helpers import spawn
 from service.threads import RESTART, PipelineThread, name_os_thread
 from storage.files import day_of, fsync_dir, parquet_options, publish, temp_name
+from storage.quality import QUALITY_KIND, write_day_quality
 from storage.schemas import SORT_KEYS, exchange_times_in_us
 
 log = logging.getLogger("storage.compact")  # also when run as `python -m storage.compact`
@@ -362,6 +363,7 @@ def compact_all(root: Path, compression_level: int, now_us: int, grace_us: int =
     """Compact every finished day under data_dir (every market and kind); returns days done.
     A day that fails is logged and the others are done; then CompactionFailed names it."""
     done, failed = 0, []
+    touched: dict[tuple[Path, str], None] = {}
     for kind_dir, day, kind in due_days(root, now_us, grace_us):
         try:
             compact_day(kind_dir, day, kind, compression_level, memory_budget)
@@ -372,7 +374,18 @@ def compact_all(root: Path, compression_level: int, now_us: int, grace_us: int =
             log.error("compaction of %s/%s failed; its parts stay as they are", kind_dir, day, exc_info=True)
             failed.append(f"{kind_dir.parent.name}/{kind_dir.name}/{day}")
             continue
+        touched[(kind_dir.parent, day)] = None
         done += 1
+    for market_dir, day in touched:
+        market = MARKETS.get(market_dir.name)
+        if market is None or any(parts_of(market_dir / kind, day) for kind in KINDS):
+            continue  # not a market's folder, or a kind of the day still in parts (busy, failed)
+        try:
+            path = write_day_quality(market_dir, day, market.chains_by_pu, compression_level)
+            log.info("quality %s", path)
+        except Exception:  # the day's data is whole; its record is missing, and said so
+            log.error("the quality record of %s/%s failed", market_dir, day, exc_info=True)
+            failed.append(f"{market_dir.name}/{QUALITY_KIND}/{day}")
     if failed:
         raise CompactionFailed(failed)
     return done

@@ -13,7 +13,8 @@ whole, once per batch):
   detection time of a source row that covers it (`reconnect`, `sequence`, ...), a
   symbol's first diff gets a `start` row, and a record's end (`halted`, `delisted`,
   `unranked`) stays where no later diff of the symbol exists;
-- the output day file is written to a temporary name and renamed when complete.
+- the output day file is written to a temporary name and renamed when complete;
+- then the day's `quality` record is computed from the merged files (storage/quality.py).
 
 Memory: one batch of symbols from every source at a time, sized from the files' row
 counts so that a batch is about `rows_budget` rows of the busiest kind (all sources
@@ -36,6 +37,7 @@ import pyarrow.parquet as pq
 
 from markets import MARKETS, Market
 from storage.files import parquet_options, publish, temp_name
+from storage.quality import QUALITY_KIND, write_day_quality
 from storage.schemas import SCHEMAS, SORT_KEYS, exchange_times_in_us
 
 log = logging.getLogger(__name__)
@@ -124,10 +126,15 @@ def merge_day(sources: list[Source], out: Path, market: Market, day: str, compre
             del diffs
             for kind in ("partial_orderbooks", "orderbooks"):
                 writers.write(kind, _dedup(_read(files[kind], kind, batch), kind))
-        return writers.close()
+        written = writers.close()
     except BaseException:
         writers.abort()
         raise
+    # the merged day's quality record, from the merged day files (the sources' own records
+    # speak for each host; this one for what the merge holds)
+    quality = write_day_quality(out / market.name, day, market.chains_by_pu, compression_level)
+    written[QUALITY_KIND] = pq.ParquetFile(quality).metadata.num_rows
+    return written
 
 
 def _rows(fs: pafs.FileSystem, path: str) -> int:

@@ -69,6 +69,31 @@ CLOCK = pa.schema([
     ("offset_us", pa.int64()),
 ], metadata=_META)
 
+# one row per market, UTC day and symbol: how whole the day's data is (storage/quality.py)
+QUALITY = pa.schema([
+    ("day", pa.string()),
+    ("symbol", pa.string()),
+    ("recorded_seconds", pa.float64()),
+    ("covered_seconds", pa.float64()),
+    ("coverage", pa.float64()),
+    ("diffs", pa.int64()),
+    ("partials", pa.int64()),
+    ("snapshots", pa.int64()),
+    ("gaps_sequence", pa.int64()),
+    ("gaps_reconnect", pa.int64()),
+    ("gaps_other", pa.int64()),
+    ("restarts", pa.int64()),
+    ("missing_update_ids", pa.int64()),
+    ("verify_levels_compared", pa.int64()),
+    ("verify_levels_agreed", pa.int64()),
+    ("connections_lost", pa.int64()),
+    ("diffs_from_one_copy", pa.int64()),
+    ("clock_max_abs_offset_us", pa.int64()),
+    ("clock_unsynced_seconds", pa.float64()),
+    ("first_received_time", pa.int64()),
+    ("last_received_time", pa.int64()),
+], metadata=_META)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "diff_orderbooks": DEPTH,
     "partial_orderbooks": DEPTH,

@@ -40,6 +40,7 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 
 from config import UploadSettings
 from markets import KINDS
+from storage.quality import QUALITY_KIND
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +112,12 @@ def sha256_file(path: Path, part_size: int) -> tuple[str, str]:
 
 
 def day_files(data_dir: Path, today: str) -> dict[str, list[tuple[str, str, Path]]]:
-    """Finished day files by day: {day: [(market, kind, path)]}; a day still in parts is not finished."""
+    """Finished day files by day: {day: [(market, kind, path)]}; a day still in parts is not
+    finished. Each market's quality record comes after its data files (all before the
+    manifest, which names every one)."""
     days: dict[str, list] = {}
     for market_dir in sorted(p for p in data_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        for kind in KINDS:
+        for kind in (*KINDS, QUALITY_KIND):  # the quality record too: uploaded with the day, before its manifest
             folder = market_dir / kind
             if not folder.is_dir():
                 continue

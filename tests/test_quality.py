@@ -1,0 +1,207 @@
+"""The quality record (storage/quality.py): one row per day and symbol, written when a day is
+compacted and by merge, uploaded with the day, checked by verify.
+
+Recordings come from the real collector against the simulator; the expected seconds are
+computed here another way (plain Python over the rows on disk, with the simulator's own log
+of the events it dropped), and compared with the record to the microsecond."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from simulator import Simulator
+from storage.compact import compact_all
+from storage.files import US_PER_DAY, day_start_us
+from storage.merge import merge, open_source
+from storage.quality import quality_file
+from storage.schemas import QUALITY
+from tests.faults import both_markets, pause_and_stop
+from tests.helpers import CollectorProcess, market_section, run_to_exit, wait_until, write_config
+
+FAR = 4_000_000_000_000_000  # "now" for compaction: every recorded day is finished
+
+
+def compacted(data: Path) -> None:
+    compact_all(data, 3, FAR)
+
+
+def rows(data: Path, market: str, kind: str, day: str) -> list[dict]:
+    path = data / market / kind / f"{day}.parquet"
+    return pq.read_table(path).to_pylist() if path.exists() else []
+
+
+def the_day(data: Path, market: str) -> str:
+    return sorted(p.stem for p in (data / market / "diff_orderbooks").glob("*.parquet"))[-1]
+
+
+def expected_quality(data: Path, market: str, day: str, chains_by_pu: bool) -> dict[str, dict]:
+    """The record's seconds and counts, computed row by row from the day files."""
+    end = day_start_us(day) + US_PER_DAY
+    diffs, snaps = rows(data, market, "diff_orderbooks", day), rows(data, market, "orderbooks", day)
+    gaps = sorted(rows(data, market, "gaps", day), key=lambda g: g["detected_time"])
+    out = {}
+    for symbol in sorted({d["symbol"] for d in diffs}):
+        mine = sorted((d for d in diffs if d["symbol"] == symbol), key=lambda d: d["received_time"])
+        my_snaps = sorted((s for s in snaps if s["symbol"] == symbol), key=lambda s: s["received_time"])
+        my_gaps = [g for g in gaps if g["symbol"] == symbol]
+        assert my_gaps[0]["reason"] == "start"  # these recordings start on the day
+        rec_start = min(d["received_time"] for d in mine if d["received_time"] >= my_gaps[0]["detected_time"])
+        ended = [g for g in my_gaps if g["next_first_update_id"] is None]
+        rec_end = max(d["received_time"] for d in mine if d["final_update_id"] == ended[0]["last_final_update_id"]) \
+            if ended else end
+        holes = []
+        for g in my_gaps:
+            if g["reason"] == "start" or g["next_first_update_id"] is None:
+                continue
+            t0 = max(d["received_time"] for d in mine if d["final_update_id"] == g["last_final_update_id"])
+            need = g["next_first_update_id"] - (0 if chains_by_pu else 1)
+            snap = next(s for s in my_snaps if s["received_time"] >= g["detected_time"] and s["lastUpdateId"] >= need)
+            t1 = min(d["received_time"] for d in mine if d["received_time"] >= snap["received_time"] and (
+                d["final_update_id"] >= snap["lastUpdateId"] if chains_by_pu else d["final_update_id"] > snap["lastUpdateId"]))
+            holes.append((t0, t1))
+        uncovered, reach = 0, None
+        for a, b in sorted(holes):
+            a, b = max(a, rec_start), min(b, rec_end)
+            if reach is not None:
+                a = max(a, reach)
+            if b > a:
+                uncovered += b - a
+                reach = b
+        out[symbol] = {"recorded_seconds": (rec_end - rec_start) / 1e6,
+                       "covered_seconds": (rec_end - rec_start - uncovered) / 1e6,
+                       "diffs": len(mine), "snapshots": len(my_snaps),
+                       "gaps_sequence": sum(g["reason"] == "sequence" for g in my_gaps),
+                       "first_received_time": mine[0]["received_time"], "last_received_time": mine[-1]["received_time"]}
+    return out
+
+
+def assert_matches(record: list[dict], expected: dict[str, dict]) -> None:
+    by_symbol = {r["symbol"]: r for r in record}
+    assert set(by_symbol) == set(expected)
+    for symbol, want in expected.items():
+        got = by_symbol[symbol]
+        for k, v in want.items():
+            assert got[k] == pytest.approx(v, abs=1e-6) if isinstance(v, float) else got[k] == v, (symbol, k, got[k], v)
+        assert got["coverage"] == pytest.approx(got["covered_seconds"] / got["recorded_seconds"])
+
+
+def test_a_clean_recording_is_whole_and_its_record_matches_the_files(tmp_path):
+    """Both markets, nothing wrong: every symbol's coverage is 1, its counts are the day
+    files', its record runs from its first diff to 24:00 (it goes on into the next day); the
+    record is in the Parquet schema, and verify prints it, returns it, and agrees."""
+    symbols = ["BTCUSDT", "ETHUSDT"]
+    with both_markets(tmp_path, symbols) as (sim, proc):
+        wait_until(lambda: all(m.frames_sent > 200 for m in sim.markets()), timeout=30)
+    data = tmp_path / "data"
+    compacted(data)
+    for market, by_pu in (("spot", False), ("futures", True)):
+        day = the_day(data, market)
+        path = quality_file(data / market, day)
+        assert pq.read_schema(path).remove_metadata() == QUALITY.remove_metadata()
+        record = pq.read_table(path).to_pylist()
+        assert [r["symbol"] for r in record] == symbols and all(r["day"] == day for r in record)
+        assert all(r["coverage"] == 1.0 and r["covered_seconds"] == r["recorded_seconds"] for r in record)
+        partials = rows(data, market, "partial_orderbooks", day)
+        for r in record:
+            assert r["partials"] == sum(p["symbol"] == r["symbol"] for p in partials) > 0
+            assert r["gaps_sequence"] == r["gaps_reconnect"] == r["gaps_other"] == r["restarts"] == 0
+            assert r["missing_update_ids"] == (None if by_pu else 0)
+            assert r["recorded_seconds"] == pytest.approx((day_start_us(day) + US_PER_DAY - r["first_received_time"]) / 1e6)
+        assert_matches(record, expected_quality(data, market, day, by_pu))
+    cfg = tmp_path / "config.ini"
+    out = run_to_exit(cfg, "verify", "--json", "--day", the_day(data, "spot"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    reports = json.loads(out.stdout)
+    assert [len(r["quality"]) for r in reports] == [2, 2]
+    text = run_to_exit(cfg, "verify", "--day", the_day(data, "spot")).stdout
+    assert "quality: 2 symbols, every one whole (coverage 1)" in text
+
+
+def test_drops_and_a_halt_are_counted_to_the_microsecond(tmp_path):
+    """Redundancy 1; diffs of one symbol dropped twice (each a sequence gap, answered by a
+    snapshot), then another symbol halted (its record ends). The record's seconds are the
+    ones computed row by row here; the ids it says are missing are the ones the simulator
+    dropped; a tampered day file makes verify report the disagreement."""
+    with Simulator(spot=dict(symbols=["BTCUSDT", "ETHUSDT", "XRPUSDT"], record=True, updates_per_s=40)) as sim:
+        m = sim.spot
+        cfg = write_config(tmp_path, [market_section("spot", m, ["all"], listing_check=1, snapshot_interval=30,
+                                                     snapshot_limit=100, partial_levels=5)], ws_redundancy=1)
+        proc = CollectorProcess(cfg)
+        try:
+            proc.wait_for_log("recording market=spot")
+            wait_until(lambda: m.frames_sent > 200, timeout=30)
+            for _ in range(2):
+                m.faults.drop_symbol, m.faults.drop_diffs = "BTCUSDT", 3
+                time.sleep(3)  # the gap is seen at the next diff, and a snapshot answers it at once
+            sim.call(m.halt_symbol("XRPUSDT", "BREAK"))
+            proc.wait_for_log("record ends market=spot symbol=XRPUSDT reason=halted", timeout=20)
+            time.sleep(1)
+            rc, = pause_and_stop(sim, proc)
+        finally:
+            proc.kill()
+    assert rc == 0, proc.log[-3000:]
+    data = tmp_path / "data"
+    compacted(data)
+    day = the_day(data, "spot")
+    record = {r["symbol"]: r for r in pq.read_table(quality_file(data / "spot", day)).to_pylist()}
+    assert_matches(list(record.values()), expected_quality(data, "spot", day, False))
+    btc, xrp = record["BTCUSDT"], record["XRPUSDT"]
+    assert btc["gaps_sequence"] == 2 and btc["coverage"] < 1.0
+    dropped = [(U, u) for s, U, u in m.dropped if s == "BTCUSDT"]
+    assert len(dropped) == 6 and btc["missing_update_ids"] == sum(u - U + 1 for U, u in dropped)
+    assert xrp["recorded_seconds"] < 60 and xrp["coverage"] == 1.0  # its record ended at its last diff
+    assert record["ETHUSDT"]["coverage"] == 1.0
+    # a day file changed after the record was written: verify says they disagree
+    diffs = pq.read_table(data / "spot" / "diff_orderbooks" / f"{day}.parquet")
+    pq.write_table(diffs.slice(0, diffs.num_rows - 5), data / "spot" / "diff_orderbooks" / f"{day}.parquet")
+    out = run_to_exit(cfg, "verify", "--json", "--day", day, "--market", "spot")
+    assert out.returncode == 1
+    problems = json.loads(out.stdout)[0]["problems"]
+    assert any("the quality record disagrees with the data" in p and " diffs " in f" {p}" for p in problems), problems
+
+
+def test_merge_of_two_hosts_has_the_merged_coverage(tmp_path):
+    """Two hosts record the same symbols; one misses diffs (a gap the other covers). Each
+    host's record shows its own hole; the merge's record, computed from the merged files,
+    is whole."""
+    symbols = ["BTCUSDT", "ETHUSDT"]
+    with Simulator(spot=dict(symbols=symbols, record=True, updates_per_s=40)) as sim:
+        m = sim.spot
+        procs = []
+        for host in ("a", "b"):
+            (tmp_path / host).mkdir()
+            cfg = write_config(tmp_path / host, [market_section("spot", m, symbols, snapshot_interval=30,
+                                                                snapshot_limit=100, partial_levels=5)], ws_redundancy=1)
+            procs.append(CollectorProcess(cfg))
+        try:
+            for p in procs:
+                p.wait_for_log("recording market=spot")
+            wait_until(lambda: m.frames_sent > 200, timeout=30)
+            time.sleep(1)
+            # one host's connection misses the diffs of 0.6 s that the other one gets
+            first = m.live_conns()[0]
+            assert sim.call(m.stall_connection(first))
+            time.sleep(0.6)
+            assert sim.call(m.stall_connection(first, False))
+            time.sleep(3)
+            rcs = pause_and_stop(sim, *procs)
+        finally:
+            for p in procs:
+                p.kill()
+    assert rcs == [0, 0]
+    for host in ("a", "b"):
+        compacted(tmp_path / host / "data")
+    day = the_day(tmp_path / "a" / "data", "spot")
+    own = {h: {r["symbol"]: r for r in pq.read_table(quality_file(tmp_path / h / "data" / "spot", day)).to_pylist()}
+           for h in ("a", "b")}
+    merged = tmp_path / "merged"
+    merge([open_source(str(tmp_path / h / "data")) for h in ("a", "b")], merged, day=day, markets=("spot",))
+    record = {r["symbol"]: r for r in pq.read_table(quality_file(merged / "spot", day)).to_pylist()}
+    assert_matches(list(record.values()), expected_quality(merged, "spot", day, False))
+    for symbol in symbols:
+        assert record[symbol]["coverage"] >= max(own["a"][symbol]["coverage"], own["b"][symbol]["coverage"])
+        assert record[symbol]["diffs"] >= max(own["a"][symbol]["diffs"], own["b"][symbol]["diffs"])
