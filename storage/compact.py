@@ -46,7 +46,7 @@ from markets import KINDS, MARKETS
 from service.helpers import spawn
 from service.threads import RESTART, PipelineThread, name_os_thread
 from storage.files import day_of, fsync_dir, parquet_options, publish, temp_name
-from storage.quality import QUALITY_KIND, write_day_quality
+from storage.quality import QUALITY_KIND, delivery_parts_days, write_day_quality
 from storage.schemas import SORT_KEYS, exchange_times_in_us
 
 log = logging.getLogger("storage.compact")  # also when run as `python -m storage.compact`
@@ -376,6 +376,11 @@ def compact_all(root: Path, compression_level: int, now_us: int, grace_us: int =
             continue
         touched[(kind_dir.parent, day)] = None
         done += 1
+    today = day_of(now_us - grace_us)
+    for market_dir in sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []:
+        for day in delivery_parts_days(market_dir):  # counts not folded in yet (a crash, a failed record)
+            if day < today and (market_dir / "diff_orderbooks" / f"{day}.parquet").exists():
+                touched.setdefault((market_dir, day), None)
     for market_dir, day in touched:
         market = MARKETS.get(market_dir.name)
         if market is None or any(parts_of(market_dir / kind, day) for kind in KINDS):

@@ -10,6 +10,10 @@ day files alone, so that it says what the files hold. How the seconds are counte
   `unranked`: `next_first_update_id` null), or to 24:00 when no such row follows (it
   continues into the next day). A symbol can have several records a day (delisted, listed
   again); `recorded_seconds` is their sum.
+- `diffs_from_one_copy` and `connections_lost` come from what only the processor saw (the
+  `quality` part files of the day, handlers/process/delivery.py): the day's diffs less
+  those another connection delivered too, and the losses of connections carrying the
+  symbol.
 - A **break** (a `gaps` row that is neither `start` nor an end) is uncovered from the last
   diff before it (the one whose `final_update_id` is the row's `last_final_update_id`) to
   the first diff after the snapshot that resynced it (the first snapshot taken after the
@@ -25,6 +29,7 @@ file's symbol-sorted columns; snapshots and gap rows are few.
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +202,7 @@ def day_quality(market_dir: Path, day: str, chains_by_pu: bool) -> pa.Table:
     gaps: dict[str, list[dict]] = {}
     for g in sorted(gap_table.to_pylist() if gap_table is not None else [], key=lambda g: g["detected_time"]):
         gaps.setdefault(g["symbol"], []).append(g)
+    delivery = _delivery(market_dir / QUALITY_KIND / day)
     clock_max, clock_unsynced = clock_figures(_read(kind_file("clock"), ["sample_time", "synced", "offset_us"]),
                                               start + US_PER_DAY)
     rows = []
@@ -205,15 +211,41 @@ def day_quality(market_dir: Path, day: str, chains_by_pu: bool) -> pa.Table:
         rows.append({"day": day, "symbol": symbol, **q, "diffs": diffs.count(symbol),
                      "partials": partials.count(symbol), "snapshots": snaps.count(symbol),
                      "verify_levels_compared": None, "verify_levels_agreed": None,
-                     "connections_lost": None, "diffs_from_one_copy": None,
+                     "connections_lost": delivery.get(symbol, (0, 0))[1],
+                     "diffs_from_one_copy": max(0, diffs.count(symbol) - delivery.get(symbol, (0, 0))[0]),
                      "clock_max_abs_offset_us": clock_max, "clock_unsynced_seconds": clock_unsynced})
     return pa.Table.from_pylist(rows, schema=QUALITY)
 
 
+def _delivery(parts_dir: Path) -> dict[str, tuple[int, int]]:
+    """symbol -> (diffs duplicated, connections lost), summed over the day's part files."""
+    parts = sorted(parts_dir.glob("*.parquet")) if parts_dir.is_dir() else []
+    if not parts:
+        return {}
+    t = pa.concat_tables([pq.read_table(p) for p in parts])
+    g = t.group_by("symbol").aggregate([("diffs_duplicated", "sum"), ("connections_lost", "sum")])
+    return {s: (d, n) for s, d, n in zip(g.column("symbol").to_pylist(), g.column("diffs_duplicated_sum").to_pylist(),
+                                         g.column("connections_lost_sum").to_pylist(), strict=True)}
+
+
+def delivery_parts_days(market_dir: Path) -> list[str]:
+    """Days whose delivery counts still wait in part files."""
+    folder = market_dir / QUALITY_KIND
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if folder.is_dir() else []
+
+
 def write_day_quality(market_dir: Path, day: str, chains_by_pu: bool, compression_level: int) -> Path:
-    """Compute and publish (atomically) the quality file of a market's day."""
+    """Compute and publish (atomically) the quality file of a market's day; then the day's
+    delivery part files, folded into it, are removed (a crash before that only means the
+    record is computed again from the same files)."""
     final = quality_file(market_dir, day)
     write_table_atomic(final, day_quality(market_dir, day, chains_by_pu), compression_level)
+    parts = market_dir / QUALITY_KIND / day
+    if parts.is_dir():
+        for p in parts.glob("*.parquet"):
+            p.unlink()
+        shutil.rmtree(parts, ignore_errors=True)  # and what a crashed writer left (temporaries)
     return final
 
 

@@ -94,6 +94,15 @@ QUALITY = pa.schema([
     ("last_received_time", pa.int64()),
 ], metadata=_META)
 
+# the quality kind's part files while a day runs: what only the processor sees, per symbol,
+# folded into the day's record when the day is compacted (storage/quality.py)
+DELIVERY = pa.schema([
+    ("time", pa.int64()),  # µs: the last event counted in the row (puts the row in its day)
+    ("symbol", pa.string()),
+    ("diffs_duplicated", pa.int64()),  # kept diffs that another connection delivered too
+    ("connections_lost", pa.int64()),  # losses of connections carrying the symbol
+], metadata=_META)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "diff_orderbooks": DEPTH,
     "partial_orderbooks": DEPTH,
@@ -109,6 +118,7 @@ DAY_COLUMN = {
     "orderbooks": "received_time",
     "gaps": "detected_time",
     "clock": "sample_time",
+    "quality": "time",  # its part files (DELIVERY); the day file is the record (QUALITY)
 }
 SORT_KEYS = {
     "diff_orderbooks": ["symbol", "received_time", "final_update_id"],

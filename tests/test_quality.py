@@ -100,6 +100,15 @@ def test_a_clean_recording_is_whole_and_its_record_matches_the_files(tmp_path):
     compacted(data)
     for market, by_pu in (("spot", False), ("futures", True)):
         day = the_day(data, market)
+        # the diffs the exchange sent to one of the two connections only (the first copy
+        # connects before the second)
+        sim_market = getattr(sim, market)
+        conns_of: dict[tuple[str, int], set[int]] = {}
+        for sent in sim_market.sent:
+            if "@depth@" in sent.stream:
+                msg = json.loads(sent.data)
+                conns_of.setdefault((msg["s"], msg["u"]), set()).add(sent.conn)
+        assert not (data / market / "quality" / day).exists()  # the delivery counts are folded in
         path = quality_file(data / market, day)
         assert pq.read_schema(path).remove_metadata() == QUALITY.remove_metadata()
         record = pq.read_table(path).to_pylist()
@@ -111,6 +120,9 @@ def test_a_clean_recording_is_whole_and_its_record_matches_the_files(tmp_path):
             assert r["gaps_sequence"] == r["gaps_reconnect"] == r["gaps_other"] == r["restarts"] == 0
             assert r["missing_update_ids"] == (None if by_pu else 0)
             assert r["recorded_seconds"] == pytest.approx((day_start_us(day) + US_PER_DAY - r["first_received_time"]) / 1e6)
+            assert r["connections_lost"] == 0
+            kept = [d["final_update_id"] for d in rows(data, market, "diff_orderbooks", day) if d["symbol"] == r["symbol"]]
+            assert r["diffs_from_one_copy"] == sum(len(conns_of[(r["symbol"], u)]) == 1 for u in kept) < len(kept)
         assert_matches(record, expected_quality(data, market, day, by_pu))
     cfg = tmp_path / "config.ini"
     out = run_to_exit(cfg, "verify", "--json", "--day", the_day(data, "spot"))
@@ -123,9 +135,10 @@ def test_a_clean_recording_is_whole_and_its_record_matches_the_files(tmp_path):
 
 def test_drops_and_a_halt_are_counted_to_the_microsecond(tmp_path):
     """Redundancy 1; diffs of one symbol dropped twice (each a sequence gap, answered by a
-    snapshot), then another symbol halted (its record ends). The record's seconds are the
+    snapshot), the connection cut (a reconnect gap of every symbol), then another symbol halted (its record ends). The record's seconds are the
     ones computed row by row here; the ids it says are missing are the ones the simulator
-    dropped; a tampered day file makes verify report the disagreement."""
+    dropped; the connection cut once is counted for every symbol it carried; a tampered
+    day file makes verify report the disagreement."""
     with Simulator(spot=dict(symbols=["BTCUSDT", "ETHUSDT", "XRPUSDT"], record=True, updates_per_s=40)) as sim:
         m = sim.spot
         cfg = write_config(tmp_path, [market_section("spot", m, ["all"], listing_check=1, snapshot_interval=30,
@@ -137,6 +150,10 @@ def test_drops_and_a_halt_are_counted_to_the_microsecond(tmp_path):
             for _ in range(2):
                 m.faults.drop_symbol, m.faults.drop_diffs = "BTCUSDT", 3
                 time.sleep(3)  # the gap is seen at the next diff, and a snapshot answers it at once
+            assert sim.call(m.cut_connection(m.live_conns()[0], abrupt=True))  # a connection lost
+            proc.wait_for_log("connection lost conn=1", timeout=10)
+            wait_until(lambda: len(m.live_conns()) == 1, timeout=20)
+            time.sleep(2)
             sim.call(m.halt_symbol("XRPUSDT", "BREAK"))
             proc.wait_for_log("record ends market=spot symbol=XRPUSDT reason=halted", timeout=20)
             time.sleep(1)
@@ -150,11 +167,19 @@ def test_drops_and_a_halt_are_counted_to_the_microsecond(tmp_path):
     record = {r["symbol"]: r for r in pq.read_table(quality_file(data / "spot", day)).to_pylist()}
     assert_matches(list(record.values()), expected_quality(data, "spot", day, False))
     btc, xrp = record["BTCUSDT"], record["XRPUSDT"]
-    assert btc["gaps_sequence"] == 2 and btc["coverage"] < 1.0
+    assert btc["coverage"] < 1.0
+    # the ids the record says are missing: every event the exchange made of the symbol
+    # within its record that is not on disk (the dropped ones, and those sent while the
+    # connection was down)
     dropped = [(U, u) for s, U, u in m.dropped if s == "BTCUSDT"]
-    assert len(dropped) == 6 and btc["missing_update_ids"] == sum(u - U + 1 for U, u in dropped)
-    assert xrp["recorded_seconds"] < 60 and xrp["coverage"] == 1.0  # its record ended at its last diff
-    assert record["ETHUSDT"]["coverage"] == 1.0
+    on_disk = {d["final_update_id"] for d in rows(data, "spot", "diff_orderbooks", day) if d["symbol"] == "BTCUSDT"}
+    missing = [(U, u) for s, U, u, _ in m.emitted if s == "BTCUSDT" and min(on_disk) < u < max(on_disk) and u not in on_disk]
+    assert len(dropped) == 6 and set(dropped) <= set(missing)
+    assert btc["missing_update_ids"] == sum(u - U + 1 for U, u in missing)
+    assert btc["gaps_reconnect"] == 1 and btc["gaps_sequence"] == 2
+    assert xrp["recorded_seconds"] < 60 and xrp["gaps_reconnect"] == 1  # its record ended at its last diff
+    assert all(r["connections_lost"] == 1 for r in record.values())
+    assert all(r["diffs_from_one_copy"] == r["diffs"] for r in record.values())  # redundancy 1
     # a day file changed after the record was written: verify says they disagree
     diffs = pq.read_table(data / "spot" / "diff_orderbooks" / f"{day}.parquet")
     pq.write_table(diffs.slice(0, diffs.num_rows - 5), data / "spot" / "diff_orderbooks" / f"{day}.parquet")

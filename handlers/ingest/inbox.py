@@ -29,8 +29,9 @@ FULL_WAIT = 0.005
 # reader; (REST, received_us, (symbol, limit, request_us, body)), a snapshot answer; or
 # (SYMBOLS, received_us, (added symbols, ((symbol, reason), ...) removed)), the market's
 # symbol set changing while running; (CLOCK, sample_us, row), a `clock` sample (a dict of
-# the clock schema's columns); or storage.writer.STOP, the end.
-WS, REST, SYMBOLS, CLOCK = 0, 1, 2, 3
+# the clock schema's columns); (LOST, lost_us, (conn_id, stream names)), a connection
+# that ended unexpectedly (counted in the quality record); or storage.writer.STOP, the end.
+WS, REST, SYMBOLS, CLOCK, LOST = 0, 1, 2, 3, 4
 Item = Any  # (tag, ...): WS or REST first, the rest as its producer documents; or the writer's STOP
 
 

@@ -38,7 +38,7 @@ from typing import Callable, Iterable
 import websocket
 
 from handlers.ingest import stamped
-from handlers.ingest.inbox import WS, Inbox, Item
+from handlers.ingest.inbox import LOST, WS, Inbox, Item
 from handlers.ingest.relay import StampRelay
 from handlers.ingest.timestamps import wall_us
 from service.backoff import backoff_delay
@@ -547,6 +547,7 @@ class StreamBatch(PipelineThread):
                 self.stats.failures += 1
                 log.warning("connection lost conn=%d after %.0fs error=%s", reader.conn_id,
                             now - reader.started_at, reader.error)
+                self._report_loss(reader)
                 return self._lost(reader, now)
             self.copies.note_change()
             if reader.connected.is_set() and reader.streams != frozenset(self.copies.streams):
@@ -564,6 +565,7 @@ class StreamBatch(PipelineThread):
                     log.warning("connection dead conn=%d: no data frame for %.1fs (pings and control replies do "
                                 "not count); replacing it", reader.conn_id, silent)
                     reader.close()
+                    self._report_loss(reader)
                     return self._lost(reader, now)
                 new = self._replace_silent(reader, silent)
                 if new is not None:
@@ -618,6 +620,14 @@ class StreamBatch(PipelineThread):
         if new is not None:
             self.quiet = min(self.quiet + 1, 5)
         return new
+
+    def _report_loss(self, reader: Reader) -> None:
+        """Tell the processor that a connection ended unexpectedly (its symbols' quality
+        record counts it); never waits for a full inbox (the count is then missing, said so)."""
+        try:
+            self.out.put_nowait((LOST, wall_us(), (reader.conn_id, tuple(reader.streams))))
+        except queue.Full:
+            log.warning("connection loss conn=%d not counted in the quality record: the inbox is full", reader.conn_id)
 
     def _lost(self, reader: Reader, now: float) -> float:
         self.reader = None

@@ -30,9 +30,10 @@ import orjson
 import pyarrow as pa
 
 from config import MarketConfig
-from handlers.ingest.inbox import CLOCK, REST, SYMBOLS, WS, Inbox
+from handlers.ingest.inbox import CLOCK, LOST, REST, SYMBOLS, WS, Inbox
 from handlers.process import continuity as cont
 from handlers.process import parse, sbe, wire
+from handlers.process.delivery import DeliveryCounts
 from markets import STREAM_NAME
 from service.threads import FATAL, PipelineThread
 from storage.columns import DepthColumns, GapColumns, SnapshotColumns, levels_to_arrow, raw_levels
@@ -158,6 +159,7 @@ class FrameProcessor(PipelineThread):
         self.snapshots = SnapshotColumns()
         self.gaps = GapColumns()
         self.clock_rows: list[dict] = []  # `clock` samples (handlers/clock.py), one a minute
+        self.delivery = DeliveryCounts()  # for the quality record
         self.stats = ProcessStats()
         self.warn = RateLimitedLog(log)
 
@@ -233,6 +235,9 @@ class FrameProcessor(PipelineThread):
                 self.on_symbols(item[1], *item[2])
             elif item[0] == CLOCK:
                 self.clock_rows.append(item[2])
+            elif item[0] == LOST:
+                _, streams = item[2]
+                self.delivery.lost(item[1], {r[1] for r in map(self.routes.get, streams) if r is not None})
         return False
 
     def on_symbols(self, received_us: int, added: tuple[str, ...], removed: tuple[tuple[str, str], ...]) -> None:
@@ -314,6 +319,7 @@ class FrameProcessor(PipelineThread):
                         if status != OK:
                             if status == DUPLICATE:
                                 stats.duplicates += 1
+                                self.delivery.duplicated(received_us, symbol, u)
                                 if kept is None:
                                     kept = frames[:i]
                                 else:
@@ -444,6 +450,7 @@ class FrameProcessor(PipelineThread):
                 return True
             if status == cont.DUPLICATE:
                 self.stats.duplicates += 1
+                self.delivery.duplicated(received_us, symbol, u)
                 return False
             self._irregular(status, received_us, symbol, last_u, U, u, pu)
             return True
@@ -584,3 +591,5 @@ class FrameProcessor(PipelineThread):
         if self.clock_rows:
             rows, self.clock_rows = self.clock_rows, []
             self.outbox.put(("clock", pa.Table.from_pylist(rows, schema=SCHEMAS["clock"])))
+        if len(self.delivery):
+            self.outbox.put(("quality", self.delivery.take()))
