@@ -163,6 +163,7 @@ class MarketPipeline:
             clock_rtt_us=self.clock.stats.rtt_us if self.clock else None,
             clock_max_error_us=self.clock.stats.max_error_us if self.clock else None,
             weight_used=self.snapshotter.budget.used, weight_cap=self.snapshotter.budget.cap,
+            coverage=self.processor.coverage.ratio(self.processor.now_us()),
             processor_heartbeat=p.heartbeat, writer_heartbeat=w.heartbeat)
 
 

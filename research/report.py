@@ -8,6 +8,10 @@ per minute, a proxy of REST weight spent); bytes on disk per kind.
 The books (`report-<market>-<day>-books.png`), for the most recorded symbols: mid price
 and spread over the day, and a depth heatmap (size at each price over time, from the
 partial depth frames), with the day's gaps marked on the time axis.
+
+The coverage (`report-<market>-<day>-coverage.png`, a compacted day): each symbol's
+coverage in each hour, counted as the quality record counts it (storage/quality.py), and
+the symbols with the lowest coverage in the summary.
 """
 from __future__ import annotations
 
@@ -110,7 +114,44 @@ def report(data_dir: Path, market: str, day: str, out_dir: Path) -> tuple[Path, 
     books_png = books_figure(data_dir, market, day, out_dir)
     if books_png is not None:
         summary.append(f"books: {books_png}")
+    summary += coverage_figure(Path(data_dir), market, day, out_dir)
     return png, "\n".join(summary), titles
+
+
+WORST = 10  # symbols listed by lowest coverage
+
+
+def coverage_figure(data_dir: Path, market: str, day: str, out_dir: Path) -> list[str]:
+    """The day's coverage by symbol and hour (`report-<market>-<day>-coverage.png`), computed
+    as the quality record is, and the symbols with the lowest coverage; summary lines."""
+    from markets import MARKETS
+    from storage.quality import day_quality, hourly_coverage
+
+    if not (data_dir / market / "diff_orderbooks" / f"{day}.parquet").exists():
+        return ["coverage: the day is not compacted yet (its quality record is made then)"]
+    intervals: dict = {}
+    record = day_quality(data_dir / market, day, MARKETS[market].chains_by_pu, intervals).to_pylist()
+    symbols, grid = hourly_coverage(intervals, day)
+    fig, ax = plt.subplots(figsize=(12, max(2.5, 0.22 * len(symbols) + 1.2)), constrained_layout=True)
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap="RdYlGn", vmin=0.0, vmax=1.0,
+                      interpolation="nearest")
+    ax.set_xticks(range(24))
+    ax.set_xlabel("hour of the day (UTC)")
+    ax.set_yticks(range(len(symbols)), symbols, fontsize=7 if len(symbols) < 60 else 4)
+    ax.set_title(f"{market} {day}: coverage by hour (share of the recorded time with an unbroken diff chain; "
+                 "blank: not recorded)")
+    fig.colorbar(image, ax=ax, label="coverage")
+    png = out_dir / f"report-{market}-{day}-coverage.png"
+    fig.savefig(png, dpi=80)
+    plt.close(fig)
+    whole = sum(1 for r in record if r["coverage"] == 1.0)
+    worst = sorted((r for r in record if r["coverage"] is not None and r["coverage"] < 1.0),
+                   key=lambda r: (r["coverage"], r["symbol"]))[:WORST]
+    lines = [f"coverage: {whole} of {len(record)} symbols whole; plot: {png}"]
+    lines += [f"  {r['symbol']:14} coverage {r['coverage']:.6f}: {r['recorded_seconds'] - r['covered_seconds']:.1f} s "
+              f"uncovered, {r['gaps_sequence']} sequence, {r['gaps_reconnect']} reconnect, {r['gaps_other']} other gaps, "
+              f"{r['restarts']} restarts" for r in worst]
+    return lines
 
 
 def _clock_panel(ax: Axes, data_dir: Path, market: str, start: int, end: int) -> str:

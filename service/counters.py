@@ -52,6 +52,7 @@ class Counters:
     clock_max_error_us: int | None
     weight_used: int
     weight_cap: int
+    coverage: float | None          # today's so far: covered over recorded time, every symbol (None: nothing yet)
     processor_heartbeat: float      # monotonic time of the loop's last turn
     writer_heartbeat: float
 
@@ -88,8 +89,8 @@ def status_line(c: Counters, last: dict[str, Any]) -> str:
     return (f"status market={c.market} {rates} connections={c.connections_live}/{c.connections} "
             f"degraded={','.join(c.degraded) or 'none'} relay_fallback={c.relay_fallback} "
             f"snapshots_ok={c.snapshots_ok} snapshots_failed={c.snapshots_failed} "
-            f"gaps={c.gaps} duplicates={c.duplicates} malformed={c.malformed} "
-            f"queue={c.queue} rows_written={sum(c.rows_written.values())} "
+            f"gaps={c.gaps} coverage={'-' if c.coverage is None else f'{c.coverage:.6f}'} "
+            f"duplicates={c.duplicates} malformed={c.malformed} queue={c.queue} rows_written={sum(c.rows_written.values())} "
             f"files={c.files} write_errors={c.write_errors}")
 
 

@@ -56,6 +56,8 @@ class PipelineMetrics:
                        ["market", "batch"])
         degraded = g("batches_degraded", "batches running on fewer connections than configured", ["market"])
         dead = c("connections_dead", "connections replaced for delivering no data for ws_dead_after", ["market"])
+        coverage = g("coverage_ratio", "today so far: the share of the recorded time with an unbroken diff chain, "
+                      "every symbol together (the day's quality record, made at compaction, is exact)", ["market"])
         fallback = g("relay_fallback_connections", "connections reading their own socket because their stamp relay "
                      "was down when they connected (they move back once it is up)", ["market"])
         now = self.now_us()
@@ -100,6 +102,8 @@ class PipelineMetrics:
             degraded.add_metric([m], len(k.degraded))
             dead.add_metric([m], k.dead)
             fallback.add_metric([m], k.relay_fallback)
+            if k.coverage is not None:
+                coverage.add_metric([m], k.coverage)
         if self.pipelines:
             i, n = self.pipelines[0].cfg.shard
             shard = g("shard", "this host records shard i of n of every market's symbols (shard = i/n)", ["shard"])
@@ -107,7 +111,7 @@ class PipelineMetrics:
             yield shard
         yield from (frames, rows, gaps, dupes, malformed, connects, rotations, snaps, latency, weight, weight_cap,
                     interval, symbols, clock_offset, clock_rtt, clock_synced, clock_error,
-                    depth, written, errors, lost, age, batch_live, batch_want, degraded, dead, fallback)
+                    depth, written, errors, lost, age, batch_live, batch_want, degraded, dead, fallback, coverage)
         if self.supervisor is not None:
             running, configured = self.supervisor.helpers_up()
             relays_up = g("relays_up", "stamp relay processes running", [])

@@ -29,6 +29,7 @@ def snapshot(pipelines: Sequence[CountedPipeline], upload_job: UploadProgress | 
             "relay_fallback": c.relay_fallback,  # connections reading their own socket (their relay was down)
             "msgs_per_s": rates.get(c.market, 0.0),
             "gaps": dict(c.gaps_by_reason),
+            "coverage_today": c.coverage,  # covered over recorded time so far today (None: nothing yet)
             "last_snapshot_age_s": round((now_us - c.last_snapshot_us) / 1e6, 1) if c.last_snapshot_us else None,
             "queue": c.queue,
             "rows_written": sum(c.rows_written.values()),
@@ -96,8 +97,10 @@ def _render_one(data_dir: Path, path: Path, now: float | None) -> tuple[str, boo
             conns += f" (degraded: {', '.join(m['degraded'])})"
         if m.get("relay_fallback"):
             conns += f" ({m['relay_fallback']} reading their own socket: stamp relay down)"
+        coverage = m.get("coverage_today")
+        cover = "-" if coverage is None else f"{coverage:.6f}"
         lines.append(f"{name:8} streams {m['streams_live']}/{m['streams']}  {conns}  {m['msgs_per_s']:.1f} msgs/s  "
-                     f"gaps since start: {gaps}  last snapshot {snap}  queue {m['queue']}  "
+                     f"gaps since start: {gaps}  coverage today {cover}  last snapshot {snap}  queue {m['queue']}  "
                      f"rows written {m['rows_written']}  write errors {m['write_errors']}")
     up = state.get("last_upload")
     if up is None:

@@ -171,7 +171,11 @@ def symbol_quality(diffs: dict[str, np.ndarray], snaps: dict[str, np.ndarray], g
     return {"recorded_seconds": recorded / 1e6, "covered_seconds": covered / 1e6,
             "coverage": covered / recorded if recorded else None, "missing_update_ids": missing, **counts,
             "first_received_time": int(times[0]) if len(times) else None,
-            "last_received_time": int(times[-1]) if len(times) else None}
+            "last_received_time": int(times[-1]) if len(times) else None,
+            INTERVALS: ([(a, b) for a, b in records], inside)}
+
+
+INTERVALS = "_intervals"  # symbol_quality's (records, uncovered parts of them), µs: not a column
 
 
 def clock_figures(clock: pa.Table | None, day_end: int) -> tuple[int | None, float | None]:
@@ -188,8 +192,11 @@ def clock_figures(clock: pa.Table | None, day_end: int) -> tuple[int | None, flo
     return largest, float(spans[~synced].sum()) / 1e6
 
 
-def day_quality(market_dir: Path, day: str, chains_by_pu: bool) -> pa.Table:
-    """The quality rows of one market's day, from its day files."""
+def day_quality(market_dir: Path, day: str, chains_by_pu: bool,
+                intervals: dict[str, tuple[list, list]] | None = None) -> pa.Table:
+    """The quality rows of one market's day, from its day files; `intervals`, when given,
+    gets each symbol's records and uncovered intervals (µs), for a picture by the hour."""
+    intervals = {} if intervals is None else intervals
     start = day_start_us(day)
     kind_file = lambda kind: market_dir / kind / f"{day}.parquet"  # noqa: E731
     diffs = _BySymbol(_read(kind_file("diff_orderbooks"), ["symbol", "received_time", "final_update_id"]),
@@ -208,6 +215,7 @@ def day_quality(market_dir: Path, day: str, chains_by_pu: bool) -> pa.Table:
     rows = []
     for symbol in sorted(set(diffs.slices) | set(gaps) | set(snaps.slices) | set(partials.slices)):
         q = symbol_quality(diffs.of(symbol), snaps.of(symbol), gaps.get(symbol, []), start, chains_by_pu)
+        intervals[symbol] = q.pop(INTERVALS)
         rows.append({"day": day, "symbol": symbol, **q, "diffs": diffs.count(symbol),
                      "partials": partials.count(symbol), "snapshots": snaps.count(symbol),
                      "verify_levels_compared": None, "verify_levels_agreed": None,
@@ -252,3 +260,19 @@ def write_day_quality(market_dir: Path, day: str, chains_by_pu: bool, compressio
 def read_quality(market_dir: Path, day: str) -> list[dict] | None:
     path = quality_file(market_dir, day)
     return pq.read_table(path).to_pylist() if path.exists() else None
+
+
+def hourly_coverage(intervals: dict[str, tuple[list, list]], day: str) -> tuple[list[str], np.ndarray]:
+    """symbols, and their coverage in each hour of the day (NaN where not recorded)."""
+    start = day_start_us(day)
+    hours = [(start + h * 3_600_000_000, start + (h + 1) * 3_600_000_000) for h in range(24)]
+    symbols = sorted(intervals)
+    out = np.full((len(symbols), 24), np.nan)
+    for i, symbol in enumerate(symbols):
+        records, uncovered = intervals[symbol]
+        for h, (a, b) in enumerate(hours):
+            rec = sum(max(0, min(rb, b) - max(ra, a)) for ra, rb in records)
+            if rec:
+                gone = _union_length([(max(ua, a), min(ub, b)) for ua, ub in uncovered if min(ub, b) > max(ua, a)])
+                out[i, h] = (rec - gone) / rec
+    return symbols, out

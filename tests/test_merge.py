@@ -99,7 +99,8 @@ def test_merge_of_two_hosts_keeps_every_diff_once_and_gaps_only_where_both_misse
             assert all(r["received_time"] == earliest[(r["symbol"], r[key])] for r in t.to_pylist())
     # the merged tree is day files with the schemas, and verify finds nothing unexplained
     files = sorted(out.rglob("*.parquet"))
-    assert files and all(f.parent.name in ("diff_orderbooks", "partial_orderbooks", "orderbooks", "gaps") for f in files)
+    assert files and all(f.parent.name in ("diff_orderbooks", "partial_orderbooks", "orderbooks", "gaps", "quality")
+                         for f in files)
     verify_cfg = tmp_path / "merged.ini"
     verify_cfg.write_text(cfgs[0].read_text().replace("data_dir = data", f"data_dir = {out}"))
     check = run_to_exit(verify_cfg, "verify", "--json")

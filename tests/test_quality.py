@@ -7,7 +7,9 @@ of the events it dropped), and compared with the record to the microsecond."""
 from __future__ import annotations
 
 import json
+import re
 import time
+import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -23,6 +25,24 @@ from tests.faults import both_markets, pause_and_stop
 from tests.helpers import CollectorProcess, market_section, run_to_exit, wait_until, write_config
 
 FAR = 4_000_000_000_000_000  # "now" for compaction: every recorded day is finished
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "data.md"
+
+
+def whole_days_query(data: Path) -> int:
+    """Rows the DuckDB query of docs/data.md ("Only whole days") returns, run in `data`'s parent."""
+    import os
+
+    import duckdb
+
+    text = DOCS.read_text()
+    sql = text[text.index("```sql", text.index("Only whole days")) + 6:]
+    sql = sql[:sql.index("```")]
+    cwd = os.getcwd()
+    os.chdir(data.parent)
+    try:
+        return len(duckdb.sql(sql).fetchall())
+    finally:
+        os.chdir(cwd)
 
 
 def compacted(data: Path) -> None:
@@ -96,6 +116,9 @@ def test_a_clean_recording_is_whole_and_its_record_matches_the_files(tmp_path):
     symbols = ["BTCUSDT", "ETHUSDT"]
     with both_markets(tmp_path, symbols) as (sim, proc):
         wait_until(lambda: all(m.frames_sent > 200 for m in sim.markets()), timeout=30)
+        for market in ("spot", "futures"):  # today's running coverage, in the status line
+            proc.wait_for_log(f"status market={market} ", timeout=10)
+            assert re.findall(rf"status market={market} .* coverage=([\d.]+)", proc.log)[-1] == "1.000000"
     data = tmp_path / "data"
     compacted(data)
     for market, by_pu in (("spot", False), ("futures", True)):
@@ -124,6 +147,8 @@ def test_a_clean_recording_is_whole_and_its_record_matches_the_files(tmp_path):
             kept = [d["final_update_id"] for d in rows(data, market, "diff_orderbooks", day) if d["symbol"] == r["symbol"]]
             assert r["diffs_from_one_copy"] == sum(len(conns_of[(r["symbol"], u)]) == 1 for u in kept) < len(kept)
         assert_matches(record, expected_quality(data, market, day, by_pu))
+    # the documented query keeps every diff of a whole day
+    assert whole_days_query(data) == len(rows(data, "spot", "diff_orderbooks", the_day(data, "spot"))) > 0
     cfg = tmp_path / "config.ini"
     out = run_to_exit(cfg, "verify", "--json", "--day", the_day(data, "spot"))
     assert out.returncode == 0, out.stdout + out.stderr
@@ -135,10 +160,12 @@ def test_a_clean_recording_is_whole_and_its_record_matches_the_files(tmp_path):
 
 def test_drops_and_a_halt_are_counted_to_the_microsecond(tmp_path):
     """Redundancy 1; diffs of one symbol dropped twice (each a sequence gap, answered by a
-    snapshot), the connection cut (a reconnect gap of every symbol), then another symbol halted (its record ends). The record's seconds are the
-    ones computed row by row here; the ids it says are missing are the ones the simulator
-    dropped; the connection cut once is counted for every symbol it carried; a tampered
-    day file makes verify report the disagreement."""
+    snapshot), the connection cut (a reconnect gap of every symbol), then another symbol
+    halted (its record ends). The record's seconds are the ones computed row by row here;
+    the ids it says are missing, the events of the simulator's log not on disk; the cut is
+    one connection lost for every symbol it carried; the report draws the coverage and
+    lists the worst symbols first; a tampered day file makes verify report the
+    disagreement."""
     with Simulator(spot=dict(symbols=["BTCUSDT", "ETHUSDT", "XRPUSDT"], record=True, updates_per_s=40)) as sim:
         m = sim.spot
         cfg = write_config(tmp_path, [market_section("spot", m, ["all"], listing_check=1, snapshot_interval=30,
@@ -154,6 +181,13 @@ def test_drops_and_a_halt_are_counted_to_the_microsecond(tmp_path):
             proc.wait_for_log("connection lost conn=1", timeout=10)
             wait_until(lambda: len(m.live_conns()) == 1, timeout=20)
             time.sleep(2)
+            # today's coverage so far: below 1 in `status` and in the metrics, as the day's record will be
+            status = run_to_exit(cfg, "status")
+            running = float(re.search(r"coverage today ([\d.]+)", status.stdout).group(1))
+            assert 0.5 < running < 1.0, status.stdout
+            port = int(re.search(r"metrics on http://127.0.0.1:(\d+)/metrics", proc.log).group(1))
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+            assert 0.5 < float(re.search(r'obc_coverage_ratio\{market="spot"\} ([\d.e-]+)', text).group(1)) < 1.0
             sim.call(m.halt_symbol("XRPUSDT", "BREAK"))
             proc.wait_for_log("record ends market=spot symbol=XRPUSDT reason=halted", timeout=20)
             time.sleep(1)
@@ -180,6 +214,15 @@ def test_drops_and_a_halt_are_counted_to_the_microsecond(tmp_path):
     assert xrp["recorded_seconds"] < 60 and xrp["gaps_reconnect"] == 1  # its record ended at its last diff
     assert all(r["connections_lost"] == 1 for r in record.values())
     assert all(r["diffs_from_one_copy"] == r["diffs"] for r in record.values())  # redundancy 1
+    assert whole_days_query(data) == 0  # no symbol of this day is whole
+    # report: the coverage by hour, and the worst symbols first
+    out = run_to_exit(cfg, "report", "--day", day, "--market", "spot", "--out", str(tmp_path / "report"), timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (tmp_path / "report" / f"report-spot-{day}-coverage.png").stat().st_size > 1000
+    lines = out.stdout.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("coverage: 0 of 3 symbols whole"))
+    listed = [line.split()[0] for line in lines[at + 1:at + 4]]
+    assert sorted(listed, key=lambda s: record[s]["coverage"]) == listed and set(listed) == set(record)
     # a day file changed after the record was written: verify says they disagree
     diffs = pq.read_table(data / "spot" / "diff_orderbooks" / f"{day}.parquet")
     pq.write_table(diffs.slice(0, diffs.num_rows - 5), data / "spot" / "diff_orderbooks" / f"{day}.parquet")
@@ -230,3 +273,27 @@ def test_merge_of_two_hosts_has_the_merged_coverage(tmp_path):
     for symbol in symbols:
         assert record[symbol]["coverage"] >= max(own["a"][symbol]["coverage"], own["b"][symbol]["coverage"])
         assert record[symbol]["diffs"] >= max(own["a"][symbol]["diffs"], own["b"][symbol]["diffs"])
+
+
+def test_the_running_coverage_follows_the_records_rule():
+    """Today's coverage as the processor counts it: holes open at a break and close at the
+    snapshot that reaches past the missing ids (not one that falls short); a record's end
+    stops its clock; a new day starts the count again at 00:00, open holes carried over."""
+    from handlers.process.coverage import RunningCoverage
+
+    day = day_start_us("2026-12-01")
+    c = RunningCoverage()
+    assert c.ratio(day + 1) is None
+    c.started("A", day + 0)
+    c.started("B", day + 0)
+    assert c.ratio(day + 100) == 1.0
+    c.broke("A", day + 100, needed_id=50)
+    c.snapshot("A", day + 150, last_update_id=49)  # short of the missing ids: the hole stays open
+    assert c.ratio(day + 200) == pytest.approx(1 - 100 / 400)
+    c.snapshot("A", day + 200, last_update_id=50)
+    assert c.ratio(day + 300) == pytest.approx(1 - 100 / 600)
+    c.ended("B", day + 300)
+    assert c.ratio(day + 400) == pytest.approx(1 - 100 / 700)
+    c.broke("A", day + US_PER_DAY - 10, needed_id=60)
+    c.started("C", day + US_PER_DAY + 10)  # the next day: A's open hole counts from 00:00
+    assert c.ratio(day + US_PER_DAY + 20) == pytest.approx(1 - 20 / (20 + 10))

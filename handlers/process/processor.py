@@ -33,6 +33,7 @@ from config import MarketConfig
 from handlers.ingest.inbox import CLOCK, LOST, REST, SYMBOLS, WS, Inbox
 from handlers.process import continuity as cont
 from handlers.process import parse, sbe, wire
+from handlers.process.coverage import RunningCoverage
 from handlers.process.delivery import DeliveryCounts
 from markets import STREAM_NAME
 from service.threads import FATAL, PipelineThread
@@ -160,6 +161,7 @@ class FrameProcessor(PipelineThread):
         self.gaps = GapColumns()
         self.clock_rows: list[dict] = []  # `clock` samples (handlers/clock.py), one a minute
         self.delivery = DeliveryCounts()  # for the quality record
+        self.coverage = RunningCoverage()  # today's, for status and metrics
         self.stats = ProcessStats()
         self.warn = RateLimitedLog(log)
 
@@ -254,6 +256,7 @@ class FrameProcessor(PipelineThread):
             self.partial_dedup.seen.pop(symbol, None)
             last_u = st.head if st is not None else None
             self.gaps.append(received_us, symbol, last_u, None, reason)
+            self.coverage.ended(symbol, received_us)
             self.stats.gaps_by_reason[reason] = self.stats.gaps_by_reason.get(reason, 0) + 1
             log.info("record ends market=%s symbol=%s reason=%s last_u=%s", self.cfg.name, symbol, reason, last_u)
 
@@ -495,6 +498,10 @@ class FrameProcessor(PipelineThread):
             log.warning("gap market=%s symbol=%s reason=%s last_u=%s next_U=%d",
                         self.cfg.name, symbol, status, last_u, U)
         self.request_snapshot(symbol)
+        if status == cont.START:
+            self.coverage.started(symbol, detected_us)
+        else:  # the snapshot that resyncs it must reach the first missing id
+            self.coverage.broke(symbol, detected_us, U if self._futures else U - 1)
 
     def on_snapshot(self, received_us: int, symbol: str, limit: int, request_us: int, raw: bytes) -> None:
         """Checked and converted at once, so that a malformed snapshot is fetched again:
@@ -511,6 +518,7 @@ class FrameProcessor(PipelineThread):
         last, b, a, E, T = row
         self.snapshots.append(request_us, received_us, last, b, a, limit, symbol, E, T)
         self.stats.snapshots += 1
+        self.coverage.snapshot(symbol, received_us, last)
 
     def _snapshot_fast(self, raw: bytes) -> SnapshotRow | None:
         try:
