@@ -25,7 +25,8 @@ day files alone, so that it says what the files hold. How the seconds are counte
 
 A collector that stops and starts again on a later day shows the hole from that day's
 00:00 on (the day it stopped cannot know it did not go on). Work is in numpy over the day
-file's symbol-sorted columns; snapshots and gap rows are few.
+file's columns, sorted by symbol and time as day files are (sorted here if they are not);
+gap rows are few.
 """
 from __future__ import annotations
 
@@ -58,11 +59,22 @@ def _read(path: Path, columns: list[str]) -> pa.Table | None:
 class _BySymbol:
     """A day file's rows sorted by symbol (as day files are): each symbol's slice."""
 
-    def __init__(self, table: pa.Table | None, columns: list[str]):
+    def __init__(self, table: pa.Table | None, columns: list[str], time_column: str | None = None):
         self.slices: dict[str, tuple[int, int]] = {}
         self.cols: dict[str, np.ndarray] = {c: np.empty(0, np.int64) for c in columns}
         if table is None or table.num_rows == 0:
             return
+        if not self._cut(table):  # not a day file's order (e.g. written by an older version): sorted here
+            table = table.sort_by([("symbol", "ascending")] + ([(time_column, "ascending")] if time_column else []))
+            self.slices = {}
+            self._cut(table)
+        for c in columns:
+            col = table.column(c)
+            self.cols[c] = col.fill_null(-1).to_numpy() if col.null_count else col.to_numpy()
+
+    def _cut(self, table: pa.Table) -> bool:
+        """Each symbol's slice; False when its rows are not together (or, with a time
+        column, not in time order)."""
         enc = pc.dictionary_encode(table.column("symbol")).combine_chunks()
         idx = enc.indices.to_numpy(zero_copy_only=False)
         cuts = np.flatnonzero(idx[1:] != idx[:-1]) + 1
@@ -72,11 +84,15 @@ class _BySymbol:
         for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
             name = names[idx[s]]
             if name in self.slices:
-                raise ValueError(f"rows of {name} are not together: the day file is not sorted by symbol")
+                return False
             self.slices[name] = (s, e)
-        for c in columns:
-            col = table.column(c)
-            self.cols[c] = col.fill_null(-1).to_numpy() if col.null_count else col.to_numpy()
+        if "received_time" in table.column_names:
+            t = table.column("received_time").to_numpy()
+            steps = np.diff(t) < 0
+            steps[cuts - 1] = False  # a new symbol may start earlier
+            if steps.any():
+                return False
+        return True
 
     def of(self, symbol: str) -> dict[str, np.ndarray]:
         s, e = self.slices.get(symbol, (0, 0))
@@ -200,9 +216,9 @@ def day_quality(market_dir: Path, day: str, chains_by_pu: bool,
     start = day_start_us(day)
     kind_file = lambda kind: market_dir / kind / f"{day}.parquet"  # noqa: E731
     diffs = _BySymbol(_read(kind_file("diff_orderbooks"), ["symbol", "received_time", "final_update_id"]),
-                      ["received_time", "final_update_id"])
+                      ["received_time", "final_update_id"], "received_time")
     snaps = _BySymbol(_read(kind_file("orderbooks"), ["symbol", "received_time", "lastUpdateId"]),
-                      ["received_time", "lastUpdateId"])
+                      ["received_time", "lastUpdateId"], "received_time")
     partials = _BySymbol(_read(kind_file("partial_orderbooks"), ["symbol"]), [])
     gap_table = _read(kind_file("gaps"), ["symbol", "detected_time", "last_final_update_id", "next_first_update_id",
                                           "reason"])

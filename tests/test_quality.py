@@ -161,12 +161,13 @@ def test_a_clean_recording_is_whole_and_its_record_matches_the_files(tmp_path):
 def test_drops_and_a_halt_are_counted_to_the_microsecond(tmp_path):
     """Redundancy 1; diffs of one symbol dropped twice (each a sequence gap, answered by a
     snapshot), the connection cut (a reconnect gap of every symbol), then another symbol
-    halted (its record ends). The record's seconds are the ones computed row by row here;
+    halted and one delisted (their records end). The record's seconds are the ones computed row by row here;
     the ids it says are missing, the events of the simulator's log not on disk; the cut is
     one connection lost for every symbol it carried; the report draws the coverage and
     lists the worst symbols first; a tampered day file makes verify report the
     disagreement."""
-    with Simulator(spot=dict(symbols=["BTCUSDT", "ETHUSDT", "XRPUSDT"], record=True, updates_per_s=40)) as sim:
+    with Simulator(spot=dict(symbols=["BTCUSDT", "ETHUSDT", "XRPUSDT", "BNBUSDT"], record=True,
+                             updates_per_s=40)) as sim:
         m = sim.spot
         cfg = write_config(tmp_path, [market_section("spot", m, ["all"], listing_check=1, snapshot_interval=30,
                                                      snapshot_limit=100, partial_levels=5)], ws_redundancy=1)
@@ -190,6 +191,8 @@ def test_drops_and_a_halt_are_counted_to_the_microsecond(tmp_path):
             assert 0.5 < float(re.search(r'obc_coverage_ratio\{market="spot"\} ([\d.e-]+)', text).group(1)) < 1.0
             sim.call(m.halt_symbol("XRPUSDT", "BREAK"))
             proc.wait_for_log("record ends market=spot symbol=XRPUSDT reason=halted", timeout=20)
+            sim.call(m.delist_symbol("BNBUSDT"))
+            proc.wait_for_log("record ends market=spot symbol=BNBUSDT reason=delisted", timeout=20)
             time.sleep(1)
             rc, = pause_and_stop(sim, proc)
         finally:
@@ -200,7 +203,7 @@ def test_drops_and_a_halt_are_counted_to_the_microsecond(tmp_path):
     day = the_day(data, "spot")
     record = {r["symbol"]: r for r in pq.read_table(quality_file(data / "spot", day)).to_pylist()}
     assert_matches(list(record.values()), expected_quality(data, "spot", day, False))
-    btc, xrp = record["BTCUSDT"], record["XRPUSDT"]
+    btc = record["BTCUSDT"]
     assert btc["coverage"] < 1.0
     # the ids the record says are missing: every event the exchange made of the symbol
     # within its record that is not on disk (the dropped ones, and those sent while the
@@ -211,7 +214,9 @@ def test_drops_and_a_halt_are_counted_to_the_microsecond(tmp_path):
     assert len(dropped) == 6 and set(dropped) <= set(missing)
     assert btc["missing_update_ids"] == sum(u - U + 1 for U, u in missing)
     assert btc["gaps_reconnect"] == 1 and btc["gaps_sequence"] == 2
-    assert xrp["recorded_seconds"] < 60 and xrp["gaps_reconnect"] == 1  # its record ended at its last diff
+    for ended in ("XRPUSDT", "BNBUSDT"):  # their records ended at their last diff (halted, delisted)
+        assert record[ended]["recorded_seconds"] < 60 and record[ended]["gaps_reconnect"] == 1
+    assert record["XRPUSDT"]["last_received_time"] < record["BNBUSDT"]["last_received_time"]
     assert all(r["connections_lost"] == 1 for r in record.values())
     assert all(r["diffs_from_one_copy"] == r["diffs"] for r in record.values())  # redundancy 1
     assert whole_days_query(data) == 0  # no symbol of this day is whole
@@ -220,8 +225,8 @@ def test_drops_and_a_halt_are_counted_to_the_microsecond(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert (tmp_path / "report" / f"report-spot-{day}-coverage.png").stat().st_size > 1000
     lines = out.stdout.splitlines()
-    at = next(i for i, line in enumerate(lines) if line.startswith("coverage: 0 of 3 symbols whole"))
-    listed = [line.split()[0] for line in lines[at + 1:at + 4]]
+    at = next(i for i, line in enumerate(lines) if line.startswith("coverage: 0 of 4 symbols whole"))
+    listed = [line.split()[0] for line in lines[at + 1:at + 5]]
     assert sorted(listed, key=lambda s: record[s]["coverage"]) == listed and set(listed) == set(record)
     # a day file changed after the record was written: verify says they disagree
     diffs = pq.read_table(data / "spot" / "diff_orderbooks" / f"{day}.parquet")

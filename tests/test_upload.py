@@ -224,3 +224,35 @@ def test_missing_environment_is_a_config_error(tmp_path, s3):
     del env["R2_BUCKET_NAME"]
     result = run_upload(cfg, env)
     assert result.returncode == 2 and "missing environment variable(s) R2_BUCKET_NAME" in result.stderr
+
+
+def test_the_quality_record_goes_up_with_its_day_and_before_the_manifest(tmp_path, s3):
+    """A day's quality record is uploaded with it and named in its manifest; a record that
+    cannot go up (corrupt on disk) keeps the day's manifest from being written: the
+    manifest, the day's commit marker, only ever follows its quality record."""
+    from storage.quality import quality_file, write_day_quality
+
+    cfg, _ = make_data(tmp_path)
+    data, late, early = tmp_path / "data", days_ago(8), days_ago(9)
+    for day in (early, late):
+        for market in ("spot", "futures"):
+            write_day_quality(data / market, day, market == "futures", 3)
+    good = quality_file(data / "spot", early).read_bytes()
+    quality_file(data / "spot", early).write_bytes(b"PAR1 not a parquet file")
+    first = run_upload(cfg, env_for(s3))
+    assert first.returncode != 0
+    c = s3["client"]
+    keys = {o["Key"] for o in c.list_objects_v2(Bucket=BUCKET)["Contents"]}
+    assert f"ob/manifests/{early}.json" not in keys and f"ob/spot/quality/{early}.parquet" not in keys
+    manifest = json.loads(c.get_object(Bucket=BUCKET, Key=f"ob/manifests/{late}.json")["Body"].read())
+    named = {e["key"]: e for e in manifest["files"]}
+    for market in ("spot", "futures"):
+        entry = named[f"ob/{market}/quality/{late}.parquet"]
+        local = quality_file(data / market, late)
+        assert entry["sha256"] == hashlib.sha256(local.read_bytes()).hexdigest() and entry["rows"] == 2  # AUSDT, BUSDT
+    quality_file(data / "spot", early).write_bytes(good)
+    second = run_upload(cfg, env_for(s3))
+    assert second.returncode == 0, second.stderr
+    manifest = json.loads(c.get_object(Bucket=BUCKET, Key=f"ob/manifests/{early}.json")["Body"].read())
+    assert {f"ob/spot/quality/{early}.parquet", f"ob/futures/quality/{early}.parquet"} <= {e["key"] for e in manifest["files"]}
+    assert c.get_object(Bucket=BUCKET, Key=f"ob/spot/quality/{early}.parquet")["Body"].read() == good
