@@ -119,7 +119,8 @@ def run(cfg: config_mod.Config, market: str | None = None) -> int:
     supervisor.start()
     if c.metrics_listen:
         try:
-            metrics.serve(c.metrics_listen, pipelines, uploader, compactor, supervisor)
+            metrics.serve(c.metrics_listen, pipelines, uploader, compactor, supervisor, data_dir=c.data_dir,
+                          clock_max_offset_ms=c.clock_max_offset_ms)
         except OSError as e:  # recording matters more than its metrics
             log.error("metrics endpoint %s not started: %s", c.metrics_listen, e)
     loop = MainLoop(pipelines, cfg, now_us, supervisor, uploader, state_name=state_file.name_for(market))

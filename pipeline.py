@@ -137,6 +137,18 @@ class MarketPipeline:
                 self.inbox.put((SYMBOLS, self.now_us(), ((), tuple(removed))))
                 self.symbols = [s for s in self.symbols if s not in gone]
 
+    def _journal_bytes(self) -> int:
+        journal = self.processor.journal
+        if journal is None:
+            return 0
+        total = 0
+        for f in list(journal.folder.glob("seg-*")):
+            try:
+                total += f.stat().st_size
+            except OSError:
+                pass  # deleted meanwhile: its segment was written
+        return total
+
     def counters(self) -> Counters:
         """Every counter of this market's threads, at this moment."""
         p, w, ss = self.processor.stats, self.writer.stats, self.snapshotter.stats
@@ -156,6 +168,7 @@ class MarketPipeline:
             frames=dict(p.frames), gaps=p.gaps, gaps_by_reason=dict(p.gaps_by_reason), duplicates=p.duplicates,
             malformed=p.malformed, queue=self.inbox.qsize(), rows_written=dict(w.rows), files=w.files,
             bytes_written=w.bytes, write_errors=w.errors, rows_lost=w.lost_rows, snapshot_rows=p.snapshots,
+            pending_bytes=w.pending_bytes, journal_bytes=self._journal_bytes(),
             snapshots_ok=ss.ok, snapshots_failed=ss.failed, snapshots_rate_limited=ss.rate_limited,
             snapshot_latency_sum=ss.latency_sum, last_snapshot_us=ss.last_ok_us, snapshot_interval=ss.interval,
             clock_synced=self.clock.stats.synced if self.clock else None,
@@ -163,7 +176,7 @@ class MarketPipeline:
             clock_rtt_us=self.clock.stats.rtt_us if self.clock else None,
             clock_max_error_us=self.clock.stats.max_error_us if self.clock else None,
             weight_used=self.snapshotter.budget.used, weight_cap=self.snapshotter.budget.cap,
-            coverage=self.processor.coverage.ratio(self.processor.now_us()),
+            coverage=self.processor.coverage.ratio(self.processor.now_us()), receive_delay=p.receive_delay,
             processor_heartbeat=p.heartbeat, writer_heartbeat=w.heartbeat)
 
 

@@ -64,6 +64,7 @@ class Faults:
     drop_symbol: str | None = None  # ... only of this symbol
     duplicate_frames: int = 0       # the next N frames are sent twice
     stall: bool = False             # stop sending while TCP stays open (the book moves on)
+    stall_new: bool = False         # connections opened from now on start stalled (stall_connection() resumes one)
     answer_pings: bool = True       # False: client pings get no pong
     count_pongs: bool = True        # False: client pongs are ignored (the server drops it after pong_timeout)
     max_age: float | None = None    # close connections older than this many seconds
@@ -349,6 +350,7 @@ class ExchangeServer:
         await ws.prepare(request)
         micro = not self.futures and request.query.get("timeUnit", "").upper() == "MICROSECOND"
         conn = Conn(ws, combined, request.transport, micro)
+        conn.stalled = self.faults.stall_new
         self.conns.add(conn)
         self.connections_opened += 1
         self.conn_log.append((time.time(), conn.id, "open"))

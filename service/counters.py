@@ -39,6 +39,8 @@ class Counters:
     bytes_written: int
     write_errors: int
     rows_lost: int
+    pending_bytes: int              # segments the writer holds in memory, not yet on disk (it is behind, or failing)
+    journal_bytes: int              # the journal on disk: grows while segments wait for the writer
     snapshot_rows: int              # snapshots the processor took in
     snapshots_ok: int
     snapshots_failed: int
@@ -52,6 +54,7 @@ class Counters:
     clock_max_error_us: int | None
     weight_used: int
     weight_cap: int
+    receive_delay: tuple[float, float] | None  # received_time - event_time of the latest diffs, p50 and p99 (s)
     coverage: float | None          # today's so far: covered over recorded time, every symbol (None: nothing yet)
     processor_heartbeat: float      # monotonic time of the loop's last turn
     writer_heartbeat: float
@@ -113,6 +116,12 @@ class UploadProgress(Protocol):
 
     @property
     def totals(self) -> dict[str, int]: ...
+
+    @property
+    def last_run(self) -> float: ...
+
+    @property
+    def last_success(self) -> float: ...
 
 
 class CompactionProgress(Protocol):

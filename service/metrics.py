@@ -3,7 +3,9 @@ added to the per-message path). Served on 127.0.0.1 by default (`metrics_listen`
 from __future__ import annotations
 
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -19,9 +21,11 @@ class PipelineMetrics:
 
     def __init__(self, pipelines: Sequence[CountedPipeline], upload_job: UploadProgress | None = None,
                  now_us: Callable[[], int] = lambda: time.time_ns() // 1000,
-                 compactor: CompactionProgress | None = None, supervisor: SupervisorView | None = None):
+                 compactor: CompactionProgress | None = None, supervisor: SupervisorView | None = None,
+                 data_dir: Path | None = None, clock_max_offset_ms: float | None = None):
         self.pipelines, self.upload_job, self.now_us, self.compactor = pipelines, upload_job, now_us, compactor
-        self.supervisor = supervisor
+        self.supervisor, self.data_dir, self.clock_max_offset_ms = supervisor, data_dir, clock_max_offset_ms
+        self.started = time.time()
 
     def collect(self) -> Iterator[Metric]:
         c = lambda name, doc, labels: CounterMetricFamily(f"obc_{name}", doc, labels=labels)  # noqa: E731
@@ -56,6 +60,11 @@ class PipelineMetrics:
                        ["market", "batch"])
         degraded = g("batches_degraded", "batches running on fewer connections than configured", ["market"])
         dead = c("connections_dead", "connections replaced for delivering no data for ws_dead_after", ["market"])
+        delay = g("receive_delay_seconds", "received_time - event_time of the latest diffs (the exchange's engine to "
+                  "this host's kernel, plus the clocks' difference)", ["market", "quantile"])
+        pending = g("writer_pending_bytes", "segments the writer holds in memory, not yet on disk", ["market"])
+        journal = g("journal_bytes", "the write-ahead journal on disk: it grows while segments wait for the writer",
+                    ["market"])
         coverage = g("coverage_ratio", "today so far: the share of the recorded time with an unbroken diff chain, "
                       "every symbol together (the day's quality record, made at compaction, is exact)", ["market"])
         fallback = g("relay_fallback_connections", "connections reading their own socket because their stamp relay "
@@ -102,6 +111,11 @@ class PipelineMetrics:
             degraded.add_metric([m], len(k.degraded))
             dead.add_metric([m], k.dead)
             fallback.add_metric([m], k.relay_fallback)
+            pending.add_metric([m], k.pending_bytes)
+            if k.receive_delay is not None:
+                delay.add_metric([m, "0.5"], k.receive_delay[0])
+                delay.add_metric([m, "0.99"], k.receive_delay[1])
+            journal.add_metric([m], k.journal_bytes)
             if k.coverage is not None:
                 coverage.add_metric([m], k.coverage)
         if self.pipelines:
@@ -111,7 +125,28 @@ class PipelineMetrics:
             yield shard
         yield from (frames, rows, gaps, dupes, malformed, connects, rotations, snaps, latency, weight, weight_cap,
                     interval, symbols, clock_offset, clock_rtt, clock_synced, clock_error,
-                    depth, written, errors, lost, age, batch_live, batch_want, degraded, dead, fallback, coverage)
+                    depth, written, errors, lost, age, batch_live, batch_want, degraded, dead, fallback, coverage,
+                    pending, journal, delay)
+        started = g("start_time_seconds", "when this collector process started (unix time)", [])
+        started.add_metric([], self.started)
+        yield started
+        if self.clock_max_offset_ms is not None:
+            bound = g("clock_max_offset_seconds", "clock_max_offset_ms: how far the local clock may be off the "
+                      "exchange's before it is a warning", [])
+            bound.add_metric([], self.clock_max_offset_ms / 1000)
+            yield bound
+        if self.data_dir is not None:
+            try:
+                fs = os.statvfs(self.data_dir)
+            except OSError:
+                pass  # the folder is gone: the writers say so in their own way
+            else:
+                free = g("disk_free_bytes", "bytes free for the collector on data_dir's filesystem", [])
+                free.add_metric([], fs.f_bavail * fs.f_frsize)
+                size = g("disk_size_bytes", "size of data_dir's filesystem", [])
+                size.add_metric([], fs.f_blocks * fs.f_frsize)
+                yield free
+                yield size
         if self.supervisor is not None:
             running, configured = self.supervisor.helpers_up()
             relays_up = g("relays_up", "stamp relay processes running", [])
@@ -128,8 +163,12 @@ class PipelineMetrics:
                 up.add_metric([result], self.upload_job.totals.get(result, 0))
             failing = g("upload_days_failing", "days the last upload run could not upload", [])
             failing.add_metric([], len(self.upload_job.last.get("days_failed", [])))
-            yield up
-            yield failing
+            last_run = g("upload_last_run_timestamp_seconds", "when the last upload run ended (0: none yet)", [])
+            last_run.add_metric([], self.upload_job.last_run)
+            success = g("upload_last_success_timestamp_seconds", "when the last upload run that uploaded every "
+                        "finished day ended (0: none yet)", [])
+            success.add_metric([], self.upload_job.last_success)
+            yield from (up, failing, last_run, success)
         if self.compactor is not None:
             runs = c("compactions", "compaction child processes, by outcome", ["result"])
             for result, n in self.compactor.runs.items():
@@ -141,11 +180,13 @@ class PipelineMetrics:
 
 
 def serve(listen: str, pipelines: Sequence[CountedPipeline], upload_job: UploadProgress | None = None,
-          compactor: CompactionProgress | None = None, supervisor: SupervisorView | None = None) -> int:
+          compactor: CompactionProgress | None = None, supervisor: SupervisorView | None = None,
+          data_dir: Path | None = None, clock_max_offset_ms: float | None = None) -> int:
     """Start the HTTP endpoint on host:port; returns the port (0 picks a free one)."""
     host, _, port = listen.rpartition(":")
     registry = CollectorRegistry()
-    registry.register(PipelineMetrics(pipelines, upload_job, compactor=compactor, supervisor=supervisor))
+    registry.register(PipelineMetrics(pipelines, upload_job, compactor=compactor, supervisor=supervisor,
+                                      data_dir=data_dir, clock_max_offset_ms=clock_max_offset_ms))
     server, _ = start_http_server(int(port), addr=host or "127.0.0.1", registry=registry)
     bound = server.server_address[1]
     log.info("metrics on http://%s:%d/metrics", host or "127.0.0.1", bound)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import config as config_mod
@@ -35,6 +36,8 @@ class UploadJob(PipelineThread):
         self.cfg, self.stop, self.kick = cfg, stop, threading.Event()
         self.last: dict = {}
         self.totals: dict[str, int] = {}
+        self.last_run = 0.0  # wall time (s) the last run ended, whatever its outcome
+        self.last_success = 0.0  # ... the last run that uploaded every finished day
 
     def loop(self) -> None:
         from storage.upload import UploadError
@@ -48,7 +51,10 @@ class UploadJob(PipelineThread):
                         self.totals[k] = self.totals.get(k, 0) + self.last[k]
                     if self.last["days_failed"]:
                         log.error("upload: days still not uploaded: %s", ", ".join(self.last["days_failed"]))
+                    else:
+                        self.last_success = time.time()
                 except UploadError as e:
                     log.error("%s", e)
                 except Exception:  # boto3 and network errors of every kind: the next run tries again
                     log.error("upload run failed; retried at the next run", exc_info=True)
+                self.last_run = time.time()

@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from config import MarketConfig
 from handlers.ingest.inbox import CLOCK, LOST, REST, SYMBOLS, WS, Inbox
@@ -69,6 +70,10 @@ class ProcessStats:
     gaps_by_reason: dict[str, int] = field(default_factory=dict)
     heartbeat: float = 0.0  # monotonic time of the loop's last turn (watchdog)
     last_frame_us: int = 0
+    # received_time - event_time of the last build's diffs, p50 and p99, in s (None before
+    # any): the way from the exchange's matching engine to this host's kernel, plus any
+    # difference between the two clocks
+    receive_delay: tuple[float, float] | None = None
 
 
 class RateLimitedLog:
@@ -567,6 +572,13 @@ class FrameProcessor(PipelineThread):
         self.warn(logging.WARNING, "malformed", "malformed %s skipped market=%s bytes=%d head=%r",
                   kind, self.cfg.name, len(raw), bytes(raw[:120]))
 
+    def _note_delay(self, table: pa.Table) -> None:
+        """The receive delay of a build's diffs (a few thousand rows, once every few seconds)."""
+        delay = pc.subtract(table.column("received_time"), table.column("event_time")).drop_null()
+        if len(delay):
+            p50, p99 = pc.quantile(delay, q=[0.5, 0.99]).to_pylist()
+            self.stats.receive_delay = (p50 / 1e6, p99 / 1e6)
+
     def end_segment(self) -> None:
         """Build, close the journal segment, and tell the writer to publish its parts."""
         self.build()
@@ -591,6 +603,8 @@ class FrameProcessor(PipelineThread):
                         _, _, symbol, U, _, pu, _ = values
                         self.gaps.append(now, symbol, pu if self._futures else U - 1, U, "malformed")
                         self.request_snapshot(symbol)
+                if kind == DIFF:
+                    self._note_delay(table)
                 self.outbox.put((kind, table))
         if len(self.snapshots):
             self.outbox.put(("orderbooks", self.snapshots.take()))
