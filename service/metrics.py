@@ -15,6 +15,8 @@ from service.counters import CompactionProgress, CountedPipeline, SupervisorView
 
 log = logging.getLogger(__name__)
 
+COUNTED_GAP_REASONS = ("start", "sequence", "reconnect", "malformed")  # docs/data.md, gaps
+
 
 class PipelineMetrics:
     """A prometheus_client collector over MarketPipeline objects (and the upload job)."""
@@ -77,7 +79,9 @@ class PipelineMetrics:
                 frames.add_metric([m, kind], n)
             for kind, n in k.rows_written.items():
                 rows.add_metric([m, kind], n)
-            for reason, n in k.gaps_by_reason.items():
+            # the reasons an alert or a dashboard counts are there from the start, at 0: a
+            # counter that first appears at 1 shows no increase in Prometheus
+            for reason, n in {**dict.fromkeys(COUNTED_GAP_REASONS, 0), **k.gaps_by_reason}.items():
                 gaps.add_metric([m, reason], n)
             dupes.add_metric([m], k.duplicates)
             malformed.add_metric([m], k.malformed)
