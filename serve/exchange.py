@@ -5,12 +5,13 @@ one port). `collector.py replay` serves recorded days with it; the loopback simu
 WebSocket (paths as on Binance; futures also under /public):
   /stream?streams=a/b   combined, frames wrapped as {"stream":..,"data":..}
   /ws, /ws/a/b          raw; SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS, SET_PROPERTY,
-                        GET_PROPERTY; control messages limited to 5/s (spot) or 10/s (futures)
+                        GET_PROPERTY; control messages limited to 5/s (spot) or 10/s (futures);
+                        `/ws/<name>` without an `@` (ccxt's `/ws/0`) opens with no stream
   server pings every `ping_interval` s; a connection without a pong for `pong_timeout` s is closed
 REST:
-  /api/v3/depth, /api/v3/exchangeInfo, /api/v3/ticker/24hr, /api/v3/time     (spot)
-  /fapi/v1/depth, /fapi/v1/exchangeInfo, /fapi/v1/ticker/24hr, /fapi/v1/time (futures)
-  /dapi/v1/depth, /dapi/v1/exchangeInfo, /dapi/v1/ticker/24hr, /dapi/v1/time (delivery: COIN-M)
+  /api/v3/depth, /api/v3/exchangeInfo, /api/v3/ticker/24hr, /api/v3/time, /api/v3/ping     (spot)
+  /fapi/v1/depth, /fapi/v1/exchangeInfo, /fapi/v1/ticker/24hr, /fapi/v1/time, /fapi/v1/ping (futures)
+  /dapi/v1/depth, /dapi/v1/exchangeInfo, /dapi/v1/ticker/24hr, /dapi/v1/time, /dapi/v1/ping (COIN-M)
   request weights as documented, `X-MBX-USED-WEIGHT-1M`, 429 + Retry-After past the limit
 
 What it serves comes from a subclass: `depth_body()` answers REST depth, `server_time_ms()`
@@ -184,6 +185,7 @@ class ExchangeServer:
         app.router.add_get(m.exchange_info_path, self.exchange_info)
         app.router.add_get(m.ticker_path, self.ticker)
         app.router.add_get(m.time_path, self.server_time)
+        app.router.add_get(m.time_path.removesuffix("/time") + "/ping", self.ping)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=self.ssl_context)
@@ -333,7 +335,10 @@ class ExchangeServer:
         if path.startswith("/stream"):
             names, combined = [n for n in request.query.get("streams", "").split("/") if n], True
         else:
-            names, combined = [n for n in request.match_info.get("streams", "").split("/") if n], False
+            # `/ws/<anything>`: a client may open a raw connection under a name of its own
+            # (ccxt: `/ws/0`) and SUBSCRIBE later; only stream-shaped names (`x@y`) are streams
+            names = [n for n in request.match_info.get("streams", "").split("/") if "@" in n]
+            combined = False
         if len(names) > self.market.max_streams_per_connection:
             return web.json_response({"code": -1, "msg": "too many streams"}, status=400)
         parsed = [self.parse_stream(n) for n in names]
@@ -547,6 +552,12 @@ class ExchangeServer:
                 rows.append({"symbol": s, "volume": "1000.0", "quoteVolume": str(quote_volume),
                              "count": 1000, "lastPrice": "1.0"})
         return web.json_response(rows[0] if symbol else rows, headers=headers)
+
+    async def ping(self, request: web.Request) -> web.Response:
+        """`GET /api/v3/ping` (`/fapi/v1/ping`, `/dapi/v1/ping`): `{}`, weight 1; clients
+        (python-binance) ping before anything else."""
+        ok, headers = self._charge(1)
+        return web.json_response({}, headers=headers)
 
     async def server_time(self, request: web.Request) -> web.Response:
         ok, headers = self._charge(1)

@@ -325,6 +325,34 @@ def test_spot_times_come_in_the_unit_each_client_asked_for(recorded, tmp_path):
     assert any(t % 1000 for t in recorded_us.values())  # the µs digits are really there
 
 
+def test_clients_ping_first_and_subscribe_on_a_connection_of_their_own_name(recorded, tmp_path):
+    """What clients do before they read a book: ping each market (`{}`), and open a raw
+    connection under a name of their own (ccxt opens `/ws/0`) and SUBSCRIBE on it; the
+    replay serves the recorded diffs on that connection."""
+    import urllib.request
+
+    import websocket
+
+    day = day_of_recording(recorded)
+    rp = ReplayProcess(tmp_path, recorded, day, "--speed", "0", "--start-delay", "1")
+    try:
+        for market, path in (("spot", "/api/v3/ping"), ("futures", "/fapi/v1/ping"), ("delivery", "/dapi/v1/ping")):
+            with urllib.request.urlopen(rp.urls[market][1] + path, timeout=10) as r:
+                assert r.status == 200 and json.loads(r.read()) == {}
+        ws = websocket.create_connection(rp.urls["spot"][0] + "/ws/0", timeout=20)
+        try:
+            ws.send(json.dumps({"method": "SUBSCRIBE", "params": ["btcusdt@depth@100ms"], "id": 7}))
+            assert json.loads(ws.recv()) == {"result": None, "id": 7}
+            first = json.loads(ws.recv())
+        finally:
+            ws.close()
+    finally:
+        rp.stop()
+        rp.kill()
+    recorded_ids = {r["final_update_id"] for r in load(recorded, "spot", "diff_orderbooks", symbol="BTCUSDT").to_pylist()}
+    assert first["e"] == "depthUpdate" and first["s"] == "BTCUSDT" and first["u"] in recorded_ids
+
+
 def test_a_long_day_is_merged_in_order_a_few_runs_at_a_time(recorded, tmp_path, monkeypatch):
     """Tiny runs (hundreds of them, merged 3 at a time, then at most 3 kinds x 1 run
     each... ) give every row once, in time order, and hold only a row group per run."""
