@@ -503,14 +503,34 @@ class ExchangeServer:
         return web.Response(body=body, content_type="application/json", headers=headers)
 
     async def exchange_info(self, request: web.Request) -> web.Response:
+        """All symbols, or those of `?symbol=X` / `?symbols=["X","Y"]` (Binance's error
+        shapes for both at once, a malformed list, an unknown symbol)."""
         ok, headers = self._charge(self.market.exchange_info_weight)
+        one, many = request.query.get("symbol"), request.query.get("symbols")
+        chosen = self.symbols
+        if one is not None and many is not None:
+            return web.json_response({"code": -1101, "msg": "Parameter 'symbol' and 'symbols' cannot both be sent."},
+                                     status=400, headers=headers)
+        if many is not None:
+            try:
+                names = orjson.loads(many)
+                if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                    raise ValueError
+            except ValueError:
+                return web.json_response({"code": -1100, "msg": "Illegal characters found in parameter 'symbols'."},
+                                         status=400, headers=headers)
+            chosen = [n.upper() for n in names]
+        elif one is not None:
+            chosen = [one.upper()]
+        if any(s not in self.symbols for s in chosen):
+            return web.json_response({"code": -1121, "msg": "Invalid symbol."}, status=400, headers=headers)
         info = {
             "timezone": "UTC", "serverTime": self.server_time_ms(),
             "rateLimits": [
                 {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": self.weight_limit},
                 {"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE", "intervalNum": 5, "limit": 300000},
             ],
-            "symbols": [self._symbol_info(s) for s in self.symbols],
+            "symbols": [self._symbol_info(s) for s in chosen],
         }
         return web.json_response(info, headers=headers)
 

@@ -326,9 +326,11 @@ def test_spot_times_come_in_the_unit_each_client_asked_for(recorded, tmp_path):
 
 
 def test_clients_ping_first_and_subscribe_on_a_connection_of_their_own_name(recorded, tmp_path):
-    """What clients do before they read a book: ping each market (`{}`), and open a raw
-    connection under a name of their own (ccxt opens `/ws/0`) and SUBSCRIBE on it; the
-    replay serves the recorded diffs on that connection."""
+    """What clients do before they read a book: ping each market (`{}`), ask exchangeInfo
+    for some symbols (refusals in Binance's shapes), and open a raw connection under a name
+    of their own (ccxt opens `/ws/0`) and SUBSCRIBE on it; the replay serves the recorded
+    diffs on that connection."""
+    import urllib.error
     import urllib.request
 
     import websocket
@@ -339,6 +341,18 @@ def test_clients_ping_first_and_subscribe_on_a_connection_of_their_own_name(reco
         for market, path in (("spot", "/api/v3/ping"), ("futures", "/fapi/v1/ping"), ("delivery", "/dapi/v1/ping")):
             with urllib.request.urlopen(rp.urls[market][1] + path, timeout=10) as r:
                 assert r.status == 200 and json.loads(r.read()) == {}
+        # exchangeInfo of some symbols, and Binance's answers to what it refuses
+        rest = rp.urls["futures"][1] + "/fapi/v1/exchangeInfo"
+        with urllib.request.urlopen(rest + "?symbol=ethusdt", timeout=10) as r:
+            info = json.loads(r.read())
+        assert [s["symbol"] for s in info["symbols"]] == ["ETHUSDT"]
+        assert info["symbols"][0]["contractType"] == "PERPETUAL" and info["symbols"][0]["marginAsset"] == "USDT"
+        with urllib.request.urlopen(rest + '?symbols=["BTCUSDT","BNBUSDT"]'.replace('"', "%22"), timeout=10) as r:
+            assert [s["symbol"] for s in json.loads(r.read())["symbols"]] == ["BTCUSDT", "BNBUSDT"]
+        for query, code in (("?symbol=NOPEUSDT", -1121), ("?symbols=BTCUSDT", -1100), ("?symbol=BTCUSDT&symbols=[]", -1101)):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(rest + query.replace('"', "%22"), timeout=10)
+            assert refused.value.code == 400 and json.loads(refused.value.read())["code"] == code
         ws = websocket.create_connection(rp.urls["spot"][0] + "/ws/0", timeout=20)
         try:
             ws.send(json.dumps({"method": "SUBSCRIBE", "params": ["btcusdt@depth@100ms"], "id": 7}))
