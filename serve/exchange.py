@@ -320,7 +320,7 @@ class ExchangeServer:
             speed_ms = 50 if levels else 20
         elif speed is None:
             speed_ms = default_ms
-        elif speed in speeds and speeds[speed]:
+        elif speed in speeds:  # spelled out too where it is the default (spot `@1000ms`, futures `@250ms`)
             speed_ms = int(speed[:-2])
         else:
             return None

@@ -353,13 +353,25 @@ def test_clients_ping_first_and_subscribe_on_a_connection_of_their_own_name(reco
             with pytest.raises(urllib.error.HTTPError) as refused:
                 urllib.request.urlopen(rest + query.replace('"', "%22"), timeout=10)
             assert refused.value.code == 400 and json.loads(refused.value.read())["code"] == code
+        # every speed a client may ask for, the default spelled out or left out, is served
+        # from the recorded frames (connections open before the replay's clock starts)
+        asked = {"spot": ["ethusdt@depth@1000ms", "bnbusdt@depth"], "futures": ["ethusdt@depth@250ms"]}
+        speeds = {m: websocket.create_connection(rp.urls[m][0] + "/stream?streams=" + "/".join(streams), timeout=20)
+                  for m, streams in asked.items()}
         ws = websocket.create_connection(rp.urls["spot"][0] + "/ws/0", timeout=20)
         try:
             ws.send(json.dumps({"method": "SUBSCRIBE", "params": ["btcusdt@depth@100ms"], "id": 7}))
             assert json.loads(ws.recv()) == {"result": None, "id": 7}
             first = json.loads(ws.recv())
+            for m, conn in speeds.items():
+                seen = set()
+                while len(seen) < len(asked[m]):
+                    seen.add(json.loads(conn.recv())["stream"])
+                assert seen == set(asked[m])
         finally:
             ws.close()
+            for conn in speeds.values():
+                conn.close()
     finally:
         rp.stop()
         rp.kill()
