@@ -131,8 +131,9 @@ def merge_day(sources: list[Source], out: Path, market: Market, day: str, compre
         writers.abort()
         raise
     # the merged day's quality record, from the merged day files (the sources' own records
-    # speak for each host; this one for what the merge holds)
-    quality = write_day_quality(out / market.name, day, market.chains_by_pu, compression_level)
+    # speak for each host; this one for what the merge holds; its delivery columns are null:
+    # no processor saw the merged copies)
+    quality = write_day_quality(out / market.name, day, market.chains_by_pu, compression_level, delivery_known=False)
     written[QUALITY_KIND] = pq.ParquetFile(quality).metadata.num_rows
     return written
 

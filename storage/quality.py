@@ -209,9 +209,11 @@ def clock_figures(clock: pa.Table | None, day_end: int) -> tuple[int | None, flo
 
 
 def day_quality(market_dir: Path, day: str, chains_by_pu: bool,
-                intervals: dict[str, tuple[list, list]] | None = None) -> pa.Table:
+                intervals: dict[str, tuple[list, list]] | None = None, delivery_known: bool = True) -> pa.Table:
     """The quality rows of one market's day, from its day files; `intervals`, when given,
-    gets each symbol's records and uncovered intervals (µs), for a picture by the hour."""
+    gets each symbol's records and uncovered intervals (µs), for a picture by the hour.
+    `delivery_known` False (a merge's output: no processor saw its copies): the delivery
+    columns are null rather than a guess."""
     intervals = {} if intervals is None else intervals
     start = day_start_us(day)
     kind_file = lambda kind: market_dir / kind / f"{day}.parquet"  # noqa: E731
@@ -235,8 +237,9 @@ def day_quality(market_dir: Path, day: str, chains_by_pu: bool,
         rows.append({"day": day, "symbol": symbol, **q, "diffs": diffs.count(symbol),
                      "partials": partials.count(symbol), "snapshots": snaps.count(symbol),
                      "verify_levels_compared": None, "verify_levels_agreed": None,
-                     "connections_lost": delivery.get(symbol, (0, 0))[1],
-                     "diffs_from_one_copy": max(0, diffs.count(symbol) - delivery.get(symbol, (0, 0))[0]),
+                     "connections_lost": delivery.get(symbol, (0, 0))[1] if delivery_known else None,
+                     "diffs_from_one_copy": max(0, diffs.count(symbol) - delivery.get(symbol, (0, 0))[0])
+                     if delivery_known else None,
                      "clock_max_abs_offset_us": clock_max, "clock_unsynced_seconds": clock_unsynced})
     return pa.Table.from_pylist(rows, schema=QUALITY)
 
@@ -259,12 +262,14 @@ def delivery_parts_days(market_dir: Path) -> list[str]:
         if folder.is_dir() else []
 
 
-def write_day_quality(market_dir: Path, day: str, chains_by_pu: bool, compression_level: int) -> Path:
+def write_day_quality(market_dir: Path, day: str, chains_by_pu: bool, compression_level: int,
+                      delivery_known: bool = True) -> Path:
     """Compute and publish (atomically) the quality file of a market's day; then the day's
     delivery part files, folded into it, are removed (a crash before that only means the
     record is computed again from the same files)."""
     final = quality_file(market_dir, day)
-    write_table_atomic(final, day_quality(market_dir, day, chains_by_pu), compression_level)
+    write_table_atomic(final, day_quality(market_dir, day, chains_by_pu, delivery_known=delivery_known),
+                       compression_level)
     parts = market_dir / QUALITY_KIND / day
     if parts.is_dir():
         for p in parts.glob("*.parquet"):

@@ -279,6 +279,7 @@ def test_merge_of_two_hosts_has_the_merged_coverage(tmp_path):
     record = {r["symbol"]: r for r in pq.read_table(quality_file(merged / "spot", day)).to_pylist()}
     assert_matches(list(record.values()), expected_quality(merged, "spot", day, False))
     for symbol in symbols:
+        assert record[symbol]["connections_lost"] is None and record[symbol]["diffs_from_one_copy"] is None
         assert record[symbol]["coverage"] >= max(own["a"][symbol]["coverage"], own["b"][symbol]["coverage"])
         assert record[symbol]["diffs"] >= max(own["a"][symbol]["diffs"], own["b"][symbol]["diffs"])
 
