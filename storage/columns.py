@@ -236,12 +236,18 @@ class DepthColumns:
     def __len__(self) -> int:
         return len(self.rows) + len(self.raw_rows) + len(self.packed_rows) + self.chunk_rows
 
+    def _only(self, way: str) -> None:
+        """Rows stay in arrival order: the buffers of the other ways in become a chunk first."""
+        if way != "rows" and self.rows:
+            self._rows_to_chunk()
+        if way != "raw" and self.raw_rows:
+            self._raw_to_chunk()
+        if way != "packed" and self.packed_rows:
+            self._packed_to_chunk()
+
     def append(self, received: int, event: int | None, symbol: str, first: int | None, final: int, prev: int | None,
                ttime: int | None, bids: Any, asks: Any) -> None:
-        if self.raw_rows:
-            self._raw_to_chunk()
-        if self.packed_rows:
-            self._packed_to_chunk()
+        self._only("rows")
         self.rows.append((received, event, symbol, first, final, prev, ttime))
         self.rbids.append(bids)
         self.rasks.append(asks)
@@ -249,10 +255,7 @@ class DepthColumns:
     def append_raw(self, received: int, event: int | None, symbol: str, first: int | None, final: int,
                    prev: int | None, ttime: int | None, bids: bytes | msgspec.Raw, asks: bytes | msgspec.Raw) -> None:
         """`bids`, `asks`: the JSON text of each side's level list (bytes or msgspec.Raw)."""
-        if self.rows:
-            self._rows_to_chunk()
-        if self.packed_rows:
-            self._packed_to_chunk()
+        self._only("raw")
         self.raw_rows.append((received, event, symbol, first, final, prev, ttime))
         self.raw_bids.append(bids)
         self.raw_asks.append(asks)
@@ -263,10 +266,7 @@ class DepthColumns:
     def extend_raw(self, rows: list[tuple], bids: list, asks: list, nbytes: int) -> None:
         """`append_raw` of many rows at once (the processor's rows of one socket read):
         `rows` of the seven scalars, `nbytes` the length of their level text."""
-        if self.rows:
-            self._rows_to_chunk()
-        if self.packed_rows:
-            self._packed_to_chunk()
+        self._only("raw")
         self.raw_rows += rows
         self.raw_bids += bids
         self.raw_asks += asks
@@ -278,10 +278,7 @@ class DepthColumns:
                       prev: int | None, ttime: int | None, bids: bytes, asks: bytes, price_exponent: int,
                       qty_exponent: int) -> None:
         """`bids`, `asks`: each side's levels as packed mantissas (`packed_levels`)."""
-        if self.rows:
-            self._rows_to_chunk()
-        if self.raw_rows:
-            self._raw_to_chunk()
+        self._only("packed")
         self.packed_rows.append((received, event, symbol, first, final, prev, ttime))
         self.packed_bids.append(bids)
         self.packed_asks.append(asks)
