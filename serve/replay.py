@@ -59,6 +59,7 @@ import pyarrow.parquet as pq
 
 from markets import DELIVERY, MARKETS, Market
 from serve import sbe
+from serve.books import Books, Diff, Snapshot
 from serve.exchange import Conn, ExchangeServer, Stream, ws_frame
 from storage.merge import Source
 from storage.schemas import SCHEMAS, exchange_times_in_us
@@ -420,7 +421,7 @@ class Replay:
         self.t0 = day.first_time or 0
         self.started: float | None = None       # monotonic time of the replay clock's start
         self.clock_us = self.t0                 # at speed 0: the last row's time
-        self.latest: dict[tuple[str, str], pa.Table] = {}
+        self.books = Books()
         self.sent = 0
         self.pacing = Pacing()
         self._index: dict[str, dict[tuple[str, str], list[Stream]]] = {}
@@ -439,23 +440,24 @@ class Replay:
         return sorted(self.day.symbols.get(market, ()))
 
     def snapshot(self, market: Market, symbol: str, limit: int) -> bytes | None:
-        """REST depth: the latest recorded snapshot at or before the replay clock (the
-        symbol's first before it reaches one), `limit` levels a side at most."""
-        key = (market.name, symbol)
-        row = self.latest.get(key)
-        if row is None:
-            row = self.day.first_snapshot.get(key)
-        if row is None:
+        """REST depth: the symbol's book at the replay clock (`serve.books`), `limit` levels
+        a side at most; before the clock reaches its first snapshot, that snapshot."""
+        book = self.books.of(market, symbol)
+        if book.snapshot is not None:
+            a = book.answer(limit)
+        elif (first := self.day.first_snapshot.get((market.name, symbol))) is not None:
+            a = Snapshot(first).answer(limit)
+        else:
             return None
-        r = row.to_pylist()[0]
+        assert a is not None
         pp, sp = self.day.places_of(market, symbol)
-        head = '{"lastUpdateId":%d,' % r["lastUpdateId"]
+        head = '{"lastUpdateId":%d,' % a.last_update_id
         if market.futures_payloads:
-            head += '"E":%d,"T":%d,' % ((r["event_time"] or 0) // 1000, (r["transaction_time"] or 0) // 1000)  # ms
+            head += '"E":%d,"T":%d,' % (a.event_time // 1000, a.transaction_time // 1000)  # ms
         if market is DELIVERY:
             head += '"symbol":"%s","pair":"%s",' % (symbol, symbol.split("_")[0])
-        bids = levels_text(r["bid_prices"][:limit], r["bid_sizes"][:limit], pp, sp)
-        asks = levels_text(r["ask_prices"][:limit], r["ask_sizes"][:limit], pp, sp)
+        bids = levels_text(a.bid_prices, a.bid_sizes, pp, sp)
+        asks = levels_text(a.ask_prices, a.ask_sizes, pp, sp)
         return (head + '"bids":[' + bids + '],"asks":[' + asks + "]}").encode()
 
     # ---- the walk ------------------------------------------------------------------------
@@ -485,8 +487,13 @@ class Replay:
                         due = 0.0
                     self.clock_us = t
                     if kind == SNAPSHOTS:
-                        self.latest[(market.name, cols["symbol"][i])] = cols["_row"][i]
+                        self.books.of(market, cols["symbol"][i]).on_snapshot(Snapshot(cols["_row"][i]))
                         continue
+                    if kind == DIFF:
+                        self.books.of(market, cols["symbol"][i]).on_diff(Diff(
+                            cols["first_update_id"][i], cols["final_update_id"][i], cols["prev_final_update_id"][i],
+                            cols["bids"][i], cols["asks"][i], cols["event_time"][i] or 0,
+                            cols["transaction_time"][i] or 0))
                     n = self._frame(market, kind, cols, i, pending)
                     if n:
                         if not queued:

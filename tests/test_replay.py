@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from markets import MARKETS as MARKETS_BY_NAME
 from research import verify
-from research.data import books, load
+from research.data import books, load, synced_updates
 from serve.replay import decimals, number
 from simulator import Simulator
 from simulator.server import load_capture
@@ -69,6 +69,41 @@ class ReplayProcess(CollectorProcess):
             if "replay market=" in line:
                 words = dict(w.split("=", 1) for w in line.split() if "=" in w)
                 self.urls[words["market"]] = (words["ws_url"], words["rest_url"])
+
+
+def recorded_books(data: Path, market: str, symbol: str) -> dict[int, tuple[dict, dict, object]]:
+    """The recorded book after every applied diff, by its `u`: (bids, asks, the book),
+    rebuilt by `research.data.synced_updates` (the book tells which prices it knows)."""
+    out = {}
+    for what, row, book in synced_updates(data, market, symbol):
+        if what == "diff":
+            out[row["final_update_id"]] = (dict(book.bids), dict(book.asks), (book.bid_floor, book.ask_ceiling,
+                                                                               set(book.known_beyond)))
+    return out
+
+
+def assert_same_book(client_bids, client_asks, truth: tuple[dict, dict, tuple]) -> None:
+    """A client's book (levels as [price, size] texts or numbers) against the recorded one at
+    the same update id: every level at a price both know, however deep (the recorded book
+    knows prices inside its first snapshot's range and what diffs set beyond it; the client
+    those down to its own deepest level) has the same size."""
+    bids, asks, (floor, ceiling, beyond) = truth
+    theirs = {float(p): float(q) for p, q in client_bids}, {float(p): float(q) for p, q in client_asks}
+    compared = 0
+    for side, mine, client in (("bid", bids, theirs[0]), ("ask", asks, theirs[1])):
+        if not client:
+            assert not mine, side
+            continue
+        if side == "bid":
+            lowest = min(client)
+            known = {p for p in set(mine) | set(client) if p >= lowest and (floor is None or p >= floor or p in beyond)}
+        else:
+            highest = max(client)
+            known = {p for p in set(mine) | set(client) if p <= highest and (ceiling is None or p <= ceiling or p in beyond)}
+        wrong = [(p, mine.get(p), client.get(p)) for p in sorted(known) if mine.get(p) != client.get(p)]
+        assert not wrong, (side, wrong[:5], len(wrong), len(known))
+        compared += len(known)
+    assert compared > 20, compared
 
 
 def run_replay(*args: str) -> subprocess.CompletedProcess:
@@ -248,14 +283,19 @@ def test_binance_connector_builds_the_recorded_book(recorded, tmp_path):
         assert [[float(p), float(q)] for p, q in msg["bids"]] == [list(x) for x in zip(r["bid_prices"][:5],
                                                                                      r["bid_sizes"][:5], strict=True)]
         assert len(msg["asks"]) == min(5, len(r["ask_prices"]))
-    # the REST answers are the recorded snapshots, as Binance writes them (8 decimals on spot)
+    # REST answers the book at the replay clock, as Binance writes it (8 decimals on spot):
+    # before the clock reaches the day's first snapshot, that one; then the recorded book
+    # at the last diff sent, which the next diff joins (a client that joins late syncs at once)
     recorded_snaps = {r["lastUpdateId"]: r for r in load(recorded, "spot", "orderbooks", symbol=symbol).to_pylist()}
-    for snap in snapshots:
-        r = recorded_snaps[snap["lastUpdateId"]]
-        assert [[float(p), float(q)] for p, q in snap["bids"]] == [list(x) for x in zip(r["bid_prices"],
-                                                                                      r["bid_sizes"], strict=True)]
-        assert all(len(p.split(".")[1]) == 8 for p, _ in snap["bids"] + snap["asks"])
-    assert snapshots[0]["lastUpdateId"] == min(recorded_snaps)  # before the clock reaches one: the day's first
+    assert snapshots[0]["lastUpdateId"] == min(recorded_snaps)
+    assert all(len(p.split(".")[1]) == 8 for s in snapshots for p, _ in s["bids"] + s["asks"])
+    truth = recorded_books(recorded, "spot", symbol)
+    later = [s for s in snapshots if s["lastUpdateId"] in truth]
+    assert len(later) > 10, (len(later), len(snapshots))
+    for snap in later:
+        assert_same_book(snap["bids"], snap["asks"], truth[snap["lastUpdateId"]])
+        following = next((e for e in events if e["u"] > snap["lastUpdateId"]), None)
+        assert following is None or following["U"] == snap["lastUpdateId"] + 1, (following, snap["lastUpdateId"])
     snapshot = next(s for s in snapshots if any(e["U"] <= s["lastUpdateId"] + 1 <= e["u"] for e in events))
     # the documented local book: drop diffs the snapshot holds, the first joins it, then each chains
     bids = {float(p): float(q) for p, q in snapshot["bids"]}
