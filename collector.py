@@ -188,7 +188,10 @@ COMMANDS: dict[str, tuple[str, Callable[[config_mod.Config, argparse.Namespace],
         (("--host",), dict(default="127.0.0.1", help="address to listen on (default: loopback only)")),
         (("--start-delay",), dict(type=float, default=0.0, help="seconds between the first subscription and the "
                                                                 "first frame, for other clients to subscribe")),
-        (("--scratch",), dict(help="folder for the day's time-ordered copy (default: the system's temp folder)"))]),
+        (("--scratch",), dict(help="folder for the day's time-ordered copy (default: the system's temp folder)")),
+        (("--symbols",), dict(help="only these symbols, e.g. BTCUSDT,ETHUSDT (default: every recorded one)")),
+        (("--from",), dict(dest="start", metavar="HH:MM[:SS]", help="start at this time of the day (UTC)")),
+        (("--to",), dict(dest="end", metavar="HH:MM[:SS]", help="end before this time of the day (UTC)"))]),
     "export": ("one symbol's data in another tool's format", commands.export, [
         (("--market",), dict(required=True, choices=list(MARKETS))),
         (("--symbol",), dict(required=True)),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +17,7 @@ from storage.compact import CompactionFailed, compact_all
 from storage.upload_job import make_uploader
 
 if TYPE_CHECKING:
+    from serve.replay import Selection
     from storage.merge import Source
 
 log = logging.getLogger("collector")
@@ -141,6 +143,32 @@ def merge(cfg: config_mod.Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def replay_selection(day: str, symbols: str | None, start: str | None, end: str | None) -> Selection:
+    """`--symbols A,B --from HH:MM[:SS] --to HH:MM[:SS]` as a `serve.replay.Selection`
+    (times of the UTC `day`; `--to` is exclusive, `24:00` the day's end)."""
+    from serve.replay import Selection
+    from storage.files import day_start_us
+
+    names = None
+    if symbols is not None:
+        names = frozenset(s.strip().upper() for s in symbols.split(",") if s.strip())
+        if not names:
+            raise ValueError(f"--symbols {symbols!r}: name at least one symbol (BTCUSDT,ETHUSDT)")
+
+    def moment(flag: str, text: str | None) -> int | None:
+        if text is None:
+            return None
+        m = re.fullmatch(r"(\d{1,2}):(\d{2})(?::(\d{2}))?", text)
+        if not m or int(m[2]) > 59 or int(m[3] or 0) > 59 or (int(m[1]), int(m[2]), int(m[3] or 0)) > (24, 0, 0):
+            raise ValueError(f"{flag} {text!r}: a time of the day, HH:MM or HH:MM:SS (00:00 to 24:00)")
+        return day_start_us(day) + ((int(m[1]) * 60 + int(m[2])) * 60 + int(m[3] or 0)) * 10**6
+
+    lo, hi = moment("--from", start), moment("--to", end)
+    if lo is not None and hi is not None and lo >= hi:
+        raise ValueError(f"--from {start} is not before --to {end}")
+    return Selection(names, lo, hi)
+
+
 def replay(args: argparse.Namespace) -> int:
     """`collector.py replay --data DIR --day D --spot-port P --futures-port Q ...`: serve a
     recorded day as a Binance-compatible exchange until SIGTERM/SIGINT."""
@@ -161,6 +189,11 @@ def replay(args: argparse.Namespace) -> int:
     except (ValueError, UploadError) as e:
         log.error("replay: --data %s", e)
         return EXIT_CONFIG
+    try:
+        selection = replay_selection(args.day, args.symbols, args.start, args.end)
+    except ValueError as e:
+        log.error("replay: %s", e)
+        return EXIT_CONFIG
     ports = {"spot": args.spot_port, "futures": args.futures_port}
     if args.delivery_port is not None:
         ports["delivery"] = args.delivery_port
@@ -172,7 +205,7 @@ def replay(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         return await replay_mod.serve(data, args.day, ports, args.host, args.speed, args.start_delay, scratch, stop,
-                                      sbe_port=args.spot_sbe_port)
+                                      sbe_port=args.spot_sbe_port, selection=selection)
 
     try:
         return asyncio.run(main())

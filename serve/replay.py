@@ -82,6 +82,41 @@ _run_ids = itertools.count()
 
 
 # ---- the day in time order -------------------------------------------------------------
+WARMUP_US = 900 * 10**6   # before --from: the snapshots and diffs read to build the books REST answers from
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What to replay of the day: some symbols (None: all), from `start_us` to `end_us`
+    (µs since the epoch; None: the day's first or last row)."""
+    symbols: frozenset[str] | None = None
+    start_us: int | None = None
+    end_us: int | None = None
+
+    def filter(self, kind: str) -> pc.Expression | None:
+        """The rows of `kind` to read. Before `start_us` only the diffs and snapshots of the
+        WARMUP_US before it: they are not sent, only applied to the books that REST depth
+        answers from. Day files are sorted by symbol, then time, so Arrow reads only the
+        row groups whose statistics can hold such rows."""
+        parts = []
+        if self.symbols is not None:
+            parts.append(pc.field("symbol").isin(sorted(self.symbols)))
+        if self.start_us is not None:
+            parts.append(pc.field("received_time") >= self.start_us - (0 if kind == PARTIAL else WARMUP_US))
+        if self.end_us is not None:
+            parts.append(pc.field("received_time") < self.end_us)
+        if not parts:
+            return None
+        expr = parts[0]
+        for p in parts[1:]:
+            expr = expr & p
+        return expr
+
+    def sends(self, t: int) -> bool:
+        """Whether a row received at `t` is sent (not only applied to a book)."""
+        return self.start_us is None or t >= self.start_us
+
+
 @dataclass(frozen=True)
 class Run:
     path: Path
@@ -97,7 +132,8 @@ class Day:
     runs: list[Run] = field(default_factory=list)
     symbols: dict[str, set[str]] = field(default_factory=dict)           # market -> symbols
     first_snapshot: dict[tuple[str, str], pa.Table] = field(default_factory=dict)
-    first_time: int | None = None                                        # µs, the day's earliest row
+    first_time: int | None = None                                        # µs, the earliest row to send
+    selection: Selection = field(default_factory=Selection)
     rows: dict[str, int] = field(default_factory=dict)                   # kind -> rows
     places: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  # futures: decimals
 
@@ -108,10 +144,12 @@ class Day:
         return self.places.get((market.name, symbol), (8, 8)) if market.futures_payloads else (8, 8)
 
 
-def order_day(data: Source, day: str, markets: list[Market], scratch: Path) -> Day:
-    """Sort every diff, partial and snapshot row of `day` into time-ordered runs, then
-    merge runs of the same kind until the final merge holds at most about FAN_IN."""
-    out = Day()
+def order_day(data: Source, day: str, markets: list[Market], scratch: Path,
+              selection: Selection = Selection()) -> Day:
+    """Sort every diff, partial and snapshot row of `day` (that `selection` keeps) into
+    time-ordered runs, then merge runs of the same kind until the final merge holds at
+    most about FAN_IN."""
+    out = Day(selection=selection)
     for market in markets:
         out.symbols[market.name] = set()
         for kind in KINDS:
@@ -124,7 +162,9 @@ def order_day(data: Source, day: str, markets: list[Market], scratch: Path) -> D
             size = 0
             for path in files:
                 dataset = ds.dataset(path, filesystem=data.fs, format="parquet", schema=SCHEMAS[kind])
-                for batch in dataset.to_batches(batch_size=65_536):
+                for batch in dataset.to_batches(batch_size=65_536, filter=selection.filter(kind)):
+                    if batch.num_rows == 0:
+                        continue
                     batch = exchange_times_in_us(batch)  # a version-1 file's ms become µs
                     pending.append(batch)
                     size += batch.nbytes
@@ -154,8 +194,11 @@ def _write_run(day: Day, batches: list[pa.RecordBatch], source: int, scratch: Pa
         return
     table = table.take(_time_order(table, kind))
     day.rows[kind] = day.rows.get(kind, 0) + table.num_rows
-    first = table.column("received_time")[0].as_py()
-    day.first_time = first if day.first_time is None else min(day.first_time, first)
+    times = table.column("received_time").to_numpy()
+    sent = times[times >= day.selection.start_us] if day.selection.start_us is not None else times
+    if len(sent):
+        first = int(sent[0])
+        day.first_time = first if day.first_time is None else min(day.first_time, first)
     symbols = table.column("symbol")
     day.symbols[market.name].update(pc.unique(symbols).to_pylist())
     if kind == SNAPSHOTS:  # each symbol's first snapshot: REST answers with it before the clock reaches one
@@ -472,11 +515,15 @@ class Replay:
         pending: dict[Conn, list[bytes]] = {}
         due_of: list[tuple[float, int]] = []  # (due monotonic time, frames) of what is pending
         queued, held_since = 0, 0.0
+        sends = self.day.selection.sends
         for pieces in merged(self.day.runs):
             for source, cols, rows, times in self._ordered(pieces):
                 market, kind = self.day.sources[source]
                 for i in rows:
                     t = int(times[i])
+                    if not sends(t):  # before --from: only the books REST answers from
+                        self._to_book(market, kind, cols, i)
+                        continue
                     if self.speed > 0:
                         due = self.started + (t - self.t0) / self.speed / 1e6
                         if due > time.monotonic() + EARLY:
@@ -486,14 +533,9 @@ class Replay:
                     else:
                         due = 0.0
                     self.clock_us = t
+                    self._to_book(market, kind, cols, i)
                     if kind == SNAPSHOTS:
-                        self.books.of(market, cols["symbol"][i]).on_snapshot(Snapshot(cols["_row"][i]))
                         continue
-                    if kind == DIFF:
-                        self.books.of(market, cols["symbol"][i]).on_diff(Diff(
-                            cols["first_update_id"][i], cols["final_update_id"][i], cols["prev_final_update_id"][i],
-                            cols["bids"][i], cols["asks"][i], cols["event_time"][i] or 0,
-                            cols["transaction_time"][i] or 0))
                     n = self._frame(market, kind, cols, i, pending)
                     if n:
                         if not queued:
@@ -511,6 +553,15 @@ class Replay:
                 if self.speed > 0 else "")
         log.info("day %s done: %d frames sent in %.1fs (%.0f frames/s)%s", self.day_name, self.sent, took,
                  self.sent / max(took, 1e-9), pace)
+
+    def _to_book(self, market: Market, kind: str, cols: dict, i: int) -> None:
+        """A snapshot or diff row to its symbol's book (REST depth answers from it)."""
+        if kind == SNAPSHOTS:
+            self.books.of(market, cols["symbol"][i]).on_snapshot(Snapshot(cols["_row"][i]))
+        elif kind == DIFF:
+            self.books.of(market, cols["symbol"][i]).on_diff(Diff(
+                cols["first_update_id"][i], cols["final_update_id"][i], cols["prev_final_update_id"][i],
+                cols["bids"][i], cols["asks"][i], cols["event_time"][i] or 0, cols["transaction_time"][i] or 0))
 
     def _ordered(self, pieces: list[Piece]) -> Iterator[tuple[int, dict, list[int], np.ndarray]]:
         """A round's rows in time order (update id within a time), as runs of rows of one
@@ -683,22 +734,28 @@ class DayServer(ExchangeServer):
 # ---- the command ---------------------------------------------------------------------------
 async def serve(data: Source, day: str, ports: dict[str, int], host: str, speed: float, start_delay: float,
                 scratch: Path | None, stop: asyncio.Event, ready: asyncio.Event | None = None,
-                sbe_port: int | None = None) -> int:
-    """Order the day, serve it on `ports` (market -> port; 0 picks one) until `stop`; with
-    `sbe_port`, the spot day also as SBE binary streams there."""
+                sbe_port: int | None = None, selection: Selection = Selection()) -> int:
+    """Order the day (what `selection` keeps of it), serve it on `ports` (market -> port;
+    0 picks one) until `stop`; with `sbe_port`, the spot day also as SBE binary streams there."""
     markets = [MARKETS[m] for m in ports]
     began = time.monotonic()
+    for m in MARKETS.values():
+        if m.name not in ports and data.files(m.name, DIFF, day):
+            log.warning("%s recorded on %s but not served (no --%s-port)", m.name, day, m.name)
     with tempfile.TemporaryDirectory(prefix="replay-", dir=scratch) as tmp:
-        ordered = await asyncio.to_thread(order_day, data, day, list(MARKETS.values()), Path(tmp))
+        ordered = await asyncio.to_thread(order_day, data, day, markets, Path(tmp), selection)
+        found = set().union(*ordered.symbols.values())
+        if selection.symbols is not None and (missing := selection.symbols - found):
+            log.error("not recorded on %s under %s (in the markets served, in the hours asked): %s", day, data.name,
+                      ", ".join(sorted(missing)))
+            return 2
         if ordered.first_time is None:
-            log.error("nothing recorded on %s under %s", day, data.name)
+            log.error("nothing recorded on %s under %s%s", day, data.name, "" if selection == Selection()
+                      else " in the symbols and hours asked")
             return 2
         log.info("day %s of %s ordered in %.1fs: %s; symbols: %s", day, data.name, time.monotonic() - began,
                  ", ".join(f"{k}={v}" for k, v in sorted(ordered.rows.items())),
                  ", ".join(f"{m}={len(s)}" for m, s in ordered.symbols.items() if s))
-        for m, s in ordered.symbols.items():
-            if s and m not in ports:
-                log.warning("%d symbols of %s recorded but not served (no --%s-port)", len(s), m, m)
         replay = Replay(ordered, day, speed, start_delay)
         servers = [(m.name, m.name, ports[m.name], False) for m in markets]
         if sbe_port is not None:

@@ -419,6 +419,64 @@ def test_clients_ping_first_and_subscribe_on_a_connection_of_their_own_name(reco
     assert first["e"] == "depthUpdate" and first["s"] == "BTCUSDT" and first["u"] in recorded_ids
 
 
+def test_a_selection_of_symbols_and_seconds_is_what_is_served(recorded, tmp_path):
+    """`--symbols ETHUSDT --from --to`: the chosen symbol's recorded diffs in that window,
+    every one and nothing else, on every market; other symbols are unknown to the replay;
+    REST depth at the start is the book the diffs before --from built (they are read
+    as warm-up, not sent), so the first diff sent joins it."""
+    import urllib.error
+    import urllib.request
+
+    import websocket
+
+    day = day_of_recording(recorded)
+    diffs = {m: load(recorded, m, "diff_orderbooks", symbol="ETHUSDT").to_pylist() for m in ("spot", "futures")}
+    times = sorted(r["received_time"] for r in diffs["spot"])
+    start = (times[len(times) // 3] // 10**6 + 1) * 10**6  # whole seconds, inside the recording
+    end = start + 2 * 10**6
+    clock = lambda us: time.strftime("%H:%M:%S", time.gmtime(us / 1e6))  # noqa: E731
+    rp = ReplayProcess(tmp_path, recorded, day, "--speed", "1", "--start-delay", "1", "--symbols", "ethusdt",
+                       "--from", clock(start), "--to", clock(end), markets=("spot", "futures"))
+    got: dict[str, list[dict]] = {}
+    try:
+        for m in ("spot", "futures"):
+            ws, rest = rp.urls[m]
+            with pytest.raises(urllib.error.HTTPError):  # not in the selection: unknown here
+                urllib.request.urlopen(rest + ("/api/v3" if m == "spot" else "/fapi/v1") + "/depth?symbol=BTCUSDT",
+                                       timeout=10)
+        conns = {m: websocket.create_connection(rp.urls[m][0] + "/ws/ethusdt@depth@100ms", timeout=20)
+                 for m in ("spot", "futures")}
+        try:
+            for m, conn in conns.items():
+                got[m] = [json.loads(conn.recv())]
+            spot_rest = rp.urls["spot"][1] + "/api/v3/depth?symbol=ETHUSDT&limit=1000"
+            with urllib.request.urlopen(spot_rest, timeout=10) as r:
+                snap = json.loads(r.read())
+            rp.wait_for_log("done:", timeout=60)
+            for m, conn in conns.items():
+                conn.settimeout(2)
+                try:
+                    while True:
+                        got[m].append(json.loads(conn.recv()))
+                except (websocket.WebSocketTimeoutException, websocket.WebSocketConnectionClosedException):
+                    pass
+        finally:
+            for conn in conns.values():
+                conn.close()
+    finally:
+        rp.stop()
+        rp.kill()
+    for m in ("spot", "futures"):
+        wanted = sorted(r["final_update_id"] for r in diffs[m] if start <= r["received_time"] < end)
+        assert len(wanted) > 10, (m, len(wanted))
+        assert sorted(e["u"] for e in got[m]) == wanted, m
+        assert {e["s"] for e in got[m]} == {"ETHUSDT"}
+    # the REST answer (asked after the first frame) is the book at the clock: the next diff joins it
+    following = next(e for e in got["spot"] if e["u"] > snap["lastUpdateId"])
+    assert following["U"] == snap["lastUpdateId"] + 1
+    assert_same_book(snap["bids"], snap["asks"], recorded_books(recorded, "spot", "ETHUSDT")[snap["lastUpdateId"]])
+
+
 def test_a_long_day_is_merged_in_order_a_few_runs_at_a_time(recorded, tmp_path, monkeypatch):
     """Tiny runs (hundreds of them, merged 3 at a time, then at most 3 kinds x 1 run
     each... ) give every row once, in time order, and hold only a row group per run."""
@@ -491,6 +549,16 @@ def test_bad_input_is_refused(recorded, tmp_path):
     assert r.returncode == 2 and "nothing recorded on 1999-01-01" in r.stderr
     r = run_replay("--data", str(recorded), "--day", "2026-01-01", "--speed", "-1", *ports)
     assert r.returncode == 2 and "--speed" in r.stderr
+    day = day_of_recording(recorded)
+    for args, says in ((("--from", "25:00"), "--from '25:00': a time of the day"),
+                       (("--to", "12:61"), "--to '12:61': a time of the day"),
+                       (("--from", "10:00", "--to", "09:59:59"), "--from 10:00 is not before --to 09:59:59"),
+                       (("--symbols", " , "), "name at least one symbol"),
+                       (("--symbols", "BTCUSDT,NOPEUSDT"), "not recorded on %s" % day),
+                       (("--from", "00:00", "--to", "00:00:01"), "in the symbols and hours asked")):
+        r = run_replay("--data", str(recorded), "--day", day, *args, *ports)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-500:])
+    assert "NOPEUSDT" in run_replay("--data", str(recorded), "--day", day, "--symbols", "nopeusdt", *ports).stderr
 
 
 VALUES = st.one_of(st.floats(min_value=-1e20, max_value=1e20, allow_nan=False, allow_infinity=False),
