@@ -119,13 +119,16 @@ class SymbolBook:
         self.waiting = []
 
     def answer(self, limit: int) -> Answer | None:
-        """The book now, `limit` levels a side at most, inside the range it can vouch for."""
+        """The book now, `limit` levels a side at most, inside the range it can vouch for;
+        None without a whole one (no snapshot yet, or a recorded gap since)."""
         snap = self.snapshot
-        if snap is None:
+        if snap is None or self.broken:
             return None
         self.fold()
         book = self.book
-        if book is None or self.last is None:  # broken, or nothing applied yet: the snapshot as recorded
+        if self.broken:
+            return None
+        if book is None or self.last is None:  # nothing applied yet: the snapshot as recorded
             return snap.answer(limit)
         floor, ceiling = book.bid_floor, book.ask_ceiling
         bids = sorted((kv for kv in book.bids.items() if floor is None or kv[0] >= floor), key=lambda kv: -kv[0])[:limit]

@@ -3,7 +3,9 @@ one port). `collector.py replay` serves recorded days with it; the loopback simu
 (`simulator/`) drives it with its own books for tests, benchmarks and demos.
 
 WebSocket (paths as on Binance; futures also under /public):
-  /stream?streams=a/b   combined, frames wrapped as {"stream":..,"data":..}
+  /stream?streams=a/b   combined, frames wrapped as {"stream":..,"data":..}; `/stream/<name>`
+                        the same, opening with no stream (ccxt tells a spot connection from a
+                        futures one by `/stream` in its URL, and connects to `<url>/<n>`)
   /ws, /ws/a/b          raw; SUBSCRIBE, UNSUBSCRIBE, LIST_SUBSCRIPTIONS, SET_PROPERTY,
                         GET_PROPERTY; control messages limited to 5/s (spot) or 10/s (futures);
                         `/ws/<name>` without an `@` (ccxt's `/ws/0`) opens with no stream
@@ -178,6 +180,7 @@ class ExchangeServer:
         prefixes = ["", self.market.ws_path_prefix] if self.market.ws_path_prefix else [""]
         for p in prefixes:
             app.router.add_get(p + "/stream", self.ws_handler)
+            app.router.add_get(p + "/stream/{name}", self.ws_handler)
             app.router.add_get(p + "/ws", self.ws_handler)
             app.router.add_get(p + "/ws/{streams:.*}", self.ws_handler)
         m = self.market

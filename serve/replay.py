@@ -131,7 +131,9 @@ class Day:
     sources: list[tuple[Market, str]] = field(default_factory=list)
     runs: list[Run] = field(default_factory=list)
     symbols: dict[str, set[str]] = field(default_factory=dict)           # market -> symbols
-    first_snapshot: dict[tuple[str, str], pa.Table] = field(default_factory=dict)
+    first_snapshot: dict[tuple[str, str], pa.Table] = field(default_factory=dict)  # see choose_first_snapshots
+    early_snapshots: dict[tuple[str, str], list[tuple[int, pa.Table]]] = field(default_factory=dict)
+    first_diff: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)  # (time, U) of the earliest
     first_time: int | None = None                                        # µs, the earliest row to send
     selection: Selection = field(default_factory=Selection)
     rows: dict[str, int] = field(default_factory=dict)                   # kind -> rows
@@ -173,6 +175,7 @@ def order_day(data: Source, day: str, markets: list[Market], scratch: Path,
                         pending, size = [], 0
             if pending:
                 _write_run(out, pending, source, scratch)
+    choose_first_snapshots(out)
     _reduce(out, scratch)
     return out
 
@@ -201,19 +204,53 @@ def _write_run(day: Day, batches: list[pa.RecordBatch], source: int, scratch: Pa
         day.first_time = first if day.first_time is None else min(day.first_time, first)
     symbols = table.column("symbol")
     day.symbols[market.name].update(pc.unique(symbols).to_pylist())
-    if kind == SNAPSHOTS:  # each symbol's first snapshot: REST answers with it before the clock reaches one
+    names = symbols.to_pylist()
+    if kind == SNAPSHOTS:  # each symbol's earliest few: REST answers one before the clock reaches it
         times = table.column("received_time").to_pylist()
-        for i, name in enumerate(symbols.to_pylist()):
-            known = day.first_snapshot.get((market.name, name))
-            if known is None or known.column("received_time")[0].as_py() > times[i]:
-                day.first_snapshot[(market.name, name)] = table.take([i])
-                if market.futures_payloads:
-                    day.places[(market.name, name)] = _places(_row(table, i))
+        for i, name in enumerate(names):
+            early = day.early_snapshots.setdefault((market.name, name), [])
+            if len(early) < EARLY_SNAPSHOTS or times[i] < early[-1][0]:
+                if not early or times[i] < early[0][0]:
+                    if market.futures_payloads:
+                        day.places[(market.name, name)] = _places(_row(table, i))
+                early.append((times[i], table.take([i])))
+                early.sort(key=lambda e: e[0])
+                del early[EARLY_SNAPSHOTS:]
     else:
+        if kind == DIFF:
+            earliest: dict[str, int] = {}
+            for i, name in enumerate(names):
+                earliest.setdefault(name, i)
+            for name, i in earliest.items():
+                t, known = int(times[i]), day.first_diff.get((market.name, name))
+                if known is None or t < known[0]:
+                    day.first_diff[(market.name, name)] = (t, table.column("first_update_id")[i].as_py())
         table = _with_text(day, market, table)
     path = scratch / f"run-{next(_run_ids):06d}.parquet"
     pq.write_table(table, path, row_group_size=_group_rows(table), compression="zstd", compression_level=1)
     day.runs.append(Run(path, source))
+
+
+EARLY_SNAPSHOTS = 3  # a symbol's earliest snapshots kept while the day is ordered
+
+
+def choose_first_snapshots(day: Day) -> None:
+    """Each symbol's snapshot REST answers before the clock reaches it: the earliest one
+    its first recorded diffs join. A recording's first snapshot can predate its first
+    diff by a few updates (the stream opened after it); a client given that one would
+    find the stream does not continue it, and start over."""
+    for (market_name, name), early in day.early_snapshots.items():
+        market = MARKETS[market_name]
+        first = day.first_diff.get((market_name, name))
+        chosen = early[0][1]
+        if first is not None:
+            # the diffs from the first on continue one another: any snapshot at or past the
+            # first diff's start is joined by one of them (spot: U <= id + 1; futures: U <= id)
+            joinable = [row for _, row in early
+                        if row.column("lastUpdateId")[0].as_py() >= first[1] - (0 if market.chains_by_pu else 1)]
+            chosen = joinable[0] if joinable else early[-1][1]
+        day.first_snapshot[(market_name, name)] = chosen
+    day.early_snapshots.clear()
 
 
 def _places(row: dict) -> tuple[int, int]:
@@ -486,13 +523,15 @@ class Replay:
         """REST depth: the symbol's book at the replay clock (`serve.books`), `limit` levels
         a side at most; before the clock reaches its first snapshot, that snapshot."""
         book = self.books.of(market, symbol)
-        if book.snapshot is not None:
-            a = book.answer(limit)
-        elif (first := self.day.first_snapshot.get((market.name, symbol))) is not None:
-            a = Snapshot(first).answer(limit)
-        else:
-            return None
-        assert a is not None
+        first = self.day.first_snapshot.get((market.name, symbol))
+        a = book.answer(limit)
+        if a is None:  # no whole book: the first snapshot the stream joins, until the clock passes it
+            if first is not None and (book.snapshot is None or first.column("received_time")[0].as_py() >= self.now_us()):
+                a = Snapshot(first).answer(limit)
+            elif book.snapshot is not None:  # after a recorded gap: the latest snapshot, as recorded
+                a = book.snapshot.answer(limit)
+            else:
+                return None
         pp, sp = self.day.places_of(market, symbol)
         head = '{"lastUpdateId":%d,' % a.last_update_id
         if market.futures_payloads:
@@ -505,6 +544,15 @@ class Replay:
 
     # ---- the walk ------------------------------------------------------------------------
     async def run(self) -> None:
+        rows = self._rows()
+        first = None
+        for n, row in enumerate(rows):  # before --from: applied to the books at once, not sent
+            if self.day.selection.sends(row[4]):
+                first = row
+                break
+            self._to_book(*row[:4])
+            if n % 10_000 == 0:
+                await asyncio.sleep(0)  # REST and pings meanwhile
         while not any(c.streams for sim in self.sims.values() for c in sim.conns):
             await asyncio.sleep(0.01)
         log.info("a client subscribed; the clock starts in %.1fs at %s", self.start_delay,
@@ -515,37 +563,29 @@ class Replay:
         pending: dict[Conn, list[bytes]] = {}
         due_of: list[tuple[float, int]] = []  # (due monotonic time, frames) of what is pending
         queued, held_since = 0, 0.0
-        sends = self.day.selection.sends
-        for pieces in merged(self.day.runs):
-            for source, cols, rows, times in self._ordered(pieces):
-                market, kind = self.day.sources[source]
-                for i in rows:
-                    t = int(times[i])
-                    if not sends(t):  # before --from: only the books REST answers from
-                        self._to_book(market, kind, cols, i)
-                        continue
-                    if self.speed > 0:
-                        due = self.started + (t - self.t0) / self.speed / 1e6
-                        if due > time.monotonic() + EARLY:
-                            self._flush(pending, due_of)
-                            queued = 0
-                            await asyncio.sleep(due - time.monotonic())
-                    else:
-                        due = 0.0
-                    self.clock_us = t
-                    self._to_book(market, kind, cols, i)
-                    if kind == SNAPSHOTS:
-                        continue
-                    n = self._frame(market, kind, cols, i, pending)
-                    if n:
-                        if not queued:
-                            held_since = time.monotonic()
-                        due_of.append((due, n))
-                        queued += n
-                    if queued >= FLUSH_FRAMES or (due and queued and time.monotonic() - held_since >= FLUSH_HOLD):
-                        self._flush(pending, due_of)
-                        queued = 0
-                        await self._drain()
+        for market, kind, cols, i, t in itertools.chain([first] if first else [], rows):
+            if self.speed > 0:
+                due = self.started + (t - self.t0) / self.speed / 1e6
+                if due > time.monotonic() + EARLY:
+                    self._flush(pending, due_of)
+                    queued = 0
+                    await asyncio.sleep(due - time.monotonic())
+            else:
+                due = 0.0
+            self.clock_us = t
+            self._to_book(market, kind, cols, i)
+            if kind == SNAPSHOTS:
+                continue
+            n = self._frame(market, kind, cols, i, pending)
+            if n:
+                if not queued:
+                    held_since = time.monotonic()
+                due_of.append((due, n))
+                queued += n
+            if queued >= FLUSH_FRAMES or (due and queued and time.monotonic() - held_since >= FLUSH_HOLD):
+                self._flush(pending, due_of)
+                queued = 0
+                await self._drain()
         self._flush(pending, due_of)
         took = time.monotonic() - began
         pace = (f"; pacing: late p50 {self.pacing.quantile(0.5) / 1000:.2f} ms, p99 "
@@ -553,6 +593,15 @@ class Replay:
                 if self.speed > 0 else "")
         log.info("day %s done: %d frames sent in %.1fs (%.0f frames/s)%s", self.day_name, self.sent, took,
                  self.sent / max(took, 1e-9), pace)
+
+    def _rows(self) -> Iterator[tuple[Market, str, dict, int, int]]:
+        """Every row of the day in time order: (market, kind, its piece's columns, its index
+        there, received_time)."""
+        for pieces in merged(self.day.runs):
+            for source, cols, rows, times in self._ordered(pieces):
+                market, kind = self.day.sources[source]
+                for i in rows:
+                    yield market, kind, cols, i, int(times[i])
 
     def _to_book(self, market: Market, kind: str, cols: dict, i: int) -> None:
         """A snapshot or diff row to its symbol's book (REST depth answers from it)."""

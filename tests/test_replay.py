@@ -220,13 +220,19 @@ def test_a_collector_re_records_the_real_captures(tmp_path):
     for m in MARKETS:  # the real captures carry diffs only
         before, after = rows_of(original, m, "diff_orderbooks", day), rows_of(again, m, "diff_orderbooks")
         assert before and after == before, m
-    # each capture holds one snapshot a symbol: the replay serves it, and it joins the replayed diffs
+    # each capture holds one snapshot a symbol: REST serves it before the clock starts, and
+    # the book at the clock after; either way the recorded book at its id, and it joins the diffs
     for m in MARKETS:
-        served = {r["symbol"]: r for r in load(again, m, "orderbooks").to_pylist()}
-        for r in load(original, m, "orderbooks").to_pylist():
-            got = served[r["symbol"]]
-            assert {k: got[k] for k in ("lastUpdateId", "bid_prices", "bid_sizes", "ask_prices", "ask_sizes")} == \
-                   {k: r[k] for k in ("lastUpdateId", "bid_prices", "bid_sizes", "ask_prices", "ask_sizes")}
+        recorded_snapshots = {r["lastUpdateId"]: r for r in load(original, m, "orderbooks").to_pylist()}
+        for got in load(again, m, "orderbooks").to_pylist():
+            if got["lastUpdateId"] in recorded_snapshots:
+                r = recorded_snapshots[got["lastUpdateId"]]
+                assert {k: got[k] for k in ("symbol", "bid_prices", "bid_sizes", "ask_prices", "ask_sizes")} == \
+                       {k: r[k] for k in ("symbol", "bid_prices", "bid_sizes", "ask_prices", "ask_sizes")}
+            else:
+                truth = recorded_books(original, m, got["symbol"])[got["lastUpdateId"]]
+                assert_same_book(list(zip(got["bid_prices"], got["bid_sizes"], strict=True)),
+                                 list(zip(got["ask_prices"], got["ask_sizes"], strict=True)), truth)
         report = verify.verify(again, m)
         assert report["problems"] == [], (m, report["problems"])
 
@@ -511,7 +517,8 @@ def test_a_long_day_is_merged_in_order_a_few_runs_at_a_time(recorded, tmp_path, 
 
 def test_a_day_is_served_from_s3(recorded, tmp_path, s3):  # noqa: F811
     """--data s3://bucket/prefix (the test S3 server): the same day, the same symbols, and
-    REST depth answers with the recorded snapshot."""
+    REST depth answers (before the clock starts) with a recorded snapshot, the earliest
+    the recorded diffs join."""
     import requests
 
     from tests.test_upload import BUCKET, env_for
@@ -529,8 +536,12 @@ def test_a_day_is_served_from_s3(recorded, tmp_path, s3):  # noqa: F811
         rp.kill()
     assert sorted(s["symbol"] for s in info["symbols"]) == sorted(SYMBOLS["futures"])
     assert {s["status"] for s in info["symbols"]} == {"TRADING"}
-    first = load(recorded, "futures", "orderbooks", symbol="BTCUSDT").to_pylist()[0]
-    assert depth["lastUpdateId"] == first["lastUpdateId"] and (depth["E"], depth["T"]) == (
+    snapshots = {r["lastUpdateId"]: r for r in load(recorded, "futures", "orderbooks", symbol="BTCUSDT").to_pylist()}
+    first = snapshots[depth["lastUpdateId"]]
+    diff_starts = [r["first_update_id"] for r in sorted(load(recorded, "futures", "diff_orderbooks", symbol="BTCUSDT")
+                                                        .to_pylist(), key=lambda r: r["received_time"])]
+    assert first["lastUpdateId"] == min(i for i in snapshots if i >= diff_starts[0])
+    assert (depth["E"], depth["T"]) == (
         first["event_time"] // 1000, first["transaction_time"] // 1000)  # stored in µs, served in ms as Binance does
     assert [float(p) for p, _ in depth["bids"]] == first["bid_prices"]
     diffs = sum(len(rows_of(recorded, m, "diff_orderbooks", day)) for m in MARKETS)

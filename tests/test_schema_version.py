@@ -106,7 +106,8 @@ def test_a_version_1_tree_is_read_as_us_everywhere(recorded, tmp_path):
     (tmp_path / "scratch").mkdir()
     ordered = order_day(open_source(str(v1)), day, list(MARKETS.values()), tmp_path / "scratch")
     first = ordered.first_snapshot[("futures", "BTCUSDT")].to_pylist()[0]
-    expected = load(recorded, "futures", "orderbooks", symbol="BTCUSDT").sort_by("received_time").to_pylist()[0]
+    expected = {r["lastUpdateId"]: r for r in load(recorded, "futures", "orderbooks", symbol="BTCUSDT").to_pylist()}
+    expected = expected[first["lastUpdateId"]]
     assert (first["event_time"], first["transaction_time"]) == (expected["event_time"], expected["transaction_time"])
 
 
