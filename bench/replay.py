@@ -16,6 +16,12 @@ clock starts (`--start-delay 3`), then:
    ratio is the cost of serving.
 2. **pacing**, speed `--pace-speed` (1: real time, as long as the recorded day): the
    replay's log line, how late frames left against their schedule (p50, p99, max).
+
+`--first-frame` measures instead how long a selection takes to start: from launching
+`collector.py replay` to the first frame a client (subscribed as soon as the ports are
+up, `--start-delay 0`) receives, for the whole day (the baseline, in the same run), one
+symbol, and the first 100 symbols over the middle third of the day (`--from`/`--to`),
+each run in a process of its own with its CPU and peak RSS.
 """
 from __future__ import annotations
 
@@ -60,8 +66,9 @@ def recorded(data: Path, day: str | None) -> tuple[str, dict[str, list[str]], di
 
 
 class Replay:
-    def __init__(self, data: Path, day: str, speed: float, markets: list[str], work: Path):
-        self.log_path = work / f"replay-{speed:g}.log"
+    def __init__(self, data: Path, day: str, speed: float, markets: list[str], work: Path, *extra: str,
+                 start_delay: float = 3.0):
+        self.log_path = work / f"replay-{speed:g}-{len(list(work.glob('replay-*')))}.log"
         self.log_file = open(self.log_path, "wb")
         ports = [a for m in markets for a in (f"--{m}-port", "0")]
         if "futures" not in markets:
@@ -69,7 +76,8 @@ class Replay:
         if "spot" not in markets:
             ports += ["--spot-port", "0"]
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "collector.py"), "replay", "--data", str(data),
-                                      "--day", day, "--speed", str(speed), "--start-delay", "3", *ports],
+                                      "--day", day, "--speed", str(speed), "--start-delay", str(start_delay),
+                                      *ports, *extra],
                                      stderr=self.log_file, stdout=subprocess.DEVNULL)
         self.urls: dict[str, str] = {}
         deadline = time.monotonic() + 600
@@ -165,7 +173,7 @@ with tempfile.TemporaryDirectory() as tmp:
     rp = r.Replay(day, {day!r}, 0)
     n = 0
     for pieces in r.merged(day.runs):
-        for source, cols, rows, _ in rp._ordered(pieces):
+        for source, cols, rows, _ in rp._ordered(day, pieces):
             market, kind = day.sources[source]
             if kind == r.SNAPSHOTS:
                 continue
@@ -197,6 +205,48 @@ def throughput(data: Path, day: str, symbols: dict[str, list[str]], levels: dict
           f"peak RSS {rss:.0f} MiB", flush=True)
 
 
+def first_frame(data: Path, day: str, symbols: dict[str, list[str]], tmp: Path) -> None:
+    """Seconds from launch to the first frame, per selection (see the module's doc)."""
+    import asyncio
+
+    import aiohttp
+    import pyarrow.compute as pc
+
+    times = ds.dataset(sorted((data / "spot" / "diff_orderbooks").glob(f"{day}*.parquet")) or
+                       sorted((data / "spot" / "diff_orderbooks" / day).glob("*.parquet"))).to_table(
+        columns=["received_time"]).column("received_time")
+    lo, hi = (v.as_py() for v in pc.min_max(times).values())
+    third = (hi - lo) // 3
+    clock = lambda us: time.strftime("%H:%M:%S", time.gmtime(us / 1e6))  # noqa: E731
+    window = (clock(lo + third), clock(lo + 2 * third))
+    names = sorted(set().union(*symbols.values()))
+    cases = [("whole day (baseline)", [], names[:1]),
+             ("1 symbol, the whole day", ["--symbols", names[0]], names[:1]),
+             (f"100 symbols, {window[0]}-{window[1]}",
+              ["--symbols", ",".join(names[:100]), "--from", window[0], "--to", window[1]], names[:100])]
+    print(f"the day's spot diffs: {clock(lo)} to {clock(hi)} ({(hi - lo) / 1e6:.0f} s, {len(times):,} rows)")
+    for label, extra, wanted in cases:
+        began = time.monotonic()
+        rp = Replay(data, day, 1.0, list(symbols), tmp, *extra, start_delay=0)
+
+        async def first(rp: Replay = rp, wanted: list[str] = wanted) -> float:
+            async with aiohttp.ClientSession() as session:
+                streams = "/".join(f"{s.lower()}@depth@100ms" for s in wanted[:PER_CONNECTION])
+                async with session.ws_connect(f"{rp.urls[list(symbols)[0]]}/stream?streams={streams}") as ws:
+                    await ws.receive(timeout=600)
+                    return time.monotonic()
+
+        try:
+            got = asyncio.run(first())
+            rss, cpu = rp.peak_rss_mib(), rp.cpu_s()
+        finally:
+            rp.stop()
+        ordered = re.search(r"ordered in ([\d.]+)s: (.*?); symbols", rp.log)
+        print(f"{label}: first frame {got - began:.1f}s after launch (ordering "
+              f"{ordered.group(1) if ordered else '?'}s: {ordered.group(2) if ordered else '?'}); "
+              f"CPU {cpu:.1f}s, peak RSS {rss:.0f} MiB", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data", type=Path)
@@ -204,10 +254,14 @@ def main() -> None:
     p.add_argument("--pace-speed", type=float, default=1.0)
     p.add_argument("--no-pace", action="store_true", help="only the throughput at speed 0")
     p.add_argument("--no-throughput", action="store_true", help="only the pacing")
+    p.add_argument("--first-frame", action="store_true", help="only the time to the first frame of selections")
     args = p.parse_args()
     day, symbols, levels = recorded(args.data, args.day)
     print(f"day {day}: " + ", ".join(f"{m} {len(s)} symbols" for m, s in symbols.items()), flush=True)
     with tempfile.TemporaryDirectory(prefix="ob-replay-bench-") as tmp:
+        if args.first_frame:
+            first_frame(args.data, day, symbols, Path(tmp))
+            return
         if not args.no_throughput:
             throughput(args.data, day, symbols, levels, Path(tmp))
         if not args.no_pace:

@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -82,7 +83,9 @@ _run_ids = itertools.count()
 
 
 # ---- the day in time order -------------------------------------------------------------
-WARMUP_US = 900 * 10**6   # before --from: the snapshots and diffs read to build the books REST answers from
+WARMUP_US = 900 * 10**6   # before --from: how far back a symbol's latest snapshot is looked for
+FIRST_SLICE_US = 60 * 10**6      # the first slice of the day put in order: short, so the first frame comes soon
+LONGEST_SLICE_US = 900 * 10**6   # each next slice twice as long as the one before, up to this
 
 
 @dataclass(frozen=True)
@@ -93,18 +96,17 @@ class Selection:
     start_us: int | None = None
     end_us: int | None = None
 
-    def filter(self, kind: str) -> pc.Expression | None:
-        """The rows of `kind` to read. Before `start_us` only the diffs and snapshots of the
-        WARMUP_US before it: they are not sent, only applied to the books that REST depth
-        answers from. Day files are sorted by symbol, then time, so Arrow reads only the
-        row groups whose statistics can hold such rows."""
+    def rows(self, lo: int | None, hi: int | None) -> pc.Expression | None:
+        """The selected symbols' rows received in [lo, hi). Day files are sorted by symbol,
+        then time, and part files hold consecutive times, so Arrow reads only the row
+        groups whose statistics can hold such rows."""
         parts = []
         if self.symbols is not None:
             parts.append(pc.field("symbol").isin(sorted(self.symbols)))
-        if self.start_us is not None:
-            parts.append(pc.field("received_time") >= self.start_us - (0 if kind == PARTIAL else WARMUP_US))
-        if self.end_us is not None:
-            parts.append(pc.field("received_time") < self.end_us)
+        if lo is not None:
+            parts.append(pc.field("received_time") >= lo)
+        if hi is not None:
+            parts.append(pc.field("received_time") < hi)
         if not parts:
             return None
         expr = parts[0]
@@ -115,6 +117,104 @@ class Selection:
     def sends(self, t: int) -> bool:
         """Whether a row received at `t` is sent (not only applied to a book)."""
         return self.start_us is None or t >= self.start_us
+
+
+@dataclass
+class Plan:
+    """What the selection holds, known before anything is put in order: each market's
+    symbols and the first and last time of a diff to send."""
+    symbols: dict[str, set[str]]
+    first_us: int | None
+    last_us: int | None
+    warm_from: int | None   # diffs and snapshots from here to --from build the books, unsent
+
+    def slices(self, selection: Selection) -> list[tuple[int, int | None]]:
+        """[lo, hi) windows covering what is sent, each put in order while the one before
+        is served: the first FIRST_SLICE_US long, each next twice as long, up to
+        LONGEST_SLICE_US."""
+        assert self.first_us is not None and self.last_us is not None
+        out: list[tuple[int, int | None]] = []
+        lo, width = self.first_us, FIRST_SLICE_US
+        end = self.last_us + 1 if selection.end_us is None else min(selection.end_us, self.last_us + 1)
+        while lo < end:
+            out.append((lo, min(end, lo + width)))
+            lo, width = lo + width, min(LONGEST_SLICE_US, width * 2)
+        # the first from --from, or (without) with whatever came before the first diff
+        first_lo = selection.start_us if selection.start_us is not None else self.warm_from
+        if out and first_lo is not None:
+            out[0] = (min(first_lo, out[0][0]), out[0][1])
+        if out and selection.end_us is None:  # the last to the day's end: what came after the last diff
+            out[-1] = (out[-1][0], None)
+        return out
+
+
+def plan_day(data: Source, day: str, markets: list[Market], selection: Selection) -> Plan:
+    """Read the selected diffs' symbols and times only (two columns), and, with --from,
+    the times of the snapshots before it: each symbol's latest one before --from is where
+    its book starts (no further back than WARMUP_US)."""
+    symbols: dict[str, set[str]] = {}
+    first = last = None
+    latest: dict[tuple[str, str], int] = {}
+    for market in markets:
+        symbols[market.name] = set()
+        for path in data.files(market.name, DIFF, day):
+            dataset = ds.dataset(path, filesystem=data.fs, format="parquet", schema=SCHEMAS[DIFF])
+            for batch in dataset.to_batches(columns=["symbol", "received_time"], batch_size=1 << 20,
+                                            filter=selection.rows(selection.start_us, selection.end_us),
+                                            batch_readahead=1, fragment_readahead=1):
+                if batch.num_rows == 0:
+                    continue
+                symbols[market.name].update(pc.unique(batch.column("symbol")).to_pylist())
+                lo, hi = (v.as_py() for v in pc.min_max(batch.column("received_time")).values())
+                first, last = lo if first is None else min(first, lo), hi if last is None else max(last, hi)
+        if selection.start_us is None:
+            continue
+        for path in data.files(market.name, SNAPSHOTS, day):
+            dataset = ds.dataset(path, filesystem=data.fs, format="parquet", schema=SCHEMAS[SNAPSHOTS])
+            rows = dataset.to_table(columns=["symbol", "received_time"],
+                                    filter=selection.rows(selection.start_us - WARMUP_US, selection.start_us))
+            for name, t in zip(rows.column("symbol").to_pylist(), rows.column("received_time").to_pylist(),
+                               strict=True):
+                latest[(market.name, name)] = max(t, latest.get((market.name, name), t))
+    warm_from: int | None
+    if selection.start_us is not None:
+        warm_from = min(latest.values()) if latest else selection.start_us
+    else:  # the snapshots just before the first diff (a recording starts with one)
+        warm_from = None if first is None else first - WARMUP_US
+    return Plan(symbols, first, last, warm_from)
+
+
+class Slices:
+    """The day's slices (`Plan.slices`), each put in order (`order_day`, in a thread) while
+    the one before is served; a slice's scratch files go once it has been served."""
+
+    def __init__(self, data: Source, day: str, markets: list[Market], scratch: Path, selection: Selection,
+                 plan: Plan):
+        self.data, self.day, self.markets, self.scratch, self.selection, self.plan = (
+            data, day, markets, scratch, selection, plan)
+        self.windows = plan.slices(selection)
+        self.places: dict[tuple[str, str], tuple[int, int]] = {}
+        self.served = 0
+        self._ahead: asyncio.Task | None = None
+
+    def _order(self, k: int) -> Day:
+        folder = self.scratch / f"slice-{k:05d}"
+        folder.mkdir()
+        return order_day(self.data, self.day, self.markets, folder, self.selection, self.windows[k],
+                         warm_from=self.plan.warm_from if k == 0 else None, places=self.places)
+
+    async def next(self) -> Day | None:
+        """The next slice in order (None after the last); the one after it starts."""
+        if self.served >= len(self.windows):
+            return None
+        task = self._ahead or asyncio.create_task(asyncio.to_thread(self._order, self.served))
+        day = await task
+        if self.served > 0:
+            shutil.rmtree(self.scratch / f"slice-{self.served - 1:05d}", ignore_errors=True)
+        self.served += 1
+        self._ahead = (asyncio.create_task(asyncio.to_thread(self._order, self.served))
+                       if self.served < len(self.windows) else None)
+        return day
 
 
 @dataclass(frozen=True)
@@ -146,12 +246,18 @@ class Day:
         return self.places.get((market.name, symbol), (8, 8)) if market.futures_payloads else (8, 8)
 
 
-def order_day(data: Source, day: str, markets: list[Market], scratch: Path,
-              selection: Selection = Selection()) -> Day:
-    """Sort every diff, partial and snapshot row of `day` (that `selection` keeps) into
-    time-ordered runs, then merge runs of the same kind until the final merge holds at
-    most about FAN_IN."""
+def order_day(data: Source, day: str, markets: list[Market], scratch: Path, selection: Selection = Selection(),
+              window: tuple[int | None, int | None] = (None, None), warm_from: int | None = None,
+              places: dict[tuple[str, str], tuple[int, int]] | None = None) -> Day:
+    """Sort every diff, partial and snapshot row of `day` that `selection` keeps, received
+    in `window` [lo, hi) (diffs and snapshots from `warm_from`, to build the books before
+    it), into time-ordered runs, then merge runs of the same kind until the final merge
+    holds at most about FAN_IN. `places`: the futures symbols' decimals known already
+    (shared with the day's other slices)."""
     out = Day(selection=selection)
+    if places is not None:
+        out.places = places
+    lo, hi = window
     for market in markets:
         out.symbols[market.name] = set()
         for kind in KINDS:
@@ -164,7 +270,8 @@ def order_day(data: Source, day: str, markets: list[Market], scratch: Path,
             size = 0
             for path in files:
                 dataset = ds.dataset(path, filesystem=data.fs, format="parquet", schema=SCHEMAS[kind])
-                for batch in dataset.to_batches(batch_size=65_536, filter=selection.filter(kind)):
+                rows = selection.rows(lo if kind == PARTIAL or warm_from is None else warm_from, hi)
+                for batch in dataset.to_batches(batch_size=65_536, filter=rows, batch_readahead=1, fragment_readahead=1):
                     if batch.num_rows == 0:
                         continue
                     batch = exchange_times_in_us(batch)  # a version-1 file's ms become µs
@@ -495,8 +602,13 @@ class Replay:
     """The driver: walks the merged day, keeps the latest snapshot of each symbol, and
     sends each frame to the streams subscribed to it on its market's server."""
 
-    def __init__(self, day: Day, day_name: str, speed: float, start_delay: float = 0.0):
+    def __init__(self, day: Day, day_name: str, speed: float, start_delay: float = 0.0,
+                 slices: Slices | None = None, symbols: dict[str, set[str]] | None = None):
+        """`day`: the day's first slice (or the whole day, put in order); `slices` gives the
+        ones after it; `symbols`: each market's, of the whole selection (default: `day`'s)."""
         self.day, self.day_name, self.speed, self.start_delay = day, day_name, speed, start_delay
+        self.slices = slices
+        self._symbols = symbols if symbols is not None else day.symbols
         self.sims: dict[str, DayServer] = {}  # by server: a market's name, or "spot-sbe"
         self.t0 = day.first_time or 0
         self.started: float | None = None       # monotonic time of the replay clock's start
@@ -517,7 +629,7 @@ class Replay:
         return self.now_us() // 1000
 
     def symbols(self, market: str) -> list[str]:
-        return sorted(self.day.symbols.get(market, ()))
+        return sorted(self._symbols.get(market, ()))
 
     def snapshot(self, market: Market, symbol: str, limit: int) -> bytes | None:
         """REST depth: the symbol's book at the replay clock (`serve.books`), `limit` levels
@@ -544,7 +656,8 @@ class Replay:
 
     # ---- the walk ------------------------------------------------------------------------
     async def run(self) -> None:
-        rows = self._rows()
+        day: Day | None = self.day
+        rows = self._rows(self.day)
         first = None
         for n, row in enumerate(rows):  # before --from: applied to the books at once, not sent
             if self.day.selection.sends(row[4]):
@@ -563,30 +676,36 @@ class Replay:
         pending: dict[Conn, list[bytes]] = {}
         due_of: list[tuple[float, int]] = []  # (due monotonic time, frames) of what is pending
         queued, held_since = 0, 0.0
-        for market, kind, cols, i, t in itertools.chain([first] if first else [], rows):
-            if self.speed > 0:
-                due = self.started + (t - self.t0) / self.speed / 1e6
-                if due > time.monotonic() + EARLY:
+        rows = itertools.chain([first] if first else [], rows)
+        while day is not None:
+            for market, kind, cols, i, t in rows:
+                if self.speed > 0:
+                    due = self.started + (t - self.t0) / self.speed / 1e6
+                    if due > time.monotonic() + EARLY:
+                        self._flush(pending, due_of)
+                        queued = 0
+                        await asyncio.sleep(due - time.monotonic())
+                else:
+                    due = 0.0
+                self.clock_us = t
+                self._to_book(market, kind, cols, i)
+                if kind == SNAPSHOTS:
+                    continue
+                n = self._frame(market, kind, cols, i, pending)
+                if n:
+                    if not queued:
+                        held_since = time.monotonic()
+                    due_of.append((due, n))
+                    queued += n
+                if queued >= FLUSH_FRAMES or (due and queued and time.monotonic() - held_since >= FLUSH_HOLD):
                     self._flush(pending, due_of)
                     queued = 0
-                    await asyncio.sleep(due - time.monotonic())
-            else:
-                due = 0.0
-            self.clock_us = t
-            self._to_book(market, kind, cols, i)
-            if kind == SNAPSHOTS:
-                continue
-            n = self._frame(market, kind, cols, i, pending)
-            if n:
-                if not queued:
-                    held_since = time.monotonic()
-                due_of.append((due, n))
-                queued += n
-            if queued >= FLUSH_FRAMES or (due and queued and time.monotonic() - held_since >= FLUSH_HOLD):
-                self._flush(pending, due_of)
-                queued = 0
-                await self._drain()
-        self._flush(pending, due_of)
+                    await self._drain()
+            self._flush(pending, due_of)
+            queued = 0
+            day = await self.slices.next() if self.slices is not None else None
+            if day is not None:
+                rows = self._rows(day)
         took = time.monotonic() - began
         pace = (f"; pacing: late p50 {self.pacing.quantile(0.5) / 1000:.2f} ms, p99 "
                 f"{self.pacing.quantile(0.99) / 1000:.2f} ms, max {self.pacing.quantile(1.0) / 1000:.2f} ms"
@@ -594,12 +713,12 @@ class Replay:
         log.info("day %s done: %d frames sent in %.1fs (%.0f frames/s)%s", self.day_name, self.sent, took,
                  self.sent / max(took, 1e-9), pace)
 
-    def _rows(self) -> Iterator[tuple[Market, str, dict, int, int]]:
-        """Every row of the day in time order: (market, kind, its piece's columns, its index
-        there, received_time)."""
-        for pieces in merged(self.day.runs):
-            for source, cols, rows, times in self._ordered(pieces):
-                market, kind = self.day.sources[source]
+    def _rows(self, day: Day) -> Iterator[tuple[Market, str, dict, int, int]]:
+        """Every row of a slice of the day in time order: (market, kind, its piece's
+        columns, its index there, received_time)."""
+        for pieces in merged(day.runs):
+            for source, cols, rows, times in self._ordered(day, pieces):
+                market, kind = day.sources[source]
                 for i in rows:
                     yield market, kind, cols, i, int(times[i])
 
@@ -612,24 +731,24 @@ class Replay:
                 cols["first_update_id"][i], cols["final_update_id"][i], cols["prev_final_update_id"][i],
                 cols["bids"][i], cols["asks"][i], cols["event_time"][i] or 0, cols["transaction_time"][i] or 0))
 
-    def _ordered(self, pieces: list[Piece]) -> Iterator[tuple[int, dict, list[int], np.ndarray]]:
+    def _ordered(self, day: Day, pieces: list[Piece]) -> Iterator[tuple[int, dict, list[int], np.ndarray]]:
         """A round's rows in time order (update id within a time), as runs of rows of one
         piece: (source, columns as Python lists, row indices, times)."""
         times = np.concatenate([p.times for p in pieces])
-        ids = np.concatenate([p.table.column(ID[self.day.sources[p.source][1]]).to_numpy() for p in pieces])
+        ids = np.concatenate([p.table.column(ID[day.sources[p.source][1]]).to_numpy() for p in pieces])
         which = np.concatenate([np.full(len(p.times), k) for k, p in enumerate(pieces)])
         rows = np.concatenate([np.arange(len(p.times)) for p in pieces])
         order = np.lexsort((ids, times))
         which, rows = which[order], rows[order]
-        columns = [self._columns(p) for p in pieces]
+        columns = [self._columns(day, p) for p in pieces]
         bounds = np.flatnonzero(np.diff(which)) + 1
         for seg in np.split(np.arange(len(order)), bounds):
             k = int(which[seg[0]])
             yield pieces[k].source, columns[k], rows[seg].tolist(), pieces[k].times
 
-    def _columns(self, piece: Piece) -> dict:
+    def _columns(self, day: Day, piece: Piece) -> dict:
         """A piece's columns as Python lists (depth rows' levels are text already)."""
-        kind = self.day.sources[piece.source][1]
+        kind = day.sources[piece.source][1]
         t = piece.table
         if kind == SNAPSHOTS:  # kept as one-row tables (copies, so that the run's row group can go)
             return {"symbol": t.column("symbol").to_pylist(), "_row": _RowTaker(t)}
@@ -792,20 +911,24 @@ async def serve(data: Source, day: str, ports: dict[str, int], host: str, speed:
         if m.name not in ports and data.files(m.name, DIFF, day):
             log.warning("%s recorded on %s but not served (no --%s-port)", m.name, day, m.name)
     with tempfile.TemporaryDirectory(prefix="replay-", dir=scratch) as tmp:
-        ordered = await asyncio.to_thread(order_day, data, day, markets, Path(tmp), selection)
-        found = set().union(*ordered.symbols.values())
+        plan = await asyncio.to_thread(plan_day, data, day, markets, selection)
+        found = set().union(*plan.symbols.values())
         if selection.symbols is not None and (missing := selection.symbols - found):
             log.error("not recorded on %s under %s (in the markets served, in the hours asked): %s", day, data.name,
                       ", ".join(sorted(missing)))
             return 2
-        if ordered.first_time is None:
+        if plan.first_us is None:
             log.error("nothing recorded on %s under %s%s", day, data.name, "" if selection == Selection()
                       else " in the symbols and hours asked")
             return 2
-        log.info("day %s of %s ordered in %.1fs: %s; symbols: %s", day, data.name, time.monotonic() - began,
+        slices = Slices(data, day, markets, Path(tmp), selection, plan)
+        ordered = await slices.next()
+        assert ordered is not None
+        log.info("day %s of %s: %d slices to put in order, the first ordered in %.1fs: %s; symbols: %s", day, data.name,
+                 len(slices.windows), time.monotonic() - began,
                  ", ".join(f"{k}={v}" for k, v in sorted(ordered.rows.items())),
-                 ", ".join(f"{m}={len(s)}" for m, s in ordered.symbols.items() if s))
-        replay = Replay(ordered, day, speed, start_delay)
+                 ", ".join(f"{m}={len(s)}" for m, s in plan.symbols.items() if s))
+        replay = Replay(ordered, day, speed, start_delay, slices, plan.symbols)
         servers = [(m.name, m.name, ports[m.name], False) for m in markets]
         if sbe_port is not None:
             servers.append(("spot-sbe", "spot", sbe_port, True))

@@ -515,6 +515,55 @@ def test_a_long_day_is_merged_in_order_a_few_runs_at_a_time(recorded, tmp_path, 
     assert {m for m, _ in seen} == set(MARKETS)
 
 
+def test_a_day_is_put_in_order_a_slice_at_a_time(recorded, tmp_path, monkeypatch):
+    """Slices of one second, then two (each put in order while the one before is served):
+    every row of the day once, in time order across slices, and a served slice's scratch
+    files gone; with --from, before it only the diffs and snapshots from each symbol's
+    latest snapshot on (the books' warm-up), every row after it."""
+    import asyncio
+
+    from serve import replay
+    from storage.merge import open_source
+
+    monkeypatch.setattr(replay, "FIRST_SLICE_US", 10**6)
+    monkeypatch.setattr(replay, "LONGEST_SLICE_US", 2 * 10**6)
+    day = day_of_recording(recorded)
+    markets = [MARKETS_BY_NAME[m] for m in MARKETS]
+    source = open_source(str(recorded))
+    times = sorted(r["received_time"] for r in load(recorded, "spot", "diff_orderbooks").to_pylist())
+
+    def walk(selection: replay.Selection, scratch: Path) -> list[tuple]:
+        scratch.mkdir()
+        plan = replay.plan_day(source, day, markets, selection)
+        slices = replay.Slices(source, day, markets, scratch, selection, plan)
+        assert len(slices.windows) >= 3, slices.windows
+
+        async def rows() -> list[tuple]:
+            out = []
+            rp = replay.Replay(replay.Day(), day, 0)
+            while (sliced := await slices.next()) is not None:
+                assert len(list(scratch.iterdir())) <= 2  # the slice served, the next being ordered
+                out += [(m.name, kind, cols["symbol"][i], t) for m, kind, cols, i, t in rp._rows(sliced)]
+            return out
+
+        return asyncio.run(rows())
+
+    got = walk(replay.Selection(), tmp_path / "all")
+    assert [t for *_, t in got] == sorted(t for *_, t in got)
+    for market in MARKETS:
+        for kind in ("diff_orderbooks", "partial_orderbooks", "orderbooks"):
+            want = len(load(recorded, market, kind).to_pylist())
+            assert sum(1 for m, k, *_ in got if (m, k) == (market, kind)) == want, (market, kind)
+    start = (times[len(times) // 2] // 10**6) * 10**6
+    got = walk(replay.Selection(start_us=start), tmp_path / "from")
+    before = [(m, k) for m, k, _, t in got if t < start]
+    assert before and {k for _, k in before} <= {"diff_orderbooks", "orderbooks"}
+    for market in MARKETS:
+        for kind in ("diff_orderbooks", "partial_orderbooks"):
+            want = sum(1 for r in load(recorded, market, kind).to_pylist() if r["received_time"] >= start)
+            assert sum(1 for m, k, _, t in got if (m, k) == (market, kind) and t >= start) == want, (market, kind)
+
+
 def test_a_day_is_served_from_s3(recorded, tmp_path, s3):  # noqa: F811
     """--data s3://bucket/prefix (the test S3 server): the same day, the same symbols, and
     REST depth answers (before the clock starts) with a recorded snapshot, the earliest
