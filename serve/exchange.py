@@ -537,16 +537,21 @@ class ExchangeServer:
         }
         return web.json_response(info, headers=headers)
 
-    TICK_SIZE, STEP_SIZE = "0.01", "0.001"  # the simulator's books: prices in cents, sizes in thousandths
+    def decimals(self, symbol: str) -> tuple[int, int]:
+        """Decimals of the symbol's prices and sizes (its tick and step are 10^-those): the
+        simulator's books are in cents and thousandths; the replay's come from the recording."""
+        return 2, 3
 
     def _symbol_info(self, s: str) -> dict:
         """A symbol as exchangeInfo lists it, with the fields clients read (contract type,
         margin asset, the price and size filters, precisions)."""
         status = "BREAK" if s in self.not_trading else self.status.get(s, "TRADING")
-        filters = [{"filterType": "PRICE_FILTER", "tickSize": self.TICK_SIZE, "minPrice": self.TICK_SIZE,
-                    "maxPrice": "10000000"},
-                   {"filterType": "LOT_SIZE", "stepSize": self.STEP_SIZE, "minQty": self.STEP_SIZE, "maxQty": "9000000"}]
-        precision = {"pricePrecision": 2, "quantityPrecision": 3, "baseAssetPrecision": 8, "quotePrecision": 8}
+        price_places, size_places = self.decimals(s)
+        tick, step = ("%.*f" % (n, 10.0 ** -n) for n in (price_places, size_places))
+        filters = [{"filterType": "PRICE_FILTER", "tickSize": tick, "minPrice": tick, "maxPrice": "10000000"},
+                   {"filterType": "LOT_SIZE", "stepSize": step, "minQty": step, "maxQty": "9000000"}]
+        precision = {"pricePrecision": price_places, "quantityPrecision": size_places, "baseAssetPrecision": 8,
+                     "quotePrecision": 8}
         if self.coin_m:  # BTCUSD_PERP, ETHUSD_261225: quoted in USD, margined in the base asset
             pair, _, expiry = s.partition("_")
             return {"symbol": s, "pair": pair, "contractType": "PERPETUAL" if expiry == "PERP" else "CURRENT_QUARTER",

@@ -609,6 +609,7 @@ class Replay:
         self.day, self.day_name, self.speed, self.start_delay = day, day_name, speed, start_delay
         self.slices = slices
         self._symbols = symbols if symbols is not None else day.symbols
+        self._decimals: dict[tuple[str, str], tuple[int, int]] = {}
         self.sims: dict[str, DayServer] = {}  # by server: a market's name, or "spot-sbe"
         self.t0 = day.first_time or 0
         self.started: float | None = None       # monotonic time of the replay clock's start
@@ -627,6 +628,16 @@ class Replay:
 
     def server_time_ms(self) -> int:
         return self.now_us() // 1000
+
+    def decimals(self, market: Market, symbol: str) -> tuple[int, int]:
+        """The decimals the symbol's recorded prices and sizes need (its tick and step
+        size, as exchangeInfo tells them), from its first snapshot of the selection (a
+        value may need fewer than the tick; none needs more); 8 and 8 without one."""
+        key = (market.name, symbol)
+        if key not in self._decimals:
+            first = self.day.first_snapshot.get(key)
+            self._decimals[key] = _places(_row(first, 0)) if first is not None else (8, 8)
+        return self._decimals[key]
 
     def symbols(self, market: str) -> list[str]:
         return sorted(self._symbols.get(market, ()))
@@ -894,6 +905,9 @@ class DayServer(ExchangeServer):
 
     def depth_body(self, symbol: str, limit: int) -> bytes | None:
         return self.replay.snapshot(self.market, symbol, limit)
+
+    def decimals(self, symbol: str) -> tuple[int, int]:
+        return self.replay.decimals(self.market, symbol)
 
     def server_time_ms(self) -> int:
         return self.replay.server_time_ms()

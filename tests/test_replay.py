@@ -393,6 +393,15 @@ def test_clients_ping_first_and_subscribe_on_a_connection_of_their_own_name(reco
             info = json.loads(r.read())
         assert [s["symbol"] for s in info["symbols"]] == ["ETHUSDT"]
         assert info["symbols"][0]["contractType"] == "PERPETUAL" and info["symbols"][0]["marginAsset"] == "USDT"
+        # the tick and step sizes are those the recorded prices and sizes need
+        levels = [r for r in load(recorded, "futures", "orderbooks", symbol="ETHUSDT").to_pylist()]
+        price_places = max(decimals(r["bid_prices"][:50] + r["ask_prices"][:50]) for r in levels)
+        size_places = max(decimals(r["bid_sizes"][:50] + r["ask_sizes"][:50]) for r in levels)
+        filters = {f["filterType"]: f for f in info["symbols"][0]["filters"]}
+        assert float(filters["PRICE_FILTER"]["tickSize"]) == 10.0 ** -price_places
+        assert float(filters["LOT_SIZE"]["stepSize"]) == 10.0 ** -size_places
+        assert (info["symbols"][0]["pricePrecision"], info["symbols"][0]["quantityPrecision"]) == (price_places,
+                                                                                                   size_places)
         with urllib.request.urlopen(rest + '?symbols=["BTCUSDT","BNBUSDT"]'.replace('"', "%22"), timeout=10) as r:
             assert [s["symbol"] for s in json.loads(r.read())["symbols"]] == ["BTCUSDT", "BNBUSDT"]
         for query, code in (("?symbol=NOPEUSDT", -1121), ("?symbols=BTCUSDT", -1100), ("?symbol=BTCUSDT&symbols=[]", -1101)):
