@@ -2,17 +2,25 @@
 
     collector.py replay --data DIR --day D --spot-port P --futures-port Q [--delivery-port R]
                         [--speed X] [--host 127.0.0.1] [--start-delay S]
+                        [--symbols A,B] [--from HH:MM[:SS]] [--to HH:MM[:SS]]
 
 Each market is served on its own port by the loopback exchange's protocol server
 (`serve/exchange.py`: combined and raw streams, SUBSCRIBE / UNSUBSCRIBE /
 LIST_SUBSCRIPTIONS, pings, request weights), with the day as its source:
 
-    data tree (local or s3://)       scratch folder                         event loop
+    data tree (local or s3://)       scratch folder, a slice at a time      event loop
     day + part files of diffs,  ──►  time-ordered runs (RUN_BYTES each, ──► merge by time ──► driver ──► ports
-    partial frames, snapshots        ZSTD; levels already as the text      (a row group       └─ latest snapshot
-    of every market                  Binance sends)                         of each run)          a symbol (REST)
+    partial frames, snapshots        ZSTD; levels already as the text      (a row group       └─ each symbol's
+    of every market (the row         Binance sends)                         of each run)          book (REST)
+    groups the selection needs)
 
-- **Order.** Day files are sorted by symbol, so the rows are first put in time order:
+- **Selection and slices.** `plan_day` reads the selected diffs' symbol and time columns
+  (and, with --from, the snapshots' times before it: where each symbol's book starts);
+  `Slices` then puts the day in order a slice of recorded time at a time (FIRST_SLICE_US,
+  then twice as long each, up to LONGEST_SLICE_US), each in a thread while the one before
+  is served, reading only the row groups whose statistics can hold the slice's symbols
+  and times (Arrow's filter). The first frame waits for the plan and one slice.
+- **Order.** Day files are sorted by symbol, so a slice's rows are first put in time order:
   every RUN_BYTES of input is sorted by `received_time` (then update id) into a run on
   the scratch disk, its levels rendered as text on the way (`levels_texts`); a kind's
   runs are merged FAN_IN at a time until the final merge, across every market and
@@ -34,10 +42,12 @@ LIST_SUBSCRIPTIONS, pings, request weights), with the day as its source:
   the symbol's first snapshot (or first frame). A value that text would not read back
   as the same double is written in its shortest exact form instead: a parser always
   reads the recorded value.
-- **REST.** `depth` answers with the latest recorded snapshot of the symbol at or before
-  the replay clock (its first one before that), truncated to `limit` levels, with its
-  recorded `lastUpdateId` (and `E`, `T`); `exchangeInfo` lists the day's symbols as
-  TRADING; the time endpoint tells the replay clock.
+- **REST.** `depth` answers with the symbol's book at the replay clock (`serve.books`:
+  its latest snapshot with the recorded diffs up to the clock applied, `lastUpdateId` the
+  last diff's `u`), truncated to `limit` levels and to the snapshot's price range; before
+  the clock, the earliest snapshot the recorded diffs join. `exchangeInfo` lists the
+  selection's symbols as TRADING, tick and step sizes from the recorded decimals; the
+  time endpoint tells the replay clock.
 """
 from __future__ import annotations
 
