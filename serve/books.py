@@ -8,7 +8,7 @@ applied `u`.
 
 The diffs are kept as the walk passes them, still as text, and applied only when asked
 or once FOLD_AFTER of them wait, so a symbol nobody asks for costs a list append a diff
-and at most FOLD_AFTER diffs of memory beyond its book. A new snapshot replaces the book
+and at most FOLD_AFTER diffs of memory beyond its book (AHEAD while it has no book). A new snapshot replaces the book
 when it is at least as new, keeping the waiting diffs it does not hold.
 
 What the rebuilt book can vouch for is the snapshot's price range: beyond its deepest bid
@@ -28,6 +28,8 @@ from markets import Market
 from research.book import Book
 
 FOLD_AFTER = 1024  # diffs kept as text before they are applied to the symbol's book
+AHEAD = 64         # without a book (no snapshot yet, or a gap since): the newest diffs kept, for the
+                   # next snapshot (a stream runs ahead of a snapshot by a few diffs, not hundreds)
 
 
 @dataclass
@@ -89,11 +91,11 @@ class SymbolBook:
 
     def on_diff(self, diff: Diff) -> None:
         self.waiting.append(diff)
-        if len(self.waiting) >= FOLD_AFTER:
-            if self.snapshot is None or self.broken:  # kept only for the next snapshot: its newest ones
-                del self.waiting[:FOLD_AFTER // 2]
-            else:
-                self.fold()
+        if self.snapshot is None or self.broken:  # kept only for the next snapshot: the newest ones
+            if len(self.waiting) >= 2 * AHEAD:
+                del self.waiting[:-AHEAD]
+        elif len(self.waiting) >= FOLD_AFTER:
+            self.fold()
 
     def fold(self) -> None:
         """Apply the waiting diffs to the book (built from the snapshot on first use)."""
