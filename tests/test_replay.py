@@ -290,10 +290,13 @@ def test_binance_connector_builds_the_recorded_book(recorded, tmp_path):
                                                                                      r["bid_sizes"][:5], strict=True)]
         assert len(msg["asks"]) == min(5, len(r["ask_prices"]))
     # REST answers the book at the replay clock, as Binance writes it (8 decimals on spot):
-    # before the clock reaches the day's first snapshot, that one; then the recorded book
-    # at the last diff sent, which the next diff joins (a client that joins late syncs at once)
+    # before the clock starts, the earliest recorded snapshot the recorded diffs join; then
+    # the recorded book at the last diff sent, which the next diff joins (a client that
+    # joins late syncs at once)
     recorded_snaps = {r["lastUpdateId"]: r for r in load(recorded, "spot", "orderbooks", symbol=symbol).to_pylist()}
-    assert snapshots[0]["lastUpdateId"] == min(recorded_snaps)
+    first_diff = min(load(recorded, "spot", "diff_orderbooks", symbol=symbol).to_pylist(),
+                     key=lambda r: r["received_time"])
+    assert snapshots[0]["lastUpdateId"] == min(i for i in recorded_snaps if i >= first_diff["first_update_id"] - 1)
     assert all(len(p.split(".")[1]) == 8 for s in snapshots for p, _ in s["bids"] + s["asks"])
     truth = recorded_books(recorded, "spot", symbol)
     later = [s for s in snapshots if s["lastUpdateId"] in truth]
