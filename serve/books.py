@@ -27,7 +27,7 @@ import pyarrow as pa
 from markets import Market
 from research.book import Book
 
-FOLD_AFTER = 1024  # diffs kept as text before they are applied to the symbol's book
+FOLD_AFTER = 256   # diffs kept as text before they are applied to the symbol's book
 AHEAD = 64         # without a book (no snapshot yet, or a gap since): the newest diffs kept, for the
                    # next snapshot (a stream runs ahead of a snapshot by a few diffs, not hundreds)
 
