@@ -334,15 +334,15 @@ def _write_run(day: Day, batches: list[pa.RecordBatch], source: int, scratch: Pa
                 early.sort(key=lambda e: e[0])
                 del early[EARLY_SNAPSHOTS:]
     else:
+        earliest: dict[str, int] = {}  # each symbol's first row (the run is in time order)
+        for i, name in enumerate(names):
+            earliest.setdefault(name, i)
         if kind == DIFF:
-            earliest: dict[str, int] = {}
-            for i, name in enumerate(names):
-                earliest.setdefault(name, i)
             for name, i in earliest.items():
                 t, known = int(times[i]), day.first_diff.get((market.name, name))
                 if known is None or t < known[0]:
                     day.first_diff[(market.name, name)] = (t, table.column("first_update_id")[i].as_py())
-        table = _with_text(day, market, table)
+        table = _with_text(day, market, table, names, earliest)
     path = scratch / f"run-{next(_run_ids):06d}.parquet"
     pq.write_table(table, path, row_group_size=_group_rows(table), compression="zstd", compression_level=1)
     day.runs.append(Run(path, source))
@@ -376,16 +376,13 @@ def _places(row: dict) -> tuple[int, int]:
             decimals(row["bid_sizes"][:50] + row["ask_sizes"][:50]))
 
 
-def _with_text(day: Day, market: Market, table: pa.Table) -> pa.Table:
+def _with_text(day: Day, market: Market, table: pa.Table, names: list[str], earliest: dict[str, int]) -> pa.Table:
     """Depth rows with their levels as the text Binance sends (`bids`, `asks`: what goes
     between the brackets) instead of doubles, and their most levels a side (`levels`),
-    rendered here in bulk so that serving a frame is only formatting its header."""
-    names = table.column("symbol").to_pylist()
+    rendered here in bulk so that serving a frame is only formatting its header.
+    `names`: the rows' symbols; `earliest`: each symbol's first row."""
     if market.futures_payloads:
-        first: dict[str, int] = {}
-        for i, name in enumerate(names):
-            first.setdefault(name, i)
-        for name, i in first.items():
+        for name, i in earliest.items():
             day.places.setdefault((market.name, name), _places(_row(table, i)))
     places = [day.places_of(market, name) for name in names]
     pp = np.array([p for p, _ in places], dtype=np.int64)

@@ -19,10 +19,8 @@ from pathlib import Path
 import pytest
 
 from research.data import load
-from simulator import Simulator
-from tests.faults import pause_and_stop
-from tests.helpers import ROOT, CollectorProcess, market_section, wait_until, write_config
-from tests.test_replay import ReplayProcess, assert_same_book, day_of_recording, recorded_books
+from tests.helpers import ROOT
+from tests.test_replay import ReplayProcess, assert_same_book, day_of_recording, record, recorded_books
 
 SYMBOL = "BTCUSDT"
 SPEED = 0.5
@@ -57,19 +55,8 @@ def recorded(tmp_path_factory) -> Path:
     with open(shared / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (shared / "done").exists():
-            markets = ("spot", "futures")
-            with Simulator(**{m: dict(symbols=[SYMBOL, "ETHUSDT"], updates_per_s=40) for m in markets}) as sim:
-                cfg = write_config(shared, [market_section(m, getattr(sim, m), [SYMBOL, "ETHUSDT"], snapshot_interval=3,
-                                                           snapshot_limit=100) for m in markets])
-                proc = CollectorProcess(cfg)
-                try:
-                    proc.wait_for_log("recording market=futures")
-                    wait_until(lambda: all(m.frames_sent > 100 for m in sim.markets()), timeout=30)
-                    time.sleep(10)
-                    rc, = pause_and_stop(sim, proc)
-                finally:
-                    proc.kill()
-            assert rc == 0, proc.log[-3000:]
+            record(shared, {m: [SYMBOL, "ETHUSDT"] for m in ("spot", "futures")}, snapshot_interval=3, frames=100,
+                   seconds=10)
             (shared / "done").touch()
     return shared / "data"
 

@@ -168,24 +168,28 @@ def assert_books_agree_with_recorded_snapshots(original: Path, again: Path, day:
             assert r["snapshot_levels_same"] == r["snapshot_levels_compared"], (m, r)
 
 
-@pytest.fixture(scope="module")
-def recorded(tmp_path_factory):
-    """All three markets from the simulator for ~6 s, snapshots every 2 s."""
-    tmp = tmp_path_factory.mktemp("rec")
-    kw = dict(updates_per_s=40)
-    with Simulator(**{m: dict(symbols=SYMBOLS[m], **kw) for m in MARKETS}) as sim:
-        cfg = write_config(tmp, [market_section(m, getattr(sim, m), SYMBOLS[m], snapshot_interval=2,
-                                                snapshot_limit=100) for m in MARKETS])
+def record(folder: Path, symbols: dict[str, list[str]], snapshot_interval: int, frames: int, seconds: float) -> Path:
+    """The simulator's markets (40 updates/s a symbol) recorded by a collector: once every
+    market has sent `frames`, for `seconds` more; snapshots of 100 levels. The data_dir."""
+    with Simulator(**{m: dict(symbols=names, updates_per_s=40) for m, names in symbols.items()}) as sim:
+        cfg = write_config(folder, [market_section(m, getattr(sim, m), names, snapshot_interval=snapshot_interval,
+                                                   snapshot_limit=100) for m, names in symbols.items()])
         proc = CollectorProcess(cfg)
         try:
-            proc.wait_for_log("recording market=delivery")
-            wait_until(lambda: all(m.frames_sent > 300 for m in sim.markets()), timeout=30)
-            time.sleep(3)
+            proc.wait_for_log(f"recording market={list(symbols)[-1]}")
+            wait_until(lambda: all(m.frames_sent > frames for m in sim.markets()), timeout=30)
+            time.sleep(seconds)
             rc, = pause_and_stop(sim, proc)
         finally:
             proc.kill()
     assert rc == 0, proc.log[-3000:]
-    return tmp / "data"
+    return folder / "data"
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """All three markets from the simulator for ~6 s, snapshots every 2 s."""
+    return record(tmp_path_factory.mktemp("rec"), SYMBOLS, snapshot_interval=2, frames=300, seconds=3)
 
 
 def test_a_collector_re_records_a_simulated_day(recorded, tmp_path):
