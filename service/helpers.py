@@ -1,7 +1,7 @@
 """Helper processes: one way to start a child of the collector (the stamp relays, the
 compaction child), so that every helper is found, started and ended alike.
 
-    spawn("handlers.ingest.relay", [...])     python -m handlers.ingest.relay ..., from the code's folder
+    spawn("handlers.ingest.relay_process", [...])   python -m handlers.ingest.relay_process ..., from the code's folder
 
 - the program is this interpreter running a module of this code (`python -m`), from the
   code's folder, whatever the collector's working directory;

@@ -1,4 +1,4 @@
-"""The stamp relay (handlers/ingest/relay.py): the process that reads the WebSocket connections'
+"""The stamp relay (handlers/ingest/relay.py, relay_process.py): the process that reads the WebSocket connections'
 sockets as bytes arrive. Real TCP connections on 127.0.0.1, a real relay process; what is
 asserted is what the collector's readers get: the bytes, in order, and their stamps."""
 from __future__ import annotations
@@ -13,7 +13,8 @@ import time
 import pytest
 
 from handlers.ingest import stamped
-from handlers.ingest.relay import FORWARD_AFTER, FORWARD_BYTES, HOLD_LIMIT, StampRelay
+from handlers.ingest.relay import StampRelay
+from handlers.ingest.relay_process import FORWARD_AFTER, FORWARD_BYTES, HOLD_LIMIT
 from service.supervisor import Supervisor
 
 pytestmark = pytest.mark.skipif(not stamped.StampedSocket(socket.socket()).kernel,

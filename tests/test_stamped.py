@@ -142,3 +142,14 @@ def test_a_proxied_connection_is_left_to_websocket_client(monkeypatch):
     assert not stamped.via_proxy("ws://127.0.0.1:8080/stream")  # plain ws:// reads http_proxy
     monkeypatch.setenv("no_proxy", "stream.binance.com")
     assert not stamped.via_proxy("wss://stream.binance.com:9443/stream?streams=btcusdt@depth")
+
+
+def test_every_connection_shares_one_verified_context_per_ca_bundle(ca_file, tmp_path, monkeypatch):
+    """Loading a CA bundle costs ~1 MiB and ~25 ms a context: connections share one."""
+    first = stamped.tls_context()
+    assert stamped.tls_context() is first
+    assert first.verify_mode == ssl.CERT_REQUIRED and first.check_hostname
+    other = tmp_path / "other.pem"
+    other.write_bytes(ca_file.read_bytes())
+    monkeypatch.setenv("SSL_CERT_FILE", str(other))
+    assert stamped.tls_context() is not first  # another bundle, its own context

@@ -1,5 +1,5 @@
 """The kernel's receive time of a socket read (`SO_TIMESTAMPNS`), taken the same way by the
-stamp relay (handlers.ingest.relay) and by a reader that reads its own socket (handlers.ingest.stamped).
+stamp relay (handlers.ingest.relay_process) and by a reader that reads its own socket (handlers.ingest.stamped).
 
 With the option set on a TCP socket, `recvmsg()` returns, as ancillary data, the time
 (CLOCK_REALTIME, the clock of `time.time_ns()`) at which the newest bytes it read reached
