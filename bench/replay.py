@@ -20,7 +20,9 @@ clock starts (`--start-delay 3`), then:
 `--first-frame` measures instead how long a selection takes to start: from launching
 `collector.py replay` to the first frame a client (subscribed as soon as the ports are
 up, `--start-delay 0`) receives, for the whole day (the baseline, in the same run), one
-symbol, and the first 100 symbols over the middle third of the day (`--from`/`--to`),
+symbol, and the first 100 symbols over the middle third of the day (`--from`/`--to`;
+`--window S`: S seconds in the middle of the day instead; bench/longer_day.py makes a
+day with an hour in it),
 each run in a process of its own with its CPU and peak RSS.
 """
 from __future__ import annotations
@@ -205,7 +207,7 @@ def throughput(data: Path, day: str, symbols: dict[str, list[str]], levels: dict
           f"peak RSS {rss:.0f} MiB", flush=True)
 
 
-def first_frame(data: Path, day: str, symbols: dict[str, list[str]], tmp: Path) -> None:
+def first_frame(data: Path, day: str, symbols: dict[str, list[str]], tmp: Path, window_s: float | None) -> None:
     """Seconds from launch to the first frame, per selection (see the module's doc)."""
     import asyncio
 
@@ -216,9 +218,10 @@ def first_frame(data: Path, day: str, symbols: dict[str, list[str]], tmp: Path) 
                        sorted((data / "spot" / "diff_orderbooks" / day).glob("*.parquet"))).to_table(
         columns=["received_time"]).column("received_time")
     lo, hi = (v.as_py() for v in pc.min_max(times).values())
-    third = (hi - lo) // 3
+    length = (hi - lo) // 3 if window_s is None else min(int(window_s * 1e6), hi - lo)
+    start = lo + (hi - lo - length) // 2  # the window in the middle of the day
     clock = lambda us: time.strftime("%H:%M:%S", time.gmtime(us / 1e6))  # noqa: E731
-    window = (clock(lo + third), clock(lo + 2 * third))
+    window = (clock(start), clock(start + length))
     names = sorted(set().union(*symbols.values()))
     cases = [("whole day (baseline)", [], names[:1]),
              ("1 symbol, the whole day", ["--symbols", names[0]], names[:1]),
@@ -255,12 +258,13 @@ def main() -> None:
     p.add_argument("--no-pace", action="store_true", help="only the throughput at speed 0")
     p.add_argument("--no-throughput", action="store_true", help="only the pacing")
     p.add_argument("--first-frame", action="store_true", help="only the time to the first frame of selections")
+    p.add_argument("--window", type=float, help="--first-frame: the 100-symbol window, seconds (default: a third)")
     args = p.parse_args()
     day, symbols, levels = recorded(args.data, args.day)
     print(f"day {day}: " + ", ".join(f"{m} {len(s)} symbols" for m, s in symbols.items()), flush=True)
     with tempfile.TemporaryDirectory(prefix="ob-replay-bench-") as tmp:
         if args.first_frame:
-            first_frame(args.data, day, symbols, Path(tmp))
+            first_frame(args.data, day, symbols, Path(tmp), args.window)
             return
         if not args.no_throughput:
             throughput(args.data, day, symbols, levels, Path(tmp))

@@ -17,10 +17,10 @@ system's scheduler stands between an arrival and its read.
         writes ──► the TCP socket itself (pongs, SUBSCRIBE)
 
 A read is made the moment its bytes arrive, but its record need not travel at once: it
-carries its own stamp. So a connection's records go on together, 20 ms after the first
-of them (or once 64 KiB wait): where every read brings one frame (every-event streams,
-quiet symbols) the reader thread wakes once for several reads instead of once a read,
-which halved its CPU (BENCHMARKS.md, "Per read"). Delivery, not the stamps, is what
+carries its own stamp. So the records go on together every 100 ms, at the same moments
+from every relay (or once 64 KiB of a connection wait): where every read brings one frame
+(every-event streams, quiet symbols) the reader thread wakes once for several reads
+instead of once a read, which took three quarters of its CPU (BENCHMARKS.md, "Per read"). Delivery, not the stamps, is what
 waits; liveness is judged in seconds.
 
 The collector keeps the TCP socket for everything but reads: TLS, the WebSocket handshake,

@@ -25,7 +25,7 @@ from handlers.ingest.timestamps import ANC_SPACE, TIMESPEC, stamp_of
 RECORD = struct.Struct("<qI")
 READ_SIZE = 1 << 16
 HOLD_LIMIT = 4 << 20  # bytes held for a collector end that is not reading, before TCP is left to wait
-FORWARD_AFTER = 0.02  # s a read's record may wait for the next ones of its connection (never its stamp)
+FORWARD_AFTER = 0.1  # s: records go on at the multiples of this of the host's monotonic clock (never their stamps wait)
 FORWARD_BYTES = 1 << 16  # ... unless this much waits
 _IOV_MAX = 1024  # pieces a sendmsg takes (Linux's UIO_MAXIOV)
 
@@ -50,10 +50,16 @@ class _Relay:
     pair was full).
 
     Reads are made the moment bytes arrive (that is what keeps stamps exact); forwarding
-    them is not urgent, since each record carries its stamp. So the records of a
-    connection are sent on together, FORWARD_AFTER after the first of them (sooner once
-    FORWARD_BYTES are waiting, or the connection ended): the reader in the collector then
-    wakes once for several reads rather than once a read (BENCHMARKS.md, "Per read")."""
+    them is not urgent, since each record carries its stamp. So the records waiting are
+    sent on together at the next multiple of FORWARD_AFTER of the monotonic clock (sooner
+    once FORWARD_BYTES of a connection wait, or it ended): the reader in the collector then
+    wakes once for several reads rather than once a read (BENCHMARKS.md, "Per read").
+
+    The multiples are the host's (CLOCK_MONOTONIC), so every relay forwards at the same
+    moments: a frame's copies that arrived before a given moment reach the collector's
+    processor together, which keeps the copy stamped first (`in_arrival_order`). With a
+    timer from each relay's own first record, the copy that arrived first could be
+    forwarded later, and a later copy's stamp kept, by up to FORWARD_AFTER."""
 
     def __init__(self, ctrl: socket.socket):
         self.ctrl = ctrl
@@ -98,7 +104,7 @@ class _Relay:
                     self._forward(conn)
                 elif conn not in waiting:
                     if not waiting:
-                        self.due = monotonic() + FORWARD_AFTER
+                        self.due = (monotonic() // FORWARD_AFTER + 1) * FORWARD_AFTER
                     waiting[conn] = None
             if waiting and monotonic() >= self.due:
                 for conn in list(waiting):
@@ -153,7 +159,7 @@ class _Relay:
         """A record to forward: it waits for its connection's next forward."""
         if not conn.out and not conn.writable_wait:
             if not self.waiting:
-                self.due = time.monotonic() + FORWARD_AFTER
+                self.due = (time.monotonic() // FORWARD_AFTER + 1) * FORWARD_AFTER
             self.waiting[conn] = None
         conn.out.append(header)
         if data:
