@@ -59,7 +59,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import orjson
@@ -124,6 +124,33 @@ class Selection:
             expr = expr & p
         return expr
 
+    def scan(self, path: str, data: Source, kind: str, lo: int | None, hi: int | None,
+             **kwargs: Any) -> Iterator[pa.RecordBatch]:
+        """The batches of the file at `path` that hold the selected rows received in [lo, hi)."""
+        dataset = ds.dataset(path, filesystem=data.fs, format="parquet", schema=SCHEMAS[kind])
+        return self.narrowed(dataset, lo, hi).to_batches(filter=self.rows(lo, hi), batch_readahead=1,
+                                                         fragment_readahead=1, **kwargs)
+
+    def narrowed(self, dataset: ds.FileSystemDataset, lo: int | None, hi: int | None) -> ds.FileSystemDataset:
+        """`dataset` cut to the row groups whose statistics can hold selected rows received
+        in [lo, hi).
+
+        Arrow prunes row groups by comparisons and by an `or` of them, not by `isin`
+        (measured on a day file of 349 row groups, 100 symbols: `isin` kept 317 of them,
+        the equalities 33; the first frame of a 100-symbol hour waited 88 s). So the
+        symbols choose the row groups as equalities, and the rows as `isin` (100
+        equalities evaluated a row cost twice the read)."""
+        if self.symbols is None:
+            return dataset  # the times alone are comparisons
+        groups = [pc.field("symbol") == s for s in sorted(self.symbols)]
+        while len(groups) > 1:  # a balanced `or` (a chain of thousands would be as deep)
+            groups = [groups[i] | groups[i + 1] if i + 1 < len(groups) else groups[i]
+                      for i in range(0, len(groups), 2)]
+        times = Selection().rows(lo, hi)
+        prune = groups[0] if times is None else groups[0] & times
+        fragments = [g for f in dataset.get_fragments() for g in f.split_by_row_group(prune)]
+        return ds.FileSystemDataset(fragments, dataset.schema, dataset.format, dataset.filesystem)
+
     def sends(self, t: int) -> bool:
         """Whether a row received at `t` is sent (not only applied to a book)."""
         return self.start_us is None or t >= self.start_us
@@ -168,10 +195,8 @@ def plan_day(data: Source, day: str, markets: list[Market], selection: Selection
     for market in markets:
         symbols[market.name] = set()
         for path in data.files(market.name, DIFF, day):
-            dataset = ds.dataset(path, filesystem=data.fs, format="parquet", schema=SCHEMAS[DIFF])
-            for batch in dataset.to_batches(columns=["symbol", "received_time"], batch_size=1 << 20,
-                                            filter=selection.rows(selection.start_us, selection.end_us),
-                                            batch_readahead=1, fragment_readahead=1):
+            for batch in selection.scan(path, data, DIFF, selection.start_us, selection.end_us,
+                                        columns=["symbol", "received_time"], batch_size=1 << 20):
                 if batch.num_rows == 0:
                     continue
                 symbols[market.name].update(pc.unique(batch.column("symbol")).to_pylist())
@@ -180,9 +205,10 @@ def plan_day(data: Source, day: str, markets: list[Market], selection: Selection
         if selection.start_us is None:
             continue
         for path in data.files(market.name, SNAPSHOTS, day):
-            dataset = ds.dataset(path, filesystem=data.fs, format="parquet", schema=SCHEMAS[SNAPSHOTS])
-            rows = dataset.to_table(columns=["symbol", "received_time"],
-                                    filter=selection.rows(selection.start_us - WARMUP_US, selection.start_us))
+            rows = pa.Table.from_batches(selection.scan(path, data, SNAPSHOTS, selection.start_us - WARMUP_US,
+                                                        selection.start_us, columns=["symbol", "received_time"]),
+                                         schema=pa.schema([SCHEMAS[SNAPSHOTS].field("symbol"),
+                                                           SCHEMAS[SNAPSHOTS].field("received_time")]))
             for name, t in zip(rows.column("symbol").to_pylist(), rows.column("received_time").to_pylist(),
                                strict=True):
                 latest[(market.name, name)] = max(t, latest.get((market.name, name), t))
@@ -279,9 +305,8 @@ def order_day(data: Source, day: str, markets: list[Market], scratch: Path, sele
             pending: list[pa.RecordBatch] = []
             size = 0
             for path in files:
-                dataset = ds.dataset(path, filesystem=data.fs, format="parquet", schema=SCHEMAS[kind])
-                rows = selection.rows(lo if kind == PARTIAL or warm_from is None else warm_from, hi)
-                for batch in dataset.to_batches(batch_size=65_536, filter=rows, batch_readahead=1, fragment_readahead=1):
+                start = lo if kind == PARTIAL or warm_from is None else warm_from
+                for batch in selection.scan(path, data, kind, start, hi, batch_size=65_536):
                     if batch.num_rows == 0:
                         continue
                     batch = exchange_times_in_us(batch)  # a version-1 file's ms become µs

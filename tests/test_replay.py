@@ -499,6 +499,35 @@ def test_a_selection_of_symbols_and_seconds_is_what_is_served(recorded, tmp_path
     assert_same_book(snap["bids"], snap["asks"], recorded_books(recorded, "spot", "ETHUSDT")[snap["lastUpdateId"]])
 
 
+def test_a_selection_reads_only_the_row_groups_that_can_hold_it(tmp_path):
+    """A day file sorted by symbol, then time, in small row groups: the chosen symbols and
+    window read only the groups whose statistics can hold them (Arrow alone, given `isin`,
+    read nearly all), and the rows are exactly the chosen ones."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from serve.replay import Selection
+    from storage.merge import open_source
+    from storage.schemas import SCHEMAS
+
+    schema = SCHEMAS["diff_orderbooks"]
+    symbols = [f"S{i:03d}USDT" for i in range(40)]
+    rows = [{"symbol": s, "received_time": 1_000_000 * t, "event_time": 1_000_000 * t, "first_update_id": t,
+             "final_update_id": t} for s in symbols for t in range(100)]
+    path = tmp_path / "spot" / "diff_orderbooks" / "2026-12-06.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path, row_group_size=50)  # 2 groups a symbol
+    data = open_source(str(tmp_path))
+    chosen = Selection(frozenset({"S003USDT", "S017USDT", "S039USDT"}))
+    narrowed = chosen.narrowed(ds.dataset(str(path), format="parquet", schema=schema), 60_000_000, 70_000_000)
+    assert sorted(f.row_groups[0].id for f in narrowed.get_fragments()) == [7, 35, 79]  # 60-69 s: a symbol's 2nd
+    got = pa.Table.from_batches(chosen.scan(str(path), data, "diff_orderbooks", 60_000_000, 70_000_000))
+    assert sorted(zip(got.column("symbol").to_pylist(), got.column("final_update_id").to_pylist(), strict=True)) == [
+        (s, t) for s in ("S003USDT", "S017USDT", "S039USDT") for t in range(60, 70)]
+    everything = Selection().narrowed(ds.dataset(str(path), format="parquet", schema=schema), None, None)
+    assert sum(f.metadata.num_row_groups for f in everything.get_fragments()) == 80
+
+
 def test_a_long_day_is_merged_in_order_a_few_runs_at_a_time(recorded, tmp_path, monkeypatch):
     """Tiny runs (hundreds of them, merged 3 at a time, then at most 3 kinds x 1 run
     each... ) give every row once, in time order, and hold only a row group per run."""
