@@ -353,8 +353,8 @@ def test_spot_times_come_in_the_unit_each_client_asked_for(recorded, tmp_path):
         ws = websocket.create_connection(f"{ws_url}/stream?streams=btcusdt@depth@100ms"
                                          + ("&timeUnit=MICROSECOND" if micro else ""), timeout=20)
         try:
-            while True:
-                got[micro].append(json.loads(ws.recv())["data"])
+            while message := ws.recv():  # "" once the replay closed the connection
+                got[micro].append(json.loads(message)["data"])
         except (websocket.WebSocketException, OSError):
             return  # the replay ended the connection, or went quiet: done
         finally:
