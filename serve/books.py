@@ -8,8 +8,9 @@ applied `u`.
 
 The diffs are kept as the walk passes them, still as text, and applied only when asked
 or once FOLD_AFTER of them wait, so a symbol nobody asks for costs a list append a diff
-and at most FOLD_AFTER diffs of memory beyond its book (AHEAD while it has no book). A new snapshot replaces the book
-when it is at least as new, keeping the waiting diffs it does not hold.
+and at most FOLD_AFTER diffs of memory beyond its book (AHEAD while it has no book). A new
+snapshot replaces the book when it is at least as new, keeping the waiting diffs it does
+not hold.
 
 What the rebuilt book can vouch for is the snapshot's price range: beyond its deepest bid
 and highest ask only the levels a diff touched are known, with unknown ones between, so

@@ -19,7 +19,7 @@ LIST_SUBSCRIPTIONS, pings, request weights), with the day as its source:
   `Slices` then puts the day in order a slice of recorded time at a time (FIRST_SLICE_US,
   then twice as long each, up to LONGEST_SLICE_US), each in a thread while the one before
   is served, reading only the row groups whose statistics can hold the slice's symbols
-  and times (Arrow's filter). The first frame waits for the plan and one slice.
+  and times (`Selection.narrowed`). The first frame waits for the plan and one slice.
 - **Order.** Day files are sorted by symbol, so a slice's rows are first put in time order:
   every RUN_BYTES of input is sorted by `received_time` (then update id) into a run on
   the scratch disk, its levels rendered as text on the way (`levels_texts`); a kind's
@@ -205,13 +205,11 @@ def plan_day(data: Source, day: str, markets: list[Market], selection: Selection
         if selection.start_us is None:
             continue
         for path in data.files(market.name, SNAPSHOTS, day):
-            rows = pa.Table.from_batches(selection.scan(path, data, SNAPSHOTS, selection.start_us - WARMUP_US,
-                                                        selection.start_us, columns=["symbol", "received_time"]),
-                                         schema=pa.schema([SCHEMAS[SNAPSHOTS].field("symbol"),
-                                                           SCHEMAS[SNAPSHOTS].field("received_time")]))
-            for name, t in zip(rows.column("symbol").to_pylist(), rows.column("received_time").to_pylist(),
-                               strict=True):
-                latest[(market.name, name)] = max(t, latest.get((market.name, name), t))
+            for batch in selection.scan(path, data, SNAPSHOTS, selection.start_us - WARMUP_US, selection.start_us,
+                                        columns=["symbol", "received_time"]):
+                for name, t in zip(batch.column("symbol").to_pylist(), batch.column("received_time").to_pylist(),
+                                   strict=True):
+                    latest[(market.name, name)] = max(t, latest.get((market.name, name), t))
     warm_from: int | None
     if selection.start_us is not None:
         warm_from = min(latest.values()) if latest else selection.start_us

@@ -1,6 +1,7 @@
-"""The stamp relay (handlers/ingest/relay.py, relay_process.py): the process that reads the WebSocket connections'
-sockets as bytes arrive. Real TCP connections on 127.0.0.1, a real relay process; what is
-asserted is what the collector's readers get: the bytes, in order, and their stamps."""
+"""The stamp relay (handlers/ingest/relay.py, relay_process.py): the process that reads the
+WebSocket connections' sockets as bytes arrive. Real TCP connections on 127.0.0.1, a real
+relay process; what is asserted is what the collector's readers get: the bytes, in order,
+and their stamps."""
 from __future__ import annotations
 
 import hashlib
@@ -11,10 +12,12 @@ import threading
 import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from handlers.ingest import stamped
 from handlers.ingest.relay import StampRelay
-from handlers.ingest.relay_process import FORWARD_AFTER, FORWARD_BYTES, HOLD_LIMIT
+from handlers.ingest.relay_process import FORWARD_AFTER, FORWARD_BYTES, HOLD_LIMIT, next_forward
 from service.supervisor import Supervisor
 
 pytestmark = pytest.mark.skipif(not stamped.StampedSocket(socket.socket()).kernel,
@@ -223,3 +226,14 @@ def test_the_relay_ends_when_the_collector_lets_go():
     assert proc.returncode == 0
     sock.close()
     server.close()
+
+
+@given(st.floats(min_value=0, max_value=10**7, allow_nan=False), st.floats(min_value=0, max_value=1))
+def test_every_relay_forwards_at_the_same_moments(now, later):
+    """A record waits for the next multiple of FORWARD_AFTER of the host's monotonic clock,
+    whichever relay holds it: two copies read before such a moment both go on at it."""
+    moment = next_forward(now)
+    assert now <= moment <= now + FORWARD_AFTER * (1 + 1e-9)  # now itself when it is one (floats)
+    assert abs(moment / FORWARD_AFTER - round(moment / FORWARD_AFTER)) < 1e-6
+    other = now + later * (moment - now) * 0.999  # another relay's read, before the same moment
+    assert next_forward(other) == moment

@@ -30,6 +30,11 @@ FORWARD_BYTES = 1 << 16  # ... unless this much waits
 _IOV_MAX = 1024  # pieces a sendmsg takes (Linux's UIO_MAXIOV)
 
 
+def next_forward(now: float) -> float:
+    """The next moment (monotonic s) at which every relay sends its waiting records on."""
+    return (now // FORWARD_AFTER + 1) * FORWARD_AFTER
+
+
 class _Conn:
     """One relayed connection: its TCP socket (shared with the collector, read only here)
     and the relay's end of the pair. `out`: the records not yet forwarded, header and
@@ -104,7 +109,7 @@ class _Relay:
                     self._forward(conn)
                 elif conn not in waiting:
                     if not waiting:
-                        self.due = (monotonic() // FORWARD_AFTER + 1) * FORWARD_AFTER
+                        self.due = next_forward(monotonic())
                     waiting[conn] = None
             if waiting and monotonic() >= self.due:
                 for conn in list(waiting):
@@ -159,7 +164,7 @@ class _Relay:
         """A record to forward: it waits for its connection's next forward."""
         if not conn.out and not conn.writable_wait:
             if not self.waiting:
-                self.due = (time.monotonic() // FORWARD_AFTER + 1) * FORWARD_AFTER
+                self.due = next_forward(time.monotonic())
             self.waiting[conn] = None
         conn.out.append(header)
         if data:
