@@ -146,3 +146,33 @@ def test_the_copy_kept_is_the_one_stamped_first():
         if item is not STOP and item[0] == DIFF:
             tables[DIFF] = item[1]
     assert tables[DIFF].column("received_time").to_pylist() == [1_000]
+
+
+class _ArrivesDuringTheWait:
+    """The processor's idle wait, with items arriving while it waits (deterministic: they
+    are put by the wait itself)."""
+
+    def __init__(self, inbox: queue.Queue, items: list):
+        self.inbox, self.items, self.waits = inbox, items, 0
+
+    def wait(self, timeout: float) -> bool:
+        self.waits += 1
+        for item in self.items:
+            self.inbox.put(item)
+        self.items = []
+        return False
+
+
+def test_what_arrives_during_the_wait_is_taken_in_the_same_turn():
+    cfg = MarketConfig(market=MARKETS["spot"], symbols=SYMBOLS, ws_url="ws://x", rest_url="http://x",
+                       diff_speed="100ms", partial_levels=20, partial_speed="100ms", snapshot_interval=60,
+                       snapshot_limit=1000, symbols_per_connection=50)
+    inbox: queue.Queue = queue.Queue()
+    p = FrameProcessor(cfg, inbox, queue.Queue(), flush_interval=3600, now_us=time.time_ns)
+    items = [(WS, 1_000, 1, [diff("BTCUSDT", 1)]), (WS, 1_001, 2, [diff("BTCUSDT", 1)])]
+    p._idle = _ArrivesDuringTheWait(inbox, list(items))  # type: ignore[assignment]
+    assert p._take_batch(1.0) == items  # one turn of the loop, not an empty one and then another
+    assert p._idle.waits == 1
+    inbox.put((WS, 1_002, 1, [diff("BTCUSDT", 2)]))
+    assert len(p._take_batch(1.0)) == 1 and p._idle.waits == 1  # items waiting: no wait at all
+    assert p._take_batch(1.0) == [] and p._idle.waits == 2  # nothing came: one wait, then empty

@@ -17,7 +17,7 @@ system's scheduler stands between an arrival and its read.
         writes ──► the TCP socket itself (pongs, SUBSCRIBE)
 
 A read is made the moment its bytes arrive, but its record need not travel at once: it
-carries its own stamp. So the records go on together every 100 ms, at the same moments
+carries its own stamp. So the records go on together every 250 ms, at the same moments
 from every relay (or once 64 KiB of a connection wait): where every read brings one frame
 (every-event streams, quiet symbols) the reader thread wakes once for several reads
 instead of once a read, which took three quarters of its CPU (BENCHMARKS.md, "Per read"). Delivery, not the stamps, is what

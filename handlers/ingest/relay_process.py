@@ -25,7 +25,10 @@ from handlers.ingest.timestamps import ANC_SPACE, TIMESPEC, stamp_of
 RECORD = struct.Struct("<qI")
 READ_SIZE = 1 << 16
 HOLD_LIMIT = 4 << 20  # bytes held for a collector end that is not reading, before TCP is left to wait
-FORWARD_AFTER = 0.1  # s: records go on at the multiples of this of the host's monotonic clock (never their stamps wait)
+# s: records go on at the multiples of this of the host's monotonic clock (never their stamps
+# wait). Crash safety's 1 s holds it: 0.25 here, then up to 0.2 for the processor's next
+# look and 0.2 for the journal's push (BENCHMARKS.md, "Per read, third round")
+FORWARD_AFTER = 0.25
 FORWARD_BYTES = 1 << 16  # ... unless this much waits
 _IOV_MAX = 1024  # pieces a sendmsg takes (Linux's UIO_MAXIOV)
 

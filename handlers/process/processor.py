@@ -208,8 +208,19 @@ class FrameProcessor(PipelineThread):
         """What the queue holds (up to about _BATCH frames). When it is empty, wait `poll`
         seconds once and look again, rather than block in get(): a blocked get() is woken
         by every single read, and those wake-ups (GIL hand-overs) cost more than decoding
-        its frames. Frames are stamped by the readers, so this adds nothing to received_time."""
+        its frames. Frames are stamped by the readers, so this adds nothing to received_time.
+        What arrived during the wait is taken in the same call: returning an empty batch
+        instead cost a second turn of the loop for every wait (BENCHMARKS.md, "Per read,
+        third round")."""
         assert self.inbox is not None  # the thread runs on an inbox; recovery calls handle() itself
+        batch = self._drain()
+        if not batch:
+            self._idle.wait(min(timeout, self.poll))
+            batch = self._drain()
+        return batch
+
+    def _drain(self) -> list:
+        assert self.inbox is not None
         get = self.inbox.get_nowait
         batch: list = []
         frames = 0
@@ -219,8 +230,7 @@ class FrameProcessor(PipelineThread):
                 batch.append(item)
                 frames += len(item[3]) if item is not STOP and item[0] == WS else 1
         except queue.Empty:
-            if not batch:
-                self._idle.wait(min(timeout, self.poll))
+            pass
         return batch
 
     def handle(self, batch: list) -> bool:
