@@ -16,9 +16,12 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from handlers.ingest import stamped
+from handlers.ingest.inbox import Inbox
 from handlers.ingest.relay import StampRelay
-from handlers.ingest.relay_process import FORWARD_AFTER, FORWARD_BYTES, HOLD_LIMIT, next_forward
+from handlers.ingest.relay_process import EAGER_READS, FORWARD_AFTER, FORWARD_BYTES, HOLD_LIMIT, next_forward
+from handlers.ingest.websocket import ConnectionStats, Reader, combined_url
 from service.supervisor import Supervisor
+from simulator import Simulator
 
 pytestmark = pytest.mark.skipif(not stamped.StampedSocket(socket.socket()).kernel,
                                 reason="needs the kernel's receive stamps (Linux)")
@@ -92,6 +95,66 @@ def test_bytes_keep_their_arrival_time_while_the_reader_is_late(relay, relayed):
     else:  # the reader's own late read: A takes B's arrival time (what the relay is for)
         assert reads == [(b"a" * 100 + b"b" * 100, reads[0][1])]
         assert b_sent[0] <= reads[0][1] <= b_sent[1]
+
+
+def test_a_connection_shut_for_reading_gets_what_its_relay_held_then_its_end():
+    """A relay holds a connection's reads until its next forwarding moment (here an hour
+    away), except the first EAGER_READS (the handshakes). When the collector closes a
+    connection that still delivers (make-before-break), it first shuts the socket for
+    reading: the relay then forwards what it holds at once, with the end, so the bytes
+    the connection received are not lost with it (without that, this recv waits an hour
+    and times out)."""
+    relay = StampRelay("stamp-relay-h", forward_after=3600)
+    assert relay.start()
+    server = Server()
+    sock = stamped.connect(server.url, timeout=10, relay=relay)
+    try:
+        assert sock.relayed is not None
+        for i in range(EAGER_READS):  # each its own read, forwarded at once
+            sent = server.send(b"eager %d" % i)
+            assert read_exactly(sock, len(b"eager %d" % i)) == [(b"eager %d" % i, sock.stamp_us)]
+            assert sent[0] <= sock.stamp_us
+        held = [server.send(b"held %d" % i) for i in range(3)]
+        time.sleep(0.2)  # read by the relay (and, were it not, read at the end just the same)
+        sock.shutdown(socket.SHUT_RD)
+        reads = []
+        while data := sock.recv(1 << 16):
+            reads.append((data, sock.stamp_us))
+    finally:
+        sock.close()
+        server.close()
+        relay.close()
+    assert b"".join(data for data, _ in reads) == b"held 0held 1held 2"
+    assert all(held[0][0] <= stamp for _, stamp in reads)
+
+
+def test_a_connection_closed_while_it_delivers_keeps_what_its_relay_held():
+    """Make-before-break closes the connection being replaced while it still delivers. The
+    frames its relay read but had not forwarded (here it would forward them an hour later)
+    reach the inbox before close() returns: every frame the simulator handed to the socket
+    before the close is there."""
+    relay = StampRelay("stamp-relay-h", forward_after=3600)
+    assert relay.start()
+    inbox = Inbox()
+    try:
+        with Simulator(spot=dict(symbols=["BTCUSDT"], record=True)) as sim:
+            url = combined_url(sim.spot.ws_url, ["btcusdt@depth@100ms"])
+            reader = Reader("ws-spot-0a", url, inbox, 5.0, stamped.wall_us, ConnectionStats(), relay=relay)
+            reader.start()
+            assert reader.delivering.wait(10)  # its first reads went on at once (EAGER_READS)
+            time.sleep(1.5)  # frames every 100 ms: more than EAGER_READS reads, the rest held
+            closing = time.time()
+            reader.close()
+            reader.join(5)
+            sent = [s.data for s in sim.spot.sent if s.t < closing]
+    finally:
+        relay.close()
+    got = []
+    while inbox.qsize():
+        got.extend(inbox.get_nowait()[3])
+    assert len(sent) > EAGER_READS + 5
+    everything = b"\n".join(got)
+    assert [data for data in sent if data not in everything] == []
 
 
 def test_many_writes_each_keep_their_own_stamp_whatever_the_relay_batches(relay):

@@ -40,7 +40,7 @@ import socket
 import subprocess
 import threading
 
-from handlers.ingest.relay_process import RECORD
+from handlers.ingest.relay_process import FORWARD_AFTER, RECORD
 from handlers.ingest.timestamps import wall_us
 from service.helpers import spawn
 
@@ -98,8 +98,8 @@ class StampRelay:
     and come back to it once it is up (`handlers.ingest.websocket`). `name` is the
     process's name for ps and top (15 bytes)."""
 
-    def __init__(self, name: str = "stamp-relay") -> None:
-        self.name = name
+    def __init__(self, name: str = "stamp-relay", forward_after: float = FORWARD_AFTER) -> None:
+        self.name, self.forward_after = name, forward_after
         self.restarts = 0  # starts after the first (the supervisor counts them)
         self._lock = threading.Lock()  # adopt() against start() and close(): held for a send, never a start
         self._proc: subprocess.Popen | None = None
@@ -109,7 +109,8 @@ class StampRelay:
         """Start the relay process and wait for its ready byte (at most READY_WAIT)."""
         ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)  # a message per connection
         try:
-            proc = spawn("handlers.ingest.relay_process", [str(theirs.fileno()), self.name], pass_fds=[theirs.fileno()])
+            proc = spawn("handlers.ingest.relay_process", [str(theirs.fileno()), self.name, repr(self.forward_after)],
+                         pass_fds=[theirs.fileno()])
         except OSError as e:
             log.error("%s not started (%s): readers read their sockets themselves", self.name, e)
             ctrl.close()

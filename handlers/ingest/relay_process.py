@@ -30,12 +30,16 @@ HOLD_LIMIT = 4 << 20  # bytes held for a collector end that is not reading, befo
 # look and 0.2 for the journal's push (BENCHMARKS.md, "Per read, third round")
 FORWARD_AFTER = 0.25
 FORWARD_BYTES = 1 << 16  # ... unless this much waits
+# ... or the connection is new: its first reads are the TLS and WebSocket handshakes, each
+# of which the collector answers before the next can come (a wait for each would add up to
+# FORWARD_AFTER a round trip to every connect)
+EAGER_READS = 8
 _IOV_MAX = 1024  # pieces a sendmsg takes (Linux's UIO_MAXIOV)
 
 
-def next_forward(now: float) -> float:
+def next_forward(now: float, every: float = FORWARD_AFTER) -> float:
     """The next moment (monotonic s) at which every relay sends its waiting records on."""
-    return (now // FORWARD_AFTER + 1) * FORWARD_AFTER
+    return (now // every + 1) * every
 
 
 class _Conn:
@@ -50,6 +54,7 @@ class _Conn:
         self.writable_wait = False  # the pair was full: waiting for EPOLLOUT
         self.reading = True
         self.ended = False  # the end record is queued
+        self.eager = EAGER_READS  # reads still forwarded at once (the handshakes)
 
 
 class _Relay:
@@ -67,10 +72,15 @@ class _Relay:
     moments: a frame's copies that arrived before a given moment reach the collector's
     processor together, which keeps the copy stamped first (`in_arrival_order`). With a
     timer from each relay's own first record, the copy that arrived first could be
-    forwarded later, and a later copy's stamp kept, by up to FORWARD_AFTER."""
+    forwarded later, and a later copy's stamp kept, by up to FORWARD_AFTER.
 
-    def __init__(self, ctrl: socket.socket):
-        self.ctrl = ctrl
+    Two exceptions: a connection's first EAGER_READS reads go on at once (its handshakes),
+    and so does everything of a connection whose TCP socket reads its end, which the
+    collector brings about (`shutdown(SHUT_RD)`) when it closes a connection that still
+    delivers: nothing the relay holds is lost with it (`Reader._drain`)."""
+
+    def __init__(self, ctrl: socket.socket, forward_after: float = FORWARD_AFTER):
+        self.ctrl, self.forward_after = ctrl, forward_after
         self.poll = select.epoll()
         self.poll.register(ctrl.fileno(), select.EPOLLIN)
         self.by_fd: dict[int, tuple[_Conn, bool]] = {}  # fd -> (connection, is its TCP socket)
@@ -108,11 +118,13 @@ class _Relay:
                 sec, ns = timespec(anc[0][2])
                 conn.out += (pack(sec * 1_000_000 + ns // 1000, len(data)), data)
                 conn.out_bytes += RECORD.size + len(data)
-                if conn.out_bytes >= FORWARD_BYTES:
+                if conn.out_bytes >= FORWARD_BYTES or conn.eager:
+                    if conn.eager:
+                        conn.eager -= 1
                     self._forward(conn)
                 elif conn not in waiting:
                     if not waiting:
-                        self.due = next_forward(monotonic())
+                        self.due = next_forward(monotonic(), self.forward_after)
                     waiting[conn] = None
             if waiting and monotonic() >= self.due:
                 for conn in list(waiting):
@@ -167,13 +179,16 @@ class _Relay:
         """A record to forward: it waits for its connection's next forward."""
         if not conn.out and not conn.writable_wait:
             if not self.waiting:
-                self.due = next_forward(time.monotonic())
+                self.due = next_forward(time.monotonic(), self.forward_after)
             self.waiting[conn] = None
         conn.out.append(header)
+        eager = False
         if data:
             conn.out.append(data)
+            eager = conn.eager > 0
+            conn.eager -= eager
         conn.out_bytes += len(header) + len(data)
-        if conn.ended or conn.out_bytes >= FORWARD_BYTES:
+        if conn.ended or eager or conn.out_bytes >= FORWARD_BYTES:
             self._forward(conn)
 
     def _end(self, conn: _Conn, code: int) -> None:
@@ -253,7 +268,8 @@ def main(argv: list[str]) -> int:
     # readers it serves, so it ignores it; the collector's stop ends its readers first and
     # then this relay, by closing the control socket (its own session keeps Ctrl-C away)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    relay = _Relay(socket.socket(fileno=int(argv[1])))
+    # argv[3]: FORWARD_AFTER for this relay (tests hold records as long as they need)
+    relay = _Relay(socket.socket(fileno=int(argv[1])), float(argv[3]) if len(argv) > 3 else FORWARD_AFTER)
     relay.ctrl.send(b"r")
     relay.run()
     return 0

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import queue
+import socket
 import threading
 import time
 from typing import Callable, Iterable
@@ -62,6 +63,7 @@ def is_data(frame: bytes) -> bool:
     return (frame.startswith(_STREAM_PREFIX) and frame[11:12] != b"!") or frame[4:6] == _SBE_SCHEMA
 
 
+DRAIN_WAIT = 1.0  # s a closing relayed connection may take to read what its relay held (ms, normally)
 COPY_LETTERS = "abc"  # copy k of a batch (ws_redundancy <= 3), and relay k that reads every copy k
 
 
@@ -281,8 +283,11 @@ class Reader(threading.Thread):
         return now - self.last_data
 
     def close(self) -> None:
-        """Ask the connection to end (from another thread); recv_data() then returns or raises."""
+        """Ask the connection to end (from another thread); recv_data() then returns or raises.
+        What its stamp relay read but has not forwarded yet (up to FORWARD_AFTER of it) is
+        read first (`_drain`)."""
         self._closing = True
+        self._drain()
         ws = self._ws
         if ws is not None:
             try:
@@ -290,6 +295,21 @@ class Reader(threading.Thread):
             except (websocket.WebSocketException, OSError):
                 pass  # the connection is already gone: closing it is what we wanted
         self._abort()
+
+    def _drain(self) -> None:
+        """A relayed connection ends with what its relay holds for it: its reads wait up to
+        FORWARD_AFTER in the relay, and closing the pair would drop them (make-before-break
+        closes the connection being replaced while it still delivers). Shutting the TCP
+        socket for reading makes the relay read the end at once and forward everything with
+        it; this reader takes those records, then the end, and exits (at most DRAIN_WAIT)."""
+        sock = self._sock
+        if sock is None or sock.relayed is None or threading.current_thread() is self or not self.is_alive():
+            return
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            return  # already gone: nothing held
+        self.join(DRAIN_WAIT)
 
     def _abort(self) -> None:
         ws = self._ws
