@@ -4,10 +4,12 @@ relay process; what is asserted is what the collector's readers get: the bytes, 
 and their stamps."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import random
 import socket
+import struct
 import threading
 import time
 
@@ -155,6 +157,70 @@ def test_a_connection_closed_while_it_delivers_keeps_what_its_relay_held():
     assert len(sent) > EAGER_READS + 5
     everything = b"\n".join(got)
     assert [data for data in sent if data not in everything] == []
+
+
+class WebSocketServer(Server):
+    """A WebSocket server of a few lines: the handshake, then frames written as the test says."""
+
+    def handshake(self) -> None:
+        assert self.accepted.wait(10) and self.conn is not None
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += self.conn.recv(4096)
+        key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:"))
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        self.conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                          b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+
+    def reset(self) -> None:
+        """Gone with a TCP reset: the client's next write fails."""
+        assert self.conn is not None
+        self.conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.conn.close()
+        self.conn = None
+
+
+def text(payload: bytes) -> bytes:
+    assert len(payload) < 126
+    return bytes([0x81, len(payload)]) + payload
+
+
+def test_frames_behind_a_ping_are_read_when_the_pong_cannot_be_sent():
+    """The exchange pings, sends more frames and goes (a reset); the reader comes to the ping
+    only later (its relay forwards at its next moment, here the end) and its pong finds the
+    connection gone. The frames after the ping were delivered: they reach the inbox, and the
+    connection ends with the reset, not with the failed write."""
+    relay = StampRelay("stamp-relay-h", forward_after=3600)
+    assert relay.start()
+    server = WebSocketServer()
+    inbox = Inbox()
+    reader = Reader("ws-spot-0a", server.url + "stream", inbox, 5.0, stamped.wall_us, ConnectionStats(), relay=relay)
+    reader.start()
+    frames = []
+    try:
+        server.handshake()
+        for i in range(EAGER_READS):  # fillers, until the relay holds a read (its first go on at once)
+            frames.append(b'{"stream":"x","data":{"filler":%d}}' % i)
+            server.send(text(frames[-1]))
+            try:
+                inbox.get(timeout=2)
+            except Exception:
+                break  # held: the handshakes and the fillers spent the eager reads
+        tail = [b'{"stream":"x","data":{"after":%d}}' % i for i in range(3)]
+        server.send(b"\x89\x00" + b"".join(map(text, tail)))  # a ping, then the frames
+        server.reset()
+        reader.join(10)
+    finally:
+        reader.close()
+        server.close()
+        relay.close()
+    got = []
+    while inbox.qsize():
+        got.extend(inbox.get_nowait()[3])
+    assert not reader.is_alive()
+    assert set(tail) <= set(got)
+    assert reader.error is not None and "Reset" in reader.error, reader.error
 
 
 def test_many_writes_each_keep_their_own_stamp_whatever_the_relay_batches(relay):

@@ -109,8 +109,10 @@ class _Relay:
                 conn = entry[0]
                 try:
                     data, anc, _, _ = conn.tcp.recvmsg(READ_SIZE, ANC_SPACE, dontwait)
-                except OSError:
-                    self._read(conn)  # not ready after all, or failed: the general way
+                except (BlockingIOError, InterruptedError):
+                    continue  # not ready after all
+                except OSError as e:  # this error, not the end of stream a second read would see
+                    self._end(conn, -(e.errno or errno.EIO))
                     continue
                 if not data or not anc:
                     self._read_done(conn, data, anc)

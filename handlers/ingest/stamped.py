@@ -57,7 +57,13 @@ def _verified_context(cafile: str) -> ssl.SSLContext:
 
 class StampedSocket:
     """A connected TCP socket (optionally TLS) whose `stamp_us` is the kernel's receive
-    time, in µs, of the newest bytes the last read returned."""
+    time, in µs, of the newest bytes the last read returned.
+
+    A write that finds the connection gone (EPIPE, ECONNRESET: the peer closed or reset
+    it) does not raise: what the peer sent before it went is still to be read, and its
+    reads end the connection (end of stream, or the reset). Otherwise a pong to a ping that
+    came just before the close would end the reader with data frames still unread behind
+    the ping (frames delivered but lost). `write_lost` says why the writes stopped."""
 
     def __init__(self, sock: socket.socket, context: ssl.SSLContext | None = None, server_hostname: str | None = None,
                  relay: StampRelay | None = None):
@@ -65,6 +71,7 @@ class StampedSocket:
         self.stamp_us = 0
         self.kernel = False
         self.relayed: RelayedReads | None = None
+        self.write_lost: str | None = None
         if sys.platform.startswith("linux") and ANC_SPACE:
             try:
                 sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
@@ -101,10 +108,21 @@ class StampedSocket:
         self.stamp_us = stamp_of(anc)
         return data
 
+    def _write(self, data: bytes | memoryview) -> int:
+        """The one place bytes go out (see the class: a connection gone is left to the reads)."""
+        if self.write_lost is not None:
+            return len(data)
+        try:
+            return self.sock.send(data)
+        except (BrokenPipeError, ConnectionResetError) as e:
+            self.write_lost = f"{type(e).__name__}: {e}"
+            return len(data)
+
     def _flush_tls(self) -> None:
         out = self._out.read()
-        if out:
-            self.sock.sendall(out)
+        view = memoryview(out)
+        while view:
+            view = view[self._write(view):]
 
     def _handshake(self) -> None:
         tls = self.tls
@@ -144,7 +162,7 @@ class StampedSocket:
 
     def send(self, data: bytes | memoryview) -> int:
         if self.tls is None:
-            return self.sock.send(data)
+            return self._write(data)
         n = self.tls.write(data)
         self._flush_tls()
         return n
