@@ -270,8 +270,9 @@ def main(argv: list[str]) -> int:
     # readers it serves, so it ignores it; the collector's stop ends its readers first and
     # then this relay, by closing the control socket (its own session keeps Ctrl-C away)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    # argv[3]: FORWARD_AFTER for this relay (tests hold records as long as they need)
-    relay = _Relay(socket.socket(fileno=int(argv[1])), float(argv[3]) if len(argv) > 3 else FORWARD_AFTER)
+    # argv: the control socket's fd, the process's name, its FORWARD_AFTER (StampRelay passes
+    # the constant; tests hold records as long as they need)
+    relay = _Relay(socket.socket(fileno=int(argv[1])), float(argv[3]))
     relay.ctrl.send(b"r")
     relay.run()
     return 0

@@ -213,13 +213,13 @@ class FrameProcessor(PipelineThread):
         instead cost a second turn of the loop for every wait (BENCHMARKS.md, "Per read,
         third round")."""
         assert self.inbox is not None  # the thread runs on an inbox; recovery calls handle() itself
-        batch = self._drain()
+        batch = self._take_queued()
         if not batch:
             self._idle.wait(min(timeout, self.poll))
-            batch = self._drain()
+            batch = self._take_queued()
         return batch
 
-    def _drain(self) -> list:
+    def _take_queued(self) -> list:
         assert self.inbox is not None
         get = self.inbox.get_nowait
         batch: list = []
