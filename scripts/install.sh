@@ -29,6 +29,7 @@ tar -C "$src" --exclude=.venv --exclude=.git --exclude=data --exclude=demo --exc
 python3 -m venv "$prefix/.venv"
 "$prefix/.venv/bin/python" -m pip install --quiet --upgrade pip
 "$prefix/.venv/bin/python" -m pip install --quiet -r "$prefix/requirements.txt"
+"$src/scripts/build-relay.sh" "$prefix/.venv"  # the stamp relay's compiled loop, beside the venv's python
 install -d -m 0750 "$etc"
 if [ ! -f "$etc/config.ini" ]; then
   sed 's|^data_dir = data$|data_dir = /var/lib/orderbook-collector/data|' "$src/config.ini" > "$etc/config.ini"

@@ -3,6 +3,7 @@
 # Usage: scripts/venv.sh [requirements file] [VENV]   (idempotent: reinstalls only when the file changed)
 # A third-party client the replay is tested with gets a venv of its own (tests/clients/),
 # since their pins clash with the project's and with one another (`binance` is three packages).
+# The project's own environment also gets the stamp relay's compiled loop (scripts/build-relay.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 req="${1:-requirements.txt}"
@@ -22,3 +23,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$digest" ]; then
   "$venv/bin/python" -m pip install --quiet -r "$req"
   echo "$digest" > "$stamp"
 fi
+case "$req" in
+  requirements.txt|requirements-dev.txt) scripts/build-relay.sh "$venv" ;;
+esac

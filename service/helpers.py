@@ -3,8 +3,9 @@ compaction child), so that every helper is found, started and ended alike.
 
     spawn("handlers.ingest.relay_process", [...])   python -m handlers.ingest.relay_process ..., from the code's folder
 
-- the program is this interpreter running a module of this code (`python -m`), from the
-  code's folder, whatever the collector's working directory;
+- the program is this interpreter running a module of this code (`python -m`), or a
+  program built with this code (`spawn_program`), from the code's folder, whatever the
+  collector's working directory;
 - its own session: a Ctrl-C in a terminal is for the collector, which ends its helpers in
   its stop order (systemd's SIGTERM still reaches every process of the unit: each helper
   says what it does with it);
@@ -27,7 +28,13 @@ CODE = Path(__file__).resolve().parent.parent  # the folder `python -m <module>`
 def spawn(module: str, args: Sequence[str], pass_fds: Sequence[int] = (), stdout: int | None = subprocess.DEVNULL
           ) -> subprocess.Popen:
     """Start `python -m module args...` as a helper of the collector (see the module's docstring)."""
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=CODE, pass_fds=tuple(pass_fds),
+    return spawn_program([sys.executable, "-m", module, *args], pass_fds, stdout)
+
+
+def spawn_program(argv: Sequence[str], pass_fds: Sequence[int] = (), stdout: int | None = subprocess.DEVNULL
+                  ) -> subprocess.Popen:
+    """Start a helper that is a program of its own (the stamp relay's compiled loop), alike."""
+    return subprocess.Popen(list(argv), cwd=CODE, pass_fds=tuple(pass_fds),
                             stdin=subprocess.DEVNULL, stdout=stdout, start_new_session=True)
 
 

@@ -7,7 +7,10 @@ gaps, repeats, stale ids, two connections, malformed and unknown frames, in any 
 the frames into socket reads."""
 from __future__ import annotations
 
+import errno
 import queue
+import socket
+import struct
 import time
 
 import numpy as np
@@ -229,3 +232,124 @@ def test_within_the_exact_bounds_the_bulk_way_is_taken_and_exact(rows):
     for got, want in ((prices, want_p), (sizes, want_s)):
         assert got.offsets.equals(want.offsets)
         assert np.array_equal(got.flatten().to_numpy().view(np.int64), want.flatten().to_numpy().view(np.int64))
+
+
+# --- the stamp relay's compiled loop (handlers/ingest/stamp_relay.c) against its Python loop
+# (handlers/ingest/relay_process.py). tests/test_relay.py runs every relay test against both;
+# here both relay the same writes side by side, and their records are compared raw.
+
+def _relayed_pair(relay):
+    """A loopback TCP connection whose client end the relay reads: (server end, the pair's
+    end the records come out of, the client socket the collector would keep)."""
+    from handlers.ingest.timestamps import SO_TIMESTAMPNS
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.create_connection(listener.getsockname(), timeout=5)
+    client.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    server, _ = listener.accept()
+    listener.close()
+    pipe = relay.adopt(client)
+    assert pipe is not None
+    pipe.settimeout(5)
+    return server, pipe, client
+
+
+def _records(pipe, until_end: bool, wait: float = 5.0):
+    """The records that come out of `pipe` within `wait` s (until the end record when asked)."""
+    from handlers.ingest.relay_process import RECORD
+
+    buf, out = b"", []
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if not until_end and out:
+            deadline = min(deadline, time.monotonic() + 0.05)  # what came together
+        pipe.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            more = pipe.recv(1 << 20)
+        except socket.timeout:
+            break
+        if not more:
+            break
+        buf += more
+        while len(buf) >= RECORD.size:
+            stamp, n = RECORD.unpack_from(buf)
+            if len(buf) < RECORD.size + n:
+                break
+            out.append((stamp, buf[RECORD.size:RECORD.size + n]))
+            buf = buf[RECORD.size + n:]
+            if n == 0 and until_end:
+                return out
+    assert not buf, "a record cut short"
+    return out
+
+
+@pytest.mark.parametrize("ending", ["close", "reset"])
+def test_the_compiled_relay_forwards_what_the_python_relay_forwards(ending):
+    import select
+
+    from handlers.ingest.relay import StampRelay, compiled_loop
+    from handlers.ingest.relay_process import EAGER_READS, FORWARD_BYTES
+
+    assert compiled_loop() is not None, "the compiled loop is not built: scripts/build-relay.sh"
+    relays = {loop: StampRelay(f"stamp-relay-{loop[0]}", forward_after=3600, loop=loop) for loop in ("compiled", "python")}
+    ends = {}
+    try:
+        for r in relays.values():
+            assert r.start()
+        ends = {loop: _relayed_pair(r) for loop, r in relays.items()}
+        got = {loop: [] for loop in relays}
+        bounds = []  # (first µs a write could arrive, its bytes)
+
+        def send(data: bytes) -> None:
+            bounds.append((time.time_ns() // 1000, data))
+            for server, _, _ in ends.values():
+                server.sendall(data)
+
+        # the first EAGER_READS reads (the handshakes) go on at once, each its own record
+        for i in range(EAGER_READS):
+            send(b"eager %d" % i)
+            for loop, (_, pipe, _) in ends.items():
+                records = _records(pipe, until_end=False)
+                assert [data for _, data in records] == [b"eager %d" % i], loop
+                got[loop] += records
+        # later reads wait for the next moment (an hour away here) ...
+        for i in range(3):
+            send(b"held %d" % i)
+            time.sleep(0.03)
+        readable, _, _ = select.select([pipe for _, pipe, _ in ends.values()], [], [], 0.3)
+        assert readable == []
+        # ... or until FORWARD_BYTES of a connection wait, or it ends
+        send(bytes(range(256)) * (3 * FORWARD_BYTES // 256))
+        time.sleep(0.3)  # read by both relays before the end
+        for server, _, _ in ends.values():
+            if ending == "reset":
+                server.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            server.close()
+        done_us = time.time_ns() // 1000
+        for loop, (_, pipe, _) in ends.items():
+            got[loop] += _records(pipe, until_end=True)
+    finally:
+        for _, pipe, client in ends.values():
+            pipe.close()
+            client.close()
+        for r in relays.values():
+            r.close()
+    sent = b"".join(data for _, data in bounds)
+    for loop, records in got.items():
+        *data_records, (end_stamp, end_data) = records
+        assert end_data == b"" and end_stamp == (0 if ending == "close" else -errno.ECONNRESET), loop
+        assert b"".join(data for _, data in data_records) == sent, loop
+        stamps = [stamp for stamp, _ in data_records]
+        assert stamps == sorted(stamps) and bounds[0][0] <= stamps[0] and stamps[-1] <= done_us, loop
+        # each record stamped at or after the write of its last byte began
+        pos, ends_at = 0, []
+        for began, data in bounds:
+            pos += len(data)
+            ends_at.append((pos, began))
+        pos = 0
+        for stamp, data in data_records:
+            pos += len(data)
+            began = next(b for end, b in ends_at if end >= pos)
+            assert began <= stamp, (loop, pos, stamp, began)
+    compiled, python = got["compiled"], got["python"]
+    assert [data for _, data in compiled[:EAGER_READS]] == [data for _, data in python[:EAGER_READS]]

@@ -219,7 +219,9 @@ def test_a_stamp_relay_killed_costs_one_copy_of_each_batch_and_nothing_else(tmp_
     replacement connection may have come up before the relay did: then it reads its own
     socket for a moment and moves back, one more connection)."""
     def action(sim, proc):
-        os.kill(relay_pid(proc.proc.pid, "stamp-relay-a"), 9)
+        pid = relay_pid(proc.proc.pid, "stamp-relay-a")
+        assert os.readlink(f"/proc/{pid}/exe").endswith("/obc-stamp-relay")  # the compiled loop, built by scripts/test.sh
+        os.kill(pid, 9)
 
     sim, proc = record(tmp_path, action, seconds=DEAD_AFTER + 5)
     for m in sim.markets():
@@ -228,6 +230,7 @@ def test_a_stamp_relay_killed_costs_one_copy_of_each_batch_and_nothing_else(tmp_
         assert m.connections_opened in (3, 4), m.conn_log  # both copies, copy a's replacement (and its move back)
     assert "stamp-relay-a is down (exit status -9); starting it again" in proc.log
     assert "stamp-relay-b is down" not in proc.log
+    assert len(re.findall(r"stamp-relay-a started pid=\d+ loop=compiled", proc.log)) == 2  # and its restart
     for market in ("spot", "futures"):
         assert "connections=2/2 degraded=none relay_fallback=0 " in last_status(proc.log, market)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
 import random
 import socket
 import struct
@@ -17,9 +18,10 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from handlers.ingest import relay as relay_module
 from handlers.ingest import stamped
 from handlers.ingest.inbox import Inbox
-from handlers.ingest.relay import StampRelay
+from handlers.ingest.relay import StampRelay, compiled_loop
 from handlers.ingest.relay_process import EAGER_READS, FORWARD_AFTER, FORWARD_BYTES, HOLD_LIMIT, next_forward
 from handlers.ingest.websocket import ConnectionStats, Reader, combined_url
 from service.supervisor import Supervisor
@@ -57,9 +59,19 @@ class Server:
         self.listener.close()
 
 
+@pytest.fixture(params=["compiled", "python"])
+def loop(request):
+    """Every relay test runs against both of the relay's loops: the compiled one, which the
+    collector runs where it was built (scripts/build-relay.sh, run by scripts/test.sh), and
+    the Python one, the plain version it is held to."""
+    if request.param == "compiled":
+        assert compiled_loop() is not None, "the compiled loop is not built: scripts/build-relay.sh"
+    return request.param
+
+
 @pytest.fixture
-def relay():
-    r = StampRelay("stamp-relay-t")
+def relay(loop):
+    r = StampRelay("stamp-relay-t", loop=loop)
     assert r.start()
     yield r
     r.close()
@@ -99,14 +111,14 @@ def test_bytes_keep_their_arrival_time_while_the_reader_is_late(relay, relayed):
         assert b_sent[0] <= reads[0][1] <= b_sent[1]
 
 
-def test_a_connection_shut_for_reading_gets_what_its_relay_held_then_its_end():
+def test_a_connection_shut_for_reading_gets_what_its_relay_held_then_its_end(loop):
     """A relay holds a connection's reads until its next forwarding moment (here an hour
     away), except the first EAGER_READS (the handshakes). When the collector closes a
     connection that still delivers (make-before-break), it first shuts the socket for
     reading: the relay then forwards what it holds at once, with the end, so the bytes
     the connection received are not lost with it (without that, this recv waits an hour
     and times out)."""
-    relay = StampRelay("stamp-relay-h", forward_after=3600)
+    relay = StampRelay("stamp-relay-h", forward_after=3600, loop=loop)
     assert relay.start()
     server = Server()
     sock = stamped.connect(server.url, timeout=10, relay=relay)
@@ -130,12 +142,12 @@ def test_a_connection_shut_for_reading_gets_what_its_relay_held_then_its_end():
     assert all(held[0][0] <= stamp for _, stamp in reads)
 
 
-def test_a_connection_closed_while_it_delivers_keeps_what_its_relay_held():
+def test_a_connection_closed_while_it_delivers_keeps_what_its_relay_held(loop):
     """Make-before-break closes the connection being replaced while it still delivers. The
     frames its relay read but had not forwarded (here it would forward them an hour later)
     reach the inbox before close() returns: every frame the simulator handed to the socket
     before the close is there."""
-    relay = StampRelay("stamp-relay-h", forward_after=3600)
+    relay = StampRelay("stamp-relay-h", forward_after=3600, loop=loop)
     assert relay.start()
     inbox = Inbox()
     try:
@@ -186,12 +198,12 @@ def text(payload: bytes) -> bytes:
     return bytes([0x81, len(payload)]) + payload
 
 
-def test_frames_behind_a_ping_are_read_when_the_pong_cannot_be_sent():
+def test_frames_behind_a_ping_are_read_when_the_pong_cannot_be_sent(loop):
     """The exchange pings, sends more frames and goes (a reset); the reader comes to the ping
     only later (its relay forwards at its next moment, here the end) and its pong finds the
     connection gone. The frames after the ping were delivered: they reach the inbox, and the
     connection ends with the reset, not with the failed write."""
-    relay = StampRelay("stamp-relay-h", forward_after=3600)
+    relay = StampRelay("stamp-relay-h", forward_after=3600, loop=loop)
     assert relay.start()
     server = WebSocketServer()
     inbox = Inbox()
@@ -344,8 +356,8 @@ def test_a_relay_that_died_ends_its_connections_and_is_started_again_by_the_supe
     again.close()
 
 
-def test_the_relay_ends_when_the_collector_lets_go():
-    relay = StampRelay("stamp-relay-t")
+def test_the_relay_ends_when_the_collector_lets_go(loop):
+    relay = StampRelay("stamp-relay-t", loop=loop)
     assert relay.start()
     server = Server()
     sock = stamped.connect(server.url, timeout=5, relay=relay)
@@ -367,3 +379,26 @@ def test_every_relay_forwards_at_the_same_moments(now, later):
     other = now + later * (moment - now) * 0.999  # another relay's read, before the same moment
     assume(other < moment)  # not rounded up onto the moment itself
     assert next_forward(other) == moment
+
+
+def test_the_compiled_loop_runs_where_it_was_built_and_the_python_loop_where_not(monkeypatch, caplog):
+    """"auto" (the collector's choice) takes the compiled loop when scripts/build-relay.sh
+    built it beside the interpreter, the Python loop otherwise, and the start's log line
+    says which; asking for the compiled loop where there is none starts nothing."""
+    with pytest.raises(ValueError, match="loop must be one of"):
+        StampRelay("stamp-relay-t", loop="fast")
+    with caplog.at_level(logging.INFO):
+        for built in (True, False):
+            if not built:  # a machine without a C compiler (this one has one)
+                monkeypatch.setattr(relay_module, "compiled_loop", lambda: None)
+            relay = StampRelay("stamp-relay-t")
+            assert relay.start() and relay._proc is not None
+            exe = os.readlink(f"/proc/{relay._proc.pid}/exe")
+            relay.close()
+            if built:
+                assert exe.endswith("/obc-stamp-relay") and "loop=compiled" in caplog.text
+            else:
+                assert "python" in os.path.basename(exe)
+                assert "loop=python (no compiled loop built: scripts/build-relay.sh)" in caplog.text
+        assert not StampRelay("stamp-relay-t", loop="compiled").start()
+    assert "stamp-relay-t not started: its compiled loop was not built" in caplog.text
