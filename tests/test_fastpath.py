@@ -353,3 +353,22 @@ def test_the_compiled_relay_forwards_what_the_python_relay_forwards(ending):
             assert began <= stamp, (loop, pos, stamp, began)
     compiled, python = got["compiled"], got["python"]
     assert [data for _, data in compiled[:EAGER_READS]] == [data for _, data in python[:EAGER_READS]]
+
+
+def test_the_compiled_relay_has_the_python_relays_constants():
+    """One home for each rule: the C loop's constants are the Python loop's."""
+    import re
+    from pathlib import Path
+
+    from handlers.ingest import relay_process
+
+    source = Path(relay_process.__file__).with_name("stamp_relay.c").read_text()
+
+    def value(expr: str) -> int:
+        shift = re.fullmatch(r"\((\d+) << (\d+)\)", expr)
+        return int(shift[1]) << int(shift[2]) if shift else int(expr)
+
+    defines = {name: value(expr) for name, expr in re.findall(r"^#define ([A-Z_]+) (\(\d+ << \d+\)|\d+)", source, re.M)}
+    for name in ("READ_SIZE", "HOLD_LIMIT", "FORWARD_BYTES", "EAGER_READS"):
+        assert defines[name] == getattr(relay_process, name), name
+    assert defines["RECORD_SIZE"] == relay_process.RECORD.size

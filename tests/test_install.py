@@ -21,6 +21,11 @@ def test_install_upgrade_uninstall_keeps_config_secrets_and_data(tmp_path):
     assert "collector.py run --market %i --config /etc/orderbook-collector/config.ini" in template
     assert (root / "opt/orderbook-collector/.venv/bin/python").exists()
     assert not (root / "opt/orderbook-collector/tests").exists()
+    # the stamp relay's compiled loop, where the installed collector looks for it
+    where = subprocess.run([str(root / "opt/orderbook-collector/.venv/bin/python"), "-c",
+                            "from handlers.ingest.relay import compiled_loop; print(compiled_loop())"],
+                           capture_output=True, text=True, timeout=60, cwd=root / "opt/orderbook-collector")
+    assert where.stdout.strip() == str(root / "opt/orderbook-collector/.venv/bin/obc-stamp-relay"), where.stderr
     check = subprocess.run([str(root / "opt/orderbook-collector/.venv/bin/python"),
                             str(root / "opt/orderbook-collector/collector.py"), "check-config",
                             "--config", str(etc / "config.ini")], capture_output=True, text=True, timeout=60)

@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import random
+import signal
 import socket
 import struct
 import threading
@@ -109,6 +110,36 @@ def test_bytes_keep_their_arrival_time_while_the_reader_is_late(relay, relayed):
     else:  # the reader's own late read: A takes B's arrival time (what the relay is for)
         assert reads == [(b"a" * 100 + b"b" * 100, reads[0][1])]
         assert b_sent[0] <= reads[0][1] <= b_sent[1]
+
+
+def test_a_relay_that_reads_late_still_stamps_the_arrival(loop):
+    """The stamp is the kernel's arrival time, not the time of the relay's read: a relay
+    stopped for 300 ms (SIGSTOP, as a box too busy to run it) stamps bytes that arrived
+    meanwhile with their arrival."""
+    relay = StampRelay("stamp-relay-s", forward_after=0.05, loop=loop)
+    assert relay.start() and relay._proc is not None
+    server = Server()
+    sock = stamped.connect(server.url, timeout=5, relay=relay)
+    try:
+        assert sock.relayed is not None
+        for i in range(EAGER_READS):  # the eager reads spent, as a live connection's are
+            server.send(b"%d" % i)
+            read_exactly(sock, 1)
+        os.kill(relay._proc.pid, signal.SIGSTOP)
+        try:
+            sent = server.send(b"late")
+            time.sleep(0.3)
+        finally:
+            os.kill(relay._proc.pid, signal.SIGCONT)
+        reads = read_exactly(sock, 4)
+    finally:
+        sock.close()
+        server.close()
+        relay.close()
+    assert reads == [(b"late", reads[0][1])]
+    # within the write (a read's time would be 300 ms later); a margin of 1 ms below for the
+    # rare kernel stamp a little before the sender's own clock reading (seen once, 127 µs)
+    assert sent[0] - 1000 <= reads[0][1] <= sent[1], (sent, reads)
 
 
 def test_a_connection_shut_for_reading_gets_what_its_relay_held_then_its_end(loop):

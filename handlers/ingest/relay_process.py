@@ -6,6 +6,11 @@ side, and says why).
 A record is `<q stamp_us><I n>` then n bytes; n == 0 ends the stream: stamp 0 for the
 peer's close, or minus the errno of a failed read.
 
+This is the relay's plain version: where scripts/build-relay.sh built it, the collector
+runs the same loop compiled (`handlers/ingest/stamp_relay.c`), which every test of
+tests/test_relay.py and a side-by-side test in tests/test_fastpath.py hold to this one.
+A rule changed here is changed there.
+
 This module imports only what the loop needs (no logging, threading or subprocess): two
 relays run beside every collector, and each interpreter's imports are resident memory
 (a relay is about 11 MiB, 15 with the collector-side imports; BENCHMARKS.md, "Per read").
