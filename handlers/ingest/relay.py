@@ -31,7 +31,7 @@ collector stopped or died).
 
 The relay's loop runs compiled where it was built (`handlers/ingest/stamp_relay.c`, by
 scripts/build-relay.sh into the virtual environment's bin/, beside its python): the same
-protocol and rules at about a third of the CPU a wake-up and a twelfth of the memory.
+protocol and rules at about a third of the CPU a wake-up and a sixth of the memory (about 2 MiB resident against 11).
 Without it, the Python loop runs (`relay_process`), and the start's log line says which.
 
 Where the relay cannot run (not Linux, no kernel stamps), or while it is down, connections

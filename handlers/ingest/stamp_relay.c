@@ -6,7 +6,7 @@
  * Why it exists: a relay wakes once an arrival (that keeps each stamp its own bytes'
  * arrival time), and at the loads most users run a wake-up is the relay's whole cost.
  * A wake-up of this loop costs about a third of the Python one's, and the process is
- * ~1 MiB resident instead of ~12 (BENCHMARKS.md, "Per read, fourth round").
+ * ~2 MiB resident instead of ~11 (BENCHMARKS.md, "Per read, fourth round").
  *
  * Built by scripts/build-relay.sh into the virtual environment's bin/ (next to its
  * python); the collector runs it when it is there and the Python loop otherwise.
