@@ -152,8 +152,10 @@ class StampRelay:
             return False
         with self._lock:
             self._proc, self._ctrl = proc, ctrl
-        log.info("%s started pid=%d loop=%s", self.name, proc.pid,
-                 "compiled" if program is not None else "python (no compiled loop built: scripts/build-relay.sh)")
+        loop = "compiled" if program is not None else "python"
+        if program is None and self.loop == "auto":
+            loop += " (no compiled loop built: scripts/build-relay.sh)"
+        log.info("%s started pid=%d loop=%s", self.name, proc.pid, loop)
         return True
 
     def alive(self) -> bool:
