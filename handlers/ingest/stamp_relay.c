@@ -1,7 +1,7 @@
 /* The stamp relay's loop written out in C, for speed: the same process, protocol and rules
  * as `handlers/ingest/relay_process.py`, which is the plain version and says why each rule
  * is as it is. `tests/test_relay.py` runs every relay test against both, and
- * `tests/test_fastpath.py` holds this one to the Python one record for record.
+ * `tests/test_fastpath.py` relays the same writes through both and compares their records.
  *
  * Why it exists: a relay wakes once an arrival (that keeps each stamp its own bytes'
  * arrival time), and at the loads most users run a wake-up is the relay's whole cost.
